@@ -1,0 +1,413 @@
+"""HF GPT-2 / BioMedLM checkpoints (safetensors) <-> Flax params.
+
+    from biomedlm_jax import hf
+    model, params = hf.load_pretrained(path)             # dir with config.json + model.safetensors
+    logits = model.apply({"params": params}, input_ids)   # (B, T, V) float32
+    hf.save_pretrained(model, params, out_dir)            # GPT2LMHeadModel.from_pretrained(out_dir) loads it
+
+HF's GPT-2 uses `Conv1D` layers whose weight is stored (in_features, out_features): the same
+orientation as a Flax Dense kernel (and the transpose of `nn.Linear`), so kernels are *not*
+transposed; only the fused QKV and attention-output matrices are reshaped to the per-head layout the
+Flax model uses (see `model.Attention`). The LM head is tied to `wte` and not stored.
+
+Only safetensors are read: pickled `pytorch_model.bin` files can run arbitrary code when loaded, so
+they are refused with a message saying how to convert them. Every `GPT2Config` field that changes the
+math is either honoured or refused; loading is all-or-nothing (a missing, unexpected or mis-shaped
+tensor is an error naming the file and tensor, before any parameter is returned).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from biomedlm_jax import tokenizer as tokenizer_lib
+from biomedlm_jax.model import ACTIVATIONS, GPT, GPTConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+# Buffers older GPT-2 checkpoints store next to the weights (the causal mask); not parameters.
+_IGNORED = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and tensor."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# config.json <-> GPTConfig
+# ----------------------------------------------------------------------------------------------------
+
+# GPT2Config field -> GPTConfig field, for fields copied as they are.
+_CONFIG_FIELDS = {
+    "vocab_size": "vocab_size",
+    "n_positions": "n_positions",
+    "n_embd": "d_model",
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "n_inner": "d_ff",
+    "activation_function": "activation",
+    "layer_norm_epsilon": "layer_norm_epsilon",
+    "embd_pdrop": "embd_pdrop",
+    "attn_pdrop": "attn_pdrop",
+    "resid_pdrop": "resid_pdrop",
+    "initializer_range": "initializer_range",
+    "scale_attn_weights": "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx": "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn": "reorder_and_upcast_attn",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+}
+# GPT2Config defaults for fields a config.json may omit (transformers fills them in the same way).
+_HF_DEFAULTS = {
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_inner": None,
+    "activation_function": "gelu_new",
+    "layer_norm_epsilon": 1e-5,
+    "embd_pdrop": 0.1,
+    "attn_pdrop": 0.1,
+    "resid_pdrop": 0.1,
+    "initializer_range": 0.02,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+    "pad_token_id": None,
+}
+
+
+def config_from_hf(hf_config: Mapping[str, Any], source: str = CONFIG_NAME, **overrides) -> GPTConfig:
+    """GPTConfig from a GPT2Config dict. Refuses fields whose math this model does not implement."""
+    model_type = hf_config.get("model_type")
+    if model_type != "gpt2":
+        raise CheckpointError(
+            f"{source}: model_type={model_type!r} is not a GPT-2 config (expected 'gpt2'); "
+            "only GPT2LMHeadModel-layout checkpoints (GPT-2, BioMedLM) are supported"
+        )
+    if hf_config.get("add_cross_attention"):
+        raise CheckpointError(f"{source}: add_cross_attention=True (encoder-decoder GPT-2) is not supported")
+    if hf_config.get("tie_word_embeddings", True) is False:
+        raise CheckpointError(f"{source}: tie_word_embeddings=False is not supported; the LM head is tied to wte")
+    act = hf_config.get("activation_function", "gelu_new")
+    if act not in ACTIVATIONS:
+        raise CheckpointError(f"{source}: activation_function={act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if isinstance(hf_config.get(key), list):
+            raise CheckpointError(f"{source}: {key} is a list; a single id is expected")
+    kwargs = {ours: hf_config.get(theirs, _HF_DEFAULTS[theirs]) for theirs, ours in _CONFIG_FIELDS.items()}
+    if kwargs["d_model"] % kwargs["n_head"]:
+        raise CheckpointError(f"{source}: n_embd={kwargs['d_model']} is not divisible by n_head={kwargs['n_head']}")
+    try:
+        return GPTConfig(**kwargs).replace(**overrides)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from e
+
+
+def config_to_hf(cfg: GPTConfig, torch_dtype: str = "float32") -> dict:
+    """GPT2Config dict for `cfg` (what transformers writes for GPT2LMHeadModel)."""
+    out = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+    for theirs, ours in _CONFIG_FIELDS.items():
+        out[theirs] = getattr(cfg, ours)
+    out.update(n_ctx=cfg.n_positions, tie_word_embeddings=True, use_cache=True, dtype=torch_dtype)
+    return out
+
+
+def load_config(path: str, **overrides) -> GPTConfig:
+    cfg_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{cfg_file} not found: an HF checkpoint directory needs a config.json")
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            hf_config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object")
+    return config_from_hf(hf_config, cfg_file, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The weight layout: one table drives both directions
+# ----------------------------------------------------------------------------------------------------
+
+
+def _layout(cfg: GPTConfig):
+    """[(hf_name, flax_path, hf_shape, flax_shape)] for every tensor, per-layer (unstacked) paths."""
+    C, H, hd, F = cfg.d_model, cfg.n_head, cfg.head_dim, cfg.ffn_dim
+    rows = [
+        ("wte.weight", ("wte", "embedding"), (cfg.vocab_size, C), (cfg.vocab_size, C)),
+        ("wpe.weight", ("wpe", "embedding"), (cfg.n_positions, C), (cfg.n_positions, C)),
+        ("ln_f.weight", ("ln_f", "scale"), (C,), (C,)),
+        ("ln_f.bias", ("ln_f", "bias"), (C,), (C,)),
+    ]
+    for i in range(cfg.n_layer):
+        b = f"h_{i}"
+        rows += [
+            (f"h.{i}.ln_1.weight", (b, "ln_1", "scale"), (C,), (C,)),
+            (f"h.{i}.ln_1.bias", (b, "ln_1", "bias"), (C,), (C,)),
+            (f"h.{i}.attn.c_attn.weight", (b, "attn", "c_attn", "kernel"), (C, 3 * C), (C, 3, H, hd)),
+            (f"h.{i}.attn.c_attn.bias", (b, "attn", "c_attn", "bias"), (3 * C,), (3, H, hd)),
+            (f"h.{i}.attn.c_proj.weight", (b, "attn", "c_proj", "kernel"), (C, C), (H, hd, C)),
+            (f"h.{i}.attn.c_proj.bias", (b, "attn", "c_proj", "bias"), (C,), (C,)),
+            (f"h.{i}.ln_2.weight", (b, "ln_2", "scale"), (C,), (C,)),
+            (f"h.{i}.ln_2.bias", (b, "ln_2", "bias"), (C,), (C,)),
+            (f"h.{i}.mlp.c_fc.weight", (b, "mlp", "c_fc", "kernel"), (C, F), (C, F)),
+            (f"h.{i}.mlp.c_fc.bias", (b, "mlp", "c_fc", "bias"), (F,), (F,)),
+            (f"h.{i}.mlp.c_proj.weight", (b, "mlp", "c_proj", "kernel"), (F, C), (F, C)),
+            (f"h.{i}.mlp.c_proj.bias", (b, "mlp", "c_proj", "bias"), (C,), (C,)),
+        ]
+    return rows
+
+
+def _set(tree: dict, path, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def stack_layers(params: dict, n_layer: int) -> dict:
+    """Per-layer params {h_0, h_1, ...} -> scan layout {h: leaves stacked on a leading layer axis}."""
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
+    out["h"] = jax.tree.map(lambda *xs: np.stack(xs), *[params[f"h_{i}"] for i in range(n_layer)])
+    return out
+
+
+def unstack_layers(params: dict, n_layer: int) -> dict:
+    """Inverse of `stack_layers`."""
+    out = {k: v for k, v in params.items() if k != "h"}
+    for i in range(n_layer):
+        out[f"h_{i}"] = jax.tree.map(lambda x: x[i], params["h"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading safetensors
+# ----------------------------------------------------------------------------------------------------
+
+
+def _weight_files(path: str) -> list[str]:
+    single, index = os.path.join(path, WEIGHTS_NAME), os.path.join(path, INDEX_NAME)
+    if os.path.exists(single):
+        return [single]
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{index}: shard file(s) {missing} listed in the index are missing")
+        return [os.path.join(path, f) for f in files]
+    pickled = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(path, n))]
+    if pickled:
+        raise CheckpointError(
+            f"{path}: found {pickled[0]} but no {WEIGHTS_NAME}. Pickle checkpoints are never loaded (unpickling "
+            "runs arbitrary code). Convert once where you trust the file: `python -c \"from transformers import "
+            f"GPT2LMHeadModel as M; M.from_pretrained('{path}').save_pretrained('{path}', safe_serialization=True)\"`"
+        )
+    raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME} found")
+
+
+def _read_tensors(path: str) -> Iterator[tuple[str, str, Callable[[], np.ndarray]]]:
+    """Yields (file, tensor name, lazy loader) for every tensor in the checkpoint's safetensors files."""
+    for file in _weight_files(path):
+        try:
+            handle = safe_open(file, framework="numpy")
+        except Exception as e:  # safetensors raises SafetensorError for truncated/garbage files
+            raise CheckpointError(f"{file}: not a readable safetensors file: {e}") from e
+        for name in handle.keys():
+            yield file, name, (lambda h=handle, n=name: h.get_tensor(n))
+
+
+def _strip_prefix(name: str) -> str:
+    return name[len("transformer.") :] if name.startswith("transformer.") else name
+
+
+def load_params_numpy(path: str, cfg: GPTConfig, dtype=np.float32) -> dict:
+    """Read every tensor named by the layout, check names and shapes, return a numpy param tree."""
+    layout = {hf_name: (flax_path, hf_shape, flax_shape) for hf_name, flax_path, hf_shape, flax_shape in _layout(cfg)}
+    params: dict = {}
+    seen: dict[str, str] = {}
+    lm_head = None
+    for file, name, load in _read_tensors(path):
+        key = _strip_prefix(name)
+        if key in seen:
+            raise CheckpointError(f"{file}: tensor {name} also appears in {seen[key]}")
+        if _IGNORED.match(name):
+            continue
+        if key == "lm_head.weight":
+            lm_head = (file, name, load)
+            continue
+        if key not in layout:
+            raise CheckpointError(
+                f"{file}: unexpected tensor {name}; is this a GPT2LMHeadModel with n_layer={cfg.n_layer}?"
+            )
+        seen[key] = file
+        flax_path, hf_shape, flax_shape = layout[key]
+        array = load()
+        if tuple(array.shape) != hf_shape:
+            raise CheckpointError(
+                f"{file}: tensor {name} has shape {tuple(array.shape)}, config.json implies {hf_shape}"
+            )
+        _set(params, flax_path, np.asarray(array, dtype=dtype).reshape(flax_shape))
+    missing = [n for n in layout if n not in seen]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:3]}")
+    if lm_head is not None:
+        file, name, load = lm_head
+        head = np.asarray(load(), dtype=dtype)
+        if head.shape != params["wte"]["embedding"].shape or not np.array_equal(head, params["wte"]["embedding"]):
+            raise CheckpointError(f"{file}: {name} differs from wte.weight; untied LM heads are not supported")
+    return stack_layers(params, cfg.n_layer) if cfg.scan_layers else params
+
+
+def load_pretrained(path: str, **config_overrides):
+    """(GPT model, params) from an HF GPT2LMHeadModel directory (GPT-2, BioMedLM, or our exports).
+
+    `config_overrides` set GPTConfig fields that do not change the weights' meaning, e.g.
+    `dtype="bfloat16"`, `param_dtype`, `attention_impl`, `remat_policy`, `scan_layers`, dropout rates.
+    Params are put on the default device; the trainer reshards them as its mesh requires.
+    """
+    cfg = load_config(path, **config_overrides)
+    np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    params = load_params_numpy(path, cfg, dtype=np_dtype)
+    return GPT(cfg), jax.tree.map(jnp.asarray, params)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer stored next to the weights (tokenizer.json, or vocab.json + merges.txt)."""
+    return tokenizer_lib.load_tokenizer(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------
+
+
+def _to_host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def params_to_hf(params, cfg: GPTConfig, dtype=None) -> dict[str, np.ndarray]:
+    """Flax params -> {HF tensor name: numpy array} (GPT2LMHeadModel names, tied head omitted)."""
+    params = jax.tree.map(_to_host, nn.unbox(params))
+    if cfg.scan_layers:
+        params = unstack_layers(params, cfg.n_layer)
+    out = {}
+    for hf_name, flax_path, hf_shape, flax_shape in _layout(cfg):
+        try:
+            arr = _get(params, flax_path)
+        except KeyError as e:
+            raise CheckpointError(f"params have no {'/'.join(flax_path)} (needed for {hf_name})") from e
+        if tuple(arr.shape) != flax_shape:
+            raise CheckpointError(f"param {'/'.join(flax_path)} has shape {arr.shape}, expected {flax_shape}")
+        arr = arr.reshape(hf_shape)
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        out["transformer." + hf_name] = np.ascontiguousarray(arr)
+    return out
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: use bytes or a string like '5GB', '500MB'")
+    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def save_pretrained(
+    model: GPT,
+    params,
+    out_dir: str,
+    *,
+    tokenizer=None,
+    dtype: Optional[str] = None,
+    max_shard_size="5GB",
+) -> None:
+    """Write an HF GPT2LMHeadModel directory: config.json, safetensors (sharded above max_shard_size).
+
+    dtype: storage dtype ("float32", "bfloat16", "float16"); default float32. A tokenizer
+    (`tokenizers.Tokenizer`) is saved next to the weights when given. Files are written to a temporary
+    directory and moved into place, so an interrupted save never leaves a mixed checkpoint, and weight
+    files of the other layout (single vs sharded) left by an earlier save are removed.
+    """
+    cfg = model.config
+    save_dtype = np.dtype(jnp.dtype(dtype or "float32"))
+    if save_dtype not in (np.float32, np.float16, np.dtype(ml_dtypes.bfloat16)):
+        raise ValueError(f"dtype={dtype!r}: choose float32, bfloat16 or float16")
+    tensors = params_to_hf(params, cfg, save_dtype)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict] = [{}]
+    size = 0
+    for name, arr in tensors.items():
+        if shards[-1] and size + arr.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+
+    if jax.process_index() != 0:  # every process gathers (above); one writes.
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-save-") as tmp:
+        written = []
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            written.append(WEIGHTS_NAME)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in shard})
+                written.append(fname)
+            index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+            with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+            written.append(INDEX_NAME)
+        torch_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(save_dtype, "bfloat16")
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config_to_hf(cfg, torch_dtype), f, indent=2)
+        written.append(CONFIG_NAME)
+        if tokenizer is not None:
+            tokenizer_lib.save_tokenizer(tokenizer, tmp, model_max_length=cfg.n_positions)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    for name in os.listdir(out_dir):  # stale weights of the other layout would shadow the new ones
+        stale = name == WEIGHTS_NAME or name == INDEX_NAME or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name)
+        if stale and name not in written:
+            os.remove(os.path.join(out_dir, name))

@@ -1,0 +1,408 @@
+"""The BioMedLM / GPT-2 decoder in Flax linen.
+
+Read this file top to bottom: `GPTConfig` (every knob, with the HF `GPT2Config` name where one exists),
+the `VARIANTS` table, then the modules from the inside out: `Attention`, `MLP`, `Block`, `GPT`.
+
+Architecture (identical math to HF `GPT2LMHeadModel`, so HF checkpoints load 1:1 via `hf.py`):
+
+    tokens (B, T) -> wte + wpe -> dropout
+      -> n_layer x Block:  x = x + Attn(LN1(x));  x = x + MLP(LN2(x))      (pre-LayerNorm)
+      -> LN_f -> logits = x @ wte.T                                       (head tied to embedding)
+
+Dtype policy: parameters are stored in `param_dtype` (fp32 master weights); matmuls run in `dtype`
+(bf16 on accelerators). LayerNorm, the attention softmax and the logits are computed in fp32, because
+bf16 has only 8 bits of mantissa and these are the places where that loses accuracy.
+
+Sharding: every parameter carries *logical* axis names (`nn.with_logical_partitioning`) and the main
+activations carry logical constraints. Names used:
+
+    params:      vocab, embed, heads, kv, mlp, norm, positions, layers (stacked layers with scan)
+    activations: activation_batch, activation_length, activation_embed, activation_heads,
+                 activation_kv, activation_mlp, activation_vocab
+
+Parameter and activation names are distinct so a rule set can map e.g. `embed -> fsdp` and
+`activation_batch -> (data, fsdp)` without one mesh axis appearing twice in a spec. The mapping from
+logical names to mesh axes lives in the training config, not here; outside a mesh these are no-ops.
+
+Attention uses `jax.nn.dot_product_attention`, so on GPU the cuDNN flash kernel can be chosen with
+`attention_impl="cudnn"`. That function has no dropout, so when attention dropout is active (training
+with `attn_pdrop > 0`) the same math runs through an explicit einsum path with dropout on the probs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------
+
+ACTIVATIONS = {
+    # HF names (transformers.activations.ACT2FN) -> jax functions with the same math.
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),  # same formula, other constants order
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf GELU
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """All hyper-parameters of the model. Field names follow nanoGPT/HF where they exist.
+
+    HF `GPT2Config` equivalents: vocab_size=vocab_size, n_positions=n_positions, d_model=n_embd,
+    n_layer=n_layer, n_head=n_head, d_ff=n_inner (None -> 4*d_model), activation=activation_function,
+    layer_norm_epsilon, embd_pdrop, attn_pdrop, resid_pdrop, initializer_range, scale_attn_weights,
+    scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    d_model: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    d_ff: Optional[int] = None
+    activation: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    initializer_range: float = 0.02
+    # Divide attention scores by sqrt(head_dim) (standard). False = no scaling (HF option).
+    scale_attn_weights: bool = True
+    # Additionally divide scores of layer i (0-based) by (i + 1): the Mistral/BioMedLM stability trick.
+    scale_attn_by_inverse_layer_idx: bool = False
+    # HF computes q.k in fp32 when set. Here scores are always fp32; when set, q/k/v are also upcast.
+    reorder_and_upcast_attn: bool = False
+    # Token ids that HF stores in its config; kept so save/load round-trips them.
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    pad_token_id: Optional[int] = None
+    # Compute / storage dtypes, attention backend and memory/compile-time options.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"  # auto | xla | cudnn  (jax.nn.dot_product_attention implementation)
+    remat_policy: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    scan_layers: bool = False  # nn.scan over blocks: params stacked on a leading "layers" axis
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r} not supported; choose from {sorted(ACTIVATIONS)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; choose from {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; choose from {ATTENTION_IMPLS}")
+        for name in ("dtype", "param_dtype"):
+            jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype name
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    def replace(self, **overrides) -> "GPTConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Published sizes: GPT-2 small 124M / medium 355M (Radford et al. 2019, HF gpt2 / gpt2-medium);
+# BioMedLM 2.7B (stanford-crfm/BioMedLM config.json: 32 layers, 2560 wide, 20 heads, vocab 28,896,
+# eos/pad id 28895, scale_attn_by_inverse_layer_idx and reorder_and_upcast_attn set, dropout 0).
+VARIANTS: dict[str, dict] = {
+    # Seconds on a laptop CPU; used by the tests and `make demo`.
+    "tiny": dict(vocab_size=50257, n_positions=128, d_model=64, n_layer=2, n_head=4),
+    # Issue 9's benchmark shape for a 2-core CPU.
+    "bench-cpu": dict(vocab_size=28896, n_positions=256, d_model=256, n_layer=4, n_head=4),
+    "gpt2-small": dict(vocab_size=50257, n_positions=1024, d_model=768, n_layer=12, n_head=12),
+    "gpt2-medium": dict(vocab_size=50257, n_positions=1024, d_model=1024, n_layer=24, n_head=16),
+    "biomedlm-2.7b": dict(
+        vocab_size=28896,
+        n_positions=1024,
+        d_model=2560,
+        n_layer=32,
+        n_head=20,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        scale_attn_by_inverse_layer_idx=True,
+        reorder_and_upcast_attn=True,
+        bos_token_id=28895,
+        eos_token_id=28895,
+        pad_token_id=28895,
+    ),
+}
+
+
+def get_config(variant: str = "tiny", **overrides) -> GPTConfig:
+    """Config of a named variant with field overrides (e.g. from an ml_collections `config.model`)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; choose from {sorted(VARIANTS)}")
+    return GPTConfig(**VARIANTS[variant]).replace(**overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------
+
+
+def _dense_init(config: GPTConfig, scale: float = 1.0):
+    return nn.initializers.normal(stddev=config.initializer_range * scale)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 whatever the compute dtype; output cast back to `dtype`.
+
+    Params `scale` and `bias` (HF: weight, bias), stored in `param_dtype`.
+    """
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        C = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (C,), cfg.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (C,), cfg.param_dtype)
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + cfg.layer_norm_epsilon)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(cfg.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention.
+
+    `c_attn` is HF's fused QKV projection (d, 3d) stored as (d, 3, heads, head_dim), so tensor
+    parallelism can shard heads without splitting the fused matrix in the wrong place; `c_proj` is
+    (heads, head_dim, d). `hf.py` reshapes to and from HF's 2-D Conv1D layout.
+    """
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, attention_mask, layer_idx, deterministic: bool):
+        cfg = self.config
+        B, T, _ = x.shape  # (B, T, C)
+        qkv = nn.DenseGeneral(
+            features=(3, cfg.n_head, cfg.head_dim),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=nn.with_logical_partitioning(_dense_init(cfg), ("embed", None, "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+            name="c_attn",
+        )(x)  # (B, T, 3, H, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, hd)
+        act_spec = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        q, k, v = (nn.with_logical_constraint(t, act_spec) for t in (q, k, v))
+
+        if cfg.reorder_and_upcast_attn:
+            q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+        # The scale is a static float (the cuDNN kernel needs that); the per-layer 1/(i+1) factor is
+        # folded into q because under nn.scan the layer index is a traced value.
+        scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            q = q / (jnp.asarray(layer_idx, jnp.float32) + 1.0).astype(q.dtype)
+
+        # attention_mask: (B, S) True for real tokens; combined with causality below.
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+        if not deterministic and cfg.attn_pdrop > 0.0:
+            y = _attention_with_dropout(q, k, v, mask, scale, self.make_rng("dropout"), cfg.attn_pdrop)
+        else:
+            impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+            y = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, scale=scale, is_causal=True, implementation=impl
+            )  # (B, T, H, hd); scores and softmax in fp32 inside
+        y = nn.with_logical_constraint(y.astype(cfg.dtype), act_spec)
+
+        y = nn.DenseGeneral(
+            features=cfg.d_model,
+            axis=(-2, -1),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) at init.
+            kernel_init=nn.with_logical_partitioning(
+                _dense_init(cfg, (2 * cfg.n_layer) ** -0.5), ("heads", "kv", "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="c_proj",
+        )(y)  # (B, T, C)
+        return nn.Dropout(rate=cfg.resid_pdrop)(y, deterministic=deterministic)
+
+
+def _attention_with_dropout(q, k, v, mask, scale, rng, rate):
+    """Same math as jax.nn.dot_product_attention (fp32 scores/softmax), plus dropout on the probs."""
+    T, S = q.shape[1], k.shape[1]
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    keep = jnp.tril(jnp.ones((T, S), bool))[None, None]
+    if mask is not None:
+        keep = keep & mask
+    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = probs * jax.random.bernoulli(rng, 1.0 - rate, probs.shape) / (1.0 - rate)
+    return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.config
+        h = nn.Dense(
+            cfg.ffn_dim,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=nn.with_logical_partitioning(_dense_init(cfg), ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+            name="c_fc",
+        )(x)  # (B, T, 4C)
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = ACTIVATIONS[cfg.activation](h)
+        y = nn.Dense(
+            cfg.d_model,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                _dense_init(cfg, (2 * cfg.n_layer) ** -0.5), ("mlp", "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="c_proj",
+        )(h)  # (B, T, C)
+        return nn.Dropout(rate=cfg.resid_pdrop)(y, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block. Returns `(x, None)` so it can be the body of `nn.scan`."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, attention_mask, layer_idx, deterministic: bool):
+        cfg = self.config
+        x = x + Attention(cfg, name="attn")(LayerNorm(cfg, name="ln_1")(x), attention_mask, layer_idx, deterministic)
+        x = x + MLP(cfg, name="mlp")(LayerNorm(cfg, name="ln_2")(x), deterministic)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, None
+
+
+def _block_class(cfg: GPTConfig):
+    """Block, wrapped in nn.remat when a rematerialisation policy is configured."""
+    if cfg.remat_policy == "none":
+        return Block
+    policy = {
+        "full": None,  # save nothing: recompute the whole block in the backward pass
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[cfg.remat_policy]
+    # static_argnums counts `self` as 0: (x=1, attention_mask=2, layer_idx=3, deterministic=4).
+    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=(4,))
+
+
+class GPT(nn.Module):
+    """GPT-2 language model. `__call__` returns fp32 logits; `hidden_states` the final-LN features."""
+
+    config: GPTConfig
+
+    def setup(self):
+        cfg = self.config
+        self.wte = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=nn.with_logical_partitioning(_dense_init(cfg), ("vocab", "embed")),
+        )
+        self.wpe = nn.Embed(
+            cfg.n_positions,
+            cfg.d_model,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=nn.with_logical_partitioning(_dense_init(cfg), ("positions", "embed")),
+        )
+        self.drop = nn.Dropout(rate=cfg.embd_pdrop)
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            # One traced block, params stacked as (n_layer, ...): compile time independent of depth.
+            self.h = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, 0, nn.broadcast),
+                length=cfg.n_layer,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg)
+        else:
+            self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+        self.ln_f = LayerNorm(cfg)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True):
+        """Final-LayerNorm features (B, T, C) in `dtype`; the MCQA heads read these.
+
+        input_ids: (B, T) int. attention_mask: optional (B, T), 1/True for real tokens; masked keys
+        are never attended to. position_ids: optional (B, T); default 0..T-1 (as HF does).
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        if T > cfg.n_positions:
+            raise ValueError(f"sequence length {T} exceeds n_positions={cfg.n_positions}")
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
+        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = self.drop(x, deterministic=deterministic)
+        if cfg.scan_layers:
+            x, _ = self.h(x, attention_mask, jnp.arange(cfg.n_layer), deterministic)
+        else:
+            for i, block in enumerate(self.h):
+                x, _ = block(x, attention_mask, i, deterministic)
+        return self.ln_f(x)
+
+    def logits(self, hidden):
+        """Tied LM head: (B, T, C) @ wte.T -> (B, T, V), accumulated and returned in fp32."""
+        emb = self.wte.embedding.astype(self.config.dtype)
+        logits = jnp.einsum("btc,vc->btv", hidden.astype(self.config.dtype), emb, preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True):
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, deterministic))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def init_params(model: GPT, rng: jax.Array, batch: int = 1, seq: int = 8):
+    """Random init with plain (unboxed) arrays. Sharded init lives with the trainer (jit+out_shardings)."""
+    ids = jnp.zeros((batch, min(seq, model.config.n_positions)), jnp.int32)
+    return nn.unbox(model.init(rng, ids)["params"])
+
+
+def param_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,58 @@
+"""biomedlm-jax: BioMedLM (2.7B GPT-2-style biomedical LM) reimplemented in JAX/Flax.
+
+Every runtime dependency is pinned to a set verified to install and import together on
+Python 3.11 (see ../shared/JAX_NOTES.md and docs/). The default install is CPU JAX; on an
+accelerator host pick an extra:
+
+    pip install -e .[cuda12]   # NVIDIA GPUs (CUDA 12 wheels from PyPI)
+    pip install -e .[tpu]      # Cloud TPU VMs
+    pip install -e .[test]     # pytest + torch (CPU) + transformers for parity tests
+"""
+from setuptools import find_packages, setup
+
+JAX_VERSION = "0.10.2"
+
+INSTALL_REQUIRES = [
+    f"jax=={JAX_VERSION}",
+    f"jaxlib=={JAX_VERSION}",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "chex==0.1.92",
+    "ml-collections==1.1.0",
+    "tokenizers==0.23.3",
+    "tensorflow-cpu==2.21.0",
+    "tensorflow-datasets==4.9.10",
+    "safetensors==0.8.0",
+    "tensorboardX==2.6.5",
+    "tqdm==4.70.1",
+    "numpy==2.4.6",
+    "ml_dtypes==0.6.0",
+    "protobuf==7.36.2",
+    "tensorstore==0.1.86",
+]
+
+EXTRAS_REQUIRE = {
+    "cuda12": [f"jax[cuda12]=={JAX_VERSION}"],
+    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    "test": [
+        "pytest==9.2.0",
+        # Pinned: an unpinned `torch` pulls a multi-GB CUDA build. 2.13.0 is the CPU build.
+        "torch==2.13.0",
+        "transformers==5.24.0",
+    ],
+}
+
+setup(
+    name="biomedlm_jax",
+    version="0.1.0",
+    description="BioMedLM (GPT-2-style biomedical language model) in JAX/Flax: pretraining, "
+    "MCQA and seq2seq fine-tuning, HF interchange.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["biomedlm_jax", "biomedlm_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)
