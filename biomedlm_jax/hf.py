@@ -194,7 +194,8 @@ def _get(tree, path):
 def stack_layers(params: dict, n_layer: int) -> dict:
     """Per-layer params {h_0, h_1, ...} -> scan layout {h: leaves stacked on a leading layer axis}."""
     out = {k: v for k, v in params.items() if not k.startswith("h_")}
-    out["h"] = jax.tree.map(lambda *xs: np.stack(xs), *[params[f"h_{i}"] for i in range(n_layer)])
+    stack = lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)  # noqa: E731
+    out["h"] = jax.tree.map(stack, *[params[f"h_{i}"] for i in range(n_layer)])
     return out
 
 

@@ -1,0 +1,76 @@
+"""Convert checkpoints between HF safetensors (GPT2LMHeadModel) and this project's orbax workdirs.
+
+    python -m biomedlm_jax.convert --from=hf:DIR --to=orbax:WORKDIR
+    python -m biomedlm_jax.convert --from=orbax:WORKDIR --to=hf:DIR [--step=N] [--dtype=bfloat16]
+
+`orbax:WORKDIR` is a training workdir (the latest complete checkpoint is used unless --step) or the
+output of a previous hf->orbax conversion. Tokenizer files travel with the weights both ways
+(HF dir <-> WORKDIR/tokenizer/). Existing outputs are never overwritten unless --overwrite (HF) —
+orbax steps are never overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from biomedlm_jax import checkpoint, hf
+from biomedlm_jax import tokenizer as tokenizer_lib
+
+
+def parse_location(spec: str, flag: str) -> tuple[str, str]:
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in ("hf", "orbax") or not path:
+        raise SystemExit(f"{flag}={spec!r}: expected hf:DIR or orbax:DIR")
+    return kind, path
+
+
+def load(spec: str, step=None, **overrides):
+    """(model, params, tokenizer or None) from 'hf:DIR' or 'orbax:WORKDIR'."""
+    kind, path = parse_location(spec, "--from")
+    if kind == "hf":
+        model, params = hf.load_pretrained(path, **overrides)
+        return model, params, tokenizer_lib.find_tokenizer(path)
+    model, params = checkpoint.load_model(path, step=step, **overrides)
+    return model, params, tokenizer_lib.find_tokenizer(checkpoint.tokenizer_dir(path))
+
+
+def convert(src: str, dst: str, *, step=None, dtype=None, overwrite=False, max_shard_size="5GB") -> str:
+    dst_kind, dst_path = parse_location(dst, "--to")
+    if dst_kind == "hf" and os.path.exists(os.path.join(dst_path, hf.CONFIG_NAME)) and not overwrite:
+        raise FileExistsError(f"{dst_path} already holds an HF checkpoint; pass --overwrite to replace it")
+    model, params, tok = load(src, step=step, scan_layers=False)
+    if dst_kind == "hf":
+        hf.save_pretrained(model, params, dst_path, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size)
+        return dst_path
+    if dtype is not None:
+        model = type(model)(model.config.replace(param_dtype=dtype))
+        params = __import__("jax").tree.map(lambda x: x.astype(dtype), params)
+    out = checkpoint.save_params(dst_path, model.config, params, step=step or 0, converted_from=src)
+    if tok is not None:
+        tokenizer_lib.save_tokenizer(tok, checkpoint.tokenizer_dir(dst_path), model_max_length=model.config.n_positions)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m biomedlm_jax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="src", required=True, help="hf:DIR or orbax:WORKDIR")
+    p.add_argument("--to", dest="dst", required=True, help="hf:DIR or orbax:WORKDIR")
+    p.add_argument("--step", type=int, default=None, help="orbax step to read/write (default: latest / 0)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="storage dtype")
+    p.add_argument("--max_shard_size", default="5GB", help="HF output: shard safetensors above this size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing HF output directory")
+    args = p.parse_args(argv)
+    try:
+        out = convert(args.src, args.dst, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
+                      max_shard_size=args.max_shard_size)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
