@@ -56,13 +56,13 @@ def save_params(workdir: str, cfg: GPTConfig, params, step: int = 0, **extra_met
 
 
 def _reader(workdir: str) -> ocp.CheckpointManager:
-    """Read-only manager; PyTree handler so params can be restored alone (partial restore)."""
+    """Manager for reading; PyTree handler so params can be restored alone (partial restore)."""
     path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{workdir}: no {CHECKPOINT_DIR}/ directory; not a biomedlm_jax workdir")
     return ocp.CheckpointManager(
         path,
-        options=ocp.CheckpointManagerOptions(read_only=True),
+        options=ocp.CheckpointManagerOptions(create=False),
         item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
     )
 

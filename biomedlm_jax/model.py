@@ -195,6 +195,38 @@ class LayerNorm(nn.Module):
         return y.astype(cfg.dtype)
 
 
+class Projection(nn.Module):
+    """y = x @ kernel + bias, contracting the last len(in_shape) axes of x.
+
+    kernel has shape in_shape + out_shape, so per-head layouts like (d, 3, heads, head_dim) are plain
+    parameters that carry one logical name per axis (flax's DenseGeneral initialises a flattened
+    kernel, which cannot carry those names under nn.scan).
+    """
+
+    config: GPTConfig
+    in_shape: tuple
+    out_shape: tuple
+    kernel_axes: tuple
+    bias_axes: tuple
+    init_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_dense_init(cfg, self.init_scale), self.kernel_axes),
+            tuple(self.in_shape) + tuple(self.out_shape),
+            cfg.param_dtype,
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes), tuple(self.out_shape), cfg.param_dtype
+        )
+        n = len(self.in_shape)
+        y = jnp.tensordot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
+        return y + bias.astype(cfg.dtype)
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention.
 
@@ -208,14 +240,10 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, attention_mask, layer_idx, deterministic: bool):
         cfg = self.config
-        B, T, _ = x.shape  # (B, T, C)
-        qkv = nn.DenseGeneral(
-            features=(3, cfg.n_head, cfg.head_dim),
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_dense_init(cfg), ("embed", None, "heads", "kv")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
-            name="c_attn",
+        # x: (B, T, C)
+        C, H, hd = cfg.d_model, cfg.n_head, cfg.head_dim
+        qkv = Projection(
+            cfg, (C,), (3, H, hd), ("embed", None, "heads", "kv"), (None, "heads", "kv"), name="c_attn"
         )(x)  # (B, T, 3, H, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, hd)
         act_spec = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -240,17 +268,9 @@ class Attention(nn.Module):
             )  # (B, T, H, hd); scores and softmax in fp32 inside
         y = nn.with_logical_constraint(y.astype(cfg.dtype), act_spec)
 
-        y = nn.DenseGeneral(
-            features=cfg.d_model,
-            axis=(-2, -1),
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) at init.
-            kernel_init=nn.with_logical_partitioning(
-                _dense_init(cfg, (2 * cfg.n_layer) ** -0.5), ("heads", "kv", "embed")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="c_proj",
+        # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) at init.
+        y = Projection(
+            cfg, (H, hd), (C,), ("heads", "kv", "embed"), ("embed",), (2 * cfg.n_layer) ** -0.5, name="c_proj"
         )(y)  # (B, T, C)
         return nn.Dropout(rate=cfg.resid_pdrop)(y, deterministic=deterministic)
 
@@ -274,25 +294,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.config
-        h = nn.Dense(
-            cfg.ffn_dim,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_dense_init(cfg), ("embed", "mlp")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-            name="c_fc",
-        )(x)  # (B, T, 4C)
+        C, F = cfg.d_model, cfg.ffn_dim
+        h = Projection(cfg, (C,), (F,), ("embed", "mlp"), ("mlp",), name="c_fc")(x)  # (B, T, 4C)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
         h = ACTIVATIONS[cfg.activation](h)
-        y = nn.Dense(
-            cfg.d_model,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                _dense_init(cfg, (2 * cfg.n_layer) ** -0.5), ("mlp", "embed")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="c_proj",
+        y = Projection(
+            cfg, (F,), (C,), ("mlp", "embed"), ("embed",), (2 * cfg.n_layer) ** -0.5, name="c_proj"
         )(h)  # (B, T, C)
         return nn.Dropout(rate=cfg.resid_pdrop)(y, deterministic=deterministic)
 

@@ -1,0 +1,35 @@
+# Quickstart: `make demo` and `make test`. Each sets up .venv (with the current python3) and the
+# pinned dependencies from setup.py on first use; nothing else needs installing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: demo test install install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps re-run the install when setup.py changes; a failed install fails the target.
+$(VENV)/.installed: setup.py | $(PY)
+	$(PIP) -e .
+	$(PY) -c "import jax, flax, optax, orbax.checkpoint, chex, ml_collections, tokenizers, safetensors, tensorflow, tensorflow_datasets, tensorboardX, tqdm"
+	touch $@
+
+$(VENV)/.installed-test: setup.py $(VENV)/.installed
+	$(PIP) -e '.[test]'
+	$(PY) -c "import torch, transformers, pytest"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m biomedlm_jax.demo
+
+# pytest exits non-zero (5) when it collects no tests, so an empty run fails too.
+test: $(VENV)/.installed-test
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) demo_out *.egg-info
