@@ -1,0 +1,19 @@
+"""`make demo` end to end (fewer steps): the shipped data, training, export and conversion all work."""
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_demo_runs_from_the_repo_alone(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "biomedlm_jax.demo", "--steps=30", f"--workdir={tmp_path / 'demo'}"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    for stage in ("[data]", "[model]", "[train]", "[eval]", "[export]", "[convert]", "== demo done"):
+        assert stage in r.stdout
+    assert (tmp_path / "demo" / "hf" / "model.safetensors").exists()
+    assert (tmp_path / "demo" / "orbax" / "checkpoints" / "0").is_dir()
