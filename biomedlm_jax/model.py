@@ -86,7 +86,8 @@ class GPTConfig:
     scale_attn_weights: bool = True
     # Additionally divide scores of layer i (0-based) by (i + 1): the Mistral/BioMedLM stability trick.
     scale_attn_by_inverse_layer_idx: bool = False
-    # HF computes q.k in fp32 when set. Here scores are always fp32; when set, q/k/v are also upcast.
+    # HF upcasts q.k to fp32 when set. Here attention scores/softmax are always fp32-accumulated, which
+    # gives the same result, so the flag is kept only to round-trip HF configs.
     reorder_and_upcast_attn: bool = False
     # Token ids that HF stores in its config; kept so save/load round-trips them.
     bos_token_id: int = 50256
@@ -110,6 +111,8 @@ class GPTConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose from {ATTENTION_IMPLS}")
         for name in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype name
+        if self.attention_impl == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 or float16, not {self.dtype}")
 
     @property
     def head_dim(self) -> int:
@@ -249,13 +252,17 @@ class Attention(nn.Module):
         act_spec = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         q, k, v = (nn.with_logical_constraint(t, act_spec) for t in (q, k, v))
 
-        if cfg.reorder_and_upcast_attn:
-            q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        # The scale is a static float (the cuDNN kernel needs that); the per-layer 1/(i+1) factor is
-        # folded into q because under nn.scan the layer index is a traced value.
+        # Scores are accumulated and soft-maxed in fp32 by jax.nn.dot_product_attention (bf16 x bf16
+        # products are exact in fp32), which is what HF's `reorder_and_upcast_attn` upcast achieves;
+        # that flag therefore needs no extra step here.
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
-            q = q / (jnp.asarray(layer_idx, jnp.float32) + 1.0).astype(q.dtype)
+            if isinstance(layer_idx, int):  # plain layer loop: a static per-layer float
+                scale = scale / (layer_idx + 1)
+            elif cfg.attention_impl != "cudnn":  # under nn.scan the index is traced; XLA takes a traced scale
+                scale = scale / (layer_idx.astype(jnp.float32) + 1.0)
+            else:  # cuDNN needs a static scale: fold 1/(i+1) into q instead (one extra rounding in bf16)
+                q = q * (1.0 / (layer_idx.astype(jnp.float32) + 1.0)).astype(q.dtype)
 
         # attention_mask: (B, S) True for real tokens; combined with causality below.
         mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
@@ -327,8 +334,10 @@ def _block_class(cfg: GPTConfig):
         "dots_saveable": jax.checkpoint_policies.dots_saveable,
         "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     }[cfg.remat_policy]
-    # static_argnums counts `self` as 0: (x=1, attention_mask=2, layer_idx=3, deterministic=4).
-    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=(4,))
+    # static_argnums counts `self` as 0: (x=1, attention_mask=2, layer_idx=3, deterministic=4). The layer
+    # index is static in a plain loop (a per-layer constant) and a scanned value under nn.scan.
+    static = (4,) if cfg.scan_layers else (3, 4)
+    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=static)
 
 
 class GPT(nn.Module):

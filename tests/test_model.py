@@ -135,6 +135,9 @@ def test_scan_and_remat_match_plain_layers(remat):
         return jnp.mean(m.apply({"params": p}, ids) ** 2)
 
     np.testing.assert_allclose(plain.apply({"params": params}, ids), scanned.apply({"params": sparams}, ids), atol=1e-5)
+    looped = M.GPT(base.replace(remat_policy=remat))  # remat without scan: same params layout
+    np.testing.assert_allclose(plain.apply({"params": params}, ids), looped.apply({"params": params}, ids), atol=1e-5)
+    chex.assert_trees_all_close(jax.grad(lambda p: loss(plain, p))(params), jax.grad(lambda p: loss(looped, p))(params), atol=1e-5)
     g_plain = stack_layers(jax.grad(lambda p: loss(plain, p))(params), base.n_layer)
     g_scan = jax.grad(lambda p: loss(scanned, p))(sparams)
     chex.assert_trees_all_close(g_plain, g_scan, atol=1e-5)
@@ -211,3 +214,9 @@ def test_every_param_has_logical_axes_and_sharded_init_matches():
     plain = nn.unbox(init(jax.random.PRNGKey(0)))
     chex.assert_trees_all_close(nn.unbox(sharded), plain)
     np.testing.assert_allclose(logits, model.apply({"params": plain}, ids), atol=1e-5)
+
+
+def test_cudnn_attention_needs_half_precision():
+    with pytest.raises(ValueError, match="cudnn.*bfloat16"):
+        M.get_config("tiny", attention_impl="cudnn")
+    M.get_config("tiny", attention_impl="cudnn", dtype="bfloat16")
