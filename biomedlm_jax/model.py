@@ -266,6 +266,8 @@ class Attention(nn.Module):
 
         # attention_mask: (B, S) True for real tokens; combined with causality below.
         mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+        if mask is not None and cfg.attention_impl == "cudnn":  # cuDNN wants the full (B, 1, T, S) mask
+            mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
         if not deterministic and cfg.attn_pdrop > 0.0:
             y = _attention_with_dropout(q, k, v, mask, scale, self.make_rng("dropout"), cfg.attn_pdrop)
         else:
