@@ -1,0 +1,110 @@
+"""Optimizers and learning-rate schedules, assembled from optax pieces.
+
+BioMedLM trained with MosaicML Composer's `DecoupledAdamW`. Its weight decay is *decoupled from the
+learning rate's magnitude*: each step multiplies weights by `1 - (lr_t / lr_peak) * wd`, i.e. the decay
+follows the schedule's shape (warmup, cosine) but not the size of the peak LR. optax's (and PyTorch's)
+AdamW instead multiplies by `1 - lr_t * wd`. The same `weight_decay` number therefore means very
+different things in the two modes (Composer's 1e-5 ~ optax's 1e-5 / lr_peak):
+
+    composer:  p <- p - lr_t * adam(g) - (lr_t / lr_peak) * wd * p
+    optax:     p <- p - lr_t * adam(g) - lr_t * wd * p
+
+Decay applies only to tensors with ndim >= 2 (matmul weights, embeddings), never to biases or LayerNorm
+parameters. Non-finite gradients are handled by `optax.apply_if_finite`: the step is skipped (params and
+moments unchanged) and counted in the optimizer state; `nonfinite_counts` reads the counts so a
+trainer can stop after too many consecutive skips.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def lr_schedule(
+    peak: float, warmup_steps: int, total_steps: int, decay: str = "cosine", final_ratio: float = 0.1
+) -> optax.Schedule:
+    """Linear warmup from 0 to `peak`, then cosine / linear decay to `final_ratio * peak` (or constant)."""
+    if decay not in ("cosine", "linear", "constant"):
+        raise ValueError(f"decay={decay!r}: choose cosine, linear or constant")
+    warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+    rest = max(total_steps - warmup_steps, 1)
+    if decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, rest, alpha=final_ratio)
+    elif decay == "linear":
+        after = optax.linear_schedule(peak, peak * final_ratio, rest)
+    else:
+        after = optax.constant_schedule(peak)
+    return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def decay_mask(params):
+    """True for tensors that get weight decay: ndim >= 2 (not biases, not LayerNorm scale/bias)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+class ScheduledDecayState(NamedTuple):
+    count: jnp.ndarray
+
+
+def add_schedule_scaled_decay(weight_decay: float, schedule: optax.Schedule, peak_lr: float, mask=None):
+    """updates -= (schedule(t) / peak_lr) * weight_decay * params  (Composer's decoupled decay).
+
+    Goes *after* `scale_by_learning_rate` in the chain, since its term must not be scaled by the LR again.
+    """
+
+    def init_fn(params):
+        del params
+        return ScheduledDecayState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError("add_schedule_scaled_decay needs params")
+        factor = schedule(state.count) / peak_lr * weight_decay
+        updates = jax.tree.map(lambda u, p: u - (factor * p).astype(u.dtype), updates, params)
+        return updates, ScheduledDecayState(count=optax.safe_increment(state.count))
+
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return optax.masked(tx, mask) if mask is not None else tx
+
+
+def adamw(
+    schedule: optax.Schedule,
+    peak_lr: float,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decay_mode: str = "composer",
+    grad_clip_norm: Optional[float] = 1.0,
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+    """AdamW with decoupled ("composer") or standard ("optax") weight decay, global-norm clipping and a
+    non-finite-gradient guard. Moments are kept in the params' dtype (fp32 master weights)."""
+    if decay_mode not in ("composer", "optax"):
+        raise ValueError(f"decay_mode={decay_mode!r}: choose composer or optax")
+    parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+    if decay_mode == "composer":
+        parts += [
+            optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+            optax.scale_by_learning_rate(schedule),
+            add_schedule_scaled_decay(weight_decay, schedule, peak_lr, mask=decay_mask),
+        ]
+    else:
+        parts += [optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)]
+    tx = optax.chain(*parts)
+    if skip_nonfinite:
+        # A huge limit: apply_if_finite would otherwise *apply* non-finite updates after that many skips.
+        # Stopping the run is the trainer's job (see nonfinite_counts).
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+    return tx
+
+
+def nonfinite_counts(opt_state) -> tuple:
+    """(consecutive, total) skipped steps recorded by apply_if_finite; (0, 0) without the guard."""
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+        return opt_state.notfinite_count, opt_state.total_notfinite
+    return jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
