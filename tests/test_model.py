@@ -5,8 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import mesh_utils
-from jax.sharding import Mesh
 
 from biomedlm_jax import model as M
 
@@ -188,32 +186,6 @@ def test_forward_compiles_once(tiny):
 
     for seed in range(3):
         forward(params, jnp.asarray(np.random.default_rng(seed).integers(0, 97, (2, 8))))
-
-
-def test_every_param_has_logical_axes_and_sharded_init_matches():
-    """Params carry logical names; initialising straight into a 2x2x2 mesh gives the same model."""
-    cfg = M.get_config("tiny", vocab_size=64, n_positions=16, scan_layers=True)
-    model = M.GPT(cfg)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (8, 16)))
-    init = lambda key: model.init(key, ids[:1])["params"]  # noqa: E731
-    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
-    assert all(len(x.names) == x.value.ndim for x in leaves)
-    assert boxed["h"]["attn"]["c_attn"]["kernel"].names == ("layers", "embed", None, "heads", "kv")
-
-    rules = [("batch", "data"), ("activation_batch", "data"), ("embed", "fsdp"), ("vocab", "tensor"),
-             ("heads", "tensor"), ("mlp", "tensor"), ("activation_heads", "tensor"), ("activation_mlp", "tensor")]
-    mesh = Mesh(mesh_utils.create_device_mesh((2, 2, 2)), ("data", "fsdp", "tensor"))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-        sharded = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-        logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(sharded, ids)
-    kernel = nn.unbox(sharded)["h"]["mlp"]["c_fc"]["kernel"]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    plain = nn.unbox(init(jax.random.PRNGKey(0)))
-    chex.assert_trees_all_close(nn.unbox(sharded), plain)
-    np.testing.assert_allclose(logits, model.apply({"params": plain}, ids), atol=1e-5)
 
 
 def test_cudnn_attention_needs_half_precision():

@@ -1,0 +1,85 @@
+"""Device mesh and logical-axis sharding (the pjit way, through jax.jit + NamedSharding).
+
+The model names every parameter and activation axis (see model.py); `DEFAULT_RULES` maps those names
+to the mesh axes ("data", "fsdp", "tensor"):
+
+  * data:   pure data parallelism (params replicated);
+  * fsdp:   batch split *and* params/optimizer state split along `embed` (ZeRO-3 style);
+  * tensor: Megatron-style tensor parallelism over heads, MLP width and vocab.
+
+Parameter names and activation names are distinct, so no rule set built this way maps one mesh axis
+twice in a spec (which Flax would silently drop). Training configs may override the rules.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("positions", None),
+    ("layers", None),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
+    """Replace one -1 in `shape` by whatever makes the product equal `n_devices`."""
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
+    known = math.prod(s for s in shape if s != -1)
+    if any(s == 0 or s < -1 for s in shape) or n_devices % known:
+        raise ValueError(f"mesh shape {tuple(shape)} does not fit {n_devices} devices")
+    if -1 in shape:
+        shape[shape.index(-1)] = n_devices // known
+    if math.prod(shape) != n_devices:
+        raise ValueError(f"mesh shape {tuple(shape)} uses {math.prod(shape)} devices, but {n_devices} are available")
+    return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MESH_AXES, devices=None) -> Mesh:
+    """A Mesh over all (global) devices; `shape` may contain one -1 ("the rest")."""
+    devices = jax.devices() if devices is None else devices
+    if len(shape) != len(axis_names):
+        raise ValueError(f"mesh shape {tuple(shape)} and axis names {tuple(axis_names)} differ in length")
+    resolved = resolve_mesh_shape(shape, len(devices))
+    return Mesh(mesh_utils.create_device_mesh(resolved, devices), tuple(axis_names))
+
+
+def sharded_init(model: nn.Module, rng, example_input, mesh: Mesh, rules=DEFAULT_RULES, method: Optional[str] = None):
+    """Initialise params directly into sharded memory. Returns (params, shardings), both plain pytrees.
+
+    `jax.eval_shape` gives the logical names without allocating anything; `jax.jit(init,
+    out_shardings=...)` then materialises each shard on its device, so a 2.7B model never sits
+    unsharded on one device.
+    """
+
+    def init(key):
+        return model.init(key, example_input)["params"]
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(init, rng)
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+        params = jax.jit(init, out_shardings=shardings)(rng)
+    return nn.unbox(params), shardings
