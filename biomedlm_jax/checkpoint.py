@@ -87,7 +87,8 @@ def read_meta(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
 
 
 def _abstract_params(cfg: GPTConfig, shardings=None):
-    abstract = jax.eval_shape(lambda: nn.unbox(GPT(cfg).init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 1), "int32"))["params"]))
+    ids = jax.ShapeDtypeStruct((1, 1), jax.numpy.int32)
+    abstract = jax.eval_shape(lambda x: nn.unbox(GPT(cfg).init(jax.random.PRNGKey(0), x)["params"]), ids)
     if shardings is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)

@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+import jax
+
 from biomedlm_jax import checkpoint, hf
 from biomedlm_jax import tokenizer as tokenizer_lib
 
@@ -45,7 +47,7 @@ def convert(src: str, dst: str, *, step=None, dtype=None, overwrite=False, max_s
         return dst_path
     if dtype is not None:
         model = type(model)(model.config.replace(param_dtype=dtype))
-        params = __import__("jax").tree.map(lambda x: x.astype(dtype), params)
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
     out = checkpoint.save_params(dst_path, model.config, params, step=step or 0, converted_from=src)
     if tok is not None:
         tokenizer_lib.save_tokenizer(tok, checkpoint.tokenizer_dir(dst_path), model_max_length=model.config.n_positions)
