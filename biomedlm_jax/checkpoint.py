@@ -75,7 +75,10 @@ def latest_step(workdir: str) -> Optional[int]:
 
 def read_meta(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
     """(step, meta dict) of `step` or of the latest complete checkpoint."""
-    mngr = _reader(workdir)
+    return _read_meta(_reader(workdir), step)
+
+
+def _read_meta(mngr: ocp.CheckpointManager, step: Optional[int]) -> tuple[int, dict]:
     path = str(mngr.directory)
     step = mngr.latest_step() if step is None else step
     if step is None or step not in mngr.all_steps():
@@ -119,11 +122,11 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, **confi
     implementation, remat, dropout. `shardings`: optional pytree of jax Shardings for the params (as
     stored, i.e. in the stored scan layout); default is the first device.
     """
-    step, meta = read_meta(workdir, step)
+    mngr = _reader(workdir)
+    step, meta = _read_meta(mngr, step)
     stored = GPTConfig(**meta["model"])
     where = f"{os.path.join(workdir, CHECKPOINT_DIR)}/{step}/state"
     abstract = _abstract_params(stored, shardings)
-    mngr = _reader(workdir)
     disk = mngr.item_metadata(step)["state"]
     disk_tree = getattr(disk, "tree", disk)
     if not isinstance(disk_tree, dict) or "params" not in disk_tree:

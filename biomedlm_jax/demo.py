@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from biomedlm_jax import convert, hf, losses
+from biomedlm_jax import convert, hf, losses, optim
 from biomedlm_jax import model as model_lib
 from biomedlm_jax import tokenizer as tokenizer_lib
 
@@ -78,8 +78,8 @@ def main(argv=None):
     params = model_lib.init_params(model, jax.random.PRNGKey(0))
     print(f"[model]  tiny GPT: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, "
           f"{model_lib.param_count(params) / 1e6:.2f}M params")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10), args.steps, args.lr * 0.1)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95, weight_decay=0.1))
+    schedule = optim.lr_schedule(args.lr, warmup_steps=max(1, args.steps // 10), total_steps=args.steps)
+    opt = optim.adamw(schedule, args.lr, weight_decay=0.1, decay_mode="optax", grad_clip_norm=1.0)
     opt_state = opt.init(params)
 
     @jax.jit
