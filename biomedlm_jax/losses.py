@@ -19,3 +19,15 @@ def next_token_loss(logits, tokens, mask: Optional[jnp.ndarray] = None):
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, T-1)
     count = weights.sum()
     return (nll * weights).sum() / jnp.maximum(count, 1.0), count
+
+
+def token_nll_sum(logits, targets, weights: Optional[jnp.ndarray] = None):
+    """(sum of weighted cross-entropy, sum of weights) for targets already aligned with logits.
+
+    logits: (B, T, V); targets: (B, T) int; weights: optional (B, T) float (0 = ignore). Returning the
+    sum and the count (not the mean) lets gradient accumulation and data parallelism divide once by
+    the global token count, so k micro-batches give exactly the big batch's mean loss.
+    """
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    weights = jnp.ones(nll.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    return (nll * weights).sum(), weights.sum()

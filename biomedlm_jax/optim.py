@@ -62,7 +62,8 @@ def add_schedule_scaled_decay(weight_decay: float, schedule: optax.Schedule, pea
     def update_fn(updates, state, params):
         if params is None:
             raise ValueError("add_schedule_scaled_decay needs params")
-        factor = schedule(state.count) / peak_lr * weight_decay
+        # peak_lr == 0 (a frozen run) means no decay, not 0/0.
+        factor = schedule(state.count) / peak_lr * weight_decay if peak_lr else 0.0
         updates = jax.tree.map(lambda u, p: u - (factor * p).astype(u.dtype), updates, params)
         return updates, ScheduledDecayState(count=optax.safe_increment(state.count))
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -67,6 +67,32 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
     return Mesh(mesh_utils.create_device_mesh(resolved, devices), tuple(axis_names))
 
 
+def fit_sharding(shape: Sequence[int], sharding: NamedSharding) -> NamedSharding:
+    """`sharding` with the mesh axes dropped from any dimension they do not divide evenly.
+
+    jit refuses uneven shardings, and e.g. GPT-2's vocabulary (50,257, prime-ish) cannot be split over
+    a tensor axis of 2; that dimension is then replicated instead (BioMedLM's 28,896 splits up to 32 ways).
+    """
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    changed = False
+    for dim, axes in enumerate(spec):
+        if axes is None:
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        kept = list(names)
+        while kept and shape[dim] % math.prod(sharding.mesh.shape[a] for a in kept):
+            kept.pop()  # drop the innermost axis first
+        if len(kept) != len(names):
+            spec[dim] = (kept[0] if len(kept) == 1 else tuple(kept)) if kept else None
+            changed = True
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec)) if changed else sharding
+
+
+def fit_shardings(abstract, shardings):
+    """`fit_sharding` over a pytree of abstract arrays (anything with .shape) and their shardings."""
+    return jax.tree.map(lambda a, s: fit_sharding(a.shape, s), abstract, shardings)
+
+
 def sharded_init(model: nn.Module, rng, example_input, mesh: Mesh, rules=DEFAULT_RULES, method: Optional[str] = None):
     """Initialise params directly into sharded memory. Returns (params, shardings), both plain pytrees.
 
@@ -81,5 +107,6 @@ def sharded_init(model: nn.Module, rng, example_input, mesh: Mesh, rules=DEFAULT
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract = jax.eval_shape(init, rng)
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+        shardings = fit_shardings(nn.unbox(abstract), shardings)
         params = jax.jit(init, out_shardings=shardings)(rng)
     return nn.unbox(params), shardings

@@ -50,3 +50,14 @@ def test_sharded_init_and_forward_match_single_device(shape, scan):
     if shape == (1, 8, 1):  # FSDP: each device holds 1/8 of the embedding table
         wte = params["wte"]["embedding"]
         assert wte.addressable_shards[0].data.shape == (64, cfg.d_model // 8)
+
+
+def test_uneven_dimensions_are_replicated_not_rejected():
+    # GPT-2's 50,257-token vocabulary cannot be split over a tensor axis of 2: that dim is replicated.
+    mesh = sharding.make_mesh((2, 2, 2))
+    sh = sharding.fit_sharding((50257, 64), jax.sharding.NamedSharding(mesh, P("tensor", "fsdp")))
+    assert sh.spec == P(None, "fsdp")
+    sh = sharding.fit_sharding((6, 4), jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None)))
+    assert sh.spec == P("data", None)  # 6 splits 2 ways, not 4
+    even = jax.sharding.NamedSharding(mesh, P("tensor", "fsdp"))
+    assert sharding.fit_sharding((28896, 64), even) is even

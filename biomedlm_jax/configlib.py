@@ -1,0 +1,68 @@
+"""Helpers for ml_collections configs: the `model` section and how it resolves to a GPTConfig.
+
+A config's `model` section holds `variant` (a name from `model.VARIANTS`) and one typed placeholder
+per `GPTConfig` field, all None by default: `--config.model.n_layer=4` overrides that field, and the
+locked config rejects a misspelled field. Fields left None come from the variant, or from the
+checkpoint when the run starts from one (`init_from`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import ml_collections
+from ml_collections import config_dict
+
+from biomedlm_jax import model as model_lib
+from biomedlm_jax.model import GPTConfig
+
+# Fields that change the shapes or the math of the weights. Starting from a checkpoint, the checkpoint
+# decides them; a config that sets one to a different value is an error (not a silent reinit).
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "n_positions", "d_model", "n_layer", "n_head", "d_ff", "activation", "layer_norm_epsilon",
+    "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+)
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(GPTConfig)
+    out = {}
+    for f in dataclasses.fields(GPTConfig):
+        t = hints[f.name]
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        out[f.name] = args[0] if args else t
+    return out
+
+
+def model_section(variant: str, **fields) -> ml_collections.ConfigDict:
+    """ConfigDict(variant=..., <every GPTConfig field>=placeholder) with `fields` set."""
+    if variant not in model_lib.VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; choose from {sorted(model_lib.VARIANTS)}")
+    section = ml_collections.ConfigDict()
+    section.variant = variant
+    for name, t in _field_types().items():
+        section[name] = config_dict.placeholder(t)
+    for name, value in fields.items():
+        if name not in section:
+            raise ValueError(f"unknown GPTConfig field {name!r}")
+        section[name] = value
+    return section
+
+
+def overrides(section) -> dict:
+    """The GPTConfig fields a model section sets (not None)."""
+    return {k: v for k, v in section.items() if k != "variant" and v is not None}
+
+
+def resolve_model(section, base: GPTConfig | None = None, source: str = "") -> GPTConfig:
+    """GPTConfig from a model section: on top of `base` (a checkpoint's config) or of the variant."""
+    over = overrides(section)
+    if base is None:
+        return model_lib.get_config(section.variant, **over)
+    for name in ARCHITECTURE_FIELDS:
+        if name in over and over[name] != getattr(base, name):
+            raise ValueError(
+                f"config.model.{name}={over[name]!r} but the checkpoint {source} has {name}={getattr(base, name)!r}; "
+                "architecture fields come from the checkpoint (leave them unset)"
+            )
+    return base.replace(**over)

@@ -1,0 +1,109 @@
+"""Training metrics: model FLOPs / MFU, and a writer for metrics.jsonl + TensorBoard (process 0 only).
+
+MFU formula (PaLM appendix B / nanoGPT), per token of a training step (forward + backward):
+
+    flops_per_token = 6 * N + 12 * n_layer * d_model * seq_len
+
+N counts the matmul weights a token passes through: per layer c_attn (3 d^2), attn c_proj (d^2),
+mlp c_fc and c_proj (2 d d_ff), plus the tied output head (vocab * d). Position embeddings, biases and
+LayerNorms are left out. The second term is the attention score/value matmuls. Remat recomputation is
+*not* counted (it is hardware FLOPs, not model FLOPs), so MFU stays comparable across remat policies.
+MFU = tokens_per_s * flops_per_token / (n_devices * peak_flops_per_device).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+import jax
+
+from biomedlm_jax.model import GPTConfig
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets). Matched as substrings of device_kind.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+    "TPU v3": 123e12,
+}
+
+
+def matmul_params(cfg: GPTConfig) -> int:
+    d, f = cfg.d_model, cfg.ffn_dim
+    return cfg.n_layer * (4 * d * d + 2 * d * f) + cfg.vocab_size * d
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+    """Training (fwd + bwd) model FLOPs per token; see the module docstring."""
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+
+
+def peak_flops_per_device(device=None) -> Optional[float]:
+    """Peak bf16 FLOP/s of `device` from the table, or None when unknown (e.g. CPU)."""
+    kind = (device or jax.devices()[0]).device_kind
+    for key, value in PEAK_FLOPS.items():
+        if key.lower() in kind.lower():
+            return value
+    return None
+
+
+def mfu(tokens_per_s: float, cfg: GPTConfig, seq_len: int, n_devices: int, peak: Optional[float]) -> Optional[float]:
+    if not peak:
+        return None
+    return tokens_per_s * flops_per_token(cfg, seq_len) / (n_devices * peak)
+
+
+class MetricsWriter:
+    """Appends one JSON object per call to `workdir/metrics.jsonl` and writes TensorBoard scalars to
+    `workdir/tensorboard/`. Only process 0 writes; other processes get a no-op writer."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # lazy: TensorBoard is only needed for logging
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict, split: str = "train") -> None:
+        if not self.enabled:
+            return
+        # JSON has no NaN: a metric that is not a finite number (e.g. all steps in a window skipped) is null.
+        clean = {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if v is not None:
+                    self._tb.add_scalar(f"{split}/{k}", v, int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str, split: Optional[str] = None) -> list[dict]:
+    """Rows of `workdir/metrics.jsonl` (optionally one split), for notebooks and tests."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if split is None or row.get("split") == split:
+                rows.append(row)
+    return rows

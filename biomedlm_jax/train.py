@@ -1,0 +1,482 @@
+"""Pretraining: `train_and_evaluate(config, workdir)`, read top to bottom.
+
+  setup -> model config -> tokenizer + data -> optimizer -> sharded state (init, init_from, or resume)
+  -> jitted train/eval steps -> loop (metrics, eval, checkpoints, preemption) -> final checkpoint.
+
+The train state is a plain dict {"step", "params", "opt_state", "rng"} that orbax saves as-is; the data
+iterator position goes into the checkpoint's JSON `meta` item beside it. A workdir that holds a
+checkpoint is always resumed from its latest complete step, and the resumed run is bit-identical to an
+uninterrupted one (same batches, same dropout keys: both are functions of the step).
+
+Parallelism is the jit way: params and optimizer state live in NamedShardings derived from the
+model's logical axis names and the config's rules; the step is `jax.jit` with in/out shardings and a
+donated state; the batch is a global array assembled from each process's own rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from biomedlm_jax import checkpoint, configlib, hf, input_pipeline, losses, metrics, optim, sharding
+from biomedlm_jax import tokenizer as tokenizer_lib
+from biomedlm_jax.model import GPT, GPTConfig
+
+# Incremented each time the train step's Python body is traced; the summary reports it so tests can
+# check that the step compiles once for a whole run.
+_TRAIN_STEP_TRACES = 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces (each used by train_and_evaluate; importable for fine-tuning entry points and tests)
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_init_from(spec: str) -> tuple[str, str]:
+    """"hf:DIR" / "orbax:WORKDIR" -> (kind, path); "" -> ("", "")."""
+    if not spec:
+        return "", ""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in ("hf", "orbax") or not path:
+        raise ValueError(f"init_from={spec!r}: expected hf:DIR or orbax:WORKDIR")
+    return kind, path
+
+
+def model_config(config) -> GPTConfig:
+    """The run's GPTConfig: the variant (or init_from's checkpoint) with `config.model` overrides."""
+    kind, path = parse_init_from(config.init_from)
+    if kind == "hf":
+        return configlib.resolve_model(config.model, hf.load_config(path), path)
+    if kind == "orbax":
+        _, meta = checkpoint.read_meta(path)
+        return configlib.resolve_model(config.model, GPTConfig(**meta["model"]), path)
+    return configlib.resolve_model(config.model)
+
+
+def load_run_tokenizer(config, workdir: str):
+    """`data.tokenizer`, else the tokenizer stored with init_from's checkpoint, else the workdir's."""
+    if config.data.tokenizer:
+        return tokenizer_lib.load_tokenizer(config.data.tokenizer)
+    kind, path = parse_init_from(config.init_from)
+    candidates = [path if kind == "hf" else checkpoint.tokenizer_dir(path)] if kind else []
+    candidates.append(checkpoint.tokenizer_dir(workdir))
+    for c in candidates:
+        tok = tokenizer_lib.find_tokenizer(c)
+        if tok is not None:
+            return tok
+    raise ValueError("no tokenizer: set --config.data.tokenizer=DIR (or init_from a checkpoint that has one)")
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = optim.lr_schedule(
+        config.learning_rate, config.warmup_steps, config.num_train_steps, config.lr_decay, config.lr_final_ratio
+    )
+    o = config.optimizer
+    tx = optim.adamw(
+        schedule, config.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+        decay_mode=o.decay_mode, grad_clip_norm=o.grad_clip_norm or None, skip_nonfinite=True,
+    )
+    return tx, schedule
+
+
+def state_shardings(model: GPT, tx, mesh, rules, seq_len: int):
+    """(abstract state, NamedShardings) of {"step", "params", "opt_state", "rng"} without allocating."""
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)["params"], ids)
+    params = nn.unbox(boxed)
+    param_sh = sharding.fit_shardings(params, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules))
+    opt_state = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, P())
+    # Moments mirror the params' shardings; counters and other scalars are replicated.
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, param_sh, transform_non_params=lambda _: replicated)
+    abstract = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": params,
+        "opt_state": opt_state,
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "rng": replicated}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+    """Batches are (grad_accum, micro_batch, T): the micro-batch axis is split over the batch mesh axes."""
+    (batch_axes,) = nn.logical_to_mesh_axes(("activation_batch",), rules)
+    return NamedSharding(mesh, P(None, batch_axes, None))
+
+
+def process_batch_rows(sharding: NamedSharding, shape: tuple) -> tuple[int, int]:
+    """The contiguous range of dim-1 rows that this process's devices hold in a batch of `shape`."""
+    spans = sorted({(idx[1].start or 0, shape[1] if idx[1].stop is None else idx[1].stop)
+                    for idx in sharding.addressable_devices_indices_map(shape).values()})
+    start, stop = spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > stop:
+            raise ValueError(f"this process's batch rows {spans} are not contiguous; reorder the mesh devices")
+        stop = max(stop, b)
+    return start, stop
+
+
+def to_global(local: dict, sharding: NamedSharding, global_rows: int) -> dict:
+    """Process-local numpy batch -> global jax arrays laid out by `sharding`."""
+    out = {}
+    for k, v in local.items():
+        shape = (v.shape[0], global_rows) + v.shape[2:]
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
+
+
+def put_params(params_np, shardings):
+    """Host (numpy) params -> global arrays with `shardings` (each process supplies the same values)."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x[idx])), params_np, shardings
+    )
+
+
+def make_train_step(model: GPT, tx, deterministic: bool) -> Callable:
+    """(state, batch) -> (state, metrics). batch: "inputs"/"targets" (A, b, T) int, optional "weights".
+
+    Gradients are summed over the A micro-batches (lax.scan) and divided once by the token count, so
+    k micro-batches equal one big batch. A non-finite loss poisons the gradients, so the optimizer's
+    `apply_if_finite` skips the step (params and moments unchanged) and counts it.
+    """
+
+    def micro_loss(params, mb, rng):
+        logits = model.apply({"params": params}, mb["inputs"], deterministic=deterministic, rngs={"dropout": rng})
+        return losses.token_nll_sum(logits, mb["targets"], mb.get("weights"))
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state, batch):
+        global _TRAIN_STEP_TRACES
+        _TRAIN_STEP_TRACES += 1
+        params = state["params"]
+        step_rng = jax.random.fold_in(state["rng"], state["step"])
+        n_micro = batch["inputs"].shape[0]
+
+        def body(carry, xs):
+            g_acc, l_acc, c_acc = carry
+            mb, i = xs
+            (l, c), g = grad_fn(params, mb, jax.random.fold_in(step_rng, i))
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        carry = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
+        (grads, loss_sum, count), _ = jax.lax.scan(body, carry, (batch, jnp.arange(n_micro)))
+        count = jnp.maximum(count, 1.0)
+        loss = loss_sum / count
+        grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "rng": state["rng"],
+        }
+        consecutive, total = optim.nonfinite_counts(opt_state)
+        m = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "nonfinite_consecutive": consecutive,
+             "nonfinite_total": total}
+        return new_state, m
+
+    return train_step
+
+
+def make_eval_step(model: GPT) -> Callable:
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"][0], deterministic=True)
+        return losses.token_nll_sum(logits, batch["targets"][0], batch["weights"][0])
+
+    return eval_step
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, workdir: str, step: int, abstract_state):
+    """(state, meta) of `step`, placed with the shardings carried by `abstract_state`'s leaves.
+
+    The stored params are checked against the model first, so restoring into a model of another
+    shape fails with the tensor's name rather than an orbax shape error."""
+    reader = checkpoint._reader(workdir)
+    stored = reader.item_metadata(step)["state"]
+    stored = getattr(stored, "tree", stored)
+    where = f"{os.path.join(workdir, checkpoint.CHECKPOINT_DIR)}/{step}/state"
+    if not isinstance(stored, dict) or not {"params", "opt_state", "step"} <= set(stored):
+        raise hf.CheckpointError(f"{where}: not a training state (has {sorted(stored) if isinstance(stored, dict) else stored})")
+    checkpoint._check_against_disk(stored["params"], abstract_state["params"], where)
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    )
+    return restored["state"], restored["meta"]
+
+
+class Preemption:
+    """SIGTERM (a preemption notice) sets a flag the loop polls at step boundaries; all processes agree."""
+
+    def __init__(self):
+        self._flag = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self._flag = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self._flag))))
+
+
+def _check_config(config, cfg: GPTConfig, mesh) -> None:
+    if config.seq_len > cfg.n_positions:
+        raise ValueError(f"seq_len={config.seq_len} exceeds the model's n_positions={cfg.n_positions}")
+    if config.global_batch_size % config.grad_accum_steps:
+        raise ValueError(
+            f"global_batch_size={config.global_batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}"
+        )
+    micro = config.global_batch_size // config.grad_accum_steps
+    (batch_axes,) = nn.logical_to_mesh_axes(("activation_batch",), config.logical_axis_rules)
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if micro % ways:
+        raise ValueError(
+            f"micro-batch of {micro} sequences (global_batch_size / grad_accum_steps) does not split over "
+            f"{ways} batch shards of mesh {dict(mesh.shape)}"
+        )
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "num_train_steps"):
+        if config[key] <= 0:
+            raise ValueError(f"{key} must be positive, got {config[key]}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = None,
+                       hooks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+    """Train (or resume) `config` in `workdir`; returns a summary dict of the run.
+
+    `devices`: the devices of the mesh (default all); `hooks`: called as hook(step, metrics) after
+    every step on every process (e.g. for notebooks).
+    """
+    # --- setup ---------------------------------------------------------------------------------------
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(tuple(config.mesh_shape), devices=devices)
+    rules = tuple(tuple(r) for r in config.logical_axis_rules)
+    if jax.process_count() > 1:  # every process must run the same config (issue: silent divergence)
+        digest = np.frombuffer(bytes.fromhex(_config_digest(config)), np.uint8)
+        multihost_utils.assert_equal(digest, "processes were started with different configs")
+
+    # --- model ---------------------------------------------------------------------------------------
+    cfg = model_config(config)
+    _check_config(config, cfg, mesh)
+    model = GPT(cfg)
+    seq_len, global_batch, accum = config.seq_len, config.global_batch_size, config.grad_accum_steps
+    micro = global_batch // accum
+
+    # --- tokenizer + data ----------------------------------------------------------------------------
+    tok = load_run_tokenizer(config, workdir)
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is {cfg.vocab_size}")
+    train_rows, eval_rows = input_pipeline.load_train_eval(config.data, seq_len, tok)
+    b_sharding = batch_sharding(mesh, rules)
+    local_rows = process_batch_rows(b_sharding, (accum, micro, seq_len))
+    train_iter = input_pipeline.BatchIterator(
+        train_rows.rows, global_batch, seed=config.seed, shuffle=config.data.shuffle, grad_accum=accum,
+        local_rows=local_rows,
+    )
+
+    # --- optimizer + sharded state -------------------------------------------------------------------
+    tx, schedule = make_optimizer(config)
+    abstract, shardings = state_shardings(model, tx, mesh, rules, seq_len)
+    mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+    latest = mngr.latest_step()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if latest is not None:
+            state, meta = restore_checkpoint(mngr, workdir, latest, abstract)
+            train_iter.restore(meta["data"])
+            if meta.get("data_fingerprint") not in (None, train_rows.fingerprint()):
+                raise input_pipeline.DataError(
+                    f"{workdir}: the checkpoint at step {latest} was trained on other data "
+                    f"(fingerprint {meta['data_fingerprint']}, now {train_rows.fingerprint()})"
+                )
+            source = f"resumed from step {latest}"
+        else:
+            state, source = _initial_state(config, model, cfg, tx, abstract, shardings, seq_len)
+            if is_main:
+                tokenizer_lib.save_tokenizer(tok, checkpoint.tokenizer_dir(workdir), model_max_length=cfg.n_positions)
+
+    # --- compiled steps ------------------------------------------------------------------------------
+    replicated = NamedSharding(mesh, P())
+    p_train_step = jax.jit(
+        make_train_step(model, tx, deterministic=not any((cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop))),
+        in_shardings=(shardings, b_sharding), out_shardings=(shardings, replicated), donate_argnums=0,
+    )
+    p_eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings["params"], b_sharding),
+                          out_shardings=(replicated, replicated))
+
+    def evaluate(params) -> dict:
+        total, count = 0.0, 0.0
+        for b in input_pipeline.eval_batches(eval_rows.rows, micro, local_rows, config.eval_batches):
+            s, c = p_eval_step(params, to_global(b, b_sharding, micro))
+            total, count = total + float(s), count + float(c)
+        if not count:
+            return {}
+        loss = total / count
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": count}
+
+    def save(step: int) -> None:
+        meta = checkpoint.model_meta(
+            cfg, data=train_iter.state(), data_fingerprint=train_rows.fingerprint(),
+            config=json.loads(config.to_json_best_effort()),
+        )
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                  force=True)
+
+    # --- loop ----------------------------------------------------------------------------------------
+    start_step = int(jax.device_get(state["step"]))
+    writer = metrics.MetricsWriter(workdir)
+    peak = config.peak_flops_per_device or metrics.peak_flops_per_device(mesh.devices.flat[0])
+    n_devices = mesh.devices.size
+    traces_before = _TRAIN_STEP_TRACES
+    summary = {"start_step": start_step, "source": source, "preempted": False,
+               "train_rows": len(train_rows.rows), "eval_rows": len(eval_rows.rows),
+               "params": int(sum(x.size for x in jax.tree.leaves(abstract["params"])))}
+    if is_main:
+        print(f"[train] {source}; {summary['params']:,} params on mesh {dict(mesh.shape)}; "
+              f"{len(train_rows.rows):,} train rows / {len(eval_rows.rows):,} eval rows of {seq_len + 1} tokens",
+              flush=True)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.num_train_steps, initial=start_step, disable=not (config.progress_bar and is_main),
+               dynamic_ncols=True, unit="step")
+    window: list[dict] = []
+    t_window, tokens_window = time.time(), 0
+    last_saved = latest
+    step = start_step
+    with Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if start_step == 0 and len(eval_rows.rows):
+            ev = evaluate(state["params"])
+            summary["initial_eval_loss"] = ev.get("loss")
+            writer.write(0, ev, "eval")
+        while step < config.num_train_steps:
+            batch = to_global(next(train_iter), b_sharding, micro)
+            state, m = p_train_step(state, batch)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            step += 1
+            bar.update(1)
+            tokens_window += m["tokens"]
+            if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
+                window.append(m)
+            if m["nonfinite_consecutive"] >= config.optimizer.max_consecutive_nonfinite:
+                mngr.wait_until_finished()
+                raise FloatingPointError(
+                    f"stopping at step {step}: {int(m['nonfinite_consecutive'])} consecutive steps had a non-finite "
+                    f"loss or gradient norm (skipped, params unchanged). Last complete checkpoint: step "
+                    f"{mngr.latest_step()}. Lower the learning rate or inspect the data around row position "
+                    f"{train_iter.position}."
+                )
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                dt = max(time.time() - t_window, 1e-9)
+                tok_s = tokens_window / dt
+                row = {
+                    "loss": np.mean([w["loss"] for w in window]) if window else float("nan"),
+                    "grad_norm": np.mean([w["grad_norm"] for w in window]) if window else float("nan"),
+                    "learning_rate": float(schedule(step - 1)),
+                    "tokens_per_s": tok_s,
+                    "mfu": metrics.mfu(tok_s, cfg, seq_len, n_devices, peak),
+                    "skipped_steps": m["nonfinite_total"],
+                    "epoch": train_iter.epoch,
+                }
+                row["perplexity"] = float(np.exp(min(row["loss"], 50.0)))
+                writer.write(step, row, "train")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+                summary.update(train_loss=row["loss"], tokens_per_s=tok_s, mfu=row["mfu"])
+                window, t_window, tokens_window = [], time.time(), 0
+            if len(eval_rows.rows) and (step % config.eval_every_steps == 0 or step == config.num_train_steps):
+                ev = evaluate(state["params"])
+                writer.write(step, ev, "eval")
+                summary["eval_loss"] = ev.get("loss")
+                if is_main:
+                    bar.write(f"[eval]  step {step}: loss {ev['loss']:.4f}  perplexity {ev['perplexity']:.2f}")
+            for hook in hooks:
+                hook(step, m)
+            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+                save(step)
+                last_saved = step
+            if preemption.requested():
+                if last_saved != step:
+                    save(step)
+                    last_saved = step
+                summary["preempted"] = True
+                if is_main:
+                    bar.write(f"[train] SIGTERM: saved step {step}; rerun the same command to resume")
+                break
+    mngr.wait_until_finished()
+    mngr.close()
+    bar.close()
+    writer.close()
+    summary.update(step=step, skipped_steps=int(m["nonfinite_total"]) if step > start_step else 0,
+                   train_step_traces=_TRAIN_STEP_TRACES - traces_before, last_checkpoint=last_saved)
+    return summary
+
+
+def _initial_state(config, model, cfg, tx, abstract, shardings, seq_len):
+    """Fresh state: random init into sharded memory, or params from `init_from`."""
+    rng = jax.random.PRNGKey(config.seed)
+    kind, path = parse_init_from(config.init_from)
+    if kind == "hf":
+        params_np = hf.load_params_numpy(path, cfg, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
+        params = put_params(params_np, shardings["params"])
+        source = f"initialised from HF checkpoint {path}"
+    elif kind == "orbax":
+        stored = GPTConfig(**checkpoint.read_meta(path)[1]["model"])
+        _, loaded = checkpoint.load_model(path, **{k: getattr(cfg, k) for k in ("scan_layers", "param_dtype")
+                                                 if getattr(cfg, k) != getattr(stored, k)})
+        params = put_params(jax.device_get(loaded), shardings["params"])
+        source = f"initialised from orbax checkpoint {path}"
+    else:
+        init_key, rng = jax.random.split(rng)
+        ids = jnp.ones((1, seq_len), jnp.int32)
+        params = jax.jit(lambda k: nn.unbox(model.init(k, ids)["params"]), out_shardings=shardings["params"])(init_key)
+        source = "random init"
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    state = {
+        "step": put_params(np.zeros([], np.int32), shardings["step"]),
+        "params": params,
+        "opt_state": opt_state,
+        "rng": put_params(np.asarray(rng), shardings["rng"]),
+    }
+    return state, source
+
+
+def _config_digest(config) -> str:
+    import hashlib
+
+    return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()

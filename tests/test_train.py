@@ -1,0 +1,356 @@
+"""Pretraining loop: learning, sharding equivalence, accumulation, resume, preemption, NaN guard, errors."""
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from biomedlm_jax import checkpoint, hf, input_pipeline, metrics, sharding, train
+from conftest import REPO
+
+ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
+
+
+def load_config_module():
+    spec = importlib.util.spec_from_file_location("pretrain_config", REPO / "configs" / "pretrain.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """The first 300 shipped abstracts: enough rows for a few steps, quick to tokenize."""
+    path = tmp_path_factory.mktemp("corpus") / "abstracts.jsonl"
+    with open(ABSTRACTS, encoding="utf-8") as f:
+        lines = [next(f) for _ in range(300)]
+    path.write_text("".join(lines), encoding="utf-8")
+    return str(path)
+
+
+def make_config(corpus, **overrides):
+    c = load_config_module().get_config("tiny")
+    c.data.train_files = corpus
+    c.seq_len = 32
+    c.global_batch_size = 8
+    c.num_train_steps = 6
+    c.warmup_steps = 2
+    c.learning_rate = 3e-3
+    c.log_every_steps = 1
+    c.eval_every_steps = 100
+    c.eval_batches = 2
+    c.checkpoint_every_steps = 2
+    c.progress_bar = False
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def train_losses(workdir):
+    return [(r["step"], r["loss"]) for r in metrics.read_metrics(workdir, "train")]
+
+
+def final_params(workdir):
+    _, params = checkpoint.load_model(str(workdir))
+    return jax.device_get(params)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_config_is_locked_and_variants_build():
+    mod = load_config_module()
+    for variant in ("tiny", "gpt2-small", "biomedlm-2.7b"):
+        c = mod.get_config(variant)
+        with pytest.raises(AttributeError):
+            c.learning_rte = 1.0  # typo'd key
+        with pytest.raises(AttributeError):
+            c.model.n_layers = 3
+        cfg = train.model_config(c)
+        assert cfg.n_positions >= c.seq_len
+    big = mod.get_config("biomedlm-2.7b")
+    assert (big.global_batch_size, big.seq_len, big.learning_rate, big.optimizer.weight_decay) == (1024, 1024, 1.6e-4, 1.6e-5)
+    assert big.optimizer.decay_mode == "composer" and train.model_config(big).dtype == "bfloat16"
+    assert big.num_train_steps * big.global_batch_size * big.seq_len == pytest.approx(300e9, rel=1e-5)
+
+
+def test_unknown_cli_key_is_an_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "biomedlm_jax.pretrain", f"--config={REPO}/configs/pretrain.py:tiny",
+         f"--workdir={tmp_path}", "--config.learning_rte=1e-3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "learning_rte" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_loss_goes_down_and_step_compiles_once(tmp_path, small_corpus):
+    c = make_config(small_corpus, num_train_steps=25, eval_every_steps=25, log_every_steps=5, checkpoint_every_steps=25)
+    s = train.train_and_evaluate(c, str(tmp_path))
+    assert s["train_step_traces"] == 1
+    assert s["eval_loss"] < s["initial_eval_loss"] - 1.0, s
+    rows = metrics.read_metrics(str(tmp_path), "train")
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25]
+    assert {"loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "skipped_steps"} <= set(rows[0])
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert os.listdir(tmp_path / "tensorboard")
+    assert checkpoint.latest_step(str(tmp_path)) == 25
+    # the workdir is a complete model: the tokenizer is saved beside the checkpoints
+    assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_train_step_traces_once_under_chex(small_corpus):
+    c = make_config(small_corpus)
+    cfg = train.model_config(c)
+    model = train.GPT(cfg)
+    tx, _ = train.make_optimizer(c)
+    mesh = sharding.make_mesh((2, 2, 2))
+    abstract, shardings = train.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
+    step_fn = chex.assert_max_traces(train.make_train_step(model, tx, deterministic=True), n=1)
+    with jax.set_mesh(mesh), train.nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        state, _ = train._initial_state(c, model, cfg, tx, abstract, shardings, c.seq_len)
+        jitted = jax.jit(step_fn, in_shardings=(shardings, train.batch_sharding(mesh, sharding.DEFAULT_RULES)),
+                         out_shardings=(shardings, None), donate_argnums=0)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            ids = rng.integers(0, cfg.vocab_size, (1, 8, c.seq_len + 1)).astype(np.int32)
+            state, m = jitted(state, {"inputs": ids[..., :-1], "targets": ids[..., 1:]})
+    chex.assert_shape(m["loss"], ())
+    chex.assert_type(m["loss"], jnp.float32)
+    assert int(state["step"]) == 3
+
+
+def test_sharded_equals_single_device(tmp_path, small_corpus):
+    c = make_config(small_corpus, num_train_steps=3, checkpoint_every_steps=3, mesh_shape=(2, 2, 2))
+    train.train_and_evaluate(c, str(tmp_path / "mesh"))
+    c1 = make_config(small_corpus, num_train_steps=3, checkpoint_every_steps=3, mesh_shape=(1, 1, 1))
+    train.train_and_evaluate(c1, str(tmp_path / "one"), devices=jax.devices()[:1])
+    np.testing.assert_allclose(
+        [l for _, l in train_losses(tmp_path / "mesh")], [l for _, l in train_losses(tmp_path / "one")], rtol=1e-5
+    )
+    chex.assert_trees_all_close(final_params(tmp_path / "mesh"), final_params(tmp_path / "one"), atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_big_batch(tmp_path, small_corpus):
+    # eps 1e-3 keeps Adam from amplifying float-rounding differences in near-zero gradients.
+    common = dict(num_train_steps=2, checkpoint_every_steps=2, mesh_shape=(2, 1, 4), **{"optimizer.eps": 1e-3})
+    train.train_and_evaluate(make_config(small_corpus, grad_accum_steps=1, **common), str(tmp_path / "big"))
+    train.train_and_evaluate(make_config(small_corpus, grad_accum_steps=4, **common), str(tmp_path / "acc"))
+    np.testing.assert_allclose(
+        [l for _, l in train_losses(tmp_path / "big")], [l for _, l in train_losses(tmp_path / "acc")], rtol=1e-5
+    )
+    chex.assert_trees_all_close(final_params(tmp_path / "big"), final_params(tmp_path / "acc"), atol=1e-5, rtol=1e-5)
+
+
+def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, small_corpus):
+    c = make_config(small_corpus, num_train_steps=6, checkpoint_every_steps=4)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    full = train.train_and_evaluate(c, str(tmp_path / "full"))
+    assert full["step"] == 6 and not full["preempted"]
+
+    def preempt_at_3(step, _):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = train.train_and_evaluate(c, str(tmp_path / "cut"), hooks=[preempt_at_3])
+    assert first["preempted"] and first["step"] == 3
+    assert checkpoint.latest_step(str(tmp_path / "cut")) == 3  # saved at the preemption step, not at 4
+    second = train.train_and_evaluate(c, str(tmp_path / "cut"))
+    assert second["start_step"] == 3 and second["step"] == 6 and second["train_step_traces"] == 1
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")  # exact, step by step
+    a, b = final_params(tmp_path / "full"), final_params(tmp_path / "cut")
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the run's handler is removed afterwards
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_bit_identical(tmp_path, small_corpus):
+    """A run killed with SIGKILL (no chance to save) resumes from its last complete checkpoint."""
+    c = make_config(small_corpus, num_train_steps=8, checkpoint_every_steps=2)
+    full = train.train_and_evaluate(c, str(tmp_path / "full"))
+    workdir = tmp_path / "killed"
+    flags = [f"--config.{k}={v}" for k, v in (
+        ("data.train_files", small_corpus), ("seq_len", 32), ("global_batch_size", 8), ("num_train_steps", 8),
+        ("warmup_steps", 2), ("learning_rate", 3e-3), ("log_every_steps", 1), ("eval_every_steps", 100),
+        ("eval_batches", 2), ("checkpoint_every_steps", 2), ("progress_bar", False))]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "biomedlm_jax.pretrain", f"--config={REPO}/configs/pretrain.py:tiny",
+         f"--workdir={workdir}", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    killed_at = None
+    try:
+        for line in proc.stdout:
+            if os.path.exists(workdir / "metrics.jsonl"):
+                steps = [r["step"] for r in metrics.read_metrics(str(workdir), "train")]
+                if steps and steps[-1] >= 5:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_at = steps[-1]
+                    break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert killed_at is not None, "the run finished before it could be killed"
+    resumed = train.train_and_evaluate(c, str(workdir))
+    assert 2 <= resumed["start_step"] <= killed_at
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), final_params(tmp_path / "full"), final_params(workdir))
+    assert full["step"] == resumed["step"] == 8
+
+
+def test_nonfinite_step_is_skipped_and_counted(small_corpus):
+    c = make_config(small_corpus)
+    cfg = train.model_config(c)
+    model = train.GPT(cfg)
+    tx, _ = train.make_optimizer(c)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    abstract, shardings = train.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
+    with jax.set_mesh(mesh):
+        state, _ = train._initial_state(c, model, cfg, tx, abstract, shardings, c.seq_len)
+        step = jax.jit(train.make_train_step(model, tx, deterministic=True))
+        ids = np.random.default_rng(0).integers(0, 1000, (1, 4, c.seq_len + 1)).astype(np.int32)
+        good = {"inputs": ids[..., :-1], "targets": ids[..., 1:], "weights": np.ones((1, 4, c.seq_len), np.float32)}
+        bad = dict(good, weights=good["weights"].copy())
+        bad["weights"][0, 1, 3] = np.nan  # an injected NaN batch
+        before = jax.device_get(state["params"])
+        state, m = step(state, bad)
+        assert not np.isfinite(float(m["loss"]))
+        assert int(m["nonfinite_consecutive"]) == 1 and int(m["nonfinite_total"]) == 1
+        jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state["params"]))
+        for _ in range(2):  # (the first good step runs at warmup lr 0: skipped steps do not advance the schedule)
+            state, m = step(state, good)
+        assert np.isfinite(float(m["loss"]))
+        assert int(m["nonfinite_consecutive"]) == 0 and int(m["nonfinite_total"]) == 1
+        changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, jax.device_get(state["params"]))
+        assert any(jax.tree.leaves(changed))
+
+
+def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, small_corpus, monkeypatch):
+    original = input_pipeline.BatchIterator.__next__
+
+    def poisoned(self):
+        batch = original(self)
+        weights = np.ones(batch["targets"].shape, np.float32)
+        if self.position > 3 * self.global_batch:  # steps 4 onwards
+            weights[..., 0] = np.nan
+        return dict(batch, weights=weights)
+
+    monkeypatch.setattr(input_pipeline.BatchIterator, "__next__", poisoned)
+    c = make_config(small_corpus, num_train_steps=20, checkpoint_every_steps=2, **{"optimizer.max_consecutive_nonfinite": 3})
+    with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+        train.train_and_evaluate(c, str(tmp_path))
+    # steps 4-6 were skipped and the run stopped at 6 without saving: the last checkpoint is step 4's
+    assert checkpoint.latest_step(str(tmp_path)) == 4
+    rows = metrics.read_metrics(str(tmp_path), "train")
+    assert rows[-1]["step"] == 5 and rows[-1]["loss"] is None and rows[-1]["skipped_steps"] == 2
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_params(tmp_path)))
+
+
+def test_restore_onto_a_different_mesh(tmp_path, small_corpus):
+    c = make_config(small_corpus, num_train_steps=2, mesh_shape=(8, 1, 1))
+    train.train_and_evaluate(c, str(tmp_path))
+    cfg = train.model_config(c)
+    model = train.GPT(cfg)
+    tx, _ = train.make_optimizer(c)
+    values = {}
+    for shape in ((8, 1, 1), (1, 2, 4)):
+        mesh = sharding.make_mesh(shape)
+        abstract, shardings = train.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
+        mngr = checkpoint.manager(str(tmp_path))
+        state, meta = train.restore_checkpoint(mngr, str(tmp_path), 2, abstract)
+        assert meta["data"]["position"] == 2 * c.global_batch_size
+        jax.tree.map(lambda x, s: assert_sharding(x, s), state, shardings)
+        values[shape] = jax.device_get(state)
+    jax.tree.map(np.testing.assert_array_equal, values[(8, 1, 1)], values[(1, 2, 4)])
+    # on 2x4 fsdp x tensor the QKV kernel (d, 3, heads, head_dim) really is split: 1/8 per device
+    qkv = state["params"]["h_0"]["attn"]["c_attn"]["kernel"]
+    assert qkv.addressable_shards[0].data.size * 8 == qkv.size
+
+
+def assert_sharding(x, s):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
+
+
+def test_resume_into_other_model_shape_names_the_tensor(tmp_path, small_corpus):
+    train.train_and_evaluate(make_config(small_corpus, num_train_steps=2), str(tmp_path))
+    with pytest.raises(hf.CheckpointError, match=r"params\[.*has shape"):
+        train.train_and_evaluate(make_config(small_corpus, num_train_steps=4, **{"model.d_model": 32}), str(tmp_path))
+
+
+def test_changed_data_is_detected_on_resume(tmp_path, small_corpus):
+    train.train_and_evaluate(make_config(small_corpus, num_train_steps=2), str(tmp_path))
+    with pytest.raises(input_pipeline.DataError, match="training data changed|other data"):
+        train.train_and_evaluate(make_config(str(ABSTRACTS), num_train_steps=4), str(tmp_path))
+
+
+def test_init_from_hf_checkpoint(tmp_path, small_corpus):
+    from conftest import make_hf_model
+
+    make_hf_model(tmp_path / "hf", n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)
+    with pytest.raises(ValueError, match="n_layer"):
+        train.model_config(make_config(small_corpus, init_from=f"hf:{tmp_path / 'hf'}", **{"model.n_layer": 3}))
+    # one step whose learning rate is 0 (first warmup step): params must be exactly the HF weights
+    c = make_config(small_corpus, num_train_steps=1, warmup_steps=5, init_from=f"hf:{tmp_path / 'hf'}",
+                    **{"model.scan_layers": True})
+    s = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert s["source"].startswith("initialised from HF")
+    model, params = checkpoint.load_model(str(tmp_path / "run"), scan_layers=False)
+    assert model.config.scan_layers is False and model.config.d_model == 32
+    ref = hf.load_params_numpy(str(tmp_path / "hf"), model.config)
+    jax.tree.map(np.testing.assert_array_equal, ref, jax.device_get(params))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_on_localhost_agree(tmp_path, small_corpus):
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", TF_CPP_MIN_LOG_LEVEL="2")
+    overrides = [f"--config.{k}={v}" for k, v in (
+        ("data.train_files", small_corpus), ("seq_len", 32), ("global_batch_size", 8), ("num_train_steps", 3),
+        ("warmup_steps", 2), ("log_every_steps", 1), ("eval_every_steps", 3), ("eval_batches", 2),
+        ("checkpoint_every_steps", 3), ("progress_bar", False), ("mesh_shape", "(2,2,2)"))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "biomedlm_jax.pretrain", f"--config={REPO}/configs/pretrain.py:tiny",
+             f"--workdir={tmp_path / 'mp'}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={i}", "--init_timeout_s=60", *overrides],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    done = [next(l for l in out.splitlines() if l.startswith("[done")) for out in outs]
+    losses = [float(l.split("train_loss=")[1].split()[0]) for l in done]
+    assert losses[0] == losses[1]
+    # the same global computation in one process on 8 devices
+    single = train.train_and_evaluate(make_config(small_corpus, num_train_steps=3, checkpoint_every_steps=3,
+                                                  eval_every_steps=3, mesh_shape=(2, 2, 2)), str(tmp_path / "sp"))
+    np.testing.assert_allclose(losses[0], single["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(
+        [l for _, l in train_losses(tmp_path / "mp")], [l for _, l in train_losses(tmp_path / "sp")], rtol=1e-5
+    )
+    assert checkpoint.latest_step(str(tmp_path / "mp")) == 3
