@@ -66,3 +66,16 @@ def resolve_model(section, base: GPTConfig | None = None, source: str = "") -> G
                 "architecture fields come from the checkpoint (leave them unset)"
             )
     return base.replace(**over)
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file, as `--config=path:arg` would load it (for code and notebooks)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(f"config_{os.path.basename(path)[:-3]}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{path}: not a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -375,7 +376,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     from tqdm import tqdm
 
     bar = tqdm(total=config.num_train_steps, initial=start_step, disable=not (config.progress_bar and is_main),
-               dynamic_ncols=True, unit="step")
+               dynamic_ncols=True, unit="step", mininterval=0.5 if sys.stderr.isatty() else 30.0)
     window: list[dict] = []
     t_window, tokens_window = time.time(), 0
     last_saved = latest

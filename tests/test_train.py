@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biomedlm_jax import checkpoint, hf, input_pipeline, metrics, sharding, train
+from biomedlm_jax import checkpoint, configlib, convert, hf, input_pipeline, metrics, sharding, train
 from conftest import REPO
 
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
@@ -24,6 +24,11 @@ def load_config_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_load_config_file_matches_module():
+    c = configlib.load_config_file(str(REPO / "configs" / "pretrain.py"), "gpt2-small")
+    assert c == load_config_module().get_config("gpt2-small") and c.is_locked
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +113,15 @@ def test_loss_goes_down_and_step_compiles_once(tmp_path, small_corpus):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert os.listdir(tmp_path / "tensorboard")
     assert checkpoint.latest_step(str(tmp_path)) == 25
-    # the workdir is a complete model: the tokenizer is saved beside the checkpoints
+    # the workdir is a complete model: the tokenizer is saved beside the checkpoints, and the latest
+    # training checkpoint exports to HF with the same logits
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+    convert.convert(f"orbax:{tmp_path}", f"hf:{tmp_path / 'hf'}")
+    model, params = checkpoint.load_model(str(tmp_path))
+    model2, params2 = hf.load_pretrained(str(tmp_path / "hf"))
+    ids = np.arange(40, dtype=np.int32).reshape(2, 20)
+    np.testing.assert_allclose(model2.apply({"params": params2}, ids), model.apply({"params": params}, ids), atol=1e-5)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
 def test_train_step_traces_once_under_chex(small_corpus):
