@@ -88,6 +88,13 @@ def fit_sharding(shape: Sequence[int], sharding: NamedSharding) -> NamedSharding
     return NamedSharding(sharding.mesh, PartitionSpec(*spec)) if changed else sharding
 
 
+def values(boxed):
+    """The arrays inside flax's LogicallyPartitioned boxes, without applying their sharding constraints
+    (`nn.unbox` applies them, which fails on abstract values inside a mesh context)."""
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed, is_leaf=is_box)
+
+
 def fit_shardings(abstract, shardings):
     """`fit_sharding` over a pytree of abstract arrays (anything with .shape) and their shardings."""
     return jax.tree.map(lambda a, s: fit_sharding(a.shape, s), abstract, shardings)
@@ -107,6 +114,6 @@ def sharded_init(model: nn.Module, rng, example_input, mesh: Mesh, rules=DEFAULT
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract = jax.eval_shape(init, rng)
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-        shardings = fit_shardings(nn.unbox(abstract), shardings)
+        shardings = fit_shardings(values(abstract), shardings)
         params = jax.jit(init, out_shardings=shardings)(rng)
     return nn.unbox(params), shardings

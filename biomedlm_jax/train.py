@@ -98,7 +98,7 @@ def state_shardings(model: GPT, tx, mesh, rules, seq_len: int):
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)["params"], ids)
-    params = nn.unbox(boxed)
+    params = sharding.values(boxed)
     param_sh = sharding.fit_shardings(params, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules))
     opt_state = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(mesh, P())

@@ -1,0 +1,106 @@
+"""Pretraining data: reading, packing, deterministic/resumable batches, per-process shards."""
+import json
+
+import numpy as np
+import pytest
+
+from biomedlm_jax import input_pipeline as ip
+from biomedlm_jax import tokenizer as tokenizer_lib
+from conftest import REPO
+
+ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok():
+    return tokenizer_lib.load_tokenizer(str(REPO / "data" / "gpt2_tokenizer"))
+
+
+def test_reads_shipped_abstracts_with_ids():
+    docs = list(ip.read_documents(ip.expand_files(str(ABSTRACTS))))
+    source = (REPO / "data" / "pubmed_abstracts" / "SOURCE.md").read_text()
+    assert len(docs) == 1692 and "1,692 documents" in source
+    assert all(doc_id.isdigit() for doc_id, _ in docs[:50])
+    assert len({d for d, _ in docs}) == len(docs)
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": broken}\n', encoding="utf-8")
+    with pytest.raises(ip.DataError, match=r"bad.jsonl:2: not valid JSON"):
+        list(ip.read_jsonl(str(p)))
+    p.write_text('{"text": "ok"}\n\n{"body": "no text field"}\n', encoding="utf-8")
+    with pytest.raises(ip.DataError, match=r"bad.jsonl:3: record has no 'text'"):
+        list(ip.read_jsonl(str(p)))
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        ip.expand_files(str(tmp_path / "nothing-here*.jsonl"))
+
+
+def test_packing_keeps_every_token_and_separates_documents(gpt2_tok):
+    docs = [(str(i), f"Document {i} about thrombocytopenia and TNF-α, β-blockers.") for i in range(40)]
+    docs.insert(5, ("empty", "   "))
+    packed = ip.pack_documents(docs, gpt2_tok, row_len=17)
+    eos = gpt2_tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+    stream = []
+    for _, text in docs:
+        if text.strip():
+            stream += gpt2_tok.encode(text).ids + [eos]
+    assert packed.num_documents == 40 and packed.num_empty == 1
+    assert packed.rows.size + packed.dropped_tokens == len(stream)
+    np.testing.assert_array_equal(packed.rows.reshape(-1), stream[: packed.rows.size])
+    assert (packed.rows == eos).sum() == stream[: packed.rows.size].count(eos)
+    assert packed.row_doc_ids[0] == "0"
+
+
+def test_every_row_once_per_epoch_and_reshuffled():
+    rows = np.arange(20 * 5).reshape(20, 5)
+    it = ip.BatchIterator(rows, global_batch=4, seed=3)
+    seen = [next(it)["inputs"][0, :, 0] // 5 for _ in range(10)]  # 40 rows = 2 epochs
+    first, second = np.concatenate(seen[:5]), np.concatenate(seen[5:])
+    assert sorted(first) == list(range(20)) and sorted(second) == list(range(20))
+    assert not np.array_equal(first, second)
+    assert next(it)["targets"].shape == (1, 4, 4)
+
+
+def test_restored_iterator_continues_exactly_across_epochs():
+    rows = np.arange(13 * 9).reshape(13, 9)  # 13 rows: batches of 4 straddle epoch boundaries
+    a = ip.BatchIterator(rows, 4, seed=7, grad_accum=2)
+    for _ in range(5):
+        next(a)
+    state = json.loads(json.dumps(a.state()))  # it goes through the checkpoint's JSON
+    want = [next(a) for _ in range(6)]
+    b = ip.BatchIterator(rows, 4, seed=7, grad_accum=2)
+    b.restore(state)
+    for w in want:
+        got = next(b)
+        np.testing.assert_array_equal(got["inputs"], w["inputs"])
+        np.testing.assert_array_equal(got["targets"], w["targets"])
+    with pytest.raises(ip.DataError, match="training data changed"):
+        ip.BatchIterator(rows[:12], 4, seed=7).restore(state)
+
+
+def test_process_shards_are_disjoint_and_cover_the_global_batch():
+    rows = np.arange(32 * 3).reshape(32, 3)
+    whole = ip.BatchIterator(rows, 8, seed=1, grad_accum=2)
+    parts = [ip.BatchIterator(rows, 8, seed=1, grad_accum=2, local_rows=(0, 2)),
+             ip.BatchIterator(rows, 8, seed=1, grad_accum=2, local_rows=(2, 4))]
+    for _ in range(6):
+        w = next(whole)["inputs"]
+        p0, p1 = (next(p)["inputs"] for p in parts)
+        np.testing.assert_array_equal(np.concatenate([p0, p1], axis=1), w)
+        assert not set(p0[..., 0].ravel()) & set(p1[..., 0].ravel())
+
+
+def test_eval_batches_pad_with_zero_weight():
+    rows = np.arange(5 * 4).reshape(5, 4)
+    batches = list(ip.eval_batches(rows, batch=2))
+    assert len(batches) == 3
+    assert batches[-1]["weights"].sum() == 3 and batches[0]["weights"].sum() == 6
+    assert sum(b["weights"].sum() for b in batches) == rows[:, 1:].size
+
+
+def test_hash_split_is_stable():
+    ids = [str(i) for i in range(2000)]
+    held = [i for i in ids if ip.in_eval_split(i, 0.05)]
+    assert 60 < len(held) < 140
+    assert held == [i for i in ids if ip.in_eval_split(i, 0.05)]
