@@ -18,93 +18,32 @@ Nothing here imports TensorFlow; the model, trainer and generation run without i
 """
 from __future__ import annotations
 
-import glob
-import gzip
 import hashlib
-import json
-import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from biomedlm_jax import readers
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file and line (or record)."""
+# Reading lives in readers.py; re-exported here because the pipeline is where users look for it.
+DataError = readers.DataError
+expand_files = readers.expand_files
+read_documents = readers.read_documents
+read_jsonl = readers.read_jsonl
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading documents
+# Splitting and packing
 # ----------------------------------------------------------------------------------------------------
-
-
-def expand_files(patterns: str | Sequence[str]) -> list[str]:
-    """Comma-separated globs (or a list of them) -> sorted, de-duplicated file list; error if none."""
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p.strip()]
-    files: list[str] = []
-    for pattern in patterns:
-        hits = sorted(glob.glob(os.path.expanduser(pattern.strip())))
-        if not hits:
-            raise FileNotFoundError(f"no file matches {pattern!r}")
-        files += [h for h in hits if h not in files]
-    return files
-
-
-def document_text(record: dict) -> Optional[str]:
-    """`text`, or `title` + newline + `abstract` (either may be missing). None when neither field exists."""
-    if "text" in record:
-        return str(record["text"] or "")
-    if "title" in record or "abstract" in record:
-        return "\n".join(str(record[k]).strip() for k in ("title", "abstract") if record.get(k)).strip()
-    return None
-
-
-def document_id(record: dict, fallback: str) -> str:
-    for key in ("pmid", "pmcid", "id", "doc_id"):
-        if record.get(key) not in (None, ""):
-            return str(record[key])
-    return fallback
-
-
-def read_jsonl(path: str) -> Iterator[tuple[str, str]]:
-    """(doc_id, text) per line of a JSONL file; a bad line raises DataError naming file:line."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            text = document_text(record)
-            if text is None:
-                raise DataError(f"{path}:{lineno}: record has no 'text' and no 'title'/'abstract' field")
-            yield document_id(record, f"{os.path.basename(path)}:{lineno}"), text
-
-
-def read_documents(files: Iterable[str]) -> Iterator[tuple[str, str]]:
-    for path in files:
-        if path.endswith((".jsonl", ".jsonl.gz")):
-            yield from read_jsonl(path)
-        else:
-            raise DataError(f"{path}: unsupported file type (this reader takes .jsonl or .jsonl.gz)")
 
 
 def in_eval_split(doc_id: str, fraction: float) -> bool:
     """Deterministic held-out split by a hash of the document id (stable across runs and machines)."""
     return (zlib.crc32(doc_id.encode("utf-8")) % 10_000) < fraction * 10_000
-
-
-# ----------------------------------------------------------------------------------------------------
-# Packing
-# ----------------------------------------------------------------------------------------------------
 
 
 @dataclass

@@ -30,7 +30,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
     with pytest.raises(ip.DataError, match=r"bad.jsonl:2: not valid JSON"):
         list(ip.read_jsonl(str(p)))
     p.write_text('{"text": "ok"}\n\n{"body": "no text field"}\n', encoding="utf-8")
-    with pytest.raises(ip.DataError, match=r"bad.jsonl:3: record has no 'text'"):
+    with pytest.raises(ip.DataError, match=r"bad.jsonl:3: expected an object with 'text'"):
         list(ip.read_jsonl(str(p)))
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         ip.expand_files(str(tmp_path / "nothing-here*.jsonl"))

@@ -1,0 +1,87 @@
+"""Corpus readers: PubMed XML, PubTator, JSONL, JATS; errors name file and line; stats are counted."""
+import gzip
+import pathlib
+import shutil
+
+import pytest
+
+from biomedlm_jax import readers
+from conftest import REPO
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+SHARED = REPO.parent / "shared" / "data" / "pubmed_abstracts"
+
+
+def test_pubmed_xml_labelled_sections_nested_markup_dedupe_and_empty(tmp_path):
+    gz = tmp_path / "pubmed24n0001.xml.gz"
+    with open(FIXTURES / "pubmed_baseline_sample.xml", "rb") as f, gzip.open(gz, "wb") as g:
+        shutil.copyfileobj(f, g)
+    for path in (FIXTURES / "pubmed_baseline_sample.xml", gz):
+        stats = readers.ReadStats()
+        docs = dict(readers.read_documents([str(path)], stats))
+        assert list(docs) == ["10000001", "10000002", "10000003"]
+        assert docs["10000001"] == (
+            "Thrombocytopenia after heparin exposure: a prospective cohort.\n"
+            "BACKGROUND: Heparin-induced thrombocytopenia (HIT) is rare. METHODS: We followed 120 patients; "
+            "platelet counts < 150 × 109/L were flagged. CONCLUSIONS: HIT occurred in 2.5% (β = 0.8)."
+        )
+        assert docs["10000003"] == "Immunohistochemistry of a case without an abstract."
+        assert (stats.documents, stats.duplicates, stats.empty) == (3, 1, 1)
+
+
+def test_malformed_xml_names_file_and_line_or_is_skipped(tmp_path):
+    bad = tmp_path / "broken.xml"
+    text = (FIXTURES / "pubmed_baseline_sample.xml").read_text(encoding="utf-8")
+    bad.write_text(text.replace("<PMID Version=\"1\">10000002</PMID>", "<PMID>10000002</PMD>"), encoding="utf-8")
+    with pytest.raises(readers.DataError, match=r"broken.xml:20: malformed XML"):
+        list(readers.read_documents([str(bad)]))
+    stats = readers.ReadStats()
+    docs = list(readers.read_documents([str(bad)], stats, on_error="skip"))
+    assert [d for d, _ in docs] == ["10000001"] and stats.errors_skipped == 1
+
+
+def test_jats_full_text_skips_references_tables_figures():
+    (doc_id, text), = readers.read_documents([str(FIXTURES / "pmc_jats_sample.xml")])
+    assert doc_id == "PMC7000001"
+    assert text.splitlines()[:3] == ["BRCA1 variants in a small cohort", "We sequenced BRCA1 in 40 families.", "Introduction"]
+    assert "Germline BRCA1 mutations raise breast cancer risk ." in text
+    assert "Eleven pathogenic variants were found (Table 1)." in text
+    assert "SKIPPED" not in text
+
+
+def test_pubtator_and_bad_lines(tmp_path):
+    p = tmp_path / "x.PubTator.txt"
+    p.write_text("111|t|A title\n111|a|An abstract.\n111\t0\t1\tA\tDisease\tD1\n\n222|t|Only title\n\n", encoding="utf-8")
+    assert list(readers.read_documents([str(p)])) == [("111", "A title\nAn abstract."), ("222", "Only title")]
+    p.write_text("111|t|A title\nthis line is garbage\n", encoding="utf-8")
+    with pytest.raises(readers.DataError, match=r"x.PubTator.txt:2: not a PubTator line"):
+        list(readers.read_documents([str(p)]))
+
+
+def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"pmid": "1", "text": "caf\xe9 au lait spots"}\n{"pmid": "2", "text": "plain"}\n')
+    stats = readers.ReadStats()
+    docs = dict(readers.read_documents([str(p)], stats))
+    assert docs == {"1": "caf\ufffd au lait spots", "2": "plain"} and stats.non_utf8_lines == 1
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_shared_pubtator_corpus_matches_source_counts():
+    files = readers.expand_files(f"{SHARED}/ncbi_disease/*corpus.txt,{SHARED}/bc5cdr/*.PubTator.txt")
+    assert len(files) == 6
+    stats = readers.ReadStats()
+    docs = list(readers.read_documents(files, stats))
+    # SOURCE.md: 793 NCBI Disease docs (PMID 8528200 twice) + 1,500 BC5CDR docs -> 2,292 unique
+    assert stats.documents == 2292 and stats.duplicates == 1
+    jsonl = dict(readers.read_documents([str(SHARED / "abstracts.jsonl")]))
+    assert dict(docs) == jsonl
+
+
+def test_format_detection_and_unknown_files(tmp_path):
+    assert readers.detect_format(str(FIXTURES / "pubmed_baseline_sample.xml")) == "pubmed_xml"
+    assert readers.detect_format(str(FIXTURES / "pmc_jats_sample.xml")) == "jats"
+    odd = tmp_path / "data.bin"
+    odd.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(readers.DataError, match="data.bin: cannot tell the format"):
+        list(readers.read_documents([str(odd)]))
