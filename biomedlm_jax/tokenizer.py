@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+import tempfile
+from typing import Iterable, Optional, Sequence
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -95,3 +96,134 @@ def find_tokenizer(path: str) -> Optional[Tokenizer]:
     if "tokenizer.json" in names or any(v in names and m in names for v, m in _PAIRS):
         return load_tokenizer(path)
     return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training (BioMedLM's recipe) and comparison (the paper's RQ2: does a domain tokenizer split less?)
+# ----------------------------------------------------------------------------------------------------
+
+BIOMEDICAL_TERMS = (
+    "acetyltransferase", "thrombocytopenia", "immunohistochemistry", "pharmacokinetics", "thrombin",
+    "myocardial", "hepatocellular", "glomerulonephritis", "electroencephalography", "methotrexate",
+    "cyclooxygenase", "hyperlipidemia", "angiotensin", "phosphorylation", "cardiomyopathy", "leukocytes",
+)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 28896, min_frequency: int = 2, show_progress: bool = True,
+              length: Optional[int] = None) -> Tokenizer:
+    """Byte-level BPE as BioMedLM trained it: no prefix space, min_frequency 2, and `<|endoftext|>` as the
+    last id (vocab_size - 1, like GPT-2's 50256 and BioMedLM's 28895). `texts` is consumed as a stream."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1, min_frequency=min_frequency, show_progress=show_progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    # Put <|endoftext|> into the BPE vocab itself (not only as an added token), so vocab.json + merges.txt
+    # carry it and every loader (ours, GPT2TokenizerFast from the two files) agrees on its id.
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = tok.model.save(tmp)
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+        vocab[EOS_TOKEN] = len(vocab)
+        with open(vocab_file, "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        return byte_level_bpe(vocab_file, merges_file)
+
+
+def _word_pieces(tok: Tokenizer, word: str) -> list[str]:
+    """How `word` splits in running text (preceded by a space, as GPT-2-style tokenizers see it)."""
+    ids = tok.encode(" " + word).ids
+    return [tok.decode([i]) for i in ids]
+
+
+def compare(tokenizers: dict, texts: Sequence[str], terms: Sequence[str] = BIOMEDICAL_TERMS) -> dict:
+    """Per tokenizer: tokens per word, characters per token, share of words split into >= 3 pieces (over
+    word occurrences), and how each term splits."""
+    words = [w for t in texts for w in t.split()]
+    counts: dict[str, int] = {}
+    for w in words:
+        counts[w] = counts.get(w, 0) + 1
+    n_chars = sum(len(t) for t in texts)
+    out = {"documents": len(texts), "words": len(words), "characters": n_chars, "tokenizers": {}}
+    for name, tok in tokenizers.items():
+        n_tokens = sum(len(e.ids) for e in tok.encode_batch(list(texts)))
+        pieces = {w: len(e.ids) for w, e in zip(counts, tok.encode_batch([" " + w for w in counts]))}
+        split3 = sum(c for w, c in counts.items() if pieces[w] >= 3)
+        out["tokenizers"][name] = {
+            "vocab_size": tok.get_vocab_size(),
+            "tokens": n_tokens,
+            "tokens_per_word": n_tokens / max(len(words), 1),
+            "chars_per_token": n_chars / max(n_tokens, 1),
+            "share_words_3plus_pieces": split3 / max(len(words), 1),
+            "terms": {term: _word_pieces(tok, term) for term in terms},
+        }
+    return out
+
+
+def format_comparison(result: dict) -> str:
+    names = list(result["tokenizers"])
+    rows = [("", *names)]
+    for key, fmt in (("vocab_size", "{:,}"), ("tokens", "{:,}"), ("tokens_per_word", "{:.3f}"),
+                     ("chars_per_token", "{:.3f}"), ("share_words_3plus_pieces", "{:.1%}")):
+        rows.append((key, *(fmt.format(result["tokenizers"][n][key]) for n in names)))
+    for term in next(iter(result["tokenizers"].values()))["terms"]:
+        rows.append((term, *(" | ".join(p.strip() for p in result["tokenizers"][n]["terms"][term]) for n in names)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"held-out text: {result['documents']:,} documents, {result['words']:,} words, "
+             f"{result['characters']:,} characters"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from biomedlm_jax import readers
+
+    p = argparse.ArgumentParser(prog="python -m biomedlm_jax.tokenizer", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE tokenizer (BioMedLM's recipe)")
+    t.add_argument("--input", required=True, help="comma-separated files/globs: JSONL, PubTator, PubMed XML, JATS")
+    t.add_argument("--vocab_size", type=int, default=28896)
+    t.add_argument("--min_frequency", type=int, default=2)
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--on_error", choices=("raise", "skip"), default="raise")
+    c = sub.add_parser("compare", help="compare tokenizers on held-out text")
+    c.add_argument("--tokenizer", action="append", required=True, help="DIR or NAME=DIR; give it twice or more")
+    c.add_argument("--input", required=True, help="held-out documents (same formats as train)")
+    c.add_argument("--terms", default=",".join(BIOMEDICAL_TERMS), help="comma-separated terms to show splits of")
+    c.add_argument("--out", default="tokenizer_comparison.json", help="JSON results file")
+    c.add_argument("--max_documents", type=int, default=0, help="0 = all")
+    args = p.parse_args(argv)
+
+    if args.cmd == "train":
+        stats = readers.ReadStats()
+        docs = readers.read_documents(readers.expand_files(args.input), stats, on_error=args.on_error)
+        tok = train_bpe((text for _, text in docs), args.vocab_size, args.min_frequency)
+        save_tokenizer(tok, args.out)
+        print(f"trained on {stats.documents:,} documents ({stats.duplicates} duplicate ids, {stats.empty} empty, "
+              f"{stats.errors_skipped} skipped): vocab {tok.get_vocab_size():,}, {EOS_TOKEN} = "
+              f"{tok.token_to_id(EOS_TOKEN)}; wrote {args.out}")
+        if tok.get_vocab_size() < args.vocab_size:
+            print(f"note: the corpus supports only {tok.get_vocab_size():,} tokens at min_frequency={args.min_frequency}")
+        return 0
+
+    toks = {}
+    for spec in args.tokenizer:
+        name, _, path = spec.rpartition("=") if "=" in spec else (os.path.basename(os.path.normpath(spec)), "", spec)
+        toks[name] = load_tokenizer(path)
+    texts = [text for _, text in readers.read_documents(readers.expand_files(args.input))]
+    if args.max_documents:
+        texts = texts[: args.max_documents]
+    result = compare(toks, texts, [t for t in args.terms.split(",") if t])
+    print(format_comparison(result))
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, ensure_ascii=False)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
