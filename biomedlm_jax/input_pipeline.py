@@ -19,6 +19,8 @@ Nothing here imports TensorFlow; the model, trainer and generation run without i
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
@@ -65,49 +67,193 @@ class PackedRows:
         return hashlib.sha256(np.ascontiguousarray(self.rows).tobytes()).hexdigest()[:16]
 
 
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+class Packer:
+    """Streams documents into rows of `row_len` tokens: each document's tokens + EOS, concatenated.
+
+    `pack(docs)` tokenizes a batch (in parallel, in Rust) and returns the rows it completed plus each
+    document's start offset in the token stream (row = offset // row_len). Tokens that do not fill a
+    last row stay in the tail; `dropped_tokens` counts them once the stream ends.
+    """
+
+    def __init__(self, tok, row_len: int):
+        self.tok, self.row_len = tok, row_len
+        self.eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+        if self.eos is None:
+            raise DataError(f"the tokenizer has no {tokenizer_lib.EOS_TOKEN} token")
+        self.dtype = token_dtype(tok.get_vocab_size())
+        self.tokens_seen = 0
+        self.num_documents = 0
+        self._tail = np.zeros(0, self.dtype)
+
+    def pack(self, docs: Sequence[tuple[str, str]]) -> tuple[np.ndarray, list[tuple[str, int]]]:
+        pieces, starts = [self._tail], []
+        for (doc_id, _), enc in zip(docs, self.tok.encode_batch([text for _, text in docs])):
+            starts.append((doc_id, self.tokens_seen))
+            ids = np.asarray(enc.ids + [self.eos], self.dtype)
+            self.tokens_seen += len(ids)
+            pieces.append(ids)
+        self.num_documents += len(docs)
+        flat = np.concatenate(pieces)
+        n = len(flat) // self.row_len
+        self._tail = flat[n * self.row_len:]
+        return flat[: n * self.row_len].reshape(n, self.row_len), starts
+
+    @property
+    def dropped_tokens(self) -> int:
+        return len(self._tail)
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def pack_documents(docs: Iterable[tuple[str, str]], tok, row_len: int, batch_size: int = 256) -> PackedRows:
-    """Tokenize, append EOS to each document, concatenate, cut into rows of `row_len` tokens."""
-    eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
-    if eos is None:
-        raise DataError(f"the tokenizer has no {tokenizer_lib.EOS_TOKEN} token")
-    stream: list[int] = []
-    starts: list[tuple[int, str]] = []  # (offset in stream, doc id)
-    n_docs = n_empty = 0
-    pending: list[tuple[str, str]] = []
+    """In memory: tokenize, append EOS to each document, concatenate, cut into rows of `row_len` tokens."""
+    packer = Packer(tok, row_len)
+    chunks, starts, n_empty = [], [], 0
 
-    def flush():
-        for (doc_id, _), enc in zip(pending, tok.encode_batch([t for _, t in pending])):
-            starts.append((len(stream), doc_id))
-            stream.extend(enc.ids)
-            stream.append(eos)
-        pending.clear()
+    def non_empty():
+        nonlocal n_empty
+        for doc in docs:
+            if doc[1].strip():
+                yield doc
+            else:
+                n_empty += 1
 
-    for doc_id, text in docs:
-        if not text.strip():
-            n_empty += 1
-            continue
-        n_docs += 1
-        pending.append((doc_id, text))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    n_rows = len(stream) // row_len
-    dtype = np.uint16 if tok.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.int32
-    rows = np.asarray(stream[: n_rows * row_len], dtype=dtype).reshape(n_rows, row_len)
-    row_doc_ids = [None] * n_rows
-    for offset, doc_id in starts:
+    for batch in batched(non_empty(), batch_size):
+        rows, batch_starts = packer.pack(batch)
+        chunks.append(rows)
+        starts += batch_starts
+    rows = np.concatenate(chunks) if chunks else np.zeros((0, row_len), packer.dtype)
+    row_doc_ids = [None] * len(rows)
+    for doc_id, offset in starts:
         r = offset // row_len
-        if r < n_rows and row_doc_ids[r] is None:
+        if r < len(rows) and row_doc_ids[r] is None:
             row_doc_ids[r] = doc_id
-    return PackedRows(rows, row_doc_ids, n_docs, n_empty, len(stream) - n_rows * row_len)
+    return PackedRows(rows, row_doc_ids, packer.num_documents, n_empty, packer.dropped_tokens)
 
 
-def load_train_eval(data_cfg, seq_len: int, tok) -> tuple[PackedRows, PackedRows]:
+# ----------------------------------------------------------------------------------------------------
+# Prepared (offline-tokenized) corpora: see prepare_data.py for the writer
+# ----------------------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+PREPARED_FORMAT = "biomedlm_jax.prepared/1"
+
+
+class ShardedRows:
+    """Rows spread over memory-mapped .npy shards, indexed like one (N, row_len) array.
+
+    Only the rows a process asks for are read from disk, so each host of a pod touches only its part."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.shards = [np.load(p, mmap_mode="r") for p in paths]
+        widths = {s.shape[1] for s in self.shards}
+        if len(widths) > 1:
+            raise DataError(f"shards {list(paths)} have different row lengths {sorted(widths)}")
+        self.row_len = widths.pop() if widths else 0
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.dtype = self.shards[0].dtype if self.shards else np.uint16
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.row_len
+
+    @property
+    def size(self) -> int:
+        return len(self) * self.row_len
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        flat = idx.reshape(-1)
+        if len(flat) and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"row index out of range [0, {len(self)})")
+        shard = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty((len(flat), self.row_len), self.dtype)
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = self.shards[k][flat[sel] - self.starts[k]]
+        return out.reshape(idx.shape + (self.row_len,))
+
+
+@dataclass
+class PreparedSplit:
+    rows: ShardedRows
+    info: dict
+
+    def fingerprint(self) -> str:
+        return self.info["fingerprint"]
+
+
+def read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.exists(mpath):
+        raise FileNotFoundError(f"{path}: no {MANIFEST}; not a directory written by `python -m biomedlm_jax.prepare_data`")
+    with open(mpath, encoding="utf-8") as f:
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{mpath}:{e.lineno}: not valid JSON ({e.msg})") from e
+    if manifest.get("format") != PREPARED_FORMAT:
+        raise DataError(f"{mpath}: format {manifest.get('format')!r}, expected {PREPARED_FORMAT!r}")
+    return manifest
+
+
+def load_prepared(path: str, split: str) -> PreparedSplit:
+    manifest = read_manifest(path)
+    if split not in manifest["splits"]:
+        raise DataError(f"{path}/{MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
+    info = manifest["splits"][split]
+    shards = [os.path.join(path, s["file"]) for s in info["shards"]]
+    rows = ShardedRows(shards) if shards else None
+    if rows is not None and len(rows) != info["rows"]:
+        raise DataError(f"{path}: split {split!r} has {len(rows)} rows on disk, the manifest says {info['rows']}")
+    if rows is None:
+        rows = np.zeros((0, manifest["row_len"]), np.uint16)
+    return PreparedSplit(rows, dict(info, row_len=manifest["row_len"], tokenizer=manifest["tokenizer"]))
+
+
+def tokenizer_sha256(tok) -> str:
+    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+
+
+def load_train_eval(data_cfg, seq_len: int, tok):
     """Rows for training and evaluation from a config's `data` section.
 
-    `data.train_files` (comma-separated globs of JSONL). Held-out rows come from `data.eval_files`
-    when given, otherwise from the documents whose id hashes into `data.eval_fraction`.
+    With `data.prepared_dir` (from `prepare_data`): its `train` and `validation` splits, memory-mapped.
+    Otherwise `data.train_files` (comma-separated globs, any format readers.py knows) tokenized in
+    memory; held-out rows from `data.eval_files`, or the documents whose id hashes into
+    `data.eval_fraction`.
     """
+    if data_cfg.get("prepared_dir"):
+        path = data_cfg.prepared_dir
+        train, evals = load_prepared(path, "train"), load_prepared(path, "validation")
+        if train.info["row_len"] != seq_len + 1:
+            raise DataError(f"{path}: rows of {train.info['row_len']} tokens fit seq_len={train.info['row_len'] - 1}, "
+                            f"but the config has seq_len={seq_len}; prepare the data again with --seq_len={seq_len}")
+        if train.info["tokenizer"]["sha256"] != tokenizer_sha256(tok):
+            raise DataError(f"{path}: prepared with another tokenizer than this run's (see its tokenizer/ folder)")
+        if len(train.rows) == 0:
+            raise DataError(f"{path}: the train split is empty")
+        return train, evals
+    return _load_raw(data_cfg, seq_len, tok)
+
+
+def _load_raw(data_cfg, seq_len: int, tok) -> tuple[PackedRows, PackedRows]:
     train_files = expand_files(data_cfg.train_files)
     docs = list(read_documents(train_files))
     if data_cfg.eval_files:

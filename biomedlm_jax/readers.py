@@ -49,13 +49,22 @@ def expand_files(patterns: str | Sequence[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern.strip())
-        hits = sorted(glob.glob(pattern))
-        if os.path.isdir(pattern):
-            hits = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isfile(p))
+        hits = sorted(glob.glob(pattern, recursive=True))
+        if os.path.isdir(pattern):  # a directory: every file in it (recursively) whose format is recognised
+            hits = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+                          if os.path.isfile(p) and _recognised(p))
         if not hits:
             raise FileNotFoundError(f"no file matches {pattern!r}")
         files += [h for h in hits if h not in files]
     return files
+
+
+def _recognised(path: str) -> bool:
+    try:
+        detect_format(path)
+        return True
+    except DataError:
+        return False
 
 
 def _open_binary(path: str):
@@ -75,7 +84,8 @@ def _lines(path: str, stats: ReadStats) -> Iterator[tuple[int, str]]:
 
 
 def detect_format(path: str) -> str:
-    """By extension, then by the first bytes (XML root element, PubTator `id|t|`, JSON object)."""
+    """By extension, then by the first bytes (XML root element, PubTator `id|t|`, JSON object).
+    Plain text is never guessed (a LICENSE.txt is not corpus); ask for it with fmt="text"."""
     name = path[:-3] if path.endswith(".gz") else path
     if name.endswith(".jsonl"):
         return "jsonl"
@@ -96,9 +106,8 @@ def detect_format(path: str) -> str:
     parts = first.split("|")
     if len(parts) >= 3 and parts[1] in ("t", "a"):
         return "pubtator"
-    if name.endswith(".txt"):
-        return "text"
-    raise DataError(f"{path}: cannot tell the format (expected .jsonl, PubTator, PubMed XML or JATS XML)")
+    raise DataError(f"{path}: cannot tell the format (expected .jsonl, PubTator, PubMed XML or JATS XML; "
+                    "plain text needs --format=text)")
 
 
 # ----------------------------------------------------------------------------------------------------

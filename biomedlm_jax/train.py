@@ -68,7 +68,10 @@ def model_config(config) -> GPTConfig:
 
 
 def load_run_tokenizer(config, workdir: str):
-    """`data.tokenizer`, else the tokenizer stored with init_from's checkpoint, else the workdir's."""
+    """The prepared corpus's tokenizer (`data.prepared_dir`), else `data.tokenizer`, else the tokenizer
+    stored with init_from's checkpoint, else the workdir's."""
+    if config.data.get("prepared_dir"):
+        return tokenizer_lib.load_tokenizer(os.path.join(config.data.prepared_dir, "tokenizer"))
     if config.data.tokenizer:
         return tokenizer_lib.load_tokenizer(config.data.tokenizer)
     kind, path = parse_init_from(config.init_from)

@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.logical_axis_rules = sharding.DEFAULT_RULES
 
     c.data = ml_collections.ConfigDict()
+    # A directory from `python -m biomedlm_jax.prepare_data` (memory-mapped rows, its own tokenizer and
+    # train/validation split). When set, train_files / eval_files / tokenizer are not used.
+    c.data.prepared_dir = ""
     c.data.train_files = SAMPLE_ABSTRACTS  # comma-separated globs of JSONL ({"text"} or {"title","abstract"})
     c.data.eval_files = ""  # "" = hold out documents by a hash of their id
     c.data.eval_fraction = 0.05

@@ -1,0 +1,123 @@
+"""Offline data preparation (sharded packed rows + manifest + doc index) and the contamination audit."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from biomedlm_jax import input_pipeline as ip
+from biomedlm_jax import prepare_data, readers, train
+from biomedlm_jax import tokenizer as tokenizer_lib
+from conftest import REPO
+
+FIXTURES = REPO / "tests" / "fixtures"
+ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
+GPT2 = str(REPO / "data" / "gpt2_tokenizer")
+PUBMEDQA = REPO.parent / "shared" / "data" / "pubmedqa" / "ori_pqal.json"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "corpus"
+    inputs = [str(ABSTRACTS), str(FIXTURES / "pubmed_baseline_sample.xml"), str(FIXTURES / "pmc_jats_sample.xml")]
+    manifest = prepare_data.prepare(inputs, GPT2, str(out), seq_len=64, eval_fraction=0.1, rows_per_shard=500,
+                                    progress=False)
+    return out, manifest, inputs
+
+
+def test_rows_equal_in_memory_packing_and_manifest_counts(prepared):
+    out, m, inputs = prepared
+    tok = tokenizer_lib.load_tokenizer(GPT2)
+    docs = list(readers.read_documents(inputs))
+    assert m["read_stats"]["documents"] == len(docs) == 1692 + 3 + 1
+    for split, want_val in (("train", False), ("validation", True)):
+        want = ip.pack_documents([d for d in docs if ip.in_eval_split(d[0], 0.1) == want_val], tok, 65)
+        got = ip.load_prepared(str(out), split)
+        assert len(got.rows) == m["splits"][split]["rows"] == len(want.rows)
+        np.testing.assert_array_equal(got.rows[np.arange(len(got.rows))], want.rows)
+        assert got.info["documents"] == want.num_documents and got.info["dropped_tokens"] == want.dropped_tokens
+    assert len(m["splits"]["train"]["shards"]) > 1 and m["dtype"] == "uint16" and m["row_len"] == 65
+    assert m["tokenizer"]["sha256"] == ip.tokenizer_sha256(tok)
+    # the side index maps every document id to its first row; ids never enter the token stream
+    index = [line.split("\t") for line in (out / "train-docs.tsv").read_text().splitlines()]
+    assert "PMC7000001" in {i for i, _ in index} | {i for i, _ in
+                                                    (l.split("\t") for l in (out / "validation-docs.tsv").read_text().splitlines())}
+    rows = [int(r) for _, r in index]
+    assert rows == sorted(rows) and rows[0] == 0
+    assert not [p for p in os.listdir(out.parent) if ".tmp-" in p]
+
+
+def test_sharded_rows_index_like_one_array(prepared):
+    out, m, _ = prepared
+    rows = ip.load_prepared(str(out), "train").rows
+    full = np.concatenate([np.load(out / s["file"]) for s in m["splits"]["train"]["shards"]])
+    idx = np.random.default_rng(0).integers(0, len(rows), (3, 7))
+    np.testing.assert_array_equal(rows[idx], full[idx])
+    with pytest.raises(IndexError):
+        rows[np.array([len(rows)])]
+
+
+def test_existing_output_is_kept_and_failed_runs_leave_nothing(prepared, tmp_path):
+    out, _, _ = prepared
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.prepare_data", f"--input={ABSTRACTS}",
+                        f"--tokenizer={GPT2}", f"--out={out}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "already exists" in r.stderr
+    assert (out / "manifest.json").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"pmid": "1", "text": "fine"}\n{oops\n', encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.prepare_data", f"--input={bad}", f"--tokenizer={GPT2}",
+                        f"--out={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "bad.jsonl:2: not valid JSON" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # no output, no temp dir
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.prepare_data", f"--input={bad}", f"--tokenizer={GPT2}",
+                        f"--out={tmp_path / 'o'}", "--on_error=skip", "--seq_len=2"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["read_stats"]["errors_skipped"] == 1
+
+
+def test_audit_finds_pubmedqa_and_bioasq_items_in_the_corpus(tmp_path):
+    if PUBMEDQA.exists():
+        pqa_keys = list(json.loads(PUBMEDQA.read_text()))[:3]
+        pqa_file = PUBMEDQA
+    else:  # same format, hand-written
+        pqa_keys = ["21645374", "16418930", "9488747"]
+        pqa_file = tmp_path / "pqa.json"
+        pqa_file.write_text(json.dumps({k: {"QUESTION": "?"} for k in pqa_keys}))
+    corpus_docs = tmp_path / "corpus.jsonl"
+    with open(corpus_docs, "w") as f:
+        for pmid in pqa_keys[:2] + ["10000001", "555"]:
+            f.write(json.dumps({"pmid": pmid, "text": f"Abstract {pmid} about sepsis. " * 20}) + "\n")
+    bioasq = tmp_path / "bioasq.json"
+    bioasq.write_text(json.dumps({"questions": [
+        {"id": "q1", "body": "Is X a gene?", "type": "yesno", "exact_answer": "yes",
+         "documents": ["http://www.ncbi.nlm.nih.gov/pubmed/555", "http://www.ncbi.nlm.nih.gov/pubmed/999"],
+         "snippets": [{"document": "http://www.ncbi.nlm.nih.gov/pubmed/999", "text": "..."}]},
+        {"id": "q2", "body": "Is Y?", "type": "yesno", "exact_answer": "no",
+         "documents": ["https://pubmed.ncbi.nlm.nih.gov/777"], "snippets": []},
+    ]}))
+    prepare_data.prepare([str(corpus_docs)], GPT2, str(tmp_path / "c"), seq_len=16, eval_fraction=0.5, progress=False)
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.prepare_data", "audit", f"--corpus={tmp_path / 'c'}",
+                        f"--pubmedqa={pqa_file}", f"--bioasq={bioasq}", f"--out={tmp_path / 'a.json'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "a.json").read_text())
+    pqa = report[f"pubmedqa:{pqa_file.name}"]
+    assert pqa["overlapping"] == 2 and sorted(pqa["ids"]) == sorted(pqa_keys[:2])
+    assert report["bioasq:bioasq.json"]["ids"] == ["q1"] and report["bioasq:bioasq.json"]["pmids"] == {"q1": ["555"]}
+    assert "2 of" in r.stdout and "1 of 2 items" in r.stdout
+
+
+def test_pretraining_reads_a_prepared_corpus(prepared, tmp_path):
+    out, _, _ = prepared
+    from test_train import make_config
+
+    c = make_config(str(ABSTRACTS), num_train_steps=3, checkpoint_every_steps=3, seq_len=64)
+    c.data.prepared_dir = str(out)
+    s = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert s["train_rows"] == ip.load_prepared(str(out), "train").info["rows"] and s["step"] == 3
+    c.seq_len = 32
+    with pytest.raises(ip.DataError, match="fit seq_len=64, but the config has seq_len=32"):
+        train.train_and_evaluate(c, str(tmp_path / "run2"))
