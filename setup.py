@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     "tensorflow-cpu==2.21.0",
     "tensorflow-datasets==4.9.10",
+    "importlib_resources==7.1.0",  # imported by tfds when building a dataset, not declared by it
     "safetensors==0.8.0",
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",

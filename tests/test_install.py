@@ -9,7 +9,8 @@ from conftest import REPO
 MODULES = {
     "jax": "jax", "jaxlib": "jaxlib", "flax": "flax", "optax": "optax", "orbax-checkpoint": "orbax.checkpoint",
     "chex": "chex", "ml-collections": "ml_collections", "tokenizers": "tokenizers", "tensorflow-cpu": "tensorflow",
-    "tensorflow-datasets": "tensorflow_datasets", "safetensors": "safetensors", "tensorboardX": "tensorboardX",
+    "tensorflow-datasets": "tensorflow_datasets",
+    "importlib_resources": "importlib_resources", "safetensors": "safetensors", "tensorboardX": "tensorboardX",
     "tqdm": "tqdm", "numpy": "numpy", "ml_dtypes": "ml_dtypes", "protobuf": "google.protobuf",
     "tensorstore": "tensorstore", "pytest": "pytest", "torch": "torch", "transformers": "transformers",
 }
