@@ -311,19 +311,27 @@ class BatchIterator:
             out[sel] = self._perms[e][offsets[sel]]
         return out
 
-    def peek_indices(self) -> np.ndarray:
-        """Row indices (grad_accum, local rows) that the next batch reads."""
-        positions = self.position + np.arange(self.global_batch, dtype=np.int64)
+    def indices_at(self, position: int) -> np.ndarray:
+        """Row indices (grad_accum, local rows) of the batch that starts at global row `position`."""
+        positions = position + np.arange(self.global_batch, dtype=np.int64)
         start, stop = self.local_rows
         return self._row_index(positions.reshape(self.grad_accum, self.micro)[:, start:stop])
+
+    def peek_indices(self) -> np.ndarray:
+        return self.indices_at(self.position)
+
+    def batch_at(self, position: int) -> dict:
+        """The batch at `position` (a pure function of position and seed: what makes resume a seek)."""
+        rows = self.rows[self.indices_at(position)].astype(np.int32)  # (A, b, T + 1)
+        return {"inputs": rows[..., :-1], "targets": rows[..., 1:]}
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        rows = self.rows[self.peek_indices()].astype(np.int32)  # (A, b, T + 1)
+        batch = self.batch_at(self.position)
         self.position += self.global_batch
-        return {"inputs": rows[..., :-1], "targets": rows[..., 1:]}
+        return batch
 
     @property
     def epoch(self) -> float:
@@ -354,3 +362,30 @@ def eval_batches(rows: np.ndarray, batch: int, local_rows: Optional[tuple[int, i
         chunk = rows[np.where(valid, idx, 0)].astype(np.int32)
         weights = np.broadcast_to(valid[:, None], chunk[:, 1:].shape).astype(np.float32)
         yield {"inputs": chunk[None, :, :-1], "targets": chunk[None, :, 1:], "weights": weights[None]}
+
+
+def tf_dataset(iterator: BatchIterator, num_batches: Optional[int] = None):
+    """The iterator's batches from its current position on, as a prefetching `tf.data.Dataset`.
+
+    Batches are built from a `range` of positions with a parallel, order-preserving map, so they equal
+    what `next(iterator)` would return, and resuming is starting the range at the saved position. The
+    consumer's position after k batches is `iterator.position + k * global_batch`. The `iterator` itself is
+    not advanced. TensorFlow is imported here, and only here.
+    """
+    import tensorflow as tf
+
+    start, g = iterator.position, iterator.global_batch
+    a, (lo, hi), t = iterator.grad_accum, iterator.local_rows, iterator.rows.shape[1] - 1
+
+    def make(k):
+        b = iterator.batch_at(start + int(k) * g)
+        return b["inputs"], b["targets"]
+
+    def to_dict(k):
+        inputs, targets = tf.numpy_function(make, [k], (tf.int32, tf.int32), stateful=False)
+        inputs.set_shape((a, hi - lo, t))
+        targets.set_shape((a, hi - lo, t))
+        return {"inputs": inputs, "targets": targets}
+
+    ds = tf.data.Dataset.range(num_batches) if num_batches is not None else tf.data.Dataset.range(2**62)
+    return ds.map(to_dict, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)

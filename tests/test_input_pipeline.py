@@ -104,3 +104,19 @@ def test_hash_split_is_stable():
     held = [i for i in ids if ip.in_eval_split(i, 0.05)]
     assert 60 < len(held) < 140
     assert held == [i for i in ids if ip.in_eval_split(i, 0.05)]
+
+
+def test_tf_dataset_yields_the_same_batches_and_resumes_by_position():
+    pytest.importorskip("tensorflow")
+    rows = np.arange(11 * 6).reshape(11, 6).astype(np.uint16)
+    it = ip.BatchIterator(rows, 4, seed=5, grad_accum=2)
+    want = [next(it) for _ in range(6)]
+    it.restore({"position": 0, "seed": 5, "num_rows": 11})
+    got = [b for b in ip.tf_dataset(it, num_batches=6).as_numpy_iterator()]
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w["inputs"], g["inputs"])
+        np.testing.assert_array_equal(w["targets"], g["targets"])
+    it.restore({"position": 3 * 4, "seed": 5, "num_rows": 11})  # resume after 3 batches
+    resumed = list(ip.tf_dataset(it, num_batches=3).as_numpy_iterator())
+    np.testing.assert_array_equal(resumed[0]["inputs"], want[3]["inputs"])
+    np.testing.assert_array_equal(resumed[2]["targets"], want[5]["targets"])

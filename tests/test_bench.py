@@ -1,0 +1,21 @@
+"""The benchmark CLI prints one JSON line per measurement with the documented keys."""
+import json
+import subprocess
+import sys
+
+
+def test_pipeline_benchmark_prints_a_json_row():
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "pipeline", "--seq=64", "--batch=4", "--steps=20"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"kind", "impl", "batch", "seq", "tokens_per_s"} <= set(row)
+    assert (row["kind"], row["impl"], row["batch"], row["seq"]) == ("pipeline", "numpy", 4, 64)
+    assert row["tokens_per_s"] > 0
+
+
+def test_pipeline_benchmark_does_not_import_tensorflow():
+    code = ("import sys; from biomedlm_jax import bench, train, input_pipeline; bench.bench_pipeline(32, 2, 3); "
+            "assert 'tensorflow' not in sys.modules, 'TF imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
