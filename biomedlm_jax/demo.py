@@ -1,12 +1,14 @@
 """`make demo`: the BioMedLM pipeline end to end on the tiny config and the sample data in `data/`.
 
-Stages so far (later issues add theirs: domain tokenizer -> MCQA -> seq2seq):
-  1. pretrain the `tiny` GPT with the real trainer (`configs/pretrain.py:tiny`, `train_and_evaluate`):
-     the shipped PubMed abstracts are tokenized (GPT-2 tokenizer), packed, batched on a device mesh;
-     held-out loss before/after, tokens/s, orbax checkpoints in demo_out/pretrain;
-  2. export the latest checkpoint to HF safetensors (loadable by transformers.GPT2LMHeadModel),
+Stages so far (later issues add theirs: MCQA -> seq2seq):
+  1. train a domain byte-level BPE (BioMedLM's recipe) on the shipped PubMed abstracts and compare it
+     with GPT-2's on held-out abstracts (tokens per word, how biomedical terms split);
+  2. prepare the corpus offline with it (tokenize + pack into row shards with a manifest);
+  3. pretrain the `tiny` GPT on those shards with the real trainer (`configs/pretrain.py:tiny`,
+     `train_and_evaluate`): held-out loss before/after, tokens/s, orbax checkpoints in demo_out/pretrain;
+  4. export the latest checkpoint to HF safetensors (loadable by transformers.GPT2LMHeadModel),
      reload, check logits match;
-  3. convert HF -> orbax -> HF with the `convert` CLI code path and check again.
+  5. convert HF -> orbax -> HF with the `convert` CLI code path and check again.
 """
 from __future__ import annotations
 
@@ -19,29 +21,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biomedlm_jax import checkpoint, configlib, convert, hf, train
+from biomedlm_jax import checkpoint, configlib, convert, hf, input_pipeline, prepare_data, readers, train
+from biomedlm_jax import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "data")
+EVAL_FRACTION = 0.1  # held-out abstracts (by PMID hash) for the tokenizer study and eval loss
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.demo")
     p.add_argument("--workdir", default=os.path.join(REPO, "demo_out"))
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--vocab_size", type=int, default=16384)
     args = p.parse_args(argv)
     shutil.rmtree(args.workdir, ignore_errors=True)
     t_start = time.time()
     print(f"== biomedlm-jax demo  (jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s)) ==")
 
-    # 1. pretraining ------------------------------------------------------------------------------------
+    # 1. domain tokenizer ------------------------------------------------------------------------------
+    abstracts = os.path.join(DATA, "pubmed_abstracts", "abstracts.jsonl")
+    docs = list(readers.read_documents([abstracts]))
+    held = [t for d, t in docs if input_pipeline.in_eval_split(d, EVAL_FRACTION)]
+    tok = tokenizer_lib.train_bpe((t for d, t in docs if not input_pipeline.in_eval_split(d, EVAL_FRACTION)),
+                                  vocab_size=args.vocab_size, show_progress=False)
+    tok_dir = os.path.join(args.workdir, "tokenizer")
+    tokenizer_lib.save_tokenizer(tok, tok_dir)
+    gpt2 = tokenizer_lib.load_tokenizer(os.path.join(DATA, "gpt2_tokenizer"))
+    cmp = tokenizer_lib.compare({"pubmed": tok, "gpt2": gpt2}, held, ["thrombocytopenia", "pharmacokinetics"])["tokenizers"]
+    print(f"[tokenizer] PubMed BPE ({tok.get_vocab_size():,} tokens) trained on {len(docs) - len(held):,} abstracts; "
+          f"on {len(held)} held-out: {cmp['pubmed']['tokens_per_word']:.3f} tokens/word vs GPT-2 "
+          f"{cmp['gpt2']['tokens_per_word']:.3f}; thrombocytopenia = {' | '.join(p.strip() for p in cmp['pubmed']['terms']['thrombocytopenia'])}"
+          f" vs {' | '.join(p.strip() for p in cmp['gpt2']['terms']['thrombocytopenia'])}")
+
+    # 2. offline preparation ----------------------------------------------------------------------------
     config = configlib.load_config_file(os.path.join(REPO, "configs", "pretrain.py"), "tiny")
+    data_dir = os.path.join(args.workdir, "data")
+    m = prepare_data.prepare([abstracts], tok_dir, data_dir, seq_len=config.seq_len, eval_fraction=EVAL_FRACTION,
+                             progress=False)
+    print(f"[prepare] {m['read_stats']['documents']:,} documents -> {m['splits']['train']['rows']:,} train / "
+          f"{m['splits']['validation']['rows']:,} validation rows of {m['row_len']} tokens in {os.path.relpath(data_dir)}")
+
+    # 3. pretraining ------------------------------------------------------------------------------------
+    config.data.prepared_dir = data_dir
+    config.model.vocab_size = tok.get_vocab_size()
     config.num_train_steps = args.steps
     config.eval_every_steps = args.steps
     config.checkpoint_every_steps = args.steps
     pre_dir = os.path.join(args.workdir, "pretrain")
     print(f"[pretrain] configs/pretrain.py:tiny  {config.num_train_steps} steps x {config.global_batch_size} x "
-          f"{config.seq_len} tokens, data {os.path.relpath(config.data.train_files, REPO)}")
+          f"{config.seq_len} tokens, vocab {config.model.vocab_size:,}")
     s = train.train_and_evaluate(config, pre_dir)
     before, after = s["initial_eval_loss"], s["eval_loss"]
     print(f"[pretrain] held-out loss {before:.3f} -> {after:.3f}  (perplexity {np.exp(before):,.0f} -> "
@@ -50,7 +79,7 @@ def main(argv=None):
     probe = jnp.asarray(np.arange(2 * 64, dtype=np.int32).reshape(2, 64) * 37 % model.config.vocab_size)
     ref = model.apply({"params": params}, probe)
 
-    # 2. HF export / reload ----------------------------------------------------------------------------
+    # 4. HF export / reload ----------------------------------------------------------------------------
     hf_dir = os.path.join(args.workdir, "hf")
     convert.convert(f"orbax:{pre_dir}", f"hf:{hf_dir}")
     model2, params2 = hf.load_pretrained(hf_dir)
@@ -58,7 +87,7 @@ def main(argv=None):
     print(f"[export] orbax:{os.path.relpath(pre_dir)} -> HF GPT2LMHeadModel safetensors -> {os.path.relpath(hf_dir)} ({sorted(os.listdir(hf_dir))}); "
           f"reloaded max|dlogits| = {diff:.1e}")
 
-    # 3. HF -> orbax -> HF ------------------------------------------------------------------------------
+    # 5. HF -> orbax -> HF ------------------------------------------------------------------------------
     orbax_dir, hf2_dir = os.path.join(args.workdir, "orbax"), os.path.join(args.workdir, "hf_roundtrip")
     convert.convert(f"hf:{hf_dir}", f"orbax:{orbax_dir}")
     convert.convert(f"orbax:{orbax_dir}", f"hf:{hf2_dir}")

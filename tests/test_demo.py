@@ -13,10 +13,13 @@ def test_demo_runs_from_the_repo_alone(tmp_path):
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    for stage in ("[pretrain]", "[train]", "[eval]", "[export]", "[convert]", "== demo done"):
+    for stage in ("[tokenizer]", "[prepare]", "[pretrain]", "[train]", "[eval]", "[export]", "[convert]", "== demo done"):
         assert stage in r.stdout
     assert "held-out loss" in r.stdout
     assert (tmp_path / "demo" / "pretrain" / "checkpoints" / "30").is_dir()
     assert (tmp_path / "demo" / "pretrain" / "metrics.jsonl").exists()
+    assert (tmp_path / "demo" / "data" / "manifest.json").exists()
+    # the exported model carries the domain tokenizer it was trained with
+    assert (tmp_path / "demo" / "hf" / "vocab.json").read_text() == (tmp_path / "demo" / "tokenizer" / "vocab.json").read_text()
     assert (tmp_path / "demo" / "hf" / "model.safetensors").exists()
     assert (tmp_path / "demo" / "orbax" / "checkpoints" / "0").is_dir()
