@@ -412,7 +412,8 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                 row = {
                     "loss": np.mean([w["loss"] for w in window]) if window else float("nan"),
                     "grad_norm": np.mean([w["grad_norm"] for w in window]) if window else float("nan"),
-                    "learning_rate": float(schedule(step - 1)),
+                    # skipped steps do not advance the optimizer's schedule count
+                    "learning_rate": float(schedule(step - 1 - int(m["nonfinite_total"]))),
                     "tokens_per_s": tok_s,
                     "mfu": metrics.mfu(tok_s, cfg, seq_len, n_devices, peak),
                     "skipped_steps": m["nonfinite_total"],
