@@ -241,7 +241,10 @@ class Attention(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x, attention_mask, layer_idx, deterministic: bool):
+    def __call__(self, x, attention_mask, layer_idx, deterministic: bool, cache=None, cache_index=None):
+        """cache: optional {"k", "v"} of (B, S_max, H, hd) for incremental decoding. The new keys/values
+        are written at [cache_index, cache_index + T); queries attend to cache slots <= their own
+        absolute position that `attention_mask` (then (B, S_max)) marks real. Returns (y, new cache)."""
         cfg = self.config
         # x: (B, T, C)
         C, H, hd = cfg.d_model, cfg.n_head, cfg.head_dim
@@ -264,6 +267,23 @@ class Attention(nn.Module):
             else:  # cuDNN needs a static scale: fold 1/(i+1) into q instead (one extra rounding in bf16)
                 q = q * (1.0 / (layer_idx.astype(jnp.float32) + 1.0)).astype(q.dtype)
 
+        if cache is not None:  # decoding: attend over the preallocated cache, causality by absolute position
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            new_cache = {"k": k, "v": v}
+            T, S = q.shape[1], k.shape[1]
+            q_pos = cache_index + jnp.arange(T)  # (T,)
+            causal = jnp.arange(S)[None, :] <= q_pos[:, None]  # (T, S)
+            mask = causal[None, None] & attention_mask[:, None, None, :].astype(bool)  # (B, 1, T, S)
+            impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+            y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale,
+                                             implementation=impl if impl != "cudnn" else None)
+            y = nn.with_logical_constraint(y.astype(cfg.dtype), act_spec)
+            y = Projection(
+                cfg, (H, hd), (C,), ("heads", "kv", "embed"), ("embed",), (2 * cfg.n_layer) ** -0.5, name="c_proj"
+            )(y)
+            return y, new_cache
+
         # attention_mask: (B, S) True for real tokens; combined with causality below.
         mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
         if mask is not None and cfg.attention_impl == "cudnn":  # cuDNN wants the full (B, 1, T, S) mask
@@ -281,7 +301,7 @@ class Attention(nn.Module):
         y = Projection(
             cfg, (H, hd), (C,), ("heads", "kv", "embed"), ("embed",), (2 * cfg.n_layer) ** -0.5, name="c_proj"
         )(y)  # (B, T, C)
-        return nn.Dropout(rate=cfg.resid_pdrop)(y, deterministic=deterministic)
+        return nn.Dropout(rate=cfg.resid_pdrop)(y, deterministic=deterministic), None
 
 
 def _attention_with_dropout(q, k, v, mask, scale, rng, rate):
@@ -314,17 +334,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block. Returns `(x, None)` so it can be the body of `nn.scan`."""
+    """Pre-LayerNorm transformer block. Returns `(x, new_cache)` (None without a cache), so it can be
+    the body of `nn.scan` with the KV cache as the scanned per-layer input/output."""
 
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x, attention_mask, layer_idx, deterministic: bool):
+    def __call__(self, x, attention_mask, layer_idx, deterministic: bool, cache=None, cache_index=None):
         cfg = self.config
-        x = x + Attention(cfg, name="attn")(LayerNorm(cfg, name="ln_1")(x), attention_mask, layer_idx, deterministic)
+        y, new_cache = Attention(cfg, name="attn")(
+            LayerNorm(cfg, name="ln_1")(x), attention_mask, layer_idx, deterministic, cache, cache_index
+        )
+        x = x + y
         x = x + MLP(cfg, name="mlp")(LayerNorm(cfg, name="ln_2")(x), deterministic)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        return x, None
+        return x, new_cache
 
 
 def _block_class(cfg: GPTConfig):
@@ -336,8 +360,9 @@ def _block_class(cfg: GPTConfig):
         "dots_saveable": jax.checkpoint_policies.dots_saveable,
         "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     }[cfg.remat_policy]
-    # static_argnums counts `self` as 0: (x=1, attention_mask=2, layer_idx=3, deterministic=4). The layer
-    # index is static in a plain loop (a per-layer constant) and a scanned value under nn.scan.
+    # static_argnums counts `self` as 0: (x=1, attention_mask=2, layer_idx=3, deterministic=4, cache=5,
+    # cache_index=6). The layer index is static in a plain loop (a per-layer constant) and a scanned
+    # value under nn.scan.
     static = (4,) if cfg.scan_layers else (3, 4)
     return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=static)
 
@@ -371,7 +396,7 @@ class GPT(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, 0, nn.broadcast, 0, nn.broadcast),  # mask, layer, det., cache, index
                 length=cfg.n_layer,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
@@ -395,11 +420,32 @@ class GPT(nn.Module):
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         x = self.drop(x, deterministic=deterministic)
         if cfg.scan_layers:
-            x, _ = self.h(x, attention_mask, jnp.arange(cfg.n_layer), deterministic)
+            x, _ = self.h(x, attention_mask, jnp.arange(cfg.n_layer), deterministic, None, None)
         else:
             for i, block in enumerate(self.h):
                 x, _ = block(x, attention_mask, i, deterministic)
         return self.ln_f(x)
+
+    def decode(self, input_ids, kv_mask, position_ids, cache, cache_index):
+        """Incremental forward for generation: (fp32 logits (B, T, V), new cache).
+
+        input_ids / position_ids: (B, T), the tokens at cache slots [cache_index, cache_index + T).
+        kv_mask: (B, S_max) True for cache slots holding real tokens (left padding is False).
+        cache: {"k", "v"} of (n_layer, B, S_max, H, hd) from `init_cache`. Deterministic (no dropout).
+        """
+        cfg = self.config
+        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        if cfg.scan_layers:
+            x, new_cache = self.h(x, kv_mask, jnp.arange(cfg.n_layer), True, cache, cache_index)
+        else:
+            ks, vs = [], []
+            for i, block in enumerate(self.h):
+                x, c = block(x, kv_mask, i, True, {"k": cache["k"][i], "v": cache["v"][i]}, cache_index)
+                ks.append(c["k"])
+                vs.append(c["v"])
+            new_cache = {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+        return self.logits(self.ln_f(x)), new_cache
 
     def logits(self, hidden):
         """Tied LM head: (B, T, C) @ wte.T -> (B, T, V), accumulated and returned in fp32."""
@@ -420,6 +466,13 @@ def init_params(model: GPT, rng: jax.Array, batch: int = 1, seq: int = 8):
     """Random init with plain (unboxed) arrays. Sharded init lives with the trainer (jit+out_shardings)."""
     ids = jnp.zeros((batch, min(seq, model.config.n_positions)), jnp.int32)
     return nn.unbox(model.init(rng, ids)["params"])
+
+
+def init_cache(cfg: GPTConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """Zero KV cache {"k", "v"} of (n_layer, batch, max_len, n_head, head_dim) in the compute dtype."""
+    shape = (cfg.n_layer, batch, max_len, cfg.n_head, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def param_count(params) -> int:
