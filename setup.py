@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
+    "rouge-score==0.1.2",  # ROUGE-L for generated answers (seq2seq eval)
+    "nltk==3.10.4",  # rouge-score's stemmer
     "numpy==2.4.6",
     "ml_dtypes==0.6.0",
     "protobuf==7.36.2",

@@ -239,6 +239,10 @@ def load_train_eval(data_cfg, seq_len: int, tok):
     memory; held-out rows from `data.eval_files`, or the documents whose id hashes into
     `data.eval_fraction`.
     """
+    if data_cfg.get("task", "lm") == "seq2seq":
+        from biomedlm_jax import seq2seq
+
+        return seq2seq.load_train_eval(data_cfg, seq_len, tok)
     if data_cfg.get("prepared_dir"):
         path = data_cfg.prepared_dir
         train, evals = load_prepared(path, "train"), load_prepared(path, "validation")
@@ -286,12 +290,14 @@ class BatchIterator:
     """
 
     def __init__(self, rows: np.ndarray, global_batch: int, *, seed: int = 0, shuffle: bool = True,
-                 grad_accum: int = 1, local_rows: Optional[tuple[int, int]] = None, position: int = 0):
+                 grad_accum: int = 1, local_rows: Optional[tuple[int, int]] = None, position: int = 0,
+                 weights: Optional[np.ndarray] = None):
         if global_batch % grad_accum:
             raise ValueError(f"global batch {global_batch} is not divisible by grad_accum_steps={grad_accum}")
         if len(rows) == 0:
             raise ValueError("no rows to iterate over")
         self.rows, self.global_batch, self.seed, self.shuffle = rows, global_batch, seed, shuffle
+        self.weights = weights  # optional (N, T) per-target loss weights (seq2seq: answer tokens only)
         self.grad_accum, self.micro = grad_accum, global_batch // grad_accum
         self.local_rows = local_rows or (0, self.micro)
         self.position = position
@@ -322,8 +328,12 @@ class BatchIterator:
 
     def batch_at(self, position: int) -> dict:
         """The batch at `position` (a pure function of position and seed: what makes resume a seek)."""
-        rows = self.rows[self.indices_at(position)].astype(np.int32)  # (A, b, T + 1)
-        return {"inputs": rows[..., :-1], "targets": rows[..., 1:]}
+        idx = self.indices_at(position)
+        rows = self.rows[idx].astype(np.int32)  # (A, b, T + 1)
+        batch = {"inputs": rows[..., :-1], "targets": rows[..., 1:]}
+        if self.weights is not None:
+            batch["weights"] = self.weights[idx].astype(np.float32)
+        return batch
 
     def __iter__(self):
         return self
@@ -350,7 +360,7 @@ class BatchIterator:
 
 
 def eval_batches(rows: np.ndarray, batch: int, local_rows: Optional[tuple[int, int]] = None,
-                 max_batches: int = 0) -> Iterator[dict]:
+                 max_batches: int = 0, weights: Optional[np.ndarray] = None) -> Iterator[dict]:
     """Fixed, ordered held-out batches; the last one padded with weight-0 rows. (1, b, T) like training."""
     start, stop = local_rows or (0, batch)
     n_batches = -(-len(rows) // batch)
@@ -360,8 +370,10 @@ def eval_batches(rows: np.ndarray, batch: int, local_rows: Optional[tuple[int, i
         idx = np.arange(i * batch, (i + 1) * batch)[start:stop]
         valid = idx < len(rows)
         chunk = rows[np.where(valid, idx, 0)].astype(np.int32)
-        weights = np.broadcast_to(valid[:, None], chunk[:, 1:].shape).astype(np.float32)
-        yield {"inputs": chunk[None, :, :-1], "targets": chunk[None, :, 1:], "weights": weights[None]}
+        w = np.broadcast_to(valid[:, None], chunk[:, 1:].shape).astype(np.float32)
+        if weights is not None:
+            w = w * weights[np.where(valid, idx, 0)]
+        yield {"inputs": chunk[None, :, :-1], "targets": chunk[None, :, 1:], "weights": w[None]}
 
 
 def tf_dataset(iterator: BatchIterator, num_batches: Optional[int] = None):

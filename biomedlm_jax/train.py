@@ -69,10 +69,10 @@ def model_config(config) -> GPTConfig:
 
 def load_run_tokenizer(config, workdir: str):
     """The prepared corpus's tokenizer (`data.prepared_dir`), else `data.tokenizer`, else the tokenizer
-    stored with init_from's checkpoint, else the workdir's."""
+    stored with init_from's checkpoint, else the workdir's (a resumed run)."""
     if config.data.get("prepared_dir"):
         return tokenizer_lib.load_tokenizer(os.path.join(config.data.prepared_dir, "tokenizer"))
-    if config.data.tokenizer:
+    if config.data.get("tokenizer"):
         return tokenizer_lib.load_tokenizer(config.data.tokenizer)
     kind, path = parse_init_from(config.init_from)
     candidates = [path if kind == "hf" else checkpoint.tokenizer_dir(path)] if kind else []
@@ -312,7 +312,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     local_rows = process_batch_rows(b_sharding, (accum, micro, seq_len))
     train_iter = input_pipeline.BatchIterator(
         train_rows.rows, global_batch, seed=config.seed, shuffle=config.data.shuffle, grad_accum=accum,
-        local_rows=local_rows,
+        local_rows=local_rows, weights=getattr(train_rows, "weights", None),
     )
 
     # --- optimizer + sharded state -------------------------------------------------------------------
@@ -346,7 +346,8 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
 
     def evaluate(params) -> dict:
         total, count = 0.0, 0.0
-        for b in input_pipeline.eval_batches(eval_rows.rows, micro, local_rows, config.eval_batches):
+        for b in input_pipeline.eval_batches(eval_rows.rows, micro, local_rows, config.eval_batches,
+                                             getattr(eval_rows, "weights", None)):
             s, c = p_eval_step(params, to_global(b, b_sharding, micro))
             total, count = total + float(s), count + float(c)
         if not count:

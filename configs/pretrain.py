@@ -22,66 +22,16 @@ import os
 
 import ml_collections
 
-from biomedlm_jax import configlib, sharding
+from biomedlm_jax import configlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_ABSTRACTS = os.path.join(REPO, "data", "pubmed_abstracts", "abstracts.jsonl")
 GPT2_TOKENIZER = os.path.join(REPO, "data", "gpt2_tokenizer")
 
 
-def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.model = configlib.model_section("tiny")
-    # "" = random init; "hf:DIR" = continue from an HF GPT-2/BioMedLM checkpoint; "orbax:WORKDIR" = from
-    # another run's latest checkpoint (params only). A workdir that already holds checkpoints always resumes.
-    c.init_from = ""
-    c.seed = 0
-
-    c.seq_len = 128
-    c.global_batch_size = 8  # sequences per optimizer step, across all devices and micro-batches
-    c.grad_accum_steps = 1  # micro-batches per step (global_batch_size must divide by it)
-    c.num_train_steps = 150
-    c.warmup_steps = 15
-    c.learning_rate = 3e-3  # peak
-    c.lr_decay = "cosine"  # cosine | linear | constant
-    c.lr_final_ratio = 0.1
-
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.95
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 3e-4  # Composer semantics: per-step shrink (lr_t / lr_peak) * weight_decay
-    c.optimizer.decay_mode = "composer"  # composer | optax
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.max_consecutive_nonfinite = 10  # stop the run after this many skipped steps in a row
-
-    c.log_every_steps = 10
-    c.eval_every_steps = 50
-    c.eval_batches = 0  # 0 = the whole held-out set
-    c.checkpoint_every_steps = 50
-    c.keep_checkpoints = 3
-    c.async_checkpoints = True
-    c.progress_bar = True
-    c.peak_flops_per_device = 0.0  # 0 = look up the device kind (metrics.PEAK_FLOPS); CPU has none
-
-    c.mesh_shape = (-1, 1, 1)  # ("data", "fsdp", "tensor"); -1 = all remaining devices
-    c.logical_axis_rules = sharding.DEFAULT_RULES
-
-    c.data = ml_collections.ConfigDict()
-    # A directory from `python -m biomedlm_jax.prepare_data` (memory-mapped rows, its own tokenizer and
-    # train/validation split). When set, train_files / eval_files / tokenizer are not used.
-    c.data.prepared_dir = ""
-    c.data.train_files = SAMPLE_ABSTRACTS  # comma-separated globs of JSONL ({"text"} or {"title","abstract"})
-    c.data.eval_files = ""  # "" = hold out documents by a hash of their id
-    c.data.eval_fraction = 0.05
-    c.data.tokenizer = GPT2_TOKENIZER  # "" = take it from init_from
-    c.data.shuffle = True
-    return c
-
-
 def get_config(arg=None):
     variant = arg or "tiny"
-    c = base_config()
+    c = configlib.train_config(SAMPLE_ABSTRACTS, GPT2_TOKENIZER)
     if variant == "tiny":
         c.model = configlib.model_section("tiny", embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     elif variant == "gpt2-small":

@@ -1,0 +1,275 @@
+"""Seq2seq (prompt -> answer) fine-tuning data and evaluation, for the shared trainer.
+
+Fine-tuning is the pretraining loop with another data source (`config.data.task = "seq2seq"`):
+each example becomes one row `prompt tokens + answer tokens + EOS`, right-padded to `seq_len + 1`,
+with per-target weights that are 1 on answer tokens (and the EOS) and 0 on the prompt and padding.
+The trainer's loss is sum(weights * nll) / sum(weights), so prompt tokens contribute nothing.
+
+Loaders (a `(question, answer, doc_id)` list each):
+  * MedQuAD XML: `Document/QAPairs/QAPair/{Question, Answer}`; pairs with an empty answer (several
+    MedlinePlus folders had theirs removed for copyright) are skipped and counted per folder;
+  * JSONL: `{"question": ..., "answer": ...}` (optional "id"/"doc_id" to group examples into documents);
+  * BioMedLM's textgen format: line-aligned `<split>.source` / `<split>.target` files (its MeQSum example).
+Splits are by *document* (MedQuAD file, JSONL doc id), seeded, so no document is in two splits;
+textgen data brings its own train/val/test files.
+
+Truncation: a prompt longer than half the row is cut from the left (the end of the question stays);
+an answer that does not fit is cut from the end. Both are counted and reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import xml.etree.ElementTree as ET
+from typing import Optional, Sequence
+
+import numpy as np
+
+from biomedlm_jax import readers
+from biomedlm_jax import tokenizer as tokenizer_lib
+
+DataError = readers.DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    question: str
+    answer: str
+    doc_id: str
+    source: str = ""
+
+
+@dataclasses.dataclass
+class LoadStats:
+    examples: int = 0
+    empty_answers: dict = dataclasses.field(default_factory=dict)  # folder -> count
+    errors_skipped: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------------------
+
+
+def _text(elem) -> str:
+    return " ".join("".join(elem.itertext()).split()) if elem is not None else ""
+
+
+def read_medquad(path: str, stats: Optional[LoadStats] = None, on_error: str = "raise") -> list[Example]:
+    """All QA pairs under `path` (a MedQuAD checkout or some of its folders), files in sorted order."""
+    stats = stats if stats is not None else LoadStats()
+    files = sorted(p for p in readers.expand_files([os.path.join(path, "**", "*.xml")]))
+    out = []
+    for f in files:
+        folder = os.path.basename(os.path.dirname(f))
+        try:
+            root = ET.parse(f).getroot()
+        except ET.ParseError as e:
+            msg = f"{f}:{e.position[0]}: malformed XML ({e})"
+            if on_error != "skip":
+                raise DataError(msg + "  (set data.on_error=skip to skip such files)") from e
+            stats.errors_skipped += 1
+            continue
+        doc_id = f"{folder}/{root.get('id') or os.path.basename(f)}"
+        for pair in root.iter("QAPair"):
+            q, a = _text(pair.find("Question")), _text(pair.find("Answer"))
+            if not a or not q:
+                stats.empty_answers[folder] = stats.empty_answers.get(folder, 0) + 1
+                continue
+            out.append(Example(q, a, doc_id, folder))
+    stats.examples += len(out)
+    return out
+
+
+def read_qa_jsonl(path: str, stats: Optional[LoadStats] = None, on_error: str = "raise") -> list[Example]:
+    stats = stats if stats is not None else LoadStats()
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                q, a = rec["question"], rec["answer"]
+                if not isinstance(q, str) or not isinstance(a, str):
+                    raise TypeError("question and answer must be strings")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if on_error != "skip":
+                    raise DataError(f"{path}:{lineno}: expected {{\"question\": str, \"answer\": str}} ({e})") from e
+                stats.errors_skipped += 1
+                continue
+            if not a.strip():
+                stats.empty_answers[path] = stats.empty_answers.get(path, 0) + 1
+                continue
+            doc = str(rec.get("doc_id", rec.get("id", f"{os.path.basename(path)}:{lineno}")))
+            out.append(Example(q, a, doc, os.path.basename(path)))
+    stats.examples += len(out)
+    return out
+
+
+def read_textgen(path: str, split: str, stats: Optional[LoadStats] = None) -> list[Example]:
+    """BioMedLM's textgen format: `<split>.source` and `<split>.target`, one example per line pair."""
+    stats = stats if stats is not None else LoadStats()
+    src, tgt = os.path.join(path, f"{split}.source"), os.path.join(path, f"{split}.target")
+    with open(src, encoding="utf-8") as f:
+        sources = f.read().splitlines()
+    with open(tgt, encoding="utf-8") as f:
+        targets = f.read().splitlines()
+    if len(sources) != len(targets):
+        raise DataError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; they must align line by line")
+    out = [Example(s, t, f"{split}:{i + 1}", split) for i, (s, t) in enumerate(zip(sources, targets)) if t.strip()]
+    stats.empty_answers[tgt] = len(targets) - len(out)
+    stats.examples += len(out)
+    return out
+
+
+def split_by_document(examples: Sequence[Example], seed: int, dev_fraction: float, test_fraction: float) -> dict:
+    """{"train", "dev", "test"}: documents (not examples) shuffled with `seed` and cut by fractions."""
+    docs = sorted({e.doc_id for e in examples})
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_test, n_dev = int(round(len(docs) * test_fraction)), int(round(len(docs) * dev_fraction))
+    which = {}
+    for rank, i in enumerate(order):
+        which[docs[i]] = "test" if rank < n_test else "dev" if rank < n_test + n_dev else "train"
+    out: dict = {"train": [], "dev": [], "test": []}
+    for e in examples:
+        out[which[e.doc_id]].append(e)
+    return out
+
+
+def load_splits(data_cfg, stats: Optional[LoadStats] = None) -> dict:
+    """The config's examples as {"train", "dev", "test"}."""
+    stats = stats if stats is not None else LoadStats()
+    fmt = data_cfg.format
+    if fmt == "textgen":
+        splits = {}
+        for name, files in (("train", "train"), ("dev", "val"), ("test", "test")):
+            if os.path.exists(os.path.join(data_cfg.path, f"{files}.source")):
+                splits[name] = read_textgen(data_cfg.path, files, stats)
+            else:
+                splits[name] = []
+        return splits
+    if fmt == "medquad":
+        examples = read_medquad(data_cfg.path, stats, data_cfg.on_error)
+    elif fmt == "jsonl":
+        examples = [e for f in readers.expand_files(data_cfg.path) for e in read_qa_jsonl(f, stats, data_cfg.on_error)]
+    else:
+        raise ValueError(f"data.format={fmt!r}: choose medquad, jsonl or textgen")
+    if not examples:
+        raise DataError(f"{data_cfg.path}: no question-answer pairs found")
+    return split_by_document(examples, data_cfg.split_seed, data_cfg.dev_fraction, data_cfg.test_fraction)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows with answer-only weights
+# ----------------------------------------------------------------------------------------------------
+
+
+def prompt_text(template: str, ex: Example) -> str:
+    return template.format(question=ex.question)
+
+
+def encode_example(tok, ex: Example, template: str, answer_prefix: str, row_len: int) -> tuple[list, int, bool, bool]:
+    """(tokens, prompt length, prompt truncated, answer truncated) with len(tokens) <= row_len."""
+    eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+    prompt = tok.encode(prompt_text(template, ex)).ids
+    answer = tok.encode(answer_prefix + ex.answer).ids + [eos]
+    cut_prompt = len(prompt) > row_len // 2
+    if cut_prompt:
+        prompt = prompt[-(row_len // 2):]  # keep the end: the question and the "Answer:" cue
+    cut_answer = len(prompt) + len(answer) > row_len
+    answer = answer[: row_len - len(prompt)]
+    return prompt + answer, len(prompt), cut_prompt, cut_answer
+
+
+@dataclasses.dataclass
+class Seq2SeqRows:
+    rows: np.ndarray  # (N, seq_len + 1) int32, right-padded
+    weights: np.ndarray  # (N, seq_len) float32: 1 where the target is an answer token
+    prompts_truncated: int = 0
+    answers_truncated: int = 0
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(np.ascontiguousarray(self.rows).tobytes())
+        h.update(np.ascontiguousarray(self.weights).tobytes())
+        return h.hexdigest()[:16]
+
+
+def build_rows(examples: Sequence[Example], tok, seq_len: int, template: str, answer_prefix: str) -> Seq2SeqRows:
+    row_len = seq_len + 1
+    pad = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+    rows = np.full((len(examples), row_len), pad, np.int32)
+    weights = np.zeros((len(examples), seq_len), np.float32)
+    n_prompt = n_answer = 0
+    for i, ex in enumerate(examples):
+        ids, p, cut_p, cut_a = encode_example(tok, ex, template, answer_prefix, row_len)
+        rows[i, : len(ids)] = ids
+        weights[i, max(p - 1, 0): len(ids) - 1] = 1.0  # target j predicts ids[j + 1]: answer tokens start at p
+        n_prompt += cut_p
+        n_answer += cut_a
+    return Seq2SeqRows(rows, weights, n_prompt, n_answer)
+
+
+def load_train_eval(data_cfg, seq_len: int, tok) -> tuple[Seq2SeqRows, Seq2SeqRows]:
+    stats = LoadStats()
+    splits = load_splits(data_cfg, stats)
+    if data_cfg.max_examples:
+        splits = {k: v[: data_cfg.max_examples] for k, v in splits.items()}
+    train = build_rows(splits["train"], tok, seq_len, data_cfg.prompt_template, data_cfg.answer_prefix)
+    dev = build_rows(splits["dev"], tok, seq_len, data_cfg.prompt_template, data_cfg.answer_prefix)
+    if len(train.rows) == 0:
+        raise DataError(f"{data_cfg.path}: the train split is empty")
+    skipped = sum(stats.empty_answers.values())
+    print(f"[seq2seq] {len(splits['train'])} train / {len(splits['dev'])} dev / {len(splits['test'])} test examples "
+          f"({skipped} empty answers skipped, {stats.errors_skipped} bad records skipped); truncated: "
+          f"{train.prompts_truncated + dev.prompts_truncated} prompts, {train.answers_truncated + dev.answers_truncated} "
+          f"answers (rows of {seq_len + 1} tokens)", flush=True)
+    return train, dev
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation eval: answers for a dev sample and ROUGE-L
+# ----------------------------------------------------------------------------------------------------
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (rouge-score, with stemming) in [0, 1]."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def evaluate_generation(config, workdir: str, split: str = "dev") -> dict:
+    """Generate answers for the first `data.generate_examples` examples of `split` with the latest
+    checkpoint; write `workdir/generations_<split>.jsonl`; return {"rougeL", "examples"}."""
+    import jax
+
+    from biomedlm_jax import checkpoint, generate
+
+    d = config.data
+    examples = load_splits(d)[split][: d.generate_examples]
+    if not examples:
+        return {"examples": 0}
+    model, params = checkpoint.load_model(workdir, remat_policy="none")
+    tok = tokenizer_lib.load_tokenizer(checkpoint.tokenizer_dir(workdir))
+    eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+    budget = min(d.max_new_tokens, model.config.n_positions // 2)
+    prompts = [tok.encode(prompt_text(d.prompt_template, e)).ids[-(model.config.n_positions - budget):] for e in examples]
+    cfg = generate.SamplingConfig(max_new_tokens=budget, temperature=0.0, no_repeat_ngram_size=d.no_repeat_ngram_size,
+                                  eos_id=eos, pad_id=eos)
+    outs = []
+    for i in range(0, len(prompts), 16):
+        outs += generate.generate(model, params, prompts[i: i + 16], jax.random.PRNGKey(0), cfg)
+    preds = [tok.decode([t for t in o if t != eos]).strip() for o in outs]
+    score = rouge_l(preds, [e.answer for e in examples])
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"generations_{split}.jsonl"), "w", encoding="utf-8") as f:
+            for e, p in zip(examples, preds):
+                f.write(json.dumps({"doc_id": e.doc_id, "question": e.question, "answer": e.answer,
+                                    "generated": p}, ensure_ascii=False) + "\n")
+    return {"examples": len(examples), "rougeL": score, "first_question": examples[0].question,
+            "first_generated": preds[0]}
