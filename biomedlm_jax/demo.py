@@ -1,14 +1,16 @@
 """`make demo`: the BioMedLM pipeline end to end on the tiny config and the sample data in `data/`.
 
-Stages so far (later issues add theirs: MCQA -> seq2seq):
+Stages so far (a later issue adds MCQA):
   1. train a domain byte-level BPE (BioMedLM's recipe) on the shipped PubMed abstracts and compare it
      with GPT-2's on held-out abstracts (tokens per word, how biomedical terms split);
   2. prepare the corpus offline with it (tokenize + pack into row shards with a manifest);
   3. pretrain the `tiny` GPT on those shards with the real trainer (`configs/pretrain.py:tiny`,
      `train_and_evaluate`): held-out loss before/after, tokens/s, orbax checkpoints in demo_out/pretrain;
-  4. export the latest checkpoint to HF safetensors (loadable by transformers.GPT2LMHeadModel),
+  4. fine-tune it for consumer-health QA on the shipped MedQuAD sample (answer-only loss,
+     `configs/seq2seq.py:tiny`), answer dev questions with the KV-cache generator, report ROUGE-L;
+  5. export the latest checkpoint to HF safetensors (loadable by transformers.GPT2LMHeadModel),
      reload, check logits match;
-  5. convert HF -> orbax -> HF with the `convert` CLI code path and check again.
+  6. convert HF -> orbax -> HF with the `convert` CLI code path and check again.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biomedlm_jax import checkpoint, configlib, convert, hf, input_pipeline, prepare_data, readers, train
+from biomedlm_jax import (checkpoint, configlib, convert, finetune_seq2seq, hf, input_pipeline, prepare_data, readers,
+                          train)
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +37,7 @@ def main(argv=None):
     p.add_argument("--workdir", default=os.path.join(REPO, "demo_out"))
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--vocab_size", type=int, default=16384)
+    p.add_argument("--seq2seq_steps", type=int, default=100)
     args = p.parse_args(argv)
     shutil.rmtree(args.workdir, ignore_errors=True)
     t_start = time.time()
@@ -75,11 +79,23 @@ def main(argv=None):
     before, after = s["initial_eval_loss"], s["eval_loss"]
     print(f"[pretrain] held-out loss {before:.3f} -> {after:.3f}  (perplexity {np.exp(before):,.0f} -> "
           f"{np.exp(after):,.1f}); {s['tokens_per_s']:,.0f} tokens/s; checkpoints in {os.path.relpath(pre_dir)}")
+    # 4. seq2seq fine-tuning + generation ---------------------------------------------------------------
+    s2s = configlib.load_config_file(os.path.join(REPO, "configs", "seq2seq.py"), "tiny")
+    s2s.init_from = f"orbax:{pre_dir}"
+    s2s.num_train_steps = args.seq2seq_steps
+    s2s.eval_every_steps = s2s.checkpoint_every_steps = args.seq2seq_steps
+    s2s.progress_bar = False
+    s2s_dir = os.path.join(args.workdir, "seq2seq")
+    print(f"[seq2seq] configs/seq2seq.py:tiny from orbax:{os.path.relpath(pre_dir)}, {args.seq2seq_steps} steps on "
+          f"{os.path.relpath(s2s.data.path, REPO)}")
+    s2 = finetune_seq2seq.finetune(s2s, s2s_dir)
+    print(f"[seq2seq] held-out answer loss {s2['initial_eval_loss']:.3f} -> {s2['eval_loss']:.3f}; ROUGE-L {s2['rougeL']:.4f}")
+
     model, params = checkpoint.load_model(pre_dir)
     probe = jnp.asarray(np.arange(2 * 64, dtype=np.int32).reshape(2, 64) * 37 % model.config.vocab_size)
     ref = model.apply({"params": params}, probe)
 
-    # 4. HF export / reload ----------------------------------------------------------------------------
+    # 5. HF export / reload ----------------------------------------------------------------------------
     hf_dir = os.path.join(args.workdir, "hf")
     convert.convert(f"orbax:{pre_dir}", f"hf:{hf_dir}")
     model2, params2 = hf.load_pretrained(hf_dir)
@@ -87,14 +103,14 @@ def main(argv=None):
     print(f"[export] orbax:{os.path.relpath(pre_dir)} -> HF GPT2LMHeadModel safetensors -> {os.path.relpath(hf_dir)} ({sorted(os.listdir(hf_dir))}); "
           f"reloaded max|dlogits| = {diff:.1e}")
 
-    # 5. HF -> orbax -> HF ------------------------------------------------------------------------------
+    # 6. HF -> orbax -> HF ------------------------------------------------------------------------------
     orbax_dir, hf2_dir = os.path.join(args.workdir, "orbax"), os.path.join(args.workdir, "hf_roundtrip")
     convert.convert(f"hf:{hf_dir}", f"orbax:{orbax_dir}")
     convert.convert(f"orbax:{orbax_dir}", f"hf:{hf2_dir}")
     model3, params3 = hf.load_pretrained(hf2_dir)
     diff3 = float(jnp.abs(model3.apply({"params": params3}, probe) - ref).max())
     print(f"[convert] hf -> orbax:{os.path.relpath(orbax_dir)} -> hf:{os.path.relpath(hf2_dir)}; max|dlogits| = {diff3:.1e}")
-    if diff > 1e-5 or diff3 > 1e-5 or not after < before:
+    if diff > 1e-5 or diff3 > 1e-5 or not after < before or not s2["eval_loss"] < s2["initial_eval_loss"]:
         raise SystemExit("demo FAILED: export round trip changed logits or training did not reduce held-out loss")
     print(f"== demo done in {time.time() - t_start:.0f}s ==")
 

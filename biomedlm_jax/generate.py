@@ -95,10 +95,18 @@ def top_p_filter(logits, p: float):
     return jnp.where(keep, logits, NEG_INF)
 
 
+def greedy(logits):
+    """First index of the maximum, like argmax. XLA:CPU's variadic-reduce argmax takes ~3.7 ms on a
+    (32, 50257) array and was most of a decode step; max, compare and min take ~1.1 ms."""
+    top = logits.max(axis=-1, keepdims=True)
+    iota = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None, :]
+    return jnp.min(jnp.where(logits == top, iota, logits.shape[-1]), axis=-1).astype(jnp.int32)
+
+
 def sample_token(logits, rng, cfg: SamplingConfig):
     """logits (B, V) fp32 (already n-gram-processed) -> (B,) int32."""
     if cfg.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     logits = logits / cfg.temperature
     logits = top_k_filter(logits, cfg.top_k)
     logits = top_p_filter(logits, cfg.top_p)

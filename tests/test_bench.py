@@ -19,3 +19,13 @@ def test_pipeline_benchmark_does_not_import_tensorflow():
             "assert 'tensorflow' not in sys.modules, 'TF imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_generate_benchmark_rows_with_peer():
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "generate", "--model=tiny", "--batch=2",
+                        "--prompt=8", "--new=8", "--peer"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in r.stdout.strip().splitlines()]
+    assert [row["impl"] for row in rows] == ["ours", "hf-torch"]
+    assert all(row["kind"] == "generate" and row["tokens_per_s"] > 0 for row in rows)
+    assert rows[0]["speedup_vs_hf"] > 0

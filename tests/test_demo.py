@@ -9,11 +9,11 @@ from conftest import REPO
 @pytest.mark.slow
 def test_demo_runs_from_the_repo_alone(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "biomedlm_jax.demo", "--steps=30", f"--workdir={tmp_path / 'demo'}"],
+        [sys.executable, "-m", "biomedlm_jax.demo", "--steps=30", "--seq2seq_steps=10", f"--workdir={tmp_path / 'demo'}"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    for stage in ("[tokenizer]", "[prepare]", "[pretrain]", "[train]", "[eval]", "[export]", "[convert]", "== demo done"):
+    for stage in ("[tokenizer]", "[prepare]", "[pretrain]", "[seq2seq]", "[generate] Q:", "ROUGE-L", "[train]", "[eval]", "[export]", "[convert]", "== demo done"):
         assert stage in r.stdout
     assert "held-out loss" in r.stdout
     assert (tmp_path / "demo" / "pretrain" / "checkpoints" / "30").is_dir()

@@ -170,3 +170,8 @@ def test_cli_batch_jsonl_and_streaming_prompt(hf_pair, tmp_path):
     want = G.generate(m2, p2, [ids], jax.random.PRNGKey(0), G.SamplingConfig(max_new_tokens=5, temperature=0.0, eos_id=50256))[0]
     assert r.stdout.strip() == ("Metformin is" + gpt2.decode([t for t in want if t != 50256])).strip()
     assert rows[0]["completion"] == gpt2.decode([t for t in want if t != 50256])
+
+
+def test_greedy_helper_equals_argmax_with_ties():
+    logits = jnp.asarray([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 5.0, 5.0], [-2.0, -3.0, -1.0, -9.0]])
+    assert G.greedy(logits).tolist() == np.argmax(np.asarray(logits), -1).tolist() == [1, 0, 2]
