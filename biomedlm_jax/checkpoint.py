@@ -131,8 +131,11 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, **confi
     disk_tree = getattr(disk, "tree", disk)
     if not isinstance(disk_tree, dict) or "params" not in disk_tree:
         raise hf.CheckpointError(f"{where}: no 'params' entry in the stored state")
-    _check_against_disk(disk_tree["params"], abstract, where)
-    target = {"params": abstract}
+    # Models with a task head (MCQA) keep the GPT under params[backbone]; only that part is read.
+    backbone = meta.get("backbone")
+    disk_params = disk_tree["params"][backbone] if backbone else disk_tree["params"]
+    _check_against_disk(disk_params, abstract, where)
+    target = {"params": {backbone: abstract} if backbone else abstract}
     restored = mngr.restore(
         step,
         args=ocp.args.Composite(
@@ -141,7 +144,7 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, **confi
             )
         ),
     )
-    params = restored["state"]["params"]
+    params = restored["state"]["params"][backbone] if backbone else restored["state"]["params"]
     cfg = stored.replace(**config_overrides)
     if cfg.scan_layers != stored.scan_layers:
         params = (hf.stack_layers if cfg.scan_layers else hf.unstack_layers)(params, cfg.n_layer)

@@ -276,8 +276,18 @@ def _load_raw(data_cfg, seq_len: int, tok) -> tuple[PackedRows, PackedRows]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def num_rows(rows) -> int:
+    """Rows of an array, or of a dict of equally long named fields."""
+    if isinstance(rows, dict):
+        lengths = {len(v) for v in rows.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"fields have different lengths {sorted(lengths)}")
+        return lengths.pop()
+    return len(rows)
 
 
 class BatchIterator:
@@ -294,17 +304,18 @@ class BatchIterator:
                  weights: Optional[np.ndarray] = None):
         if global_batch % grad_accum:
             raise ValueError(f"global batch {global_batch} is not divisible by grad_accum_steps={grad_accum}")
-        if len(rows) == 0:
+        if num_rows(rows) == 0:
             raise ValueError("no rows to iterate over")
         self.rows, self.global_batch, self.seed, self.shuffle = rows, global_batch, seed, shuffle
         self.weights = weights  # optional (N, T) per-target loss weights (seq2seq: answer tokens only)
+        self.num_rows = num_rows(rows)
         self.grad_accum, self.micro = grad_accum, global_batch // grad_accum
         self.local_rows = local_rows or (0, self.micro)
         self.position = position
         self._perms: dict[int, np.ndarray] = {}
 
     def _row_index(self, positions: np.ndarray) -> np.ndarray:
-        n = len(self.rows)
+        n = self.num_rows
         epochs, offsets = np.divmod(positions, n)
         if not self.shuffle:
             return offsets
@@ -329,6 +340,8 @@ class BatchIterator:
     def batch_at(self, position: int) -> dict:
         """The batch at `position` (a pure function of position and seed: what makes resume a seek)."""
         idx = self.indices_at(position)
+        if isinstance(self.rows, dict):  # named fields (e.g. MCQA ids/mask/labels), gathered as they are
+            return {k: np.asarray(v[idx]) for k, v in self.rows.items()}
         rows = self.rows[idx].astype(np.int32)  # (A, b, T + 1)
         batch = {"inputs": rows[..., :-1], "targets": rows[..., 1:]}
         if self.weights is not None:
@@ -345,16 +358,16 @@ class BatchIterator:
 
     @property
     def epoch(self) -> float:
-        return self.position / len(self.rows)
+        return self.position / self.num_rows
 
     def state(self) -> dict:
-        return {"position": int(self.position), "seed": int(self.seed), "num_rows": int(len(self.rows))}
+        return {"position": int(self.position), "seed": int(self.seed), "num_rows": int(self.num_rows)}
 
     def restore(self, state: dict) -> None:
-        if int(state["num_rows"]) != len(self.rows) or int(state["seed"]) != self.seed:
+        if int(state["num_rows"]) != self.num_rows or int(state["seed"]) != self.seed:
             raise DataError(
                 f"saved data position is for {state['num_rows']} rows / seed {state['seed']}, "
-                f"but this run has {len(self.rows)} rows / seed {self.seed}: the training data changed"
+                f"but this run has {self.num_rows} rows / seed {self.seed}: the training data changed"
             )
         self.position = int(state["position"])
 
@@ -363,12 +376,17 @@ def eval_batches(rows: np.ndarray, batch: int, local_rows: Optional[tuple[int, i
                  max_batches: int = 0, weights: Optional[np.ndarray] = None) -> Iterator[dict]:
     """Fixed, ordered held-out batches; the last one padded with weight-0 rows. (1, b, T) like training."""
     start, stop = local_rows or (0, batch)
-    n_batches = -(-len(rows) // batch)
+    n = num_rows(rows)
+    n_batches = -(-n // batch)
     if max_batches:
         n_batches = min(n_batches, max_batches)
     for i in range(n_batches):
         idx = np.arange(i * batch, (i + 1) * batch)[start:stop]
-        valid = idx < len(rows)
+        valid = idx < n
+        if isinstance(rows, dict):
+            out = {k: np.asarray(v[np.where(valid, idx, 0)])[None] for k, v in rows.items()}
+            yield dict(out, valid=valid[None].astype(np.float32))
+            continue
         chunk = rows[np.where(valid, idx, 0)].astype(np.int32)
         w = np.broadcast_to(valid[:, None], chunk[:, 1:].shape).astype(np.float32)
         if weights is not None:

@@ -46,6 +46,66 @@ _TRAIN_STEP_TRACES = 0
 # ----------------------------------------------------------------------------------------------------
 
 
+class LMTask:
+    """Next-token prediction on token rows: pretraining, and seq2seq with per-target loss weights.
+
+    A task tells the shared trainer what differs between objectives: the model (`model`, with
+    `backbone` naming the GPT params inside it, None when the model *is* the GPT), the init inputs,
+    the data, the loss, the eval sums and how to summarise them. `mcqa.MCQATask` is the other one.
+    """
+
+    backbone = None
+    best_metric = None  # eval metric to keep a best checkpoint by (None: no best checkpoint)
+
+    def __init__(self, config):
+        self.config = config
+
+    def prepare(self, tok, cfg: GPTConfig):
+        """(tokenizer, model config) after task-specific changes (MCQA adds tokens)."""
+        return tok, cfg
+
+    def model(self, cfg: GPTConfig):
+        return GPT(cfg)
+
+    def example_inputs(self):
+        return (jnp.ones((1, self.config.seq_len), jnp.int32),)
+
+    def tokens_per_example(self) -> int:
+        return self.config.seq_len
+
+    def load_data(self, tok):
+        return input_pipeline.load_train_eval(self.config.data, self.config.seq_len, tok)
+
+    def eval_batches(self, eval_data, micro, local_rows):
+        return input_pipeline.eval_batches(eval_data.rows, micro, local_rows, self.config.eval_batches,
+                                           getattr(eval_data, "weights", None))
+
+    def loss(self, model, params, mb, rng, deterministic: bool):
+        logits = model.apply({"params": params}, mb["inputs"], deterministic=deterministic, rngs={"dropout": rng})
+        return losses.token_nll_sum(logits, mb["targets"], mb.get("weights"))
+
+    def eval_sums(self, model, params, b) -> dict:
+        logits = model.apply({"params": params}, b["inputs"][0], deterministic=True)
+        loss_sum, count = losses.token_nll_sum(logits, b["targets"][0], b["weights"][0])
+        return {"loss_sum": loss_sum, "count": count}
+
+    def summarize(self, sums: dict) -> dict:
+        loss = sums["loss_sum"] / sums["count"]
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": sums["count"]}
+
+    def adapt_backbone(self, params_np, cfg: GPTConfig):
+        """Loaded GPT params -> the backbone this task's model holds (MCQA grows the vocabulary)."""
+        return params_np
+
+
+def task_for(config):
+    if config.data.get("task", "lm") == "mcqa":
+        from biomedlm_jax import mcqa
+
+        return mcqa.MCQATask(config)
+    return LMTask(config)
+
+
 def parse_init_from(spec: str) -> tuple[str, str]:
     """"hf:DIR" / "orbax:WORKDIR" -> (kind, path); "" -> ("", "")."""
     if not spec:
@@ -96,11 +156,15 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     return tx, schedule
 
 
-def state_shardings(model: GPT, tx, mesh, rules, seq_len: int):
-    """(abstract state, NamedShardings) of {"step", "params", "opt_state", "rng"} without allocating."""
-    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+def state_shardings(model, tx, mesh, rules, example_inputs):
+    """(abstract state, NamedShardings) of {"step", "params", "opt_state", "rng"} without allocating.
+
+    example_inputs: the model's init arguments, or an int seq_len for a GPT taking (1, seq_len) ids."""
+    if isinstance(example_inputs, int):
+        example_inputs = (jnp.ones((1, example_inputs), jnp.int32),)
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in example_inputs)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)["params"], ids)
+        boxed = jax.eval_shape(lambda *xs: model.init(jax.random.PRNGKey(0), *xs)["params"], *shapes)
     params = sharding.values(boxed)
     param_sh = sharding.fit_shardings(params, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules))
     opt_state = jax.eval_shape(tx.init, params)
@@ -119,9 +183,10 @@ def state_shardings(model: GPT, tx, mesh, rules, seq_len: int):
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:
-    """Batches are (grad_accum, micro_batch, T): the micro-batch axis is split over the batch mesh axes."""
+    """Batch fields are (grad_accum, micro_batch, ...): the micro-batch axis is split over the batch mesh
+    axes, trailing axes (tokens, options) are not split."""
     (batch_axes,) = nn.logical_to_mesh_axes(("activation_batch",), rules)
-    return NamedSharding(mesh, P(None, batch_axes, None))
+    return NamedSharding(mesh, P(None, batch_axes))
 
 
 def process_batch_rows(sharding: NamedSharding, shape: tuple) -> tuple[int, int]:
@@ -152,17 +217,19 @@ def put_params(params_np, shardings):
     )
 
 
-def make_train_step(model: GPT, tx, deterministic: bool) -> Callable:
-    """(state, batch) -> (state, metrics). batch: "inputs"/"targets" (A, b, T) int, optional "weights".
+def make_train_step(model, tx, deterministic: bool, task=None) -> Callable:
+    """(state, batch) -> (state, metrics). LM batch: "inputs"/"targets" (A, b, T) int, optional "weights";
+    other tasks' batches are whatever their `loss` reads, each field with leading (A, b).
 
     Gradients are summed over the A micro-batches (lax.scan) and divided once by the token count, so
     k micro-batches equal one big batch. A non-finite loss poisons the gradients, so the optimizer's
     `apply_if_finite` skips the step (params and moments unchanged) and counts it.
     """
 
+    task = task or LMTask(None)
+
     def micro_loss(params, mb, rng):
-        logits = model.apply({"params": params}, mb["inputs"], deterministic=deterministic, rngs={"dropout": rng})
-        return losses.token_nll_sum(logits, mb["targets"], mb.get("weights"))
+        return task.loss(model, params, mb, rng, deterministic)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -171,7 +238,7 @@ def make_train_step(model: GPT, tx, deterministic: bool) -> Callable:
         _TRAIN_STEP_TRACES += 1
         params = state["params"]
         step_rng = jax.random.fold_in(state["rng"], state["step"])
-        n_micro = batch["inputs"].shape[0]
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
 
         def body(carry, xs):
             g_acc, l_acc, c_acc = carry
@@ -203,10 +270,11 @@ def make_train_step(model: GPT, tx, deterministic: bool) -> Callable:
     return train_step
 
 
-def make_eval_step(model: GPT) -> Callable:
+def make_eval_step(model, task=None) -> Callable:
+    task = task or LMTask(None)
+
     def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"][0], deterministic=True)
-        return losses.token_nll_sum(logits, batch["targets"][0], batch["weights"][0])
+        return task.eval_sums(model, params, batch)
 
     return eval_step
 
@@ -296,18 +364,19 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
         digest = np.frombuffer(bytes.fromhex(_config_digest(config)), np.uint8)
         multihost_utils.assert_equal(digest, "processes were started with different configs")
 
-    # --- model ---------------------------------------------------------------------------------------
-    cfg = model_config(config)
-    _check_config(config, cfg, mesh)
-    model = GPT(cfg)
+    # --- model + tokenizer ---------------------------------------------------------------------------
+    task = task_for(config)
+    base_cfg = model_config(config)  # the architecture init_from's weights have
+    _check_config(config, base_cfg, mesh)
+    tok, cfg = task.prepare(load_run_tokenizer(config, workdir), base_cfg)
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is {cfg.vocab_size}")
+    model = task.model(cfg)
     seq_len, global_batch, accum = config.seq_len, config.global_batch_size, config.grad_accum_steps
     micro = global_batch // accum
 
-    # --- tokenizer + data ----------------------------------------------------------------------------
-    tok = load_run_tokenizer(config, workdir)
-    if tok.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is {cfg.vocab_size}")
-    train_rows, eval_rows = input_pipeline.load_train_eval(config.data, seq_len, tok)
+    # --- data ----------------------------------------------------------------------------------------
+    train_rows, eval_rows = task.load_data(tok)
     b_sharding = batch_sharding(mesh, rules)
     local_rows = process_batch_rows(b_sharding, (accum, micro, seq_len))
     train_iter = input_pipeline.BatchIterator(
@@ -317,7 +386,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
 
     # --- optimizer + sharded state -------------------------------------------------------------------
     tx, schedule = make_optimizer(config)
-    abstract, shardings = state_shardings(model, tx, mesh, rules, seq_len)
+    abstract, shardings = state_shardings(model, tx, mesh, rules, task.example_inputs())
     mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     latest = mngr.latest_step()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -331,34 +400,33 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                 )
             source = f"resumed from step {latest}"
         else:
-            state, source = _initial_state(config, model, cfg, tx, abstract, shardings, seq_len)
+            state, source = _initial_state(config, model, base_cfg, tx, abstract, shardings, task)
             if is_main:
                 tokenizer_lib.save_tokenizer(tok, checkpoint.tokenizer_dir(workdir), model_max_length=cfg.n_positions)
 
     # --- compiled steps ------------------------------------------------------------------------------
     replicated = NamedSharding(mesh, P())
     p_train_step = jax.jit(
-        make_train_step(model, tx, deterministic=not any((cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop))),
+        make_train_step(model, tx, not any((cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop)), task),
         in_shardings=(shardings, b_sharding), out_shardings=(shardings, replicated), donate_argnums=0,
     )
-    p_eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings["params"], b_sharding),
-                          out_shardings=(replicated, replicated))
+    p_eval_step = jax.jit(make_eval_step(model, task), in_shardings=(shardings["params"], b_sharding),
+                          out_shardings=replicated)
 
     def evaluate(params) -> dict:
-        total, count = 0.0, 0.0
-        for b in input_pipeline.eval_batches(eval_rows.rows, micro, local_rows, config.eval_batches,
-                                             getattr(eval_rows, "weights", None)):
-            s, c = p_eval_step(params, to_global(b, b_sharding, micro))
-            total, count = total + float(s), count + float(c)
-        if not count:
-            return {}
-        loss = total / count
-        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": count}
+        sums: dict = {}
+        for b in task.eval_batches(eval_rows, micro, local_rows):
+            out = jax.device_get(p_eval_step(params, to_global(b, b_sharding, micro)))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return task.summarize(sums) if sums.get("count") else {}
+
+    meta_extra = {"backbone": task.backbone} if task.backbone else {}
 
     def save(step: int) -> None:
         meta = checkpoint.model_meta(
             cfg, data=train_iter.state(), data_fingerprint=train_rows.fingerprint(),
-            config=json.loads(config.to_json_best_effort()),
+            config=json.loads(config.to_json_best_effort()), **meta_extra,
         )
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                   force=True)
@@ -370,11 +438,12 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     n_devices = mesh.devices.size
     traces_before = _TRAIN_STEP_TRACES
     summary = {"start_step": start_step, "source": source, "preempted": False,
-               "train_rows": len(train_rows.rows), "eval_rows": len(eval_rows.rows),
+               "train_rows": input_pipeline.num_rows(train_rows.rows),
+               "eval_rows": input_pipeline.num_rows(eval_rows.rows),
                "params": int(sum(x.size for x in jax.tree.leaves(abstract["params"])))}
     if is_main:
         print(f"[train] {source}; {summary['params']:,} params on mesh {dict(mesh.shape)}; "
-              f"{len(train_rows.rows):,} train rows / {len(eval_rows.rows):,} eval rows of {seq_len + 1} tokens",
+              f"{summary['train_rows']:,} train rows / {summary['eval_rows']:,} eval rows of {seq_len + 1} tokens",
               flush=True)
 
     from tqdm import tqdm
@@ -386,9 +455,12 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     last_saved = latest
     step = start_step
     with Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if start_step == 0 and len(eval_rows.rows):
+        best = [_read_best(workdir, task)]
+        if start_step == 0 and summary["eval_rows"]:
             ev = evaluate(state["params"])
             summary["initial_eval_loss"] = ev.get("loss")
+            if task.best_metric:
+                summary[f"initial_{task.best_metric}"] = ev.get(task.best_metric)
             writer.write(0, ev, "eval")
         while step < config.num_train_steps:
             batch = to_global(next(train_iter), b_sharding, micro)
@@ -396,7 +468,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             step += 1
             bar.update(1)
-            tokens_window += m["tokens"]
+            tokens_window += global_batch * task.tokens_per_example()
             if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
                 window.append(m)
             if m["nonfinite_consecutive"] >= config.optimizer.max_consecutive_nonfinite:
@@ -425,12 +497,18 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 summary.update(train_loss=row["loss"], tokens_per_s=tok_s, mfu=row["mfu"])
                 window, t_window, tokens_window = [], time.time(), 0
-            if len(eval_rows.rows) and (step % config.eval_every_steps == 0 or step == config.num_train_steps):
+            if summary["eval_rows"] and (step % config.eval_every_steps == 0 or step == config.num_train_steps):
                 ev = evaluate(state["params"])
                 writer.write(step, ev, "eval")
                 summary["eval_loss"] = ev.get("loss")
                 if is_main:
-                    bar.write(f"[eval]  step {step}: loss {ev['loss']:.4f}  perplexity {ev['perplexity']:.2f}")
+                    shown = "  ".join(f"{k} {v:.4f}" for k, v in ev.items() if k not in ("tokens", "count"))
+                    bar.write(f"[eval]  step {step}: {shown}")
+                if task.best_metric and ev.get(task.best_metric, -np.inf) > best[0]:
+                    best[0] = ev[task.best_metric]
+                    _save_best(workdir, cfg, state["params"], step, task, best[0])
+                    summary[f"best_{task.best_metric}"] = best[0]
+                    summary["best_step"] = step
             for hook in hooks:
                 hook(step, m)
             if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
@@ -453,25 +531,30 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     return summary
 
 
-def _initial_state(config, model, cfg, tx, abstract, shardings, seq_len):
-    """Fresh state: random init into sharded memory, or params from `init_from`."""
+def _initial_state(config, model, base_cfg, tx, abstract, shardings, task):
+    """Fresh state: random init into sharded memory; with `init_from`, the backbone's params are then
+    replaced by the checkpoint's (a task head, if any, keeps its random init)."""
     rng = jax.random.PRNGKey(config.seed)
+    init_key, rng = jax.random.split(rng)
+    inputs = task.example_inputs()
+    params = jax.jit(lambda k: nn.unbox(model.init(k, *inputs)["params"]), out_shardings=shardings["params"])(init_key)
     kind, path = parse_init_from(config.init_from)
-    if kind == "hf":
-        params_np = hf.load_params_numpy(path, cfg, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
-        params = put_params(params_np, shardings["params"])
-        source = f"initialised from HF checkpoint {path}"
-    elif kind == "orbax":
-        stored = GPTConfig(**checkpoint.read_meta(path)[1]["model"])
-        _, loaded = checkpoint.load_model(path, **{k: getattr(cfg, k) for k in ("scan_layers", "param_dtype")
-                                                 if getattr(cfg, k) != getattr(stored, k)})
-        params = put_params(jax.device_get(loaded), shardings["params"])
-        source = f"initialised from orbax checkpoint {path}"
-    else:
-        init_key, rng = jax.random.split(rng)
-        ids = jnp.ones((1, seq_len), jnp.int32)
-        params = jax.jit(lambda k: nn.unbox(model.init(k, ids)["params"]), out_shardings=shardings["params"])(init_key)
-        source = "random init"
+    source = "random init"
+    if kind:
+        if kind == "hf":
+            loaded = hf.load_params_numpy(path, base_cfg, dtype=np.dtype(jnp.dtype(base_cfg.param_dtype)))
+            source = f"initialised from HF checkpoint {path}"
+        else:
+            stored = GPTConfig(**checkpoint.read_meta(path)[1]["model"])
+            _, loaded = checkpoint.load_model(path, **{k: getattr(base_cfg, k) for k in ("scan_layers", "param_dtype")
+                                                     if getattr(base_cfg, k) != getattr(stored, k)})
+            loaded = jax.device_get(loaded)
+            source = f"initialised from orbax checkpoint {path}"
+        loaded = task.adapt_backbone(loaded, model.config if task.backbone is None else model.config)
+        if task.backbone is None:
+            params = put_params(loaded, shardings["params"])
+        else:
+            params = dict(params, **{task.backbone: put_params(loaded, shardings["params"][task.backbone])})
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     state = {
         "step": put_params(np.zeros([], np.int32), shardings["step"]),
@@ -480,6 +563,36 @@ def _initial_state(config, model, cfg, tx, abstract, shardings, seq_len):
         "rng": put_params(np.asarray(rng), shardings["rng"]),
     }
     return state, source
+
+
+BEST_DIR = "best"
+
+
+def _read_best(workdir: str, task) -> float:
+    """The best eval metric saved so far in WORKDIR/best (-inf when there is none)."""
+    if not task.best_metric or checkpoint.latest_step(os.path.join(workdir, BEST_DIR)) is None:
+        return -np.inf
+    return float(checkpoint.read_meta(os.path.join(workdir, BEST_DIR))[1].get(task.best_metric, -np.inf))
+
+
+def _save_best(workdir: str, cfg: GPTConfig, params, step: int, task, value: float) -> None:
+    """Params-only checkpoint of the best step by `task.best_metric` in WORKDIR/best (replacing the
+    previous best only once the new one is complete)."""
+    import shutil
+
+    best = os.path.join(workdir, BEST_DIR)
+    tmp = best + ".saving"
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    multihost_utils.sync_global_devices("best: cleared") if jax.process_count() > 1 else None
+    extra = {"backbone": task.backbone} if task.backbone else {}
+    checkpoint.save_params(tmp, cfg, params, step, **{task.best_metric: value}, **extra)
+    if jax.process_index() == 0:
+        tokenizer_lib.save_tokenizer(tokenizer_lib.load_tokenizer(checkpoint.tokenizer_dir(workdir)),
+                                     checkpoint.tokenizer_dir(tmp))
+        shutil.rmtree(best, ignore_errors=True)
+        os.rename(tmp, best)
+    multihost_utils.sync_global_devices("best: saved") if jax.process_count() > 1 else None
 
 
 def _config_digest(config) -> str:

@@ -133,7 +133,7 @@ def test_train_step_traces_once_under_chex(small_corpus):
     abstract, shardings = train.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
     step_fn = chex.assert_max_traces(train.make_train_step(model, tx, deterministic=True), n=1)
     with jax.set_mesh(mesh), train.nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        state, _ = train._initial_state(c, model, cfg, tx, abstract, shardings, c.seq_len)
+        state, _ = train._initial_state(c, model, cfg, tx, abstract, shardings, train.LMTask(c))
         jitted = jax.jit(step_fn, in_shardings=(shardings, train.batch_sharding(mesh, sharding.DEFAULT_RULES)),
                          out_shardings=(shardings, None), donate_argnums=0)
         rng = np.random.default_rng(0)
@@ -229,7 +229,7 @@ def test_nonfinite_step_is_skipped_and_counted(small_corpus):
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     abstract, shardings = train.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
     with jax.set_mesh(mesh):
-        state, _ = train._initial_state(c, model, cfg, tx, abstract, shardings, c.seq_len)
+        state, _ = train._initial_state(c, model, cfg, tx, abstract, shardings, train.LMTask(c))
         step = jax.jit(train.make_train_step(model, tx, deterministic=True))
         ids = np.random.default_rng(0).integers(0, 1000, (1, 4, c.seq_len + 1)).astype(np.int32)
         good = {"inputs": ids[..., :-1], "targets": ids[..., 1:], "weights": np.ones((1, 4, c.seq_len), np.float32)}
