@@ -428,3 +428,127 @@ def zero_shot_scores(model: GPT, params, tok, items: Sequence[MCQItem], template
             chunk_w = np.concatenate([chunk_w, np.zeros((pad, T - 1), np.float32)])
         out.append(np.asarray(score(params, chunk_ids, chunk_w))[: batch_size - pad])
     return np.concatenate(out).reshape(len(items), k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task files and the trainer task
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_task_file(task: str, spec: str) -> list[MCQItem]:
+    """Items of `task` from "PATH" or "PATH:SPLIT" (PubMedQA: train/dev/test/all; MMLU: the CSV split
+    name when PATH is a folder, e.g. test, dev, val)."""
+    if task not in REGISTRY:
+        raise ValueError(f"unknown MCQA task {task!r}; choose from {sorted(REGISTRY)}")
+    path, split = spec, None
+    if ":" in os.path.basename(spec):
+        path, split = spec.rsplit(":", 1)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{task}: {path} does not exist")
+    if task == "pubmedqa":
+        return load_pubmedqa(path, split or "all")
+    if task == "mmlu_medical":
+        return load_mmlu(path, split or "test")
+    return REGISTRY[task].loader(path)
+
+
+def majority_baseline(train_items: Sequence[MCQItem], eval_items: Sequence[MCQItem]) -> float:
+    """Accuracy of always answering the most frequent training answer (option index / label)."""
+    if not eval_items:
+        return float("nan")
+    ref = train_items or eval_items
+    counts = np.bincount([i.answer for i in ref], minlength=max(len(i.options) for i in ref))
+    return float(np.mean([i.answer == int(counts.argmax()) for i in eval_items]))
+
+
+class MCQATask:
+    """The trainer task (see train.LMTask) for a multiple-choice / classification head."""
+
+    backbone = "transformer"
+    best_metric = "accuracy"
+
+    def __init__(self, config):
+        self.config = config
+        d = config.data
+        self.spec = REGISTRY[d.mcqa_task] if d.mcqa_task in REGISTRY else None
+        if self.spec is None:
+            raise ValueError(f"data.mcqa_task={d.mcqa_task!r}; choose from {sorted(REGISTRY)}")
+        self.head = self.spec.head
+        self.num_labels = len(self.spec.labels) if self.head == "seqcls" else 1
+        self.k = 1
+        self.pad_id = self.sep_id = None
+
+    def prepare(self, tok, cfg: GPTConfig):
+        if self.head == "choice":
+            ids = add_special_tokens(tok)  # idempotent: a resumed run's tokenizer already has them
+            self.pad_id, self.sep_id = ids["[PAD]"], ids["[SEP]"]
+            cfg = cfg.replace(vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
+        else:
+            self.pad_id = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+        return tok, cfg
+
+    def model(self, cfg: GPTConfig):
+        return MCQAModel(cfg, self.head, self.num_labels)
+
+    def example_inputs(self):
+        shape = (1, self.k, self.config.seq_len)
+        return jnp.ones(shape, jnp.int32), jnp.ones(shape, bool)
+
+    def tokens_per_example(self) -> int:
+        return self.k * self.config.seq_len
+
+    def items(self) -> dict:
+        d = self.config.data
+        train = load_task_file(d.mcqa_task, d.train)
+        if d.carve_dev_fraction:
+            split = seeded_split(train, d.carve_dev_fraction, self.config.seed)
+            return {"train": split["train"], "dev": split["dev"]}
+        return {"train": train, "dev": load_task_file(d.mcqa_task, d.dev) if d.dev else []}
+
+    def encode(self, items, tok) -> Encoded:
+        d = self.config.data
+        return encode(items, tok, self.head, self.config.seq_len, self.pad_id, self.sep_id, d.append_eos,
+                      d.question_template)
+
+    def load_data(self, tok):
+        splits = self.items()
+        train, dev = self.encode(splits["train"], tok), self.encode(splits["dev"], tok)
+        self.k = train.ids.shape[1]
+        print(f"[mcqa] {self.spec.name} ({self.head} head): {len(splits['train'])} train / {len(splits['dev'])} dev "
+              f"items; contexts cut from the left in {train.truncated} train / {dev.truncated} dev items "
+              f"(rows of {self.config.seq_len} tokens); dev majority baseline "
+              f"{majority_baseline(splits['train'], splits['dev']):.3f}", flush=True)
+        return train, dev
+
+    def eval_batches(self, eval_data, micro, local_rows):
+        from biomedlm_jax import input_pipeline
+
+        return input_pipeline.eval_batches(eval_data.rows, micro, local_rows, self.config.eval_batches)
+
+    def loss(self, model, params, mb, rng, deterministic: bool):
+        scores = model.apply({"params": params}, mb["ids"], mb["mask"], deterministic=deterministic,
+                             rngs={"dropout": rng})
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(scores, -1), mb["labels"][:, None], -1)[:, 0]
+        return nll.sum(), jnp.asarray(nll.shape[0], jnp.float32)
+
+    def eval_sums(self, model, params, b) -> dict:
+        scores = model.apply({"params": params}, b["ids"][0], b["mask"][0], deterministic=True)
+        labels, valid = b["labels"][0], b["valid"][0]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(scores, -1), labels[:, None], -1)[:, 0]
+        correct = (jnp.argmax(scores, -1) == labels).astype(jnp.float32)
+        return {"loss_sum": (nll * valid).sum(), "count": valid.sum(), "correct": (correct * valid).sum()}
+
+    def summarize(self, sums: dict) -> dict:
+        return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
+                "count": sums["count"]}
+
+    def adapt_backbone(self, params_np, cfg: GPTConfig):
+        if params_np["wte"]["embedding"].shape[0] < cfg.vocab_size:
+            return resize_embeddings(params_np, cfg.vocab_size)
+        return params_np
+
+    def meta(self) -> dict:
+        d = self.config.data
+        return {"backbone": self.backbone, "mcqa": {
+            "task": self.spec.name, "head": self.head, "num_labels": self.num_labels, "labels": list(self.spec.labels),
+            "seq_len": self.config.seq_len, "append_eos": d.append_eos, "question_template": d.question_template}}

@@ -421,7 +421,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                 sums[k] = sums.get(k, 0.0) + float(v)
         return task.summarize(sums) if sums.get("count") else {}
 
-    meta_extra = {"backbone": task.backbone} if task.backbone else {}
+    meta_extra = task.meta() if hasattr(task, "meta") else {}
 
     def save(step: int) -> None:
         meta = checkpoint.model_meta(
@@ -585,7 +585,7 @@ def _save_best(workdir: str, cfg: GPTConfig, params, step: int, task, value: flo
     if jax.process_index() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     multihost_utils.sync_global_devices("best: cleared") if jax.process_count() > 1 else None
-    extra = {"backbone": task.backbone} if task.backbone else {}
+    extra = task.meta() if hasattr(task, "meta") else {}
     checkpoint.save_params(tmp, cfg, params, step, **{task.best_metric: value}, **extra)
     if jax.process_index() == 0:
         tokenizer_lib.save_tokenizer(tokenizer_lib.load_tokenizer(checkpoint.tokenizer_dir(workdir)),

@@ -1,0 +1,78 @@
+"""Multiple-choice QA fine-tuning configs: `python -m biomedlm_jax.finetune_mcqa
+--config=configs/mcqa.py:TASK --workdir=DIR --config.init_from=hf:/path/to/BioMedLM`.
+
+Each variant reproduces one row of the BioMedLM paper's results table, with the head BioMedLM's
+`finetune/` code used for it:
+
+| variant | head | paper row (BioMedLM 2.7B) | data keys to point at the official files |
+|---|---|---|---|
+| medqa | choice: `context [SEP] "{question} {option}" [SEP]`, Linear(d, 1) | MedQA (USMLE, 4 options) 50.3 | data.train / data.dev = phrases_no_exclude_{train,dev}.jsonl |
+| medmcqa | choice | MedMCQA 57.3 (dev) | data.train = train.json (original release), data.dev = dev.json |
+| mmlu_medical | choice | MMLU medical genetics 69.0 (test) | data.train = an MMLU-format training file, data.dev = a folder:test |
+| pubmedqa | seqcls: `context question` + EOS, Linear(d, 3, no bias) over maybe/no/yes | PubMedQA 74.4 (test) | data.train / data.dev = ori_pqal.json:train / :dev |
+| bioasq | seqcls over no/yes | BioASQ 95.7 | data.train / data.dev = BioASQ task-b JSON (not redistributable) |
+
+The defaults point at data that exists in this project. PubMedQA is shipped in `data/pubmedqa`. MedQA,
+MedMCQA and MMLU exist only as dev/test splits in `../shared/data`, so those variants carve a seeded
+train/dev split (`data.carve_dev_fraction`) out of that one file. That is good for checking the
+pipeline, not for reporting numbers: point `data.train` / `data.dev` at the official training files.
+
+Hyper-parameters (sequence 512, batch 32, lr 2e-5 with 10% warmup, 3 epochs' worth of steps, no weight
+decay) are our defaults, not values taken from the paper. `pubmedqa-tiny` is the CPU demo: the demo's
+tiny pretrained model on the shipped PubMedQA split.
+"""
+import os
+
+from biomedlm_jax import configlib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
+PUBMEDQA = os.path.join(REPO, "data", "pubmedqa", "ori_pqal.json")
+
+DEFAULT_FILES = {  # task -> (train, dev, carve_dev_fraction)
+    "pubmedqa": (f"{PUBMEDQA}:train", f"{PUBMEDQA}:dev", 0.0),
+    "medqa": (os.path.join(SHARED, "medqa_usmle", "us_4options_test.jsonl"), "", 0.1),
+    "medmcqa": (os.path.join(SHARED, "medmcqa", "dev_4183.jsonl"), "", 0.1),
+    "mmlu_medical": (os.path.join(SHARED, "mmlu_medical", "final_release_hf_format") + ":test", "", 0.2),
+    "bioasq": ("", "", 0.1),
+}
+
+
+def get_config(arg=None):
+    variant = arg or "pubmedqa"
+    task = variant.removesuffix("-tiny")
+    if task not in DEFAULT_FILES:
+        raise ValueError(f"unknown MCQA variant {variant!r}; choose from {sorted(DEFAULT_FILES)} or pubmedqa-tiny")
+    c = configlib.train_config()
+    c.data.task = "mcqa"
+    c.data.mcqa_task = task
+    c.data.train, c.data.dev, c.data.carve_dev_fraction = DEFAULT_FILES[task]
+    c.data.append_eos = True  # seqcls: EOS at the end, as BioMedLM's PubMedQA script could
+    c.data.question_template = "{question} {option}"
+    c.optimizer.weight_decay = 0.0
+    c.keep_checkpoints = 1
+    if variant.endswith("-tiny"):
+        c.model = configlib.model_section("tiny", embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+        c.seq_len = 128
+        c.global_batch_size = 8
+        c.num_train_steps = 120  # ~2 epochs of the 449 PubMedQA training items
+        c.warmup_steps = 10
+        c.learning_rate = 1e-3
+        c.log_every_steps = 10
+        c.eval_every_steps = 40
+        c.checkpoint_every_steps = 40
+    else:
+        c.model = configlib.model_section(
+            "biomedlm-2.7b", dtype="bfloat16", scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable"
+        )
+        c.seq_len = 512
+        c.global_batch_size = 32
+        c.num_train_steps = 300
+        c.warmup_steps = 30
+        c.learning_rate = 2e-5
+        c.mesh_shape = (1, -1, 1)
+        c.log_every_steps = 10
+        c.eval_every_steps = 50
+        c.checkpoint_every_steps = 50
+    c.lock()
+    return c
