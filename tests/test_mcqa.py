@@ -1,0 +1,223 @@
+"""MCQA: loaders and their errors, both heads, embedding resize, learning end to end, eval harness, zero-shot."""
+import collections
+import json
+import random
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from biomedlm_jax import checkpoint, configlib, hf, mcqa, train
+from biomedlm_jax import model as M
+from biomedlm_jax import tokenizer as T
+from conftest import REPO
+
+SHARED = REPO.parent / "shared" / "data"
+PUBMEDQA = REPO / "data" / "pubmedqa" / "ori_pqal.json"
+GPT2 = str(REPO / "data" / "gpt2_tokenizer")
+needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+
+
+def answer_counts(items):
+    return dict(collections.Counter(i.options[i.answer] if i.options[0] in ("maybe", "no") else i.answer for i in items))
+
+
+def test_pubmedqa_counts_and_splits_match_source():
+    items = mcqa.load_pubmedqa(str(PUBMEDQA))
+    assert len(items) == 1000 and answer_counts(items) == {"yes": 552, "no": 338, "maybe": 110}
+    test = mcqa.load_pubmedqa(str(PUBMEDQA), "test")
+    assert len(test) == 500 and answer_counts(test) == {"yes": 276, "no": 169, "maybe": 55}
+    train, dev = mcqa.load_pubmedqa(str(PUBMEDQA), "train"), mcqa.load_pubmedqa(str(PUBMEDQA), "dev")
+    assert (len(train), len(dev)) == (450, 50)
+    assert not {i.id for i in train} & {i.id for i in dev} and not {i.id for i in dev} & {i.id for i in test}
+    assert items[0].options == ("maybe", "no", "yes") and items[0].context
+
+
+@needs_shared
+def test_medmcqa_medqa_mmlu_counts_match_source():
+    a = mcqa.load_medmcqa(str(SHARED / "medmcqa" / "dev_4183.jsonl"))
+    assert len(a) == 4183 and answer_counts(a) == {0: 1348, 1: 1085, 2: 925, 3: 825}
+    assert a[0].options[0].startswith("Impulse through")  # "A. " prefix removed
+    b = mcqa.load_medmcqa(str(SHARED / "medmcqa" / "dev_subset2816_with_ids.jsonl"))
+    assert len(b) == 2816
+    q = mcqa.load_medqa(str(SHARED / "medqa_usmle" / "us_4options_test.jsonl"))
+    assert len(q) == 1273 and answer_counts(q) == {0: 353, 1: 309, 2: 346, 3: 265}
+    m = mcqa.load_mmlu(str(SHARED / "mmlu_medical" / "final_release_hf_format"), "test")
+    assert len(m) == 1089 and collections.Counter(i.subject for i in m)["professional_medicine"] == 272
+    orig = mcqa.load_mmlu(str(SHARED / "mmlu_medical" / "hendrycks_test_2020-09"), "val")  # letter answers, no header
+    assert len(orig) == 14 + 29 + 16 + 22 + 11 + 31
+
+
+def test_original_medmcqa_layout_and_bioasq(tmp_path):
+    p = tmp_path / "dev.json"
+    p.write_text(json.dumps({"id": "u1", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 3}) + "\n")
+    (item,) = mcqa.load_medmcqa(str(p))
+    assert item.answer == 2 and item.options == ("a", "b", "c", "d") and item.id == "u1"
+    b = tmp_path / "bioasq.json"
+    b.write_text(json.dumps({"questions": [
+        {"id": "1", "type": "yesno", "body": "Is TP53 a tumour suppressor?", "exact_answer": "yes",
+         "snippets": [{"text": "TP53 encodes p53."}, {"text": "p53 suppresses tumours."}]},
+        {"id": "2", "type": "factoid", "body": "Which gene?", "exact_answer": [["TP53"]]},
+        {"id": "3", "type": "yesno", "body": "Is water a protein?", "exact_answer": "no", "snippets": []},
+    ]}))
+    items = mcqa.load_bioasq(str(b))
+    assert [(i.id, i.options[i.answer]) for i in items] == [("1", "yes"), ("3", "no")]
+    assert items[0].context == "TP53 encodes p53. p53 suppresses tumours."
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"question": "Q?", "options": {"A": "a", "B": "b", "C": "c"}, "answer_idx": "A"}, "3 options, expected 4"),
+    ({"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "E"}, "answer 'E' is not one of"),
+    ({"question": "  ", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "A"}, "empty question"),
+    ({"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}}, "bad MedMCQA record"),
+])
+def test_bad_records_name_file_and_line(tmp_path, record, message):
+    p = tmp_path / "x.jsonl"
+    good = {"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "B"}
+    p.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(mcqa.DataError, match=rf"x.jsonl:2: .*{message}"):
+        mcqa.load_medmcqa(str(p))
+    p.write_text("not json\n")
+    with pytest.raises(mcqa.DataError, match=r"x.jsonl:1: not valid JSON"):
+        mcqa.load_medqa(str(p))
+
+
+def test_out_of_range_answers_and_wrong_files(tmp_path):
+    p = tmp_path / "dev.json"
+    p.write_text(json.dumps({"question": "Q?", "choices": ["A. a", "B. b", "C. c", "D. d"], "answer": 4}) + "\n")
+    with pytest.raises(mcqa.DataError, match=r"dev.json:1: answer 4 is out of range"):
+        mcqa.load_medmcqa(str(p))
+    csvf = tmp_path / "anatomy_test.csv"
+    csvf.write_text("q,a,b,c\n")
+    with pytest.raises(mcqa.DataError, match=r"anatomy_test.csv:1: 4 columns"):
+        mcqa.load_mmlu(str(csvf))
+    with pytest.raises(mcqa.DataError, match=r"expected an object keyed by PMID"):
+        (tmp_path / "p.json").write_text("[1, 2]")
+        mcqa.load_pubmedqa(str(tmp_path / "p.json"))
+
+
+def tiny_model(head, num_labels=1, vocab=97):
+    cfg = M.get_config("tiny", vocab_size=vocab, n_positions=32, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    model = mcqa.MCQAModel(cfg, head, num_labels)
+    ids = jnp.ones((2, 3 if head == "choice" else 1, 16), jnp.int32)
+    params = jax.tree.map(jnp.asarray, __import__("flax").linen.unbox(model.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]))
+    return model, params
+
+
+def test_heads_shapes_and_last_real_token():
+    model, params = tiny_model("choice")
+    assert params["score"]["kernel"].shape == (64, 1) and params["score"]["bias"].shape == (1,)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 97, (2, 3, 16)).astype(np.int32)
+    lengths = np.array([[5, 9, 16], [1, 12, 7]])
+    mask = np.arange(16)[None, None] < lengths[..., None]
+    scores = model.apply({"params": params}, ids, mask)
+    assert scores.shape == (2, 3) and scores.dtype == jnp.float32
+    other = np.where(mask, ids, (ids + 13) % 97)  # change only the padding: scores must not move
+    np.testing.assert_allclose(model.apply({"params": params}, other, mask), scores, atol=1e-6)
+    ids2 = ids.copy()
+    ids2[0, 0, 4] = (ids2[0, 0, 4] + 1) % 97  # change the last real token of one option
+    changed = np.asarray(model.apply({"params": params}, ids2, mask) != scores)
+    assert changed[0, 0] and changed.sum() == 1
+    seq, sparams = tiny_model("seqcls", 3)
+    assert "bias" not in sparams["score"] and sparams["score"]["kernel"].shape == (64, 3)
+    assert seq.apply({"params": sparams}, ids[:, :1], mask[:, :1]).shape == (2, 3)
+
+
+def test_added_tokens_resize_embeddings_and_survive_save_pretrained(tmp_path):
+    tok = T.load_tokenizer(GPT2)
+    ids = mcqa.add_special_tokens(tok)
+    assert list(ids.values()) == [50257, 50258, 50259] and tok.get_vocab_size() == 50260
+    assert mcqa.add_special_tokens(tok) == ids  # idempotent (resumed runs)
+    cfg = M.get_config("tiny", n_positions=32)
+    params = M.init_params(M.GPT(cfg), jax.random.PRNGKey(0))
+    grown = mcqa.resize_embeddings(params, 50260)
+    old, new = np.asarray(params["wte"]["embedding"]), np.asarray(grown["wte"]["embedding"])
+    np.testing.assert_array_equal(new[:50257], old)
+    np.testing.assert_allclose(new[50257:], np.repeat(old.mean(0, keepdims=True), 3, 0), rtol=1e-6)
+    big = M.GPT(cfg.replace(vocab_size=50260))
+    hf.save_pretrained(big, grown, str(tmp_path / "hf"), tokenizer=tok)
+    model2, params2 = hf.load_pretrained(str(tmp_path / "hf"))
+    assert model2.config.vocab_size == 50260
+    np.testing.assert_array_equal(np.asarray(params2["wte"]["embedding"]), new)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf")).convert_tokens_to_ids("[SEP]") == 50259
+
+
+def test_accuracy_and_majority_baseline_on_known_predictions():
+    scores = np.array([[0.1, 0.9, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 5.0], [1.0, 3.0, 2.0]])
+    assert mcqa.accuracy(scores, np.array([1, 0, 1, 1])) == 0.75
+    items = [mcqa.MCQItem(str(i), "q", ("a", "b", "c"), a) for i, a in enumerate([1, 1, 2, 0])]
+    assert mcqa.majority_baseline(items, items) == 0.5
+
+
+def synthetic_items(path, n, seed):
+    """The correct option is the one word that also appears in the question."""
+    words = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "garden", "silver", "forest",
+             "candle", "mirror", "desert", "button", "castle", "dragon", "feather", "harbor", "island"]
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            opts = r.sample(words, 4)
+            ans = r.randrange(4)
+            q = [r.choice([w for w in words if w not in opts]), opts[ans]]
+            r.shuffle(q)
+            f.write(json.dumps({"question": f"Which word appears in: {' '.join(q)}?",
+                                "options": dict(zip("ABCD", opts)), "answer_idx": "ABCD"[ans]}) + "\n")
+
+
+@pytest.mark.slow
+def test_choice_head_learns_a_synthetic_task(tmp_path):
+    synthetic_items(tmp_path / "train.jsonl", 2000, 0)
+    synthetic_items(tmp_path / "dev.jsonl", 200, 1)
+    c = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), "medqa-tiny")
+    c.data.tokenizer, c.data.train, c.data.dev, c.data.carve_dev_fraction = GPT2, str(tmp_path / "train.jsonl"), str(tmp_path / "dev.jsonl"), 0.0
+    c.seq_len, c.global_batch_size, c.num_train_steps, c.learning_rate, c.warmup_steps = 24, 32, 600, 3e-3, 20
+    c.eval_every_steps, c.checkpoint_every_steps, c.progress_bar, c.mesh_shape = 100, 600, False, (1, 1, 1)
+    s = train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert s["best_accuracy"] >= 0.95, s
+    # the harness reads the best checkpoint and reproduces its dev accuracy
+    from biomedlm_jax import evaluate_mcqa
+
+    res = evaluate_mcqa.evaluate({"medqa": str(tmp_path / "dev.jsonl")}, workdir=str(tmp_path / "run"), progress=False)
+    assert res["medqa"]["accuracy"] == pytest.approx(s["best_accuracy"])
+    assert "| medqa | dev.jsonl | 200 |" in evaluate_mcqa.results_table(res)
+
+
+def test_finetune_pubmedqa_cli_best_checkpoint_and_eval_table(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.finetune_mcqa", f"--config={REPO}/configs/mcqa.py:pubmedqa-tiny",
+                        f"--workdir={tmp_path}", f"--config.data.tokenizer={GPT2}", "--config.num_train_steps=6",
+                        "--config.eval_every_steps=3", "--config.progress_bar=false", "--config.seq_len=64"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "[mcqa] pubmedqa (seqcls head): 450 train / 50 dev" in r.stdout
+    assert checkpoint.latest_step(str(tmp_path / "best")) in (3, 6)
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.evaluate_mcqa", f"--workdir={tmp_path}",
+                        "--tasks=pubmedqa,medqa", "--max_items=40", f"--out={tmp_path / 'res.json'}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["pubmedqa"]["items"] == 40 and 0 <= res["pubmedqa"]["accuracy"] <= 1
+    assert "skipped" in res["medqa"]  # a seqcls head does not answer 4-option questions
+    assert "| pubmedqa | ori_pqal.json:test | 40 |" in r.stdout and "74.4" in r.stdout
+
+
+def test_zero_shot_prefers_the_continuation_the_lm_learned(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    with open(corpus, "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"id": str(i), "text": "Aspirin irreversibly inhibits cyclooxygenase enzymes."}) + "\n")
+    from test_train import make_config
+
+    c = make_config(str(corpus), num_train_steps=40, checkpoint_every_steps=40, seq_len=32, mesh_shape=(1, 1, 1))
+    train.train_and_evaluate(c, str(tmp_path / "lm"), devices=jax.devices()[:1])
+    model, params = checkpoint.load_model(str(tmp_path / "lm"))
+    tok = T.load_tokenizer(GPT2)
+    item = mcqa.MCQItem("1", "Aspirin irreversibly inhibits", ("thrombin receptors.", "cyclooxygenase enzymes.",
+                                                                 "sodium channels."), 1)
+    scores = mcqa.zero_shot_scores(model, params, tok, [item], template="{context}{question}", max_len=32)
+    assert scores.shape == (1, 3) and int(scores.argmax()) == 1
