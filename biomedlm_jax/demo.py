@@ -1,6 +1,6 @@
 """`make demo`: the BioMedLM pipeline end to end on the tiny config and the sample data in `data/`.
 
-Stages so far (a later issue adds MCQA):
+Stages:
   1. train a domain byte-level BPE (BioMedLM's recipe) on the shipped PubMed abstracts and compare it
      with GPT-2's on held-out abstracts (tokens per word, how biomedical terms split);
   2. prepare the corpus offline with it (tokenize + pack into row shards with a manifest);
@@ -8,9 +8,11 @@ Stages so far (a later issue adds MCQA):
      `train_and_evaluate`): held-out loss before/after, tokens/s, orbax checkpoints in demo_out/pretrain;
   4. fine-tune it for consumer-health QA on the shipped MedQuAD sample (answer-only loss,
      `configs/seq2seq.py:tiny`), answer dev questions with the KV-cache generator, report ROUGE-L;
-  5. export the latest checkpoint to HF safetensors (loadable by transformers.GPT2LMHeadModel),
+  5. fine-tune it as BioMedLM's PubMedQA classifier (seqcls head, `configs/mcqa.py:pubmedqa-tiny`) and
+     print the paper-style accuracy table on the official 500-question test split;
+  6. export the latest checkpoint to HF safetensors (loadable by transformers.GPT2LMHeadModel),
      reload, check logits match;
-  6. convert HF -> orbax -> HF with the `convert` CLI code path and check again.
+  7. convert HF -> orbax -> HF with the `convert` CLI code path and check again.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biomedlm_jax import (checkpoint, configlib, convert, finetune_seq2seq, hf, input_pipeline, prepare_data, readers,
-                          train)
+from biomedlm_jax import (checkpoint, configlib, convert, evaluate_mcqa, finetune_mcqa, finetune_seq2seq, hf,
+                          input_pipeline, prepare_data, readers, train)
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,11 +93,26 @@ def main(argv=None):
     s2 = finetune_seq2seq.finetune(s2s, s2s_dir)
     print(f"[seq2seq] held-out answer loss {s2['initial_eval_loss']:.3f} -> {s2['eval_loss']:.3f}; ROUGE-L {s2['rougeL']:.4f}")
 
+    # 5. MCQA fine-tuning + evaluation ------------------------------------------------------------------
+    mc = configlib.load_config_file(os.path.join(REPO, "configs", "mcqa.py"), "pubmedqa-tiny")
+    mc.init_from = f"orbax:{pre_dir}"
+    mc.progress_bar = False
+    mc_dir = os.path.join(args.workdir, "mcqa")
+    print(f"[mcqa] configs/mcqa.py:pubmedqa-tiny from orbax:{os.path.relpath(pre_dir)}, {mc.num_train_steps} steps")
+    t0 = time.time()
+    m3 = finetune_mcqa.finetune(mc, mc_dir)
+    epoch_s = (time.time() - t0) * m3["train_rows"] / (mc.num_train_steps * mc.global_batch_size)
+    results = evaluate_mcqa.evaluate(evaluate_mcqa.parse_tasks("pubmedqa"), workdir=mc_dir, progress=False)
+    steady = m3["train_rows"] * mc.seq_len / m3["tokens_per_s"]
+    print(f"[mcqa] best dev accuracy {m3['best_accuracy']:.3f} (step {m3['best_step']}); one PubMedQA epoch "
+          f"({m3['train_rows']} questions) takes {steady:.2f}s of training steps ({epoch_s:.1f}s with compile and eval)\n"
+          + evaluate_mcqa.results_table(results))
+
     model, params = checkpoint.load_model(pre_dir)
     probe = jnp.asarray(np.arange(2 * 64, dtype=np.int32).reshape(2, 64) * 37 % model.config.vocab_size)
     ref = model.apply({"params": params}, probe)
 
-    # 5. HF export / reload ----------------------------------------------------------------------------
+    # 6. HF export / reload ----------------------------------------------------------------------------
     hf_dir = os.path.join(args.workdir, "hf")
     convert.convert(f"orbax:{pre_dir}", f"hf:{hf_dir}")
     model2, params2 = hf.load_pretrained(hf_dir)
@@ -103,7 +120,7 @@ def main(argv=None):
     print(f"[export] orbax:{os.path.relpath(pre_dir)} -> HF GPT2LMHeadModel safetensors -> {os.path.relpath(hf_dir)} ({sorted(os.listdir(hf_dir))}); "
           f"reloaded max|dlogits| = {diff:.1e}")
 
-    # 6. HF -> orbax -> HF ------------------------------------------------------------------------------
+    # 7. HF -> orbax -> HF ------------------------------------------------------------------------------
     orbax_dir, hf2_dir = os.path.join(args.workdir, "orbax"), os.path.join(args.workdir, "hf_roundtrip")
     convert.convert(f"hf:{hf_dir}", f"orbax:{orbax_dir}")
     convert.convert(f"orbax:{orbax_dir}", f"hf:{hf2_dir}")

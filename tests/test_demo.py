@@ -13,7 +13,8 @@ def test_demo_runs_from_the_repo_alone(tmp_path):
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    for stage in ("[tokenizer]", "[prepare]", "[pretrain]", "[seq2seq]", "[generate] Q:", "ROUGE-L", "[train]", "[eval]", "[export]", "[convert]", "== demo done"):
+    for stage in ("[tokenizer]", "[prepare]", "[pretrain]", "[seq2seq]", "[generate] Q:", "ROUGE-L", "[mcqa]",
+                  "| pubmedqa | ori_pqal.json:test | 500 |", "[train]", "[eval]", "[export]", "[convert]", "== demo done"):
         assert stage in r.stdout
     assert "held-out loss" in r.stdout
     assert (tmp_path / "demo" / "pretrain" / "checkpoints" / "30").is_dir()
