@@ -85,6 +85,16 @@ def load_finetuned(workdir: str):
 
 
 def predict(model, params, enc: mcqa.Encoded, batch_size: int = 16) -> np.ndarray:
+    """Scores (N, K or labels), batched and jitted. With several devices the batch is split across them
+    (data parallel: params replicated, each device scores its share of the questions)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    n_dev = mesh.devices.size
+    batch_size = -(-batch_size // n_dev) * n_dev
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+
     @jax.jit
     def scores(params, ids, mask):
         return model.apply({"params": params}, ids, mask)
@@ -96,6 +106,7 @@ def predict(model, params, enc: mcqa.Encoded, batch_size: int = 16) -> np.ndarra
         if pad:  # one compiled shape for every batch
             ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
             mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
+        ids, mask = jax.device_put(ids, rows), jax.device_put(mask, rows)
         out.append(np.asarray(scores(params, ids, mask))[: batch_size - pad])
     return np.concatenate(out)
 
@@ -117,7 +128,8 @@ def results_table(results: dict) -> str:
 
 
 def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[str] = None, zero_shot: bool = False,
-             max_items: int = 0, seq_len: int = 0, batch_size: int = 16, progress: bool = True) -> dict:
+             max_items: int = 0, seq_len: int = 0, batch_size: int = 16, progress: bool = True,
+             zero_shot_reduce: str = "mean") -> dict:
     from tqdm import tqdm
 
     if zero_shot:
@@ -142,7 +154,8 @@ def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[
             results[name] = entry
             continue
         if zero_shot:
-            scores = mcqa.zero_shot_scores(lm, lm_params, tok, items, max_len=min(lm.config.n_positions, 1024))
+            scores = mcqa.zero_shot_scores(lm, lm_params, tok, items, reduce=zero_shot_reduce,
+                                           max_len=min(lm.config.n_positions, 1024), batch_size=batch_size)
         else:
             eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
             pad = special["[PAD]"] if spec.head == "choice" else eos
@@ -170,6 +183,8 @@ def main(argv=None) -> int:
     src.add_argument("--init_from", help="hf:DIR or orbax:WORKDIR (with --zero_shot)")
     p.add_argument("--tasks", default="pubmedqa", help="comma-separated task or task=PATH entries")
     p.add_argument("--zero_shot", action="store_true", help="score options by LM likelihood (no head)")
+    p.add_argument("--zero_shot_reduce", choices=("mean", "sum"), default="mean",
+                   help="zero-shot option score: mean or summed token log-likelihood")
     p.add_argument("--max_items", type=int, default=0, help="evaluate only the first N items per task (0 = all)")
     p.add_argument("--seq_len", type=int, default=0, help="default: the fine-tuning run's")
     p.add_argument("--batch_size", type=int, default=16)
@@ -179,7 +194,7 @@ def main(argv=None) -> int:
         p.error("--init_from needs --zero_shot (a plain LM has no MCQA head); use --workdir for a fine-tuned run")
     results = evaluate(parse_tasks(args.tasks), workdir=args.workdir, init_from=args.init_from,
                        zero_shot=args.zero_shot, max_items=args.max_items, seq_len=args.seq_len,
-                       batch_size=args.batch_size, progress=sys.stderr.isatty())
+                       batch_size=args.batch_size, progress=sys.stderr.isatty(), zero_shot_reduce=args.zero_shot_reduce)
     print(results_table(results))
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
