@@ -3,12 +3,23 @@
     python -m biomedlm_jax.bench pipeline --seq=128 --batch=8 [--steps=500 --prepared=DIR --impl=numpy|tf]
     python -m biomedlm_jax.bench tokenize [--input=FILES --tokenizer=DIR]
     python -m biomedlm_jax.bench generate --model=tiny --batch=1 --prompt=128 --new=256 [--peer --dtype=bfloat16]
+    python -m biomedlm_jax.bench train --model=bench-cpu --batch=8 --seq=256 --steps=10 [--peer --remat=... --scan_layers
+        --attention_impl=... --dtype=bfloat16 --peak_flops=...]
 
 `pipeline` measures the batches a training process would consume: BatchIterator.batch_at (random,
 seeded row gathers from memory or memory-mapped shards, int32 conversion, input/target split). With
 `--impl=tf`, the same batches come through the prefetching tf.data wrapper. `tokenize` measures
 offline preparation: read + tokenize + pack tokens/s. The benchmark imports no TensorFlow unless
 `--impl=tf` is given.
+
+`train` times the trainer's real train step (`train.make_train_step`: AdamW with Composer decay,
+clipping, the non-finite guard, donated state) on random tokens, jitted on a mesh of all local devices
+(data parallel). It reports tokens/s, the step time (median of `--steps` after a compile step), the
+compile time, MFU, and peak device memory where the backend reports it. The MFU formula is in
+metrics.py: 6·N + 12·L·d·T FLOPs per token, with N the matmul weights including the tied head. The
+peak comes from `metrics.PEAK_FLOPS`, or from `--peak_flops` (CPU has none). `--peer` trains HF's
+GPT2LMHeadModel of the same shape with torch.optim.AdamW in the same process: fp32 on CPU, bf16
+autocast and fused AdamW on GPU.
 
 `generate` measures greedy decoding with the KV cache: exactly `--new` tokens per row (no EOS stop)
 after a `--prompt`-token prompt, timed after a warm-up call that compiles. `--peer` runs the same
@@ -124,6 +135,93 @@ def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool =
     return rows
 
 
+def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = False, dtype: str = "float32",
+                remat: str = "none", scan_layers: bool = False, attention_impl: str = "auto",
+                peak_flops: float = 0.0) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from biomedlm_jax import configlib, metrics, sharding, train
+    from biomedlm_jax import model as model_lib
+
+    cfg = model_lib.get_config(variant, n_positions=max(model_lib.VARIANTS[variant].get("n_positions", 1024), seq),
+                               dtype=dtype, remat_policy=remat, scan_layers=scan_layers, attention_impl=attention_impl,
+                               embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    config = configlib.train_config()
+    config.seq_len, config.global_batch_size, config.num_train_steps = seq, batch, 1000
+    model = model_lib.GPT(cfg)
+    tx, _ = train.make_optimizer(config)
+    mesh = sharding.make_mesh((-1, 1, 1))
+    rules = sharding.DEFAULT_RULES
+    abstract, shardings = train.state_shardings(model, tx, mesh, rules, seq)
+    b_sharding = train.batch_sharding(mesh, rules)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, (steps + 1, 1, batch, seq + 1)).astype(np.int32)
+    batches = [{"inputs": jax.device_put(x[..., :-1], b_sharding), "targets": jax.device_put(x[..., 1:], b_sharding)}
+               for x in ids]
+    with jax.set_mesh(mesh), __import__("flax").linen.logical_axis_rules(rules):
+        state, _ = train._initial_state(config, model, cfg, tx, abstract, shardings, train.LMTask(config))
+        step = jax.jit(train.make_train_step(model, tx, True), in_shardings=(shardings, b_sharding),
+                       out_shardings=(shardings, None), donate_argnums=0)
+        t0 = time.perf_counter()
+        state, m = step(state, batches[0])
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        times = []
+        for b in batches[1:]:
+            t0 = time.perf_counter()
+            state, m = step(state, b)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    device = jax.devices()[0]
+    peak = peak_flops or metrics.peak_flops_per_device(device)
+    tok_s = batch * seq / dt
+    mem = None
+    try:
+        stats = device.memory_stats() or {}
+        mem = stats.get("peak_bytes_in_use")
+    except Exception:  # some backends do not report memory
+        pass
+    base = {"kind": "train", "model": variant, "batch": batch, "seq": seq, "dtype": dtype, "device": device.device_kind,
+            "devices": mesh.devices.size}
+    rows = [dict(base, impl="ours", tokens_per_s=tok_s, step_ms=1e3 * dt, compile_s=compile_s,
+                 mfu=metrics.mfu(tok_s, cfg, seq, mesh.devices.size, peak), peak_memory_bytes=mem,
+                 remat=remat, scan_layers=scan_layers, attention_impl=attention_impl,
+                 flops_per_token=metrics.flops_per_token(cfg, seq), loss=float(m["loss"]))]
+    if peer:
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from biomedlm_jax import hf
+
+        device_t = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
+        tm = GPT2LMHeadModel(GPT2Config(**hf.config_to_hf(cfg))).to(device_t).train()
+        opt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
+                                fused=device_t == "cuda")
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device_t == "cuda" and dtype == "bfloat16" else None
+        tids = torch.tensor(ids[:, 0], device=device_t, dtype=torch.long)
+        ttimes = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            with amp if amp is not None else torch.enable_grad():
+                loss = tm(tids[i, :, :-1], labels=tids[i, :, :-1]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device_t == "cuda":
+                torch.cuda.synchronize()
+            ttimes.append(time.perf_counter() - t0)
+        tdt = float(np.median(ttimes[1:]))
+        ttok = batch * seq / tdt
+        rows.append(dict(base, impl="hf-torch", tokens_per_s=ttok, step_ms=1e3 * tdt,
+                         mfu=metrics.mfu(ttok, cfg, seq, 1, peak), torch=torch.__version__))
+        rows[0]["speedup_vs_hf"] = tok_s / ttok
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.bench")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -144,8 +242,22 @@ def main(argv=None) -> int:
     gp.add_argument("--new", type=int, default=256)
     gp.add_argument("--dtype", default="float32")
     gp.add_argument("--peer", action="store_true", help="also run transformers' generate on the same weights")
+    tr = sub.add_parser("train", help="training step tokens/s, MFU, memory (optionally vs HF torch)")
+    tr.add_argument("--model", default="bench-cpu")
+    tr.add_argument("--batch", type=int, default=8)
+    tr.add_argument("--seq", type=int, default=256)
+    tr.add_argument("--steps", type=int, default=10)
+    tr.add_argument("--dtype", default="float32")
+    tr.add_argument("--remat", default="none")
+    tr.add_argument("--scan_layers", action="store_true")
+    tr.add_argument("--attention_impl", default="auto")
+    tr.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU (default: table)")
+    tr.add_argument("--peer", action="store_true")
     args = p.parse_args(argv)
-    if args.cmd == "pipeline":
+    if args.cmd == "train":
+        rows = bench_train(args.model, args.batch, args.seq, args.steps, args.peer, args.dtype, args.remat,
+                           args.scan_layers, args.attention_impl, args.peak_flops)
+    elif args.cmd == "pipeline":
         rows = [bench_pipeline(args.seq, args.batch, args.steps, args.prepared, args.impl)]
     elif args.cmd == "generate":
         rows = bench_generate(args.model, args.batch, args.prompt, args.new, args.peer, args.dtype)

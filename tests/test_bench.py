@@ -29,3 +29,14 @@ def test_generate_benchmark_rows_with_peer():
     assert [row["impl"] for row in rows] == ["ours", "hf-torch"]
     assert all(row["kind"] == "generate" and row["tokens_per_s"] > 0 for row in rows)
     assert rows[0]["speedup_vs_hf"] > 0
+
+
+def test_train_benchmark_rows_with_peer():
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "train", "--model=tiny", "--batch=2", "--seq=16",
+                        "--steps=2", "--peer", "--peak_flops=1e11"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in r.stdout.strip().splitlines()]
+    assert [row["impl"] for row in rows] == ["ours", "hf-torch"]
+    ours = rows[0]
+    assert ours["kind"] == "train" and ours["tokens_per_s"] > 0 and ours["compile_s"] > 0 and ours["step_ms"] > 0
+    assert 0 < ours["mfu"] and ours["flops_per_token"] > 0 and ours["speedup_vs_hf"] > 0
