@@ -151,7 +151,10 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
     config.seq_len, config.global_batch_size, config.num_train_steps = seq, batch, 1000
     model = model_lib.GPT(cfg)
     tx, _ = train.make_optimizer(config)
-    mesh = sharding.make_mesh((-1, 1, 1))
+    n = jax.device_count()
+    while batch % n:  # data parallel over as many devices as divide the batch
+        n -= 1
+    mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:n])
     rules = sharding.DEFAULT_RULES
     abstract, shardings = train.state_shardings(model, tx, mesh, rules, seq)
     b_sharding = train.batch_sharding(mesh, rules)
