@@ -1,0 +1,153 @@
+"""docs/configs.md, generated from the config files: every key, what it means, its value per variant.
+
+    python -m biomedlm_jax.configdoc > docs/configs.md
+
+`tests/test_configdoc.py` fails when docs/configs.md differs from what this prints, or when a config
+gains a key without a description below, so the reference cannot go stale.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from biomedlm_jax import configlib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "configs/pretrain.py": ("tiny", "gpt2-small", "biomedlm-2.7b"),
+    "configs/seq2seq.py": ("tiny", "medquad"),
+    "configs/mcqa.py": ("pubmedqa-tiny", "pubmedqa", "medqa", "medmcqa", "mmlu_medical", "bioasq"),
+}
+
+FIELDS = {
+    # run
+    "init_from": "Start from `hf:DIR` (an HF GPT-2/BioMedLM checkpoint) or `orbax:WORKDIR` (another run's latest params). Ignored when the workdir already holds checkpoints (the run resumes).",
+    "seed": "Seeds the init, the data order and dropout.",
+    "seq_len": "Tokens per training row (LM: rows of seq_len + 1 tokens; MCQA: max tokens per option).",
+    "global_batch_size": "Sequences (or questions) per optimizer step, over all devices and micro-batches.",
+    "grad_accum_steps": "Micro-batches per step; global_batch_size must divide by it.",
+    "num_train_steps": "Optimizer steps; also the length of the LR schedule.",
+    "warmup_steps": "Linear warmup from 0 to learning_rate.",
+    "learning_rate": "Peak learning rate.",
+    "lr_decay": "After warmup: cosine | linear | constant.",
+    "lr_final_ratio": "The decay ends at learning_rate * lr_final_ratio.",
+    "optimizer.b1": "Adam beta1.",
+    "optimizer.b2": "Adam beta2.",
+    "optimizer.eps": "Adam epsilon.",
+    "optimizer.weight_decay": "Decoupled weight decay on tensors with ndim >= 2 (see decay_mode).",
+    "optimizer.decay_mode": "composer (BioMedLM: per-step shrink (lr_t / lr_peak) * wd) | optax (lr_t * wd).",
+    "optimizer.grad_clip_norm": "Clip gradients to this global norm (0 = off).",
+    "optimizer.max_consecutive_nonfinite": "Stop the run after this many consecutive skipped (NaN/Inf) steps.",
+    "log_every_steps": "Train metrics (metrics.jsonl, TensorBoard, progress bar) every N steps.",
+    "eval_every_steps": "Held-out evaluation every N steps (and at step 0 and the end).",
+    "eval_batches": "Held-out batches per evaluation (0 = all).",
+    "checkpoint_every_steps": "Save a checkpoint every N steps (and at the end and on SIGTERM).",
+    "keep_checkpoints": "Checkpoints kept in WORKDIR/checkpoints (MCQA also keeps WORKDIR/best).",
+    "async_checkpoints": "Write checkpoints in the background.",
+    "progress_bar": "tqdm progress bar on process 0.",
+    "peak_flops_per_device": "Peak FLOP/s for the MFU estimate (0 = look up the device kind; CPU has none).",
+    "mesh_shape": "(data, fsdp, tensor) device mesh; -1 = all remaining devices.",
+    "logical_axis_rules": "Logical axis name -> mesh axes (default sharding.DEFAULT_RULES).",
+    # model
+    "model.variant": "Model size from model.VARIANTS (tiny, bench-cpu, gpt2-small, gpt2-medium, biomedlm-2.7b); fields below override it. With init_from, the checkpoint decides the architecture.",
+    "model.vocab_size": "Vocabulary size (None = variant / checkpoint).",
+    "model.n_positions": "Learned positions (max sequence length).",
+    "model.d_model": "Hidden size.",
+    "model.n_layer": "Transformer blocks.",
+    "model.n_head": "Attention heads.",
+    "model.d_ff": "MLP width (None = 4 * d_model).",
+    "model.activation": "MLP activation (HF names: gelu_new, gelu, relu, silu, ...).",
+    "model.layer_norm_epsilon": "LayerNorm epsilon.",
+    "model.embd_pdrop": "Embedding dropout.",
+    "model.attn_pdrop": "Attention-probability dropout.",
+    "model.resid_pdrop": "Residual dropout.",
+    "model.initializer_range": "Std of the normal init.",
+    "model.scale_attn_weights": "Divide attention scores by sqrt(head_dim).",
+    "model.scale_attn_by_inverse_layer_idx": "Also divide layer i's scores by i + 1 (set in BioMedLM).",
+    "model.reorder_and_upcast_attn": "HF flag kept for round trips (scores are always fp32 here).",
+    "model.bos_token_id": "BOS id stored in HF configs.",
+    "model.eos_token_id": "EOS id stored in HF configs.",
+    "model.pad_token_id": "PAD id stored in HF configs.",
+    "model.dtype": "Compute dtype (bfloat16 on accelerators); LayerNorm, softmax and loss stay fp32.",
+    "model.param_dtype": "Parameter / optimizer-state dtype (fp32 master weights).",
+    "model.attention_impl": "auto | xla | cudnn (cuDNN flash attention on GPU, bf16/fp16 only).",
+    "model.remat_policy": "none | full | dots_saveable | dots_with_no_batch_dims_saveable.",
+    "model.scan_layers": "nn.scan over blocks (compile time independent of depth).",
+    # data: shared
+    "data.task": "lm (next-token on documents) | seq2seq (answer-only loss) | mcqa (classifier head).",
+    "data.tokenizer": "Tokenizer directory; empty = the one stored with init_from (or the workdir's).",
+    "data.shuffle": "Shuffle rows each epoch (seeded).",
+    # data: lm
+    "data.prepared_dir": "A prepare_data output directory (memory-mapped rows, its tokenizer and split); overrides train_files / eval_files / tokenizer.",
+    "data.train_files": "Comma-separated globs of JSONL / PubTator / PubMed XML / JATS, tokenized at start-up.",
+    "data.eval_files": "Held-out files; empty = documents whose id hashes into eval_fraction.",
+    "data.eval_fraction": "Share of documents held out by id hash (when eval_files is empty).",
+    # data: seq2seq
+    "data.format": "seq2seq data: medquad | jsonl | textgen.",
+    "data.path": "seq2seq data: a MedQuAD folder, JSONL glob(s), or a textgen directory.",
+    "data.prompt_template": "seq2seq prompt, with {question}.",
+    "data.answer_prefix": "Text before the answer (e.g. a space).",
+    "data.split_seed": "Seed of the document-level train/dev/test split.",
+    "data.dev_fraction": "Share of documents in dev.",
+    "data.test_fraction": "Share of documents in test.",
+    "data.on_error": "raise | skip (count) bad records.",
+    "data.max_examples": "Use at most N examples per split (0 = all).",
+    "data.generate_examples": "Dev questions answered after training for ROUGE-L (0 = skip).",
+    "data.max_new_tokens": "Generation length for that eval.",
+    "data.no_repeat_ngram_size": "Ban repeated n-grams in that eval (BioMedLM used 6).",
+    # data: mcqa
+    "data.mcqa_task": "medqa | medmcqa | pubmedqa | bioasq | mmlu_medical (see mcqa.REGISTRY).",
+    "data.train": "Training file (PATH or PATH:SPLIT).",
+    "data.dev": "Dev file (PATH or PATH:SPLIT); empty with carve_dev_fraction > 0.",
+    "data.carve_dev_fraction": "> 0: carve train/dev from data.train by a seeded hash (for data with only dev/test locally).",
+    "data.append_eos": "seqcls head: append EOS after the question.",
+    "data.question_template": "choice head: the second segment, with {question} and {option}.",
+}
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        if hasattr(v, "items"):
+            yield from _leaves(v, prefix + k + ".")
+        else:
+            yield prefix + k, v
+
+
+def _fmt(v) -> str:
+    if isinstance(v, str):
+        v = v.replace(REPO + os.sep, "").replace(os.path.dirname(REPO) + os.sep, "../")
+        return f"`{v}`" if v else "`\"\"`"
+    if isinstance(v, tuple) and len(v) > 4:
+        return "(see sharding.py)"
+    return f"`{v}`"
+
+
+def render() -> str:
+    out = ["# Config reference", "",
+           "Generated by `python -m biomedlm_jax.configdoc > docs/configs.md` from the config files; a test keeps "
+           "it in sync. Override any key on the command line: `--config.learning_rate=3e-4 --config.model.n_layer=4`. "
+           "Configs are locked, so a misspelled key is an error. Model fields shown as `None` come from `model.variant` "
+           "(or the `init_from` checkpoint).", ""]
+    for path, variants in CONFIGS.items():
+        configs = {v: dict(_leaves(configlib.load_config_file(os.path.join(REPO, path), v))) for v in variants}
+        keys = sorted(set().union(*configs.values()), key=lambda k: (k.count("."), k))
+        out += [f"## `{path}`", "", "| key | meaning | " + " | ".join(f"`{v}`" for v in variants) + " |",
+                "|---|---|" + "---|" * len(variants)]
+        for k in keys:
+            meaning = FIELDS.get(k, "**undocumented**").replace("|", "\\|")
+            out.append(f"| `{k}` | {meaning} | "
+                       + " | ".join(_fmt(configs[v].get(k, "")) if k in configs[v] else "" for v in variants) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def undocumented() -> list[str]:
+    keys = set()
+    for path, variants in CONFIGS.items():
+        for v in variants:
+            keys |= {k for k, _ in _leaves(configlib.load_config_file(os.path.join(REPO, path), v))}
+    return sorted(keys - set(FIELDS))
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

@@ -1,0 +1,9 @@
+"""docs/configs.md is generated from the config files and must match them; every key is documented."""
+from biomedlm_jax import configdoc
+from conftest import REPO
+
+
+def test_config_reference_is_current_and_complete():
+    assert configdoc.undocumented() == [], "describe new config keys in configdoc.FIELDS"
+    current = (REPO / "docs" / "configs.md").read_text(encoding="utf-8")
+    assert current == configdoc.render(), "docs/configs.md is stale: python -m biomedlm_jax.configdoc > docs/configs.md"
