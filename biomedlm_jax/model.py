@@ -431,20 +431,19 @@ class GPT(nn.Module):
 
         input_ids / position_ids: (B, T), the tokens at cache slots [cache_index, cache_index + T).
         kv_mask: (B, S_max) True for cache slots holding real tokens (left padding is False).
-        cache: {"k", "v"} of (n_layer, B, S_max, H, hd) from `init_cache`. Deterministic (no dropout).
+        cache: from `init_cache`: {"k", "v"} of (n_layer, B, S_max, H, hd) with scan_layers, else a list of
+        per-layer {"k", "v"} of (B, S_max, H, hd). Deterministic (no dropout).
         """
         cfg = self.config
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         if cfg.scan_layers:
             x, new_cache = self.h(x, kv_mask, jnp.arange(cfg.n_layer), True, cache, cache_index)
-        else:
-            ks, vs = [], []
+        else:  # one buffer per layer, each updated in place (no re-stacking per token)
+            new_cache = []
             for i, block in enumerate(self.h):
-                x, c = block(x, kv_mask, i, True, {"k": cache["k"][i], "v": cache["v"][i]}, cache_index)
-                ks.append(c["k"])
-                vs.append(c["v"])
-            new_cache = {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+                x, c = block(x, kv_mask, i, True, cache[i], cache_index)
+                new_cache.append(c)
         return self.logits(self.ln_f(x)), new_cache
 
     def logits(self, hidden):
@@ -468,11 +467,16 @@ def init_params(model: GPT, rng: jax.Array, batch: int = 1, seq: int = 8):
     return nn.unbox(model.init(rng, ids)["params"])
 
 
-def init_cache(cfg: GPTConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """Zero KV cache {"k", "v"} of (n_layer, batch, max_len, n_head, head_dim) in the compute dtype."""
-    shape = (cfg.n_layer, batch, max_len, cfg.n_head, cfg.head_dim)
+def init_cache(cfg: GPTConfig, batch: int, max_len: int, dtype=None):
+    """Zero KV cache in the compute dtype: {"k", "v"} of (n_layer, batch, max_len, n_head, head_dim) for a
+    scanned model (the scan's per-layer input), else a list of per-layer {"k", "v"} of (batch, max_len,
+    n_head, head_dim), so each layer's buffer is updated in place."""
     dtype = dtype or cfg.dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if cfg.scan_layers:
+        shape = (cfg.n_layer, batch, max_len, cfg.n_head, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    shape = (batch, max_len, cfg.n_head, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
 
 
 def param_count(params) -> int:
