@@ -92,6 +92,7 @@ FIELDS = {
     "data.test_fraction": "Share of documents in test.",
     "data.on_error": "raise | skip (count) bad records.",
     "data.max_examples": "Use at most N examples per split (0 = all).",
+    "data.pack": "seq2seq: pack several examples per row (segment ids keep attention inside each example).",
     "data.generate_examples": "Dev questions answered after training for ROUGE-L (0 = skip).",
     "data.max_new_tokens": "Generation length for that eval.",
     "data.no_repeat_ngram_size": "Ban repeated n-grams in that eval (BioMedLM used 6).",

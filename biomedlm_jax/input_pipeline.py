@@ -301,13 +301,16 @@ class BatchIterator:
 
     def __init__(self, rows: np.ndarray, global_batch: int, *, seed: int = 0, shuffle: bool = True,
                  grad_accum: int = 1, local_rows: Optional[tuple[int, int]] = None, position: int = 0,
-                 weights: Optional[np.ndarray] = None):
+                 weights: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None,
+                 positions: Optional[np.ndarray] = None):
         if global_batch % grad_accum:
             raise ValueError(f"global batch {global_batch} is not divisible by grad_accum_steps={grad_accum}")
         if num_rows(rows) == 0:
             raise ValueError("no rows to iterate over")
         self.rows, self.global_batch, self.seed, self.shuffle = rows, global_batch, seed, shuffle
         self.weights = weights  # optional (N, T) per-target loss weights (seq2seq: answer tokens only)
+        # optional (N, T + 1) segment ids / positions of rows packing several examples
+        self.segments, self.positions = segments, positions
         self.num_rows = num_rows(rows)
         self.grad_accum, self.micro = grad_accum, global_batch // grad_accum
         self.local_rows = local_rows or (0, self.micro)
@@ -346,6 +349,9 @@ class BatchIterator:
         batch = {"inputs": rows[..., :-1], "targets": rows[..., 1:]}
         if self.weights is not None:
             batch["weights"] = self.weights[idx].astype(np.float32)
+        if self.segments is not None:
+            batch["segment_ids"] = self.segments[idx][..., :-1].astype(np.int32)
+            batch["positions"] = self.positions[idx][..., :-1].astype(np.int32)
         return batch
 
     def __iter__(self):
@@ -373,7 +379,8 @@ class BatchIterator:
 
 
 def eval_batches(rows: np.ndarray, batch: int, local_rows: Optional[tuple[int, int]] = None,
-                 max_batches: int = 0, weights: Optional[np.ndarray] = None) -> Iterator[dict]:
+                 max_batches: int = 0, weights: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None,
+                 positions: Optional[np.ndarray] = None) -> Iterator[dict]:
     """Fixed, ordered held-out batches; the last one padded with weight-0 rows. (1, b, T) like training."""
     start, stop = local_rows or (0, batch)
     n = num_rows(rows)
@@ -391,7 +398,11 @@ def eval_batches(rows: np.ndarray, batch: int, local_rows: Optional[tuple[int, i
         w = np.broadcast_to(valid[:, None], chunk[:, 1:].shape).astype(np.float32)
         if weights is not None:
             w = w * weights[np.where(valid, idx, 0)]
-        yield {"inputs": chunk[None, :, :-1], "targets": chunk[None, :, 1:], "weights": w[None]}
+        out = {"inputs": chunk[None, :, :-1], "targets": chunk[None, :, 1:], "weights": w[None]}
+        if segments is not None:
+            out["segment_ids"] = segments[np.where(valid, idx, 0)][None, :, :-1].astype(np.int32)
+            out["positions"] = positions[np.where(valid, idx, 0)][None, :, :-1].astype(np.int32)
+        yield out
 
 
 def tf_dataset(iterator: BatchIterator, num_batches: Optional[int] = None):

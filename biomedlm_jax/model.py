@@ -287,8 +287,14 @@ class Attention(nn.Module):
             )(y)
             return y, new_cache
 
-        # attention_mask: (B, S) True for real tokens; combined with causality below.
-        mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+        # attention_mask: (B, S) True for real tokens, or (B, T, S) per query (packed segments);
+        # combined with causality below.
+        if attention_mask is None:
+            mask = None
+        elif attention_mask.ndim == 3:
+            mask = attention_mask[:, None, :, :].astype(bool)
+        else:
+            mask = attention_mask[:, None, None, :].astype(bool)
         if mask is not None and cfg.attention_impl == "cudnn":  # cuDNN wants the full (B, 1, T, S) mask
             mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
         if not deterministic and cfg.attn_pdrop > 0.0:
@@ -407,11 +413,14 @@ class GPT(nn.Module):
             self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = LayerNorm(cfg)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True,
+                      segment_ids=None):
         """Final-LayerNorm features (B, T, C) in `dtype`; the MCQA heads read these.
 
         input_ids: (B, T) int. attention_mask: optional (B, T), 1/True for real tokens; masked keys
         are never attended to. position_ids: optional (B, T); default 0..T-1 (as HF does).
+        segment_ids: optional (B, T) for rows packing several examples: a token attends only to earlier
+        tokens of its own segment (0 = padding); pass per-segment position_ids with it.
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -419,6 +428,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds n_positions={cfg.n_positions}")
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
+        if segment_ids is not None:
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)  # (B, T, S)
+            attention_mask = same if attention_mask is None else same & attention_mask[:, None, :].astype(bool)
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         x = self.drop(x, deterministic=deterministic)
@@ -455,8 +467,9 @@ class GPT(nn.Module):
         logits = jnp.einsum("btc,vc->btv", hidden.astype(self.config.dtype), emb, preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True):
-        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, deterministic))
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True,
+                 segment_ids=None):
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, deterministic, segment_ids))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ textgen data brings its own train/val/test files.
 
 Truncation: a prompt longer than half the row is cut from the left (the end of the question stays);
 an answer that does not fit is cut from the end. Both are counted and reported.
+
+Packing (`data.pack`): consecutive examples share a row. Segment ids keep attention inside each
+example, positions restart at 0 per example, and weights never cross an example boundary.
 """
 from __future__ import annotations
 
@@ -190,6 +193,8 @@ class Seq2SeqRows:
     weights: np.ndarray  # (N, seq_len) float32: 1 where the target is an answer token
     prompts_truncated: int = 0
     answers_truncated: int = 0
+    segments: Optional[np.ndarray] = None  # (N, seq_len + 1) example index (1, 2, ...) per token; 0 = pad
+    positions: Optional[np.ndarray] = None  # (N, seq_len + 1) position of each token inside its example
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(np.ascontiguousarray(self.rows).tobytes())
@@ -197,19 +202,42 @@ class Seq2SeqRows:
         return h.hexdigest()[:16]
 
 
-def build_rows(examples: Sequence[Example], tok, seq_len: int, template: str, answer_prefix: str) -> Seq2SeqRows:
+def build_rows(examples: Sequence[Example], tok, seq_len: int, template: str, answer_prefix: str,
+               pack: bool = False) -> Seq2SeqRows:
+    """One row per example, or with `pack` as many consecutive examples per row as fit. Packed rows
+    carry segment ids and per-example positions: a token attends only inside its own example, and
+    the loss weights never cross an example boundary, so packing changes nothing but the padding."""
     row_len = seq_len + 1
     pad = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
-    rows = np.full((len(examples), row_len), pad, np.int32)
-    weights = np.zeros((len(examples), seq_len), np.float32)
-    n_prompt = n_answer = 0
-    for i, ex in enumerate(examples):
-        ids, p, cut_p, cut_a = encode_example(tok, ex, template, answer_prefix, row_len)
-        rows[i, : len(ids)] = ids
-        weights[i, max(p - 1, 0): len(ids) - 1] = 1.0  # target j predicts ids[j + 1]: answer tokens start at p
-        n_prompt += cut_p
-        n_answer += cut_a
-    return Seq2SeqRows(rows, weights, n_prompt, n_answer)
+    encoded = [encode_example(tok, ex, template, answer_prefix, row_len) for ex in examples]
+    groups: list[list[int]] = []
+    used = row_len
+    for i, (ids, _, _, _) in enumerate(encoded):
+        if not pack or used + len(ids) > row_len:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += len(ids)
+    rows = np.full((len(groups), row_len), pad, np.int32)
+    weights = np.zeros((len(groups), seq_len), np.float32)
+    segments = np.zeros((len(groups), row_len), np.int32)
+    positions = np.zeros((len(groups), row_len), np.int32)
+    for r, group in enumerate(groups):
+        start = 0
+        for seg, i in enumerate(group, 1):
+            ids, p, _, _ = encoded[i]
+            end = start + len(ids)
+            rows[r, start:end] = ids
+            segments[r, start:end] = seg
+            positions[r, start:end] = np.arange(len(ids))
+            # target j predicts token j + 1; answer tokens of this example are at [start + p, end)
+            weights[r, start + max(p - 1, 0): end - 1] = 1.0
+            start = end
+    n_prompt = sum(e[2] for e in encoded)
+    n_answer = sum(e[3] for e in encoded)
+    if not pack:
+        return Seq2SeqRows(rows, weights, n_prompt, n_answer)
+    return Seq2SeqRows(rows, weights, n_prompt, n_answer, segments, positions)
 
 
 def load_train_eval(data_cfg, seq_len: int, tok) -> tuple[Seq2SeqRows, Seq2SeqRows]:
@@ -217,15 +245,17 @@ def load_train_eval(data_cfg, seq_len: int, tok) -> tuple[Seq2SeqRows, Seq2SeqRo
     splits = load_splits(data_cfg, stats)
     if data_cfg.max_examples:
         splits = {k: v[: data_cfg.max_examples] for k, v in splits.items()}
-    train = build_rows(splits["train"], tok, seq_len, data_cfg.prompt_template, data_cfg.answer_prefix)
-    dev = build_rows(splits["dev"], tok, seq_len, data_cfg.prompt_template, data_cfg.answer_prefix)
+    pack = bool(data_cfg.get("pack", False))
+    train = build_rows(splits["train"], tok, seq_len, data_cfg.prompt_template, data_cfg.answer_prefix, pack)
+    dev = build_rows(splits["dev"], tok, seq_len, data_cfg.prompt_template, data_cfg.answer_prefix, pack)
     if len(train.rows) == 0:
         raise DataError(f"{data_cfg.path}: the train split is empty")
     skipped = sum(stats.empty_answers.values())
     print(f"[seq2seq] {len(splits['train'])} train / {len(splits['dev'])} dev / {len(splits['test'])} test examples "
           f"({skipped} empty answers skipped, {stats.errors_skipped} bad records skipped); truncated: "
           f"{train.prompts_truncated + dev.prompts_truncated} prompts, {train.answers_truncated + dev.answers_truncated} "
-          f"answers (rows of {seq_len + 1} tokens)", flush=True)
+          f"answers (rows of {seq_len + 1} tokens{'; packed into ' + str(len(train.rows)) + ' train rows' if pack else ''})",
+          flush=True)
     return train, dev
 
 

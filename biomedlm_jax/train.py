@@ -78,14 +78,18 @@ class LMTask:
 
     def eval_batches(self, eval_data, micro, local_rows):
         return input_pipeline.eval_batches(eval_data.rows, micro, local_rows, self.config.eval_batches,
-                                           getattr(eval_data, "weights", None))
+                                           getattr(eval_data, "weights", None), getattr(eval_data, "segments", None),
+                                           getattr(eval_data, "positions", None))
 
     def loss(self, model, params, mb, rng, deterministic: bool):
-        logits = model.apply({"params": params}, mb["inputs"], deterministic=deterministic, rngs={"dropout": rng})
+        logits = model.apply({"params": params}, mb["inputs"], position_ids=mb.get("positions"),
+                             segment_ids=mb.get("segment_ids"), deterministic=deterministic, rngs={"dropout": rng})
         return losses.token_nll_sum(logits, mb["targets"], mb.get("weights"))
 
     def eval_sums(self, model, params, b) -> dict:
-        logits = model.apply({"params": params}, b["inputs"][0], deterministic=True)
+        seg, pos = b.get("segment_ids"), b.get("positions")
+        logits = model.apply({"params": params}, b["inputs"][0], position_ids=None if pos is None else pos[0],
+                             segment_ids=None if seg is None else seg[0], deterministic=True)
         loss_sum, count = losses.token_nll_sum(logits, b["targets"][0], b["weights"][0])
         return {"loss_sum": loss_sum, "count": count}
 
@@ -382,6 +386,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     train_iter = input_pipeline.BatchIterator(
         train_rows.rows, global_batch, seed=config.seed, shuffle=config.data.shuffle, grad_accum=accum,
         local_rows=local_rows, weights=getattr(train_rows, "weights", None),
+        segments=getattr(train_rows, "segments", None), positions=getattr(train_rows, "positions", None),
     )
 
     # --- optimizer + sharded state -------------------------------------------------------------------

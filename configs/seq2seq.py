@@ -37,6 +37,7 @@ def get_config(arg=None):
     c.data.test_fraction = 0.1
     c.data.on_error = "raise"
     c.data.max_examples = 0
+    c.data.pack = False  # several examples per row, attention kept inside each example
     c.data.generate_examples = 32
     c.data.max_new_tokens = 128
     c.data.no_repeat_ngram_size = 6

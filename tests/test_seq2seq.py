@@ -135,3 +135,25 @@ def test_finetune_cli_end_to_end_with_rouge(tmp_path):
 def test_rouge_l_matches_hand_computation():
     # LCS("the cat sat on the mat", "the cat lay on the mat") = 5 tokens; P = R = 5/6
     assert seq2seq.rouge_l(["the cat sat on the mat"], ["the cat lay on the mat"]) == pytest.approx(5 / 6)
+
+
+def test_packed_rows_give_the_same_loss_and_gradients_as_one_example_per_row(tok):
+    ex = [seq2seq.Example(f"Question number {i}?", "Answer " * (i % 5 + 1) + f"end {i}.", str(i)) for i in range(9)]
+    plain = seq2seq.build_rows(ex, tok, 63, "Question: {question}\nAnswer:", " ")
+    packed = seq2seq.build_rows(ex, tok, 63, "Question: {question}\nAnswer:", " ", pack=True)
+    assert len(packed.rows) < len(plain.rows) and packed.weights.sum() == plain.weights.sum()
+    assert packed.segments.max() > 1 and (packed.positions[packed.segments == 0] == 0).all()
+    cfg = M.get_config("tiny", vocab_size=50257, n_positions=64)
+    model = M.GPT(cfg)
+    params = M.init_params(model, jax.random.PRNGKey(0))
+
+    def total(params, r):
+        kw = {} if r.segments is None else {"segment_ids": jnp.asarray(r.segments[:, :-1]),
+                                            "position_ids": jnp.asarray(r.positions[:, :-1])}
+        logits = model.apply({"params": params}, jnp.asarray(r.rows[:, :-1]), **kw)
+        return losses.token_nll_sum(logits, jnp.asarray(r.rows[:, 1:]), jnp.asarray(r.weights))[0]
+
+    np.testing.assert_allclose(float(total(params, packed)), float(total(params, plain)), rtol=1e-5)
+    chex_close = jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                              jax.grad(total)(params, packed), jax.grad(total)(params, plain))
+    del chex_close
