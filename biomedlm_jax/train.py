@@ -447,9 +447,9 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                "eval_rows": input_pipeline.num_rows(eval_rows.rows),
                "params": int(sum(x.size for x in jax.tree.leaves(abstract["params"])))}
     if is_main:
+        unit = "rows of " + f"{seq_len + 1} tokens" if task.backbone is None else "examples"
         print(f"[train] {source}; {summary['params']:,} params on mesh {dict(mesh.shape)}; "
-              f"{summary['train_rows']:,} train rows / {summary['eval_rows']:,} eval rows of {seq_len + 1} tokens",
-              flush=True)
+              f"{summary['train_rows']:,} train / {summary['eval_rows']:,} eval {unit}", flush=True)
 
     from tqdm import tqdm
 
