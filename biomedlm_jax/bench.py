@@ -139,7 +139,6 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
                 remat: str = "none", scan_layers: bool = False, attention_impl: str = "auto",
                 peak_flops: float = 0.0) -> list[dict]:
     import jax
-    import jax.numpy as jnp
 
     from biomedlm_jax import configlib, metrics, sharding, train
     from biomedlm_jax import model as model_lib

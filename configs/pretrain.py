@@ -20,8 +20,6 @@ locked, so a misspelled key is an error. `model` fields left None come from `mod
 """
 import os
 
-import ml_collections
-
 from biomedlm_jax import configlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

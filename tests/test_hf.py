@@ -285,7 +285,7 @@ def test_tokenizers_load_from_every_layout(tmp_path):
 
 
 def test_save_pretrained_with_tokenizer_round_trips(tmp_path):
-    from transformers import AutoTokenizer, GPT2TokenizerFast
+    from transformers import AutoTokenizer
 
     from biomedlm_jax import tokenizer as tok_lib
     from conftest import REPO

@@ -1,6 +1,5 @@
 """The Flax GPT: shapes/dtypes/sizes of every variant, causality, masks, scan/remat, dropout, sharding."""
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

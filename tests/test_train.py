@@ -1,6 +1,5 @@
 """Pretraining loop: learning, sharding equivalence, accumulation, resume, preemption, NaN guard, errors."""
 import importlib.util
-import json
 import os
 import signal
 import socket
