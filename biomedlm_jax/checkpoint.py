@@ -4,6 +4,7 @@
       checkpoints/<step>/state   orbax PyTree: {"params": ..., and whatever else the trainer keeps}
       checkpoints/<step>/meta    JSON: {"model": GPTConfig fields, "format_version": 1, ...}
       tokenizer/                 optional tokenizer files (tokenizer.json, vocab.json, merges.txt)
+      best/                      MCQA runs: the best step by dev accuracy, itself a workdir of this layout
 
 `load_model` restores only `state["params"]` (orbax partial restore), so it reads both a converted
 HF checkpoint and a full training state (params + optimizer + data position) written by the trainer.
@@ -21,6 +22,7 @@ from biomedlm_jax import hf
 from biomedlm_jax.model import GPT, GPTConfig
 
 CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"  # MCQA runs: params-only checkpoint of the best step by dev accuracy (a workdir itself)
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 
@@ -92,6 +94,11 @@ def _read_meta(mngr: ocp.CheckpointManager, step: Optional[int]) -> tuple[int, d
 def _abstract_params(cfg: GPTConfig, shardings=None):
     ids = jax.ShapeDtypeStruct((1, 1), jax.numpy.int32)
     abstract = jax.eval_shape(lambda x: nn.unbox(GPT(cfg).init(jax.random.PRNGKey(0), x)["params"]), ids)
+    return place(abstract, shardings)
+
+
+def place(abstract, shardings=None):
+    """Abstract arrays carrying `shardings` (default: the first device), as restore targets."""
     if shardings is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
@@ -135,7 +142,20 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, **confi
     backbone = meta.get("backbone")
     disk_params = disk_tree["params"][backbone] if backbone else disk_tree["params"]
     _check_against_disk(disk_params, abstract, where)
-    target = {"params": {backbone: abstract} if backbone else abstract}
+    params = restore_params(mngr, step, {backbone: abstract} if backbone else abstract)
+    params = params[backbone] if backbone else params
+    cfg = stored.replace(**config_overrides)
+    if cfg.scan_layers != stored.scan_layers:
+        params = (hf.stack_layers if cfg.scan_layers else hf.unstack_layers)(params, cfg.n_layer)
+    if jax.numpy.dtype(cfg.param_dtype) != jax.numpy.dtype(stored.param_dtype):
+        params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
+    return GPT(cfg), params
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):
+    """state["params"] of `step` restored into `abstract_params` (a subtree of the stored params is
+    fine: orbax partial restore), placed with the shardings its leaves carry."""
+    target = {"params": abstract_params}
     restored = mngr.restore(
         step,
         args=ocp.args.Composite(
@@ -144,13 +164,7 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, **confi
             )
         ),
     )
-    params = restored["state"]["params"][backbone] if backbone else restored["state"]["params"]
-    cfg = stored.replace(**config_overrides)
-    if cfg.scan_layers != stored.scan_layers:
-        params = (hf.stack_layers if cfg.scan_layers else hf.unstack_layers)(params, cfg.n_layer)
-    if jax.numpy.dtype(cfg.param_dtype) != jax.numpy.dtype(stored.param_dtype):
-        params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
-    return GPT(cfg), params
+    return restored["state"]["params"]
 
 
 def tokenizer_dir(workdir: str) -> str:

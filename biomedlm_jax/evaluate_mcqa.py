@@ -62,11 +62,11 @@ def parse_tasks(spec: str) -> dict:
 def load_finetuned(workdir: str):
     """(MCQAModel, params, tokenizer, meta) from WORKDIR/best (if any) or WORKDIR's latest checkpoint."""
     import flax.linen as nn
-    import orbax.checkpoint as ocp
 
     from biomedlm_jax.model import GPTConfig
 
-    src = os.path.join(workdir, "best") if checkpoint.latest_step(os.path.join(workdir, "best")) is not None else workdir
+    best = os.path.join(workdir, checkpoint.BEST_DIR)
+    src = best if checkpoint.latest_step(best) is not None else workdir
     step, meta = checkpoint.read_meta(src)
     if "mcqa" not in meta:
         raise SystemExit(f"{src}: not an MCQA checkpoint (no head); use --zero_shot for a plain LM")
@@ -75,13 +75,9 @@ def load_finetuned(workdir: str):
     model = mcqa.MCQAModel(cfg, head["head"], head["num_labels"])
     ids = jnp.ones((1, 1, 8), jnp.int32)
     abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]))
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
-    target = {"params": abstract}
-    restored = checkpoint._reader(src).restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    params = checkpoint.restore_params(checkpoint._reader(src), step, checkpoint.place(abstract))
     tok = tokenizer_lib.load_tokenizer(checkpoint.tokenizer_dir(src if os.path.isdir(checkpoint.tokenizer_dir(src)) else workdir))
-    return model, restored["state"]["params"], tok, meta
+    return model, params, tok, meta
 
 
 def predict(model, params, enc: mcqa.Encoded, batch_size: int = 16) -> np.ndarray:

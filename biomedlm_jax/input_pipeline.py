@@ -19,7 +19,6 @@ Nothing here imports TensorFlow; the model, trainer and generation run without i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -203,13 +202,10 @@ def read_manifest(path: str) -> dict:
     mpath = os.path.join(path, MANIFEST)
     if not os.path.exists(mpath):
         raise FileNotFoundError(f"{path}: no {MANIFEST}; not a directory written by `python -m biomedlm_jax.prepare_data`")
-    with open(mpath, encoding="utf-8") as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{mpath}:{e.lineno}: not valid JSON ({e.msg})") from e
-    if manifest.get("format") != PREPARED_FORMAT:
-        raise DataError(f"{mpath}: format {manifest.get('format')!r}, expected {PREPARED_FORMAT!r}")
+    manifest = readers.read_json(mpath)
+    if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{mpath}: format {found!r}, expected {PREPARED_FORMAT!r}")
     return manifest
 
 

@@ -7,20 +7,6 @@ import jax.numpy as jnp
 import optax
 
 
-def next_token_loss(logits, tokens, mask: Optional[jnp.ndarray] = None):
-    """Mean cross-entropy of predicting tokens[:, t+1] from logits[:, t].
-
-    logits: (B, T, V); tokens: (B, T) int; mask: optional (B, T), 1 where tokens[:, t] is a real
-    target (e.g. answer tokens only, or non-padding). Returns (mean loss, number of target tokens).
-    """
-    logits = logits[:, :-1].astype(jnp.float32)  # (B, T-1, V)
-    targets = tokens[:, 1:]
-    weights = jnp.ones(targets.shape, jnp.float32) if mask is None else mask[:, 1:].astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, T-1)
-    count = weights.sum()
-    return (nll * weights).sum() / jnp.maximum(count, 1.0), count
-
-
 def token_nll_sum(logits, targets, weights: Optional[jnp.ndarray] = None):
     """(sum of weighted cross-entropy, sum of weights) for targets already aligned with logits.
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
-import json
 import os
 import zlib
 from typing import Callable, Optional, Sequence
@@ -63,19 +62,6 @@ def _check(item: MCQItem, where: str, n_options: Optional[int]) -> MCQItem:
     return item
 
 
-def _jsonl(path: str):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object")
-                yield lineno, rec
-
-
 def _letter(value, n: int, where: str) -> int:
     if isinstance(value, str) and len(value) == 1 and value.upper() in LETTERS[:n]:
         return LETTERS.index(value.upper())
@@ -91,7 +77,7 @@ def load_medmcqa(path: str) -> list[MCQItem]:
     """MedMCQA in any of three layouts: the original release (opa..opd, cop 1-4), the re-export
     (choices ["A. ...", ...], answer 0-3), and the subset with ids (options {A..D}, answer_idx letter)."""
     out = []
-    for lineno, r in _jsonl(path):
+    for lineno, r in readers.json_lines(path):
         where = f"{path}:{lineno}"
         try:
             if "opa" in r:
@@ -120,7 +106,7 @@ def load_medmcqa(path: str) -> list[MCQItem]:
 def load_medqa(path: str) -> list[MCQItem]:
     """MedQA-USMLE `phrases_no_exclude_{train,dev,test}.jsonl`: question, options {A..D}, answer_idx."""
     out = []
-    for lineno, r in _jsonl(path):
+    for lineno, r in readers.json_lines(path):
         where = f"{path}:{lineno}"
         try:
             options = tuple(r["options"][k] for k in sorted(r["options"]))
@@ -138,11 +124,7 @@ def load_pubmedqa(path: str, split: str = "all", test_ids_path: Optional[str] = 
                   dev_size: int = 50) -> list[MCQItem]:
     """PubMedQA PQA-L (`ori_pqal.json`). split: all | test (the PMIDs in `test_ground_truth.json`) |
     train / dev (the other 500: a seeded, label-stratified 450/50 split, as BLURB's fold-0 split sizes)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    data = readers.read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected an object keyed by PMID")
     items = []
@@ -160,8 +142,7 @@ def load_pubmedqa(path: str, split: str = "all", test_ids_path: Optional[str] = 
     if split == "all":
         return items
     test_ids_path = test_ids_path or os.path.join(os.path.dirname(path), "test_ground_truth.json")
-    with open(test_ids_path, encoding="utf-8") as f:
-        test_ids = set(json.load(f))
+    test_ids = set(readers.read_json(test_ids_path))
     if split == "test":
         return [i for i in items if i.id in test_ids]
     rest = [i for i in items if i.id not in test_ids]
@@ -186,11 +167,7 @@ BIOASQ_LABELS = ("no", "yes")
 
 def load_bioasq(path: str) -> list[MCQItem]:
     """BioASQ task-b JSON: the `yesno` questions; context = the snippets' text."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    data = readers.read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
         raise DataError(f"{path}: expected {{\"questions\": [...]}} (BioASQ task-b format)")
     out = []

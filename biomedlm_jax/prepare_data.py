@@ -171,11 +171,7 @@ def corpus_ids(corpus: str) -> set[str]:
 
 def pubmedqa_ids(path: str) -> list[str]:
     """PubMedQA's JSON (ori_pqal.json, test_ground_truth.json, ...) is keyed by PMID."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ip.DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    data = readers.read_json(path)
     if not isinstance(data, dict):
         raise ip.DataError(f"{path}: expected a JSON object keyed by PMID")
     return [str(k) for k in data]
@@ -183,11 +179,7 @@ def pubmedqa_ids(path: str) -> list[str]:
 
 def bioasq_ids(path: str) -> dict[str, list[str]]:
     """{question id: [PMIDs of its documents and snippets]} from a BioASQ JSON file."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ip.DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    data = readers.read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
         raise ip.DataError(f"{path}: expected {{\"questions\": [...]}} (BioASQ format)")
     out = {}

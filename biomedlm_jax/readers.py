@@ -131,7 +131,18 @@ def record_id(record: dict, fallback: str) -> str:
     return fallback
 
 
-def read_jsonl(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
+def read_json(path: str):
+    """A whole JSON file; invalid JSON is a DataError naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+
+
+def json_lines(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line of a JSONL file. A line that is not valid JSON, or not
+    an object, is a DataError naming file:line, or skipped and counted with on_error="skip"."""
     stats = stats if stats is not None else ReadStats()
     for lineno, line in _lines(path, stats):
         if not line.strip():
@@ -141,7 +152,16 @@ def read_jsonl(path: str, stats: Optional[ReadStats] = None, on_error: str = "ra
         except json.JSONDecodeError as e:
             _fail(stats, on_error, f"{path}:{lineno}: not valid JSON ({e.msg})")
             continue
-        text = record_text(record) if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            _fail(stats, on_error, f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            continue
+        yield lineno, record
+
+
+def read_jsonl(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
+    stats = stats if stats is not None else ReadStats()
+    for lineno, record in json_lines(path, stats, on_error):
+        text = record_text(record)
         if text is None:
             _fail(stats, on_error, f"{path}:{lineno}: expected an object with 'text' or 'title'/'abstract'")
             continue

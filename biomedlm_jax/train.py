@@ -555,7 +555,7 @@ def _initial_state(config, model, base_cfg, tx, abstract, shardings, task):
                                                      if getattr(base_cfg, k) != getattr(stored, k)})
             loaded = jax.device_get(loaded)
             source = f"initialised from orbax checkpoint {path}"
-        loaded = task.adapt_backbone(loaded, model.config if task.backbone is None else model.config)
+        loaded = task.adapt_backbone(loaded, model.config)
         if task.backbone is None:
             params = put_params(loaded, shardings["params"])
         else:
@@ -570,14 +570,12 @@ def _initial_state(config, model, base_cfg, tx, abstract, shardings, task):
     return state, source
 
 
-BEST_DIR = "best"
-
-
 def _read_best(workdir: str, task) -> float:
     """The best eval metric saved so far in WORKDIR/best (-inf when there is none)."""
-    if not task.best_metric or checkpoint.latest_step(os.path.join(workdir, BEST_DIR)) is None:
+    best = os.path.join(workdir, checkpoint.BEST_DIR)
+    if not task.best_metric or checkpoint.latest_step(best) is None:
         return -np.inf
-    return float(checkpoint.read_meta(os.path.join(workdir, BEST_DIR))[1].get(task.best_metric, -np.inf))
+    return float(checkpoint.read_meta(best)[1].get(task.best_metric, -np.inf))
 
 
 def _save_best(workdir: str, cfg: GPTConfig, params, step: int, task, value: float) -> None:
@@ -585,7 +583,7 @@ def _save_best(workdir: str, cfg: GPTConfig, params, step: int, task, value: flo
     previous best only once the new one is complete)."""
     import shutil
 
-    best = os.path.join(workdir, BEST_DIR)
+    best = os.path.join(workdir, checkpoint.BEST_DIR)
     tmp = best + ".saving"
     if jax.process_index() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -593,8 +591,7 @@ def _save_best(workdir: str, cfg: GPTConfig, params, step: int, task, value: flo
     extra = task.meta() if hasattr(task, "meta") else {}
     checkpoint.save_params(tmp, cfg, params, step, **{task.best_metric: value}, **extra)
     if jax.process_index() == 0:
-        tokenizer_lib.save_tokenizer(tokenizer_lib.load_tokenizer(checkpoint.tokenizer_dir(workdir)),
-                                     checkpoint.tokenizer_dir(tmp))
+        shutil.copytree(checkpoint.tokenizer_dir(workdir), checkpoint.tokenizer_dir(tmp))
         shutil.rmtree(best, ignore_errors=True)
         os.rename(tmp, best)
     multihost_utils.sync_global_devices("best: saved") if jax.process_count() > 1 else None
