@@ -302,14 +302,23 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, workdir: str, step: int, abs
 
 
 class Preemption:
-    """SIGTERM (a preemption notice) sets a flag the loop polls at step boundaries; all processes agree."""
+    """A preemption notice (SIGTERM) ends the run at a step boundary that every process agrees on.
+
+    One process: a Python SIGTERM handler sets a flag that the loop reads after each step.
+    Several processes: `jax.distributed` starts JAX's preemption sync manager, whose own SIGTERM
+    handler tells the coordination service; the service picks a step every process will reach, and
+    `multihost_utils.reached_preemption_sync_point(step)` is True on all of them at that step. Neither
+    path puts a collective or a device sync in the step loop.
+    """
 
     def __init__(self):
         self._flag = False
         self._old = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # Several processes: installing a Python handler would replace the sync manager's.
+        if not self._multi and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -320,10 +329,11 @@ class Preemption:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
 
-    def requested(self) -> bool:
-        if jax.process_count() == 1:
-            return self._flag
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self._flag))))
+    def requested(self, step: int) -> bool:
+        """Call after every step with the step just completed (the same steps on every process)."""
+        if self._multi:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag
 
 
 def _check_config(config, cfg: GPTConfig, mesh) -> None:
@@ -356,8 +366,9 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                        hooks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
     """Train (or resume) `config` in `workdir`; returns a summary dict of the run.
 
-    `devices`: the devices of the mesh (default all); `hooks`: called as hook(step, metrics) after
-    every step on every process (e.g. for notebooks).
+    `devices`: the devices of the mesh (default all); `hooks`: called as hook(step, metrics) for every
+    step, in order, on every process (e.g. for notebooks). Step metrics are fetched from the device in
+    groups (at each log, eval and checkpoint step), so a hook sees step k once that group is fetched.
     """
     # --- setup ---------------------------------------------------------------------------------------
     workdir = os.path.abspath(workdir)
@@ -455,10 +466,38 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
 
     bar = tqdm(total=config.num_train_steps, initial=start_step, disable=not (config.progress_bar and is_main),
                dynamic_ncols=True, unit="step", mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    window: list[dict] = []
+    window: list[dict] = []  # fetched metrics of the finite steps since the last log row
+    pending: list[tuple[int, dict]] = []  # (step, metrics still on device)
+    last_m: dict = {}
     t_window, tokens_window = time.time(), 0
     last_saved = latest
     step = start_step
+
+    def fetch_metrics() -> None:
+        """Copy the buffered step metrics to the host in one transfer; run the NaN stop and the hooks.
+
+        Steps are dispatched without waiting for their results, so the host prepares the next batch
+        while the device computes; this is the loop's only wait on the device besides eval and saves.
+        """
+        nonlocal last_m
+        fetched = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, fetched):
+            m = {k: float(v) for k, v in m.items()}
+            last_m = m
+            if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
+                window.append(m)
+            if m["nonfinite_consecutive"] >= config.optimizer.max_consecutive_nonfinite:
+                mngr.wait_until_finished()
+                raise FloatingPointError(
+                    f"stopping at step {s}: {int(m['nonfinite_consecutive'])} consecutive steps had a non-finite "
+                    f"loss or gradient norm (skipped, params unchanged). Last complete checkpoint: step "
+                    f"{mngr.latest_step()}. Lower the learning rate or inspect the data before row position "
+                    f"{train_iter.position}."
+                )
+            for hook in hooks:
+                hook(s, m)
+        pending.clear()
+
     with Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         best = [_read_best(workdir, task)]
         if start_step == 0 and summary["eval_rows"]:
@@ -470,31 +509,30 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
         while step < config.num_train_steps:
             batch = to_global(next(train_iter), b_sharding, micro)
             state, m = p_train_step(state, batch)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            pending.append((step + 1, m))
             step += 1
             bar.update(1)
             tokens_window += global_batch * task.tokens_per_example()
-            if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
-                window.append(m)
-            if m["nonfinite_consecutive"] >= config.optimizer.max_consecutive_nonfinite:
-                mngr.wait_until_finished()
-                raise FloatingPointError(
-                    f"stopping at step {step}: {int(m['nonfinite_consecutive'])} consecutive steps had a non-finite "
-                    f"loss or gradient norm (skipped, params unchanged). Last complete checkpoint: step "
-                    f"{mngr.latest_step()}. Lower the learning rate or inspect the data around row position "
-                    f"{train_iter.position}."
-                )
-            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+            last = step == config.num_train_steps
+            log_now = step % config.log_every_steps == 0 or last
+            eval_now = summary["eval_rows"] and (step % config.eval_every_steps == 0 or last)
+            save_now = step % config.checkpoint_every_steps == 0 or last
+            if log_now or eval_now or save_now or len(pending) >= config.log_every_steps:
+                fetch_metrics()
+            preempted = preemption.requested(step)
+            if preempted and pending:
+                fetch_metrics()
+            if log_now:
                 dt = max(time.time() - t_window, 1e-9)
                 tok_s = tokens_window / dt
                 row = {
                     "loss": np.mean([w["loss"] for w in window]) if window else float("nan"),
                     "grad_norm": np.mean([w["grad_norm"] for w in window]) if window else float("nan"),
                     # skipped steps do not advance the optimizer's schedule count
-                    "learning_rate": float(schedule(step - 1 - int(m["nonfinite_total"]))),
+                    "learning_rate": float(schedule(step - 1 - int(last_m["nonfinite_total"]))),
                     "tokens_per_s": tok_s,
                     "mfu": metrics.mfu(tok_s, cfg, seq_len, n_devices, peak),
-                    "skipped_steps": m["nonfinite_total"],
+                    "skipped_steps": last_m["nonfinite_total"],
                     "epoch": train_iter.epoch,
                 }
                 row["perplexity"] = float(np.exp(min(row["loss"], 50.0)))
@@ -502,7 +540,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 summary.update(train_loss=row["loss"], tokens_per_s=tok_s, mfu=row["mfu"])
                 window, t_window, tokens_window = [], time.time(), 0
-            if summary["eval_rows"] and (step % config.eval_every_steps == 0 or step == config.num_train_steps):
+            if eval_now:
                 ev = evaluate(state["params"])
                 writer.write(step, ev, "eval")
                 summary["eval_loss"] = ev.get("loss")
@@ -514,15 +552,10 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                     _save_best(workdir, cfg, state["params"], step, task, best[0])
                     summary[f"best_{task.best_metric}"] = best[0]
                     summary["best_step"] = step
-            for hook in hooks:
-                hook(step, m)
-            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+            if save_now or (preempted and last_saved != step):
                 save(step)
                 last_saved = step
-            if preemption.requested():
-                if last_saved != step:
-                    save(step)
-                    last_saved = step
+            if preempted:
                 summary["preempted"] = True
                 if is_main:
                     bar.write(f"[train] SIGTERM: saved step {step}; rerun the same command to resume")
@@ -531,7 +564,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     mngr.close()
     bar.close()
     writer.close()
-    summary.update(step=step, skipped_steps=int(m["nonfinite_total"]) if step > start_step else 0,
+    summary.update(step=step, skipped_steps=int(last_m.get("nonfinite_total", 0)),
                    train_step_traces=_TRAIN_STEP_TRACES - traces_before, last_checkpoint=last_saved)
     return summary
 

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -103,11 +104,15 @@ def test_unknown_cli_key_is_an_error(tmp_path):
 
 def test_loss_goes_down_and_step_compiles_once(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=25, eval_every_steps=25, log_every_steps=5, checkpoint_every_steps=25)
-    s = train.train_and_evaluate(c, str(tmp_path))
+    seen = []
+    s = train.train_and_evaluate(c, str(tmp_path), hooks=[lambda step, m: seen.append((step, m["loss"]))])
     assert s["train_step_traces"] == 1
     assert s["eval_loss"] < s["initial_eval_loss"] - 1.0, s
     rows = metrics.read_metrics(str(tmp_path), "train")
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25]
+    # metrics are fetched from the device once per log row, yet every step reaches the hooks, in order
+    assert [step for step, _ in seen] == list(range(1, 26))
+    np.testing.assert_allclose(rows[0]["loss"], np.mean([l for _, l in seen[:5]]), rtol=1e-6)
     assert {"loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "skipped_steps"} <= set(rows[0])
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert os.listdir(tmp_path / "tensorboard")
@@ -247,7 +252,9 @@ def test_nonfinite_step_is_skipped_and_counted(small_corpus):
         assert any(jax.tree.leaves(changed))
 
 
-def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, small_corpus, monkeypatch):
+@pytest.fixture
+def nan_from_step_4(monkeypatch):
+    """Every batch from the 4th on carries a NaN loss weight."""
     original = input_pipeline.BatchIterator.__next__
 
     def poisoned(self):
@@ -258,6 +265,9 @@ def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, small_corpus, mon
         return dict(batch, weights=weights)
 
     monkeypatch.setattr(input_pipeline.BatchIterator, "__next__", poisoned)
+
+
+def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, small_corpus, nan_from_step_4):
     c = make_config(small_corpus, num_train_steps=20, checkpoint_every_steps=2, **{"optimizer.max_consecutive_nonfinite": 3})
     with pytest.raises(FloatingPointError, match="3 consecutive steps"):
         train.train_and_evaluate(c, str(tmp_path))
@@ -266,6 +276,16 @@ def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, small_corpus, mon
     rows = metrics.read_metrics(str(tmp_path), "train")
     assert rows[-1]["step"] == 5 and rows[-1]["loss"] is None and rows[-1]["skipped_steps"] == 2
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_params(tmp_path)))
+
+
+def test_nonfinite_stop_between_log_steps_names_the_step(tmp_path, small_corpus, nan_from_step_4):
+    """Metrics reach the host every 4 steps here; the stop still names step 6, the third skip in a row."""
+    c = make_config(small_corpus, num_train_steps=20, log_every_steps=4, checkpoint_every_steps=10,
+                    **{"optimizer.max_consecutive_nonfinite": 3})
+    with pytest.raises(FloatingPointError, match="stopping at step 6: 3 consecutive steps"):
+        train.train_and_evaluate(c, str(tmp_path))
+    assert checkpoint.latest_step(str(tmp_path)) is None
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path), "train")] == [4]
 
 
 def test_restore_onto_a_different_mesh(tmp_path, small_corpus):
@@ -328,34 +348,44 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_on_localhost_agree(tmp_path, small_corpus):
+def start_two_processes(workdir, corpus, **config):
+    """Two pretraining processes on localhost (4 fake CPU devices each) joined into one 2x2x2 mesh."""
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", TF_CPP_MIN_LOG_LEVEL="2")
-    overrides = [f"--config.{k}={v}" for k, v in (
-        ("data.train_files", small_corpus), ("seq_len", 32), ("global_batch_size", 8), ("num_train_steps", 3),
-        ("warmup_steps", 2), ("log_every_steps", 1), ("eval_every_steps", 3), ("eval_batches", 2),
-        ("checkpoint_every_steps", 3), ("progress_bar", False), ("mesh_shape", "(2,2,2)"))]
-    procs = [
+    base = dict(seq_len=32, global_batch_size=8, warmup_steps=2, log_every_steps=1, eval_batches=2,
+                progress_bar=False, mesh_shape="(2,2,2)")
+    overrides = [f"--config.{k}={v}" for k, v in {"data.train_files": corpus, **base, **config}.items()]
+    return [
         subprocess.Popen(
             [sys.executable, "-m", "biomedlm_jax.pretrain", f"--config={REPO}/configs/pretrain.py:tiny",
-             f"--workdir={tmp_path / 'mp'}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
              f"--process_id={i}", "--init_timeout_s=60", *overrides],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
     ]
+
+
+def finish(procs, timeout=300) -> list[dict]:
+    """Wait for the processes; each must exit 0. Returns each one's `[done ...]` summary as strings."""
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
+            outs.append(p.communicate(timeout=timeout)[0])
     finally:
         for p in procs:
             p.kill()
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     done = [next(l for l in out.splitlines() if l.startswith("[done")) for out in outs]
-    losses = [float(l.split("train_loss=")[1].split()[0]) for l in done]
+    return [dict(kv.split("=", 1) for kv in l.split() if "=" in kv) for l in done]
+
+
+@pytest.mark.slow
+def test_two_processes_on_localhost_agree(tmp_path, small_corpus):
+    procs = start_two_processes(tmp_path / "mp", small_corpus, num_train_steps=3, eval_every_steps=3,
+                                checkpoint_every_steps=3)
+    losses = [float(d["train_loss"]) for d in finish(procs)]
     assert losses[0] == losses[1]
     # the same global computation in one process on 8 devices
     single = train.train_and_evaluate(make_config(small_corpus, num_train_steps=3, checkpoint_every_steps=3,
@@ -365,3 +395,31 @@ def test_two_processes_on_localhost_agree(tmp_path, small_corpus):
         [l for _, l in train_losses(tmp_path / "mp")], [l for _, l in train_losses(tmp_path / "sp")], rtol=1e-5
     )
     assert checkpoint.latest_step(str(tmp_path / "mp")) == 3
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, small_corpus):
+    """A preemption notice reaching one process only: both save the same step and exit cleanly, with no
+    per-step collective in the loop (JAX's preemption sync manager picks the step); the rerun resumes."""
+    workdir = tmp_path / "mp"
+    long_run = dict(num_train_steps=100_000, eval_every_steps=100_000, checkpoint_every_steps=100_000)
+    procs = start_two_processes(workdir, small_corpus, **long_run)
+    try:
+        for _ in range(600):
+            rows = metrics.read_metrics(str(workdir), "train") if (workdir / "metrics.jsonl").exists() else []
+            if len(rows) >= 3:
+                break
+            assert all(p.poll() is None for p in procs), "a process exited before the signal"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # the non-coordinator process only
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    done = finish(procs)
+    stopped = {d["step"] for d in done}
+    assert len(stopped) == 1 and all(d["preempted"] == "True" for d in done), done
+    step = int(stopped.pop())
+    assert 3 <= step < 100_000 and checkpoint.latest_step(str(workdir)) == step
+    resumed = finish(start_two_processes(workdir, small_corpus, **dict(long_run, num_train_steps=step + 2)))
+    assert all(d["start_step"] == str(step) and d["step"] == str(step + 2) for d in resumed), resumed
