@@ -4,7 +4,7 @@
     python -m biomedlm_jax.bench tokenize [--input=FILES --tokenizer=DIR]
     python -m biomedlm_jax.bench generate --model=tiny --batch=1 --prompt=128 --new=256 [--peer --dtype=bfloat16]
     python -m biomedlm_jax.bench train --model=bench-cpu --batch=8 --seq=256 --steps=10 [--peer --remat=... --scan_layers
-        --attention_impl=... --dtype=bfloat16 --peak_flops=...]
+        --attention_impl=... --dtype=bfloat16 --loss_chunk=K --peak_flops=...]
 
 `pipeline` measures the batches a training process would consume: BatchIterator.batch_at (random,
 seeded row gathers from memory or memory-mapped shards, int32 conversion, input/target split). With
@@ -15,7 +15,9 @@ offline preparation: read + tokenize + pack tokens/s. The benchmark imports no T
 `train` times the trainer's real train step (`train.make_train_step`: AdamW with Composer decay,
 clipping, the non-finite guard, donated state) on random tokens, jitted on a mesh of all local devices
 (data parallel). It reports tokens/s, the step time (median of `--steps` after a compile step), the
-compile time, MFU, and peak device memory where the backend reports it. The MFU formula is in
+compile time, MFU, peak device memory where the backend reports it, and `temp_bytes`: the step's
+scratch memory from XLA's buffer assignment (known on every backend, CPU included). `--loss_chunk=K`
+computes the LM head's logits K positions at a time (config `loss_chunk_size`). The MFU formula is in
 metrics.py: 6·N + 12·L·d·T FLOPs per token, with N the matmul weights including the tied head. The
 peak comes from `metrics.PEAK_FLOPS`, or from `--peak_flops` (CPU has none). `--peer` trains HF's
 GPT2LMHeadModel of the same shape with torch.optim.AdamW in the same process: fp32 on CPU, bf16
@@ -137,7 +139,7 @@ def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool =
 
 def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = False, dtype: str = "float32",
                 remat: str = "none", scan_layers: bool = False, attention_impl: str = "auto",
-                peak_flops: float = 0.0) -> list[dict]:
+                peak_flops: float = 0.0, loss_chunk: int = 0) -> list[dict]:
     import jax
 
     from biomedlm_jax import configlib, metrics, sharding, train
@@ -148,6 +150,7 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
                                embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     config = configlib.train_config()
     config.seq_len, config.global_batch_size, config.num_train_steps = seq, batch, 1000
+    config.loss_chunk_size = loss_chunk
     model = model_lib.GPT(cfg)
     tx, _ = train.make_optimizer(config)
     n = jax.device_count()
@@ -163,12 +166,14 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
                for x in ids]
     with jax.set_mesh(mesh), __import__("flax").linen.logical_axis_rules(rules):
         state, _ = train._initial_state(config, model, cfg, tx, abstract, shardings, train.LMTask(config))
-        step = jax.jit(train.make_train_step(model, tx, True), in_shardings=(shardings, b_sharding),
-                       out_shardings=(shardings, None), donate_argnums=0)
+        step = jax.jit(train.make_train_step(model, tx, True, train.LMTask(config)),
+                       in_shardings=(shardings, b_sharding), out_shardings=(shardings, None), donate_argnums=0)
         t0 = time.perf_counter()
+        step = step.lower(state, batches[0]).compile()
+        compile_s = time.perf_counter() - t0
+        analysis = step.memory_analysis()  # XLA's buffer assignment: known before running, on every backend
         state, m = step(state, batches[0])
         jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t0
         times = []
         for b in batches[1:]:
             t0 = time.perf_counter()
@@ -189,7 +194,8 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
             "devices": mesh.devices.size}
     rows = [dict(base, impl="ours", tokens_per_s=tok_s, step_ms=1e3 * dt, compile_s=compile_s,
                  mfu=metrics.mfu(tok_s, cfg, seq, mesh.devices.size, peak), peak_memory_bytes=mem,
-                 remat=remat, scan_layers=scan_layers, attention_impl=attention_impl,
+                 remat=remat, scan_layers=scan_layers, attention_impl=attention_impl, loss_chunk=loss_chunk,
+                 temp_bytes=getattr(analysis, "temp_size_in_bytes", None),
                  flops_per_token=metrics.flops_per_token(cfg, seq), loss=float(m["loss"]))]
     if peer:
         import torch
@@ -253,12 +259,14 @@ def main(argv=None) -> int:
     tr.add_argument("--remat", default="none")
     tr.add_argument("--scan_layers", action="store_true")
     tr.add_argument("--attention_impl", default="auto")
+    tr.add_argument("--loss_chunk", type=int, default=0,
+                    help="LM-head logits this many positions at a time (config loss_chunk_size; 0 = off)")
     tr.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU (default: table)")
     tr.add_argument("--peer", action="store_true")
     args = p.parse_args(argv)
     if args.cmd == "train":
         rows = bench_train(args.model, args.batch, args.seq, args.steps, args.peer, args.dtype, args.remat,
-                           args.scan_layers, args.attention_impl, args.peak_flops)
+                           args.scan_layers, args.attention_impl, args.peak_flops, args.loss_chunk)
     elif args.cmd == "pipeline":
         rows = [bench_pipeline(args.seq, args.batch, args.steps, args.prepared, args.impl)]
     elif args.cmd == "generate":

@@ -92,6 +92,7 @@ def train_config(train_files: str = "", tokenizer: str = "") -> ml_collections.C
     c.seed = 0
 
     c.seq_len = 128
+    c.loss_chunk_size = 0  # LM loss: positions per logits chunk (0 = whole sequence at once)
     c.global_batch_size = 8  # sequences per optimizer step, across all devices and micro-batches
     c.grad_accum_steps = 1  # micro-batches per step (global_batch_size must divide by it)
     c.num_train_steps = 150

@@ -1,8 +1,9 @@
 """Language-model losses, always in fp32 (logits may arrive in bf16 from a bf16 model)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -17,3 +18,31 @@ def token_nll_sum(logits, targets, weights: Optional[jnp.ndarray] = None):
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     weights = jnp.ones(nll.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     return (nll * weights).sum(), weights.sum()
+
+
+def chunked_token_nll_sum(hidden, head: Callable, targets, weights: Optional[jnp.ndarray] = None, chunk: int = 256):
+    """`token_nll_sum(head(hidden), ...)` without holding the (B, T, V) logits.
+
+    hidden: (B, T, C) final features; head: (B, t, C) -> (B, t, V) logits (the tied LM head). The
+    sequence is cut into T // chunk pieces and scanned; each piece's logits are rematerialised in the
+    backward pass (jax.checkpoint), so the loss holds (B, chunk, V) logits at a time instead of
+    (B, T, V) twice (fp32 logits and their gradient). Same value and gradients as the full loss up to
+    summation order. T must divide by chunk.
+    """
+    B, T, _ = hidden.shape
+    if T % chunk:
+        raise ValueError(f"loss chunk size {chunk} does not divide the sequence length {T}")
+    weights = jnp.ones((B, T), jnp.float32) if weights is None else weights.astype(jnp.float32)
+
+    def pieces(x):  # (B, T, ...) -> (T // chunk, B, chunk, ...)
+        return jnp.moveaxis(x.reshape(B, T // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def piece_nll(h, t, w):
+        return token_nll_sum(head(h), t, w)[0]
+
+    def body(total, xs):
+        return total + piece_nll(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros([], jnp.float32), (pieces(hidden), pieces(targets), pieces(weights)))
+    return total, weights.sum()

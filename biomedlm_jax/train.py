@@ -81,16 +81,28 @@ class LMTask:
                                            getattr(eval_data, "weights", None), getattr(eval_data, "segments", None),
                                            getattr(eval_data, "positions", None))
 
+    def nll_sums(self, model, params, mb, rng, deterministic: bool):
+        """(weighted NLL sum, weight sum) of one micro-batch; fields (b, T): inputs, targets, optional
+        weights/positions/segment_ids. With `loss_chunk_size`, logits are built a chunk at a time."""
+        kw = dict(position_ids=mb.get("positions"), segment_ids=mb.get("segment_ids"), deterministic=deterministic,
+                  rngs={"dropout": rng})
+        chunk = self.config.loss_chunk_size if self.config is not None else 0
+        if not chunk:
+            logits = model.apply({"params": params}, mb["inputs"], **kw)
+            return losses.token_nll_sum(logits, mb["targets"], mb.get("weights"))
+        hidden = model.apply({"params": params}, mb["inputs"], method=GPT.hidden_states, **kw)
+
+        def head(h):
+            return model.apply({"params": params}, h, method=GPT.logits)
+
+        return losses.chunked_token_nll_sum(hidden, head, mb["targets"], mb.get("weights"), chunk)
+
     def loss(self, model, params, mb, rng, deterministic: bool):
-        logits = model.apply({"params": params}, mb["inputs"], position_ids=mb.get("positions"),
-                             segment_ids=mb.get("segment_ids"), deterministic=deterministic, rngs={"dropout": rng})
-        return losses.token_nll_sum(logits, mb["targets"], mb.get("weights"))
+        return self.nll_sums(model, params, mb, rng, deterministic)
 
     def eval_sums(self, model, params, b) -> dict:
-        seg, pos = b.get("segment_ids"), b.get("positions")
-        logits = model.apply({"params": params}, b["inputs"][0], position_ids=None if pos is None else pos[0],
-                             segment_ids=None if seg is None else seg[0], deterministic=True)
-        loss_sum, count = losses.token_nll_sum(logits, b["targets"][0], b["weights"][0])
+        mb = {k: v[0] for k, v in b.items()}  # eval batches carry one micro-batch
+        loss_sum, count = self.nll_sums(model, params, mb, jax.random.PRNGKey(0), True)
         return {"loss_sum": loss_sum, "count": count}
 
     def summarize(self, sums: dict) -> dict:
@@ -352,6 +364,9 @@ def _check_config(config, cfg: GPTConfig, mesh) -> None:
             f"micro-batch of {micro} sequences (global_batch_size / grad_accum_steps) does not split over "
             f"{ways} batch shards of mesh {dict(mesh.shape)}"
         )
+    chunk = config.loss_chunk_size
+    if chunk < 0 or (chunk and config.seq_len % chunk):
+        raise ValueError(f"loss_chunk_size={chunk} must be 0 (off) or divide seq_len={config.seq_len}")
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "num_train_steps"):
         if config[key] <= 0:
             raise ValueError(f"{key} must be positive, got {config[key]}")

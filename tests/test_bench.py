@@ -39,4 +39,17 @@ def test_train_benchmark_rows_with_peer():
     assert [row["impl"] for row in rows] == ["ours", "hf-torch"]
     ours = rows[0]
     assert ours["kind"] == "train" and ours["tokens_per_s"] > 0 and ours["compile_s"] > 0 and ours["step_ms"] > 0
-    assert 0 < ours["mfu"] and ours["flops_per_token"] > 0 and ours["speedup_vs_hf"] > 0
+    assert 0 < ours["mfu"] and ours["flops_per_token"] > 0 and ours["speedup_vs_hf"] > 0 and ours["temp_bytes"] > 0
+
+
+def test_train_benchmark_loss_chunk_reports_less_scratch_memory():
+    """--loss_chunk trades the (batch, seq, vocab) logits for one chunk's: XLA's buffer assignment shrinks."""
+    rows = {}
+    for chunk in (0, 4):
+        r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "train", "--model=tiny", "--batch=4",
+                            "--seq=32", "--steps=1", f"--loss_chunk={chunk}"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        rows[chunk] = json.loads(r.stdout.strip().splitlines()[0])
+    assert rows[4]["loss_chunk"] == 4 and rows[4]["temp_bytes"] < rows[0]["temp_bytes"]
+    assert abs(rows[4]["loss"] - rows[0]["loss"]) < 1e-4
