@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from biomedlm_jax.model import GPT, init_cache
+from biomedlm_jax.model import GPT, init_cache, transposed_head
 
 NEG_INF = -1e30
 
@@ -139,13 +139,16 @@ def positions_from_mask(mask):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len"))
 def prefill(model: GPT, params, ids, mask, max_len: int):
-    """Run the (left-padded) prompts through the model once. Returns (last logits (B, V), cache, kv_mask)."""
+    """Run the (left-padded) prompts through the model once.
+
+    Returns (last logits (B, V), cache, kv_mask, head): `head` is the (C, V) tied head the decode loop
+    multiplies every new token by (`model.transposed_head`)."""
     B, P = ids.shape
     cache = init_cache(model.config, B, max_len)
     kv_mask = jnp.zeros((B, max_len), bool).at[:, :P].set(mask)
     logits, cache = model.apply({"params": params}, ids, kv_mask, positions_from_mask(mask), cache, 0,
                                 method=GPT.decode)
-    return logits[:, -1], cache, kv_mask
+    return logits[:, -1], cache, kv_mask, transposed_head(params, model.config)
 
 
 # The streaming callback is looked up at run time, so one compiled loop serves every prompt's callback.
@@ -157,7 +160,7 @@ def _to_sink(step, tok, done):
         _STREAM_SINK[0](int(step), np.asarray(tok), np.asarray(done))
 
 
-def _decode_loop(model: GPT, params, ids, mask, last_logits, cache, kv_mask, rng, cfg: SamplingConfig,
+def _decode_loop(model: GPT, params, ids, mask, last_logits, cache, kv_mask, head, rng, cfg: SamplingConfig,
                  streaming: bool = False):
     B, P = ids.shape
     S = P + cfg.max_new_tokens
@@ -182,7 +185,7 @@ def _decode_loop(model: GPT, params, ids, mask, last_logits, cache, kv_mask, rng
         if streaming:
             io_callback(_to_sink, None, step, tok, done, ordered=True)
         done = done | (tok == eos)
-        logits, cache = model.apply({"params": params}, tok[:, None], kv_mask, pos[:, None], cache, cur,
+        logits, cache = model.apply({"params": params}, tok[:, None], kv_mask, pos[:, None], cache, cur, head,
                                     method=GPT.decode)
         return step + 1, tokens, kv_mask, cache, logits[:, 0], done, pos + 1, rng
 
@@ -207,11 +210,11 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], rng, cfg: Sam
         if longest + cfg.max_new_tokens > model.config.n_positions:
             raise ValueError(f"prompt of {longest} tokens + {cfg.max_new_tokens} new exceeds n_positions="
                              f"{model.config.n_positions}")
-    logits, cache, kv_mask = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), max_len)
+    logits, cache, kv_mask, head = prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), max_len)
     _STREAM_SINK[0] = stream
     try:
-        out, steps = _decode(model, params, jnp.asarray(ids), jnp.asarray(mask), logits, cache, kv_mask, rng, cfg,
-                             stream is not None)
+        out, steps = _decode(model, params, jnp.asarray(ids), jnp.asarray(mask), logits, cache, kv_mask, head, rng,
+                             cfg, stream is not None)
         out, steps = np.asarray(out), int(steps)
     finally:
         _STREAM_SINK[0] = None

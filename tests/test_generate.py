@@ -33,7 +33,7 @@ def test_cached_logits_equal_full_forward_every_step_left_padded(scan):
     prompt_lens = [4, 2, 6]
     ids, mask = G.left_pad([s[:p] for s, p in zip(seqs, prompt_lens)], bucket=8, pad_id=0)
     P, steps = ids.shape[1], 6
-    logits, cache, kv_mask = G.prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), P + steps)
+    logits, cache, kv_mask, head = G.prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), P + steps)
     pos = mask.sum(-1)
     for t in range(steps):
         for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
@@ -45,7 +45,7 @@ def test_cached_logits_equal_full_forward_every_step_left_padded(scan):
         nxt = np.array([s[min(p + t, len(s) - 1)] for s, p in zip(seqs, prompt_lens)], np.int32)
         kv_mask = kv_mask.at[:, P + t].set(True)
         out, cache = model.apply({"params": params}, jnp.asarray(nxt)[:, None], kv_mask, jnp.asarray(pos + t)[:, None],
-                                 cache, P + t, method=M.GPT.decode)
+                                 cache, P + t, head, method=M.GPT.decode)  # the transposed head, as generate
         logits = out[:, 0]
 
 
