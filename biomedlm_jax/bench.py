@@ -97,6 +97,7 @@ def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool =
     cfg = model_lib.get_config(variant, n_positions=n_pos, dtype=dtype)
     model = model_lib.GPT(cfg)
     params = model_lib.init_params(model, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x.astype(dtype), params)  # inference weights in the compute dtype, as the CLI
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).tolist()
     scfg = generate.SamplingConfig(max_new_tokens=new, temperature=0.0)
     generate.generate(model, params, prompts, jax.random.PRNGKey(0), scfg)  # compile

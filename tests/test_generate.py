@@ -170,6 +170,9 @@ def test_cli_batch_jsonl_and_streaming_prompt(hf_pair, tmp_path):
     want = G.generate(m2, p2, [ids], jax.random.PRNGKey(0), G.SamplingConfig(max_new_tokens=5, temperature=0.0, eos_id=50256))[0]
     assert r.stdout.strip() == ("Metformin is" + gpt2.decode([t for t in want if t != 50256])).strip()
     assert rows[0]["completion"] == gpt2.decode([t for t in want if t != 50256])
+    # --dtype=bfloat16 loads the weights in bf16 too: no fp32 copy is read (or cast) per decoded token
+    m16, p16, _ = G._load(f"hf:{tmp_path / 'ckpt'}", "bfloat16")
+    assert m16.config.dtype == "bfloat16" and {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype("bfloat16")}
 
 
 def test_greedy_helper_equals_argmax_with_ties():
