@@ -26,8 +26,8 @@ FIELDS = {
     "seq_len": "Tokens per training row (LM: rows of seq_len + 1 tokens; MCQA: max tokens per option).",
     "global_batch_size": "Sequences (or questions) per optimizer step, over all devices and micro-batches.",
     "loss_chunk_size": "LM and seq2seq loss: compute the tied head's logits this many positions at a time "
-                       "(rematerialised in the backward pass) instead of holding (batch, seq_len, vocab); must "
-                       "divide seq_len; 0 = off.",
+                       "(rematerialised in the backward pass) instead of holding (batch, seq_len, vocab); "
+                       "0 = off.",
     "grad_accum_steps": "Micro-batches per step; global_batch_size must divide by it.",
     "num_train_steps": "Optimizer steps; also the length of the LR schedule.",
     "warmup_steps": "Linear warmup from 0 to learning_rate.",

@@ -24,25 +24,30 @@ def chunked_token_nll_sum(hidden, head: Callable, targets, weights: Optional[jnp
     """`token_nll_sum(head(hidden), ...)` without holding the (B, T, V) logits.
 
     hidden: (B, T, C) final features; head: (B, t, C) -> (B, t, V) logits (the tied LM head). The
-    sequence is cut into T // chunk pieces and scanned; each piece's logits are rematerialised in the
-    backward pass (jax.checkpoint), so the loss holds (B, chunk, V) logits at a time instead of
-    (B, T, V) twice (fp32 logits and their gradient). Same value and gradients as the full loss up to
-    summation order. T must divide by chunk.
+    sequence is cut into pieces of `chunk` positions (the last one shorter when chunk does not divide
+    T) and scanned; each piece's logits are rematerialised in the backward pass (jax.checkpoint), so
+    the loss holds (B, chunk, V) logits at a time instead of (B, T, V) twice (fp32 logits and their
+    gradient). Same value and gradients as the full loss up to summation order.
     """
+    if chunk <= 0:
+        raise ValueError(f"loss chunk size must be positive, got {chunk}")
     B, T, _ = hidden.shape
-    if T % chunk:
-        raise ValueError(f"loss chunk size {chunk} does not divide the sequence length {T}")
     weights = jnp.ones((B, T), jnp.float32) if weights is None else weights.astype(jnp.float32)
-
-    def pieces(x):  # (B, T, ...) -> (T // chunk, B, chunk, ...)
-        return jnp.moveaxis(x.reshape(B, T // chunk, chunk, *x.shape[2:]), 1, 0)
 
     @jax.checkpoint
     def piece_nll(h, t, w):
         return token_nll_sum(head(h), t, w)[0]
 
-    def body(total, xs):
-        return total + piece_nll(*xs), None
+    n, rest = divmod(T, chunk)
+    total = jnp.zeros([], jnp.float32)
+    if n:
+        def pieces(x):  # (B, n * chunk, ...) -> (n, B, chunk, ...)
+            return jnp.moveaxis(x[:, : n * chunk].reshape(B, n, chunk, *x.shape[2:]), 1, 0)
 
-    total, _ = jax.lax.scan(body, jnp.zeros([], jnp.float32), (pieces(hidden), pieces(targets), pieces(weights)))
+        def body(acc, xs):
+            return acc + piece_nll(*xs), None
+
+        total, _ = jax.lax.scan(body, total, (pieces(hidden), pieces(targets), pieces(weights)))
+    if rest:
+        total = total + piece_nll(hidden[:, n * chunk :], targets[:, n * chunk :], weights[:, n * chunk :])
     return total, weights.sum()

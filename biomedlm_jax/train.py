@@ -364,9 +364,8 @@ def _check_config(config, cfg: GPTConfig, mesh) -> None:
             f"micro-batch of {micro} sequences (global_batch_size / grad_accum_steps) does not split over "
             f"{ways} batch shards of mesh {dict(mesh.shape)}"
         )
-    chunk = config.loss_chunk_size
-    if chunk < 0 or (chunk and config.seq_len % chunk):
-        raise ValueError(f"loss_chunk_size={chunk} must be 0 (off) or divide seq_len={config.seq_len}")
+    if config.loss_chunk_size < 0:
+        raise ValueError(f"loss_chunk_size must be 0 (off) or positive, got {config.loss_chunk_size}")
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "num_train_steps"):
         if config[key] <= 0:
             raise ValueError(f"{key} must be positive, got {config[key]}")
