@@ -2,9 +2,9 @@
 
     python -m biomedlm_jax.bench pipeline --seq=128 --batch=8 [--steps=500 --prepared=DIR --impl=numpy|tf]
     python -m biomedlm_jax.bench tokenize [--input=FILES --tokenizer=DIR]
-    python -m biomedlm_jax.bench generate --model=tiny --batch=1 --prompt=128 --new=256 [--peer --dtype=bfloat16]
+    python -m biomedlm_jax.bench generate --model=tiny --batch=1 --prompt=128 --new=256 [--peer --dtype=bfloat16 --vocab=V]
     python -m biomedlm_jax.bench train --model=bench-cpu --batch=8 --seq=256 --steps=10 [--peer --remat=... --scan_layers
-        --attention_impl=... --dtype=bfloat16 --loss_chunk=K --peak_flops=...]
+        --attention_impl=... --dtype=bfloat16 --loss_chunk=K --vocab=V --peak_flops=...]
 
 `pipeline` measures the batches a training process would consume: BatchIterator.batch_at (random,
 seeded row gathers from memory or memory-mapped shards, int32 conversion, input/target split). With
@@ -85,7 +85,7 @@ def bench_tokenize(inputs: str, tokenizer: str, seq: int = 1024) -> dict:
 
 
 def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool = False, dtype: str = "float32",
-                   repeats: int = 2) -> list[dict]:
+                   repeats: int = 2, vocab: int = 0) -> list[dict]:
     import tempfile
 
     import jax
@@ -94,7 +94,7 @@ def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool =
     from biomedlm_jax import model as model_lib
 
     n_pos = max(model_lib.VARIANTS[variant].get("n_positions", 1024), prompt + new)
-    cfg = model_lib.get_config(variant, n_positions=n_pos, dtype=dtype)
+    cfg = model_lib.get_config(variant, n_positions=n_pos, dtype=dtype, **({"vocab_size": vocab} if vocab else {}))
     model = model_lib.GPT(cfg)
     params = model_lib.init_params(model, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: x.astype(dtype), params)  # inference weights in the compute dtype, as the CLI
@@ -106,8 +106,8 @@ def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool =
         out = generate.generate(model, params, prompts, jax.random.PRNGKey(0), scfg)
     dt = (time.perf_counter() - t0) / repeats
     assert all(len(o) == new for o in out)
-    base = {"kind": "generate", "model": variant, "batch": batch, "prompt": prompt, "new": new, "dtype": dtype,
-            "device": jax.devices()[0].device_kind}
+    base = {"kind": "generate", "model": variant, "vocab": cfg.vocab_size, "batch": batch, "prompt": prompt, "new": new,
+            "dtype": dtype, "device": jax.devices()[0].device_kind}
     rows = [dict(base, impl="ours", tokens_per_s=batch * new / dt, ms_per_step=1e3 * dt / new)]
     if peer:
         import torch
@@ -140,7 +140,7 @@ def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool =
 
 def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = False, dtype: str = "float32",
                 remat: str = "none", scan_layers: bool = False, attention_impl: str = "auto",
-                peak_flops: float = 0.0, loss_chunk: int = 0) -> list[dict]:
+                peak_flops: float = 0.0, loss_chunk: int = 0, vocab: int = 0) -> list[dict]:
     import jax
 
     from biomedlm_jax import configlib, metrics, sharding, train
@@ -148,7 +148,8 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
 
     cfg = model_lib.get_config(variant, n_positions=max(model_lib.VARIANTS[variant].get("n_positions", 1024), seq),
                                dtype=dtype, remat_policy=remat, scan_layers=scan_layers, attention_impl=attention_impl,
-                               embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+                               embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
+                               **({"vocab_size": vocab} if vocab else {}))
     config = configlib.train_config()
     config.seq_len, config.global_batch_size, config.num_train_steps = seq, batch, 1000
     config.loss_chunk_size = loss_chunk
@@ -191,8 +192,8 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
         mem = stats.get("peak_bytes_in_use")
     except Exception:  # some backends do not report memory
         pass
-    base = {"kind": "train", "model": variant, "batch": batch, "seq": seq, "dtype": dtype, "device": device.device_kind,
-            "devices": mesh.devices.size}
+    base = {"kind": "train", "model": variant, "vocab": cfg.vocab_size, "batch": batch, "seq": seq, "dtype": dtype,
+            "device": device.device_kind, "devices": mesh.devices.size}
     rows = [dict(base, impl="ours", tokens_per_s=tok_s, step_ms=1e3 * dt, compile_s=compile_s,
                  mfu=metrics.mfu(tok_s, cfg, seq, mesh.devices.size, peak), peak_memory_bytes=mem,
                  remat=remat, scan_layers=scan_layers, attention_impl=attention_impl, loss_chunk=loss_chunk,
@@ -251,6 +252,7 @@ def main(argv=None) -> int:
     gp.add_argument("--new", type=int, default=256)
     gp.add_argument("--dtype", default="float32")
     gp.add_argument("--peer", action="store_true", help="also run transformers' generate on the same weights")
+    gp.add_argument("--vocab", type=int, default=0, help="override the variant's vocab size (e.g. 28896)")
     tr = sub.add_parser("train", help="training step tokens/s, MFU, memory (optionally vs HF torch)")
     tr.add_argument("--model", default="bench-cpu")
     tr.add_argument("--batch", type=int, default=8)
@@ -264,14 +266,15 @@ def main(argv=None) -> int:
                     help="LM-head logits this many positions at a time (config loss_chunk_size; 0 = off)")
     tr.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU (default: table)")
     tr.add_argument("--peer", action="store_true")
+    tr.add_argument("--vocab", type=int, default=0, help="override the variant's vocab size (e.g. 28896)")
     args = p.parse_args(argv)
     if args.cmd == "train":
         rows = bench_train(args.model, args.batch, args.seq, args.steps, args.peer, args.dtype, args.remat,
-                           args.scan_layers, args.attention_impl, args.peak_flops, args.loss_chunk)
+                           args.scan_layers, args.attention_impl, args.peak_flops, args.loss_chunk, args.vocab)
     elif args.cmd == "pipeline":
         rows = [bench_pipeline(args.seq, args.batch, args.steps, args.prepared, args.impl)]
     elif args.cmd == "generate":
-        rows = bench_generate(args.model, args.batch, args.prompt, args.new, args.peer, args.dtype)
+        rows = bench_generate(args.model, args.batch, args.prompt, args.new, args.peer, args.dtype, vocab=args.vocab)
     else:
         rows = [bench_tokenize(args.input, args.tokenizer, args.seq)]
     for row in rows:

@@ -47,9 +47,10 @@ def test_train_benchmark_loss_chunk_reports_less_scratch_memory():
     rows = {}
     for chunk in (0, 4):
         r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "train", "--model=tiny", "--batch=4",
-                            "--seq=32", "--steps=1", f"--loss_chunk={chunk}"], capture_output=True, text=True,
+                            "--seq=32", "--steps=1", f"--loss_chunk={chunk}", "--vocab=1000"], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr
         rows[chunk] = json.loads(r.stdout.strip().splitlines()[0])
     assert rows[4]["loss_chunk"] == 4 and rows[4]["temp_bytes"] < rows[0]["temp_bytes"]
+    assert rows[0]["vocab"] == rows[4]["vocab"] == 1000  # --vocab overrides the variant's
     assert abs(rows[4]["loss"] - rows[0]["loss"]) < 1e-4

@@ -54,6 +54,18 @@ def test_local_default_and_custom():
     assert ".venv/bin/pip install -q -e '.[cuda12]'" in lines
 
 
+def test_gpu_bench_matrix_parts_and_rows_file(tmp_path):
+    lines = dry("gpu_bench.sh", f"--out={tmp_path}")
+    cmds = [l for l in lines if " -m biomedlm_jax.bench " in l]
+    assert len(cmds) == 7 and all(l.endswith(".log") and f">> {tmp_path}/bench.jsonl" in l for l in cmds)
+    assert any("--model=gpt2-medium --vocab=28896 --batch=16" in l and "--peer" in l for l in cmds)
+    assert any("--model=biomedlm-2.7b --batch=8" in l and "--scan_layers" in l and "--peer" not in l for l in cmds)
+    assert [l for l in dry("gpu_bench.sh", "generate") if " generate " in l] == [l for l in dry("gpu_bench.sh") if " generate " in l]
+    assert not [l for l in dry("gpu_bench.sh", "train") if " generate " in l]
+    r = subprocess.run([str(LAUNCH / "gpu_bench.sh"), "--dry_run", "--bogus"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown argument --bogus" in r.stderr
+
+
 def test_shellcheck_is_clean():
     shellcheck = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable), "shellcheck")
     r = subprocess.run([shellcheck, "-x", *map(str, sorted(LAUNCH.glob("*.sh"))), str(LAUNCH / "gpu_slurm.sbatch")],
