@@ -87,27 +87,24 @@ def read_medquad(path: str, stats: Optional[LoadStats] = None, on_error: str = "
 
 
 def read_qa_jsonl(path: str, stats: Optional[LoadStats] = None, on_error: str = "raise") -> list[Example]:
+    """One {"question": str, "answer": str[, "doc_id" | "id"]} object per line (readers.json_lines)."""
     stats = stats if stats is not None else LoadStats()
+    read = readers.ReadStats()
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                q, a = rec["question"], rec["answer"]
-                if not isinstance(q, str) or not isinstance(a, str):
-                    raise TypeError("question and answer must be strings")
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                if on_error != "skip":
-                    raise DataError(f"{path}:{lineno}: expected {{\"question\": str, \"answer\": str}} ({e})") from e
-                stats.errors_skipped += 1
-                continue
-            if not a.strip():
-                stats.empty_answers[path] = stats.empty_answers.get(path, 0) + 1
-                continue
-            doc = str(rec.get("doc_id", rec.get("id", f"{os.path.basename(path)}:{lineno}")))
-            out.append(Example(q, a, doc, os.path.basename(path)))
+    for lineno, rec in readers.json_lines(path, read, on_error):
+        q, a = rec.get("question"), rec.get("answer")
+        if not isinstance(q, str) or not isinstance(a, str):
+            if on_error != "skip":
+                raise DataError(f"{path}:{lineno}: expected {{\"question\": str, \"answer\": str}}, got keys "
+                                f"{sorted(rec)}  (pass --config.data.on_error=skip to skip such records)")
+            stats.errors_skipped += 1
+            continue
+        if not a.strip():
+            stats.empty_answers[path] = stats.empty_answers.get(path, 0) + 1
+            continue
+        doc = str(rec.get("doc_id", rec.get("id", f"{os.path.basename(path)}:{lineno}")))
+        out.append(Example(q, a, doc, os.path.basename(path)))
+    stats.errors_skipped += read.errors_skipped
     stats.examples += len(out)
     return out
 

@@ -61,12 +61,16 @@ def test_empty_answers_are_skipped_and_counted_bad_xml_named(tmp_path):
 
 def test_jsonl_and_textgen_loaders(tmp_path):
     p = tmp_path / "qa.jsonl"
-    p.write_text('{"question": "Q1?", "answer": "A1.", "doc_id": "d1"}\n{"question": "Q2?"}\n', encoding="utf-8")
-    with pytest.raises(seq2seq.DataError, match=r"qa.jsonl:2: expected"):
+    p.write_text('{"question": "Q1?", "answer": "A1.", "doc_id": "d1"}\n{"question": "Q2?"}\n{"question": "Q3?",\n',
+                 encoding="utf-8")
+    with pytest.raises(seq2seq.DataError, match=r"qa.jsonl:2: expected .* got keys \['question'\]"):
         seq2seq.read_qa_jsonl(str(p))
     stats = seq2seq.LoadStats()
     assert [e.doc_id for e in seq2seq.read_qa_jsonl(str(p), stats, on_error="skip")] == ["d1"]
-    assert stats.errors_skipped == 1
+    assert stats.errors_skipped == 2  # the record without an answer and the line that is not JSON
+    p.write_text('{"question": "Q1?", "answer": "A1."}\n{"question": "Q3?",\n', encoding="utf-8")
+    with pytest.raises(seq2seq.DataError, match=r"qa.jsonl:2: not valid JSON"):
+        seq2seq.read_qa_jsonl(str(p))
     (tmp_path / "train.source").write_text("long consumer question one\nquestion two\n")
     (tmp_path / "train.target").write_text("summary one\nsummary two\n")
     ex = seq2seq.read_textgen(str(tmp_path), "train")
