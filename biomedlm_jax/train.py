@@ -444,11 +444,11 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                           out_shardings=replicated)
 
     def evaluate(params) -> dict:
-        sums: dict = {}
+        sums = None  # summed on the device; one transfer at the end
         for b in task.eval_batches(eval_rows, micro, local_rows):
-            out = jax.device_get(p_eval_step(params, to_global(b, b_sharding, micro)))
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            out = p_eval_step(params, to_global(b, b_sharding, micro))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        sums = {} if sums is None else {k: float(v) for k, v in jax.device_get(sums).items()}
         return task.summarize(sums) if sums.get("count") else {}
 
     meta_extra = task.meta() if hasattr(task, "meta") else {}
