@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "configs/pretrain.py": ("tiny", "gpt2-small", "biomedlm-2.7b"),
     "configs/seq2seq.py": ("tiny", "medquad"),
-    "configs/mcqa.py": ("pubmedqa-tiny", "pubmedqa", "medqa", "medmcqa", "mmlu_medical", "bioasq"),
+    "configs/mcqa.py": ("pubmedqa-tiny", "pubmedqa", "medqa", "medqa+medmcqa", "medmcqa", "mmlu_medical", "bioasq"),
 }
 
 FIELDS = {
@@ -103,6 +103,7 @@ FIELDS = {
     "data.mcqa_task": "medqa | medmcqa | pubmedqa | bioasq | mmlu_medical (see mcqa.REGISTRY).",
     "data.train": "Training file (PATH or PATH:SPLIT).",
     "data.dev": "Dev file (PATH or PATH:SPLIT); empty with carve_dev_fraction > 0.",
+    "data.extra_train": "More training items for the same head, never used for dev: comma-separated TASK=PATH[:SPLIT] (e.g. medmcqa=train.json for MedQA).",
     "data.carve_dev_fraction": "> 0: carve train/dev from data.train by a seeded hash (for data with only dev/test locally).",
     "data.append_eos": "seqcls head: append EOS after the question.",
     "data.question_template": "choice head: the second segment, with {question} and {option}.",

@@ -479,8 +479,33 @@ class MCQATask:
         train = load_task_file(d.mcqa_task, d.train)
         if d.carve_dev_fraction:
             split = seeded_split(train, d.carve_dev_fraction, self.config.seed)
-            return {"train": split["train"], "dev": split["dev"]}
-        return {"train": train, "dev": load_task_file(d.mcqa_task, d.dev) if d.dev else []}
+            train, dev = split["train"], split["dev"]
+        else:
+            dev = load_task_file(d.mcqa_task, d.dev) if d.dev else []
+        extra = self.extra_train_items(train)
+        return {"train": train + extra, "dev": dev, "n_extra": len(extra)}
+
+    def extra_train_items(self, train: Sequence[MCQItem]) -> list[MCQItem]:
+        """Items of `data.extra_train` ("task=PATH[:SPLIT]", comma-separated), added to training only:
+        e.g. MedMCQA questions for MedQA, the paper's 54.7 row. Each extra task must use the same head
+        (and, for seqcls, the same labels) and, for the choice head, the same number of options."""
+        out = []
+        for entry in filter(None, (e.strip() for e in self.config.data.extra_train.split(","))):
+            task, sep, spec = entry.partition("=")
+            if not sep or task not in REGISTRY:
+                raise ValueError(f"data.extra_train entry {entry!r}: expected TASK=PATH with TASK in {sorted(REGISTRY)}")
+            other = REGISTRY[task]
+            if (other.head, other.labels) != (self.head, self.spec.labels):
+                raise ValueError(f"data.extra_train: {task} ({other.head} head, labels {other.labels}) cannot train "
+                                 f"the {self.spec.name} {self.head} head (labels {self.spec.labels})")
+            items = load_task_file(task, spec)
+            want = {len(i.options) for i in train}
+            bad = next((i for i in items if self.head == "choice" and {len(i.options)} != want), None)
+            if bad is not None:
+                raise DataError(f"{spec}: item {bad.id} has {len(bad.options)} options; {self.spec.name} items have "
+                                f"{sorted(want)}")
+            out.extend(items)
+        return out
 
     def encode(self, items, tok) -> Encoded:
         d = self.config.data
@@ -491,7 +516,8 @@ class MCQATask:
         splits = self.items()
         train, dev = self.encode(splits["train"], tok), self.encode(splits["dev"], tok)
         self.k = train.ids.shape[1]
-        print(f"[mcqa] {self.spec.name} ({self.head} head): {len(splits['train'])} train / {len(splits['dev'])} dev "
+        extra = f" (incl. {splits['n_extra']} from data.extra_train)" if splits["n_extra"] else ""
+        print(f"[mcqa] {self.spec.name} ({self.head} head): {len(splits['train'])} train{extra} / {len(splits['dev'])} dev "
               f"items; contexts cut from the left in {train.truncated} train / {dev.truncated} dev items "
               f"(rows of {self.config.seq_len} tokens); dev majority baseline "
               f"{majority_baseline(splits['train'], splits['dev']):.3f}", flush=True)

@@ -7,6 +7,7 @@ Each variant reproduces one row of the BioMedLM paper's results table, with the 
 | variant | head | paper row (BioMedLM 2.7B) | data keys to point at the official files |
 |---|---|---|---|
 | medqa | choice: `context [SEP] "{question} {option}" [SEP]`, Linear(d, 1) | MedQA (USMLE, 4 options) 50.3 | data.train / data.dev = phrases_no_exclude_{train,dev}.jsonl |
+| medqa+medmcqa | choice, trained on MedQA plus MedMCQA items (`data.extra_train`) | MedQA 54.7 (with MedMCQA data) | as medqa, and data.extra_train = medmcqa=train.json |
 | medmcqa | choice | MedMCQA 57.3 (dev) | data.train = train.json (original release), data.dev = dev.json |
 | mmlu_medical | choice | MMLU medical genetics 69.0 (test) | data.train = an MMLU-format training file, data.dev = a folder:test |
 | pubmedqa | seqcls: `context question` + EOS, Linear(d, 3, no bias) over maybe/no/yes | PubMedQA 74.4 (test) | data.train / data.dev = ori_pqal.json:train / :dev |
@@ -40,13 +41,17 @@ DEFAULT_FILES = {  # task -> (train, dev, carve_dev_fraction)
 
 def get_config(arg=None):
     variant = arg or "pubmedqa"
-    task = variant.removesuffix("-tiny")
+    task, extra_train = variant.removesuffix("-tiny"), ""
+    if task == "medqa+medmcqa":  # the paper's MedQA row with extra MedMCQA training data (54.7)
+        task, extra_train = "medqa", f"medmcqa={DEFAULT_FILES['medmcqa'][0]}"
     if task not in DEFAULT_FILES:
-        raise ValueError(f"unknown MCQA variant {variant!r}; choose from {sorted(DEFAULT_FILES)} or pubmedqa-tiny")
+        raise ValueError(f"unknown MCQA variant {variant!r}; choose from {sorted(DEFAULT_FILES)}, medqa+medmcqa, or "
+                         "TASK-tiny")
     c = configlib.train_config()
     c.data.task = "mcqa"
     c.data.mcqa_task = task
     c.data.train, c.data.dev, c.data.carve_dev_fraction = DEFAULT_FILES[task]
+    c.data.extra_train = extra_train  # "TASK=PATH[:SPLIT],...": more training items for the same head (never dev)
     c.data.append_eos = True  # seqcls: EOS at the end, as BioMedLM's PubMedQA script could
     c.data.question_template = "{question} {option}"
     c.optimizer.weight_decay = 0.0

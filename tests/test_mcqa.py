@@ -51,6 +51,32 @@ def test_medmcqa_medqa_mmlu_counts_match_source():
     assert len(orig) == 14 + 29 + 16 + 22 + 11 + 31
 
 
+@needs_shared
+def test_extra_train_items_join_training_only(tmp_path):
+    """medqa+medmcqa (the paper's 54.7 row): MedMCQA items are added to MedQA's training set; dev is untouched."""
+    cfg = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), "medqa+medmcqa")
+    plain = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), "medqa")
+    with_extra, alone = mcqa.MCQATask(cfg).items(), mcqa.MCQATask(plain).items()
+    assert with_extra["dev"] == alone["dev"]
+    assert len(with_extra["train"]) == len(alone["train"]) + 4183
+    assert with_extra["train"][: len(alone["train"])] == alone["train"]
+
+    def task_with(extra, task="medqa"):
+        c = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), task)
+        with c.unlocked():
+            c.data.extra_train = extra
+        return mcqa.MCQATask(c)
+
+    with pytest.raises(ValueError, match="pubmedqa .seqcls head.* cannot train the medqa choice head"):
+        task_with(f"pubmedqa={PUBMEDQA}:train").items()
+    with pytest.raises(ValueError, match="expected TASK=PATH"):
+        task_with("nosuchtask=x.json").items()
+    five = tmp_path / "five.jsonl"
+    five.write_text(json.dumps({"question": "Q?", "options": dict(zip("ABCDE", "vwxyz")), "answer_idx": "B"}) + "\n")
+    with pytest.raises(mcqa.DataError, match="five.jsonl: item 1 has 5 options; medqa items have \\[4\\]"):
+        task_with(f"medqa={five}").items()
+
+
 def test_original_medmcqa_layout_and_bioasq(tmp_path):
     p = tmp_path / "dev.json"
     p.write_text(json.dumps({"id": "u1", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 3}) + "\n")
