@@ -327,10 +327,13 @@ class Preemption:
         self._flag = False
         self._old = None
         self._multi = jax.process_count() > 1
+        # With jax_enable_preemption_service turned off there is no sync manager: fall back to a Python
+        # handler on every process and an all-gather of the flags after each step.
+        self._sync_manager = self._multi and bool(jax.config.jax_enable_preemption_service)
 
     def __enter__(self):
-        # Several processes: installing a Python handler would replace the sync manager's.
-        if not self._multi and threading.current_thread() is threading.main_thread():
+        # With the sync manager, a Python handler would replace the one it installed.
+        if not self._sync_manager and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -343,8 +346,10 @@ class Preemption:
 
     def requested(self, step: int) -> bool:
         """Call after every step with the step just completed (the same steps on every process)."""
-        if self._multi:
+        if self._sync_manager:
             return multihost_utils.reached_preemption_sync_point(step)
+        if self._multi:
+            return bool(np.max(multihost_utils.process_allgather(np.int32(self._flag))))
         return self._flag
 
 

@@ -363,10 +363,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_two_processes(workdir, corpus, **config):
+def start_two_processes(workdir, corpus, env_extra=None, **config):
     """Two pretraining processes on localhost (4 fake CPU devices each) joined into one 2x2x2 mesh."""
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", TF_CPP_MIN_LOG_LEVEL="2",
+               **(env_extra or {}))
     base = dict(seq_len=32, global_batch_size=8, warmup_steps=2, log_every_steps=1, eval_batches=2,
                 progress_bar=False, mesh_shape="(2,2,2)")
     overrides = [f"--config.{k}={v}" for k, v in {"data.train_files": corpus, **base, **config}.items()]
@@ -413,12 +414,15 @@ def test_two_processes_on_localhost_agree(tmp_path, small_corpus):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, small_corpus):
-    """A preemption notice reaching one process only: both save the same step and exit cleanly, with no
-    per-step collective in the loop (JAX's preemption sync manager picks the step); the rerun resumes."""
+@pytest.mark.parametrize("sync_service", [True, False])
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, small_corpus, sync_service):
+    """A preemption notice reaching one process only: both save the same step and exit cleanly; the rerun
+    resumes. JAX's preemption sync manager picks the step (no per-step collective in the loop); with
+    jax_enable_preemption_service off, an all-gather of the flags after each step does."""
     workdir = tmp_path / "mp"
     long_run = dict(num_train_steps=100_000, eval_every_steps=100_000, checkpoint_every_steps=100_000)
-    procs = start_two_processes(workdir, small_corpus, **long_run)
+    env = {"JAX_ENABLE_PREEMPTION_SERVICE": str(sync_service).lower()}
+    procs = start_two_processes(workdir, small_corpus, env, **long_run)
     try:
         for _ in range(600):
             rows = metrics.read_metrics(str(workdir), "train") if (workdir / "metrics.jsonl").exists() else []
@@ -436,5 +440,5 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, small_
     assert len(stopped) == 1 and all(d["preempted"] == "True" for d in done), done
     step = int(stopped.pop())
     assert 3 <= step < 100_000 and checkpoint.latest_step(str(workdir)) == step
-    resumed = finish(start_two_processes(workdir, small_corpus, **dict(long_run, num_train_steps=step + 2)))
+    resumed = finish(start_two_processes(workdir, small_corpus, env, **dict(long_run, num_train_steps=step + 2)))
     assert all(d["start_step"] == str(step) and d["step"] == str(step + 2) for d in resumed), resumed
