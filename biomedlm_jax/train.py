@@ -81,7 +81,7 @@ class LMTask:
                                            getattr(eval_data, "weights", None), getattr(eval_data, "segments", None),
                                            getattr(eval_data, "positions", None))
 
-    def nll_sums(self, model, params, mb, rng, deterministic: bool):
+    def loss(self, model, params, mb, rng, deterministic: bool):
         """(weighted NLL sum, weight sum) of one micro-batch; fields (b, T): inputs, targets, optional
         weights/positions/segment_ids. With `loss_chunk_size`, logits are built a chunk at a time."""
         kw = dict(position_ids=mb.get("positions"), segment_ids=mb.get("segment_ids"), deterministic=deterministic,
@@ -97,12 +97,9 @@ class LMTask:
 
         return losses.chunked_token_nll_sum(hidden, head, mb["targets"], mb.get("weights"), chunk)
 
-    def loss(self, model, params, mb, rng, deterministic: bool):
-        return self.nll_sums(model, params, mb, rng, deterministic)
-
     def eval_sums(self, model, params, b) -> dict:
         mb = {k: v[0] for k, v in b.items()}  # eval batches carry one micro-batch
-        loss_sum, count = self.nll_sums(model, params, mb, jax.random.PRNGKey(0), True)
+        loss_sum, count = self.loss(model, params, mb, jax.random.PRNGKey(0), True)
         return {"loss_sum": loss_sum, "count": count}
 
     def summarize(self, sums: dict) -> dict:
