@@ -125,6 +125,13 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
             if pending[split]:
                 writers[split].add(pending[split])
         splits = {s: w.close() for s, w in writers.items()}
+        if not splits["train"]["rows"]:
+            # Nothing is written: an empty dataset would only fail later, in the trainer.
+            raise ip.DataError(
+                f"{', '.join(files)}: no training row of {seq_len + 1} tokens ({stats.documents} documents read, "
+                f"{writers['train'].packer.tokens_seen} training tokens; read stats {stats.as_dict()}). Check the inputs, "
+                "their --format, or use a smaller --seq_len."
+            )
         manifest = {
             "format": ip.PREPARED_FORMAT,
             "seq_len": seq_len,

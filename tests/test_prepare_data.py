@@ -72,10 +72,16 @@ def test_existing_output_is_kept_and_failed_runs_leave_nothing(prepared, tmp_pat
     assert r.returncode == 2 and "bad.jsonl:2: not valid JSON" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # no output, no temp dir
     r = subprocess.run([sys.executable, "-m", "biomedlm_jax.prepare_data", f"--input={bad}", f"--tokenizer={GPT2}",
-                        f"--out={tmp_path / 'o'}", "--on_error=skip", "--seq_len=2"], capture_output=True, text=True,
+                        f"--out={tmp_path / 'o'}", "--on_error=skip", "--seq_len=1"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["read_stats"]["errors_skipped"] == 1
+
+    # too little text for one training row: an error that says why, and no empty dataset left behind
+    with pytest.raises(ip.DataError, match=r"no training row of 1025 tokens \(1 documents read, \d+ training tokens"):
+        prepare_data.prepare([str(bad)], GPT2, str(tmp_path / "small"), on_error="skip", eval_fraction=0.0,
+                             progress=False)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("small")]
 
 
 def test_audit_finds_pubmedqa_and_bioasq_items_in_the_corpus(tmp_path):
