@@ -1,5 +1,8 @@
 """Benchmarks that print numbers, one JSON line per measurement (collect them with `| jq`).
 
+Every row has `kind`, `impl` (ours / hf-torch / numpy / tf / tokenizers), `model` (null where no model
+runs), `batch`, `seq` (generate: prompt + new; tokenize: the row length) and `tokens_per_s`.
+
     python -m biomedlm_jax.bench pipeline --seq=128 --batch=8 [--steps=500 --prepared=DIR --impl=numpy|tf]
     python -m biomedlm_jax.bench tokenize [--input=FILES --tokenizer=DIR]
     python -m biomedlm_jax.bench generate --model=tiny --batch=1 --prompt=128 --new=256 [--peer --dtype=bfloat16 --vocab=V]
@@ -67,7 +70,7 @@ def bench_pipeline(seq: int, batch: int, steps: int, prepared: str = "", impl: s
             b = next(it)
     dt = time.perf_counter() - t0
     assert b["inputs"].shape == (1, batch, seq)
-    return {"kind": "pipeline", "impl": impl, "source": source, "batch": batch, "seq": seq, "steps": steps,
+    return {"kind": "pipeline", "impl": impl, "model": None, "source": source, "batch": batch, "seq": seq, "steps": steps,
             "tokens_per_s": steps * batch * seq / dt, "ms_per_batch": 1e3 * dt / steps}
 
 
@@ -80,7 +83,8 @@ def bench_tokenize(inputs: str, tokenizer: str, seq: int = 1024) -> dict:
     docs = list(readers.read_documents(readers.expand_files(inputs)))
     packed = ip.pack_documents(docs, tok, seq + 1)
     dt = time.perf_counter() - t0
-    return {"kind": "tokenize", "impl": "tokenizers", "documents": len(docs), "tokens": packed.num_tokens,
+    return {"kind": "tokenize", "impl": "tokenizers", "model": None, "batch": None, "seq": seq,
+            "documents": len(docs), "tokens": packed.num_tokens,
             "tokens_per_s": packed.num_tokens / dt, "seconds": dt}
 
 
@@ -106,8 +110,8 @@ def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool =
         out = generate.generate(model, params, prompts, jax.random.PRNGKey(0), scfg)
     dt = (time.perf_counter() - t0) / repeats
     assert all(len(o) == new for o in out)
-    base = {"kind": "generate", "model": variant, "vocab": cfg.vocab_size, "batch": batch, "prompt": prompt, "new": new,
-            "dtype": dtype, "device": jax.devices()[0].device_kind}
+    base = {"kind": "generate", "model": variant, "vocab": cfg.vocab_size, "batch": batch, "seq": prompt + new,
+            "prompt": prompt, "new": new, "dtype": dtype, "device": jax.devices()[0].device_kind}
     rows = [dict(base, impl="ours", tokens_per_s=batch * new / dt, ms_per_step=1e3 * dt / new)]
     if peer:
         import torch

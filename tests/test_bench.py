@@ -3,13 +3,15 @@ import json
 import subprocess
 import sys
 
+REQUIRED = {"kind", "impl", "model", "batch", "seq", "tokens_per_s"}  # the keys every row has, for collection
+
 
 def test_pipeline_benchmark_prints_a_json_row():
     r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "pipeline", "--seq=64", "--batch=4", "--steps=20"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[-1])
-    assert {"kind", "impl", "batch", "seq", "tokens_per_s"} <= set(row)
+    assert REQUIRED <= set(row)
     assert (row["kind"], row["impl"], row["batch"], row["seq"]) == ("pipeline", "numpy", 4, 64)
     assert row["tokens_per_s"] > 0
 
@@ -27,7 +29,8 @@ def test_generate_benchmark_rows_with_peer():
     assert r.returncode == 0, r.stderr
     rows = [json.loads(l) for l in r.stdout.strip().splitlines()]
     assert [row["impl"] for row in rows] == ["ours", "hf-torch"]
-    assert all(row["kind"] == "generate" and row["tokens_per_s"] > 0 for row in rows)
+    assert all(REQUIRED <= set(row) and row["kind"] == "generate" and row["tokens_per_s"] > 0 for row in rows)
+    assert rows[0]["seq"] == 16 and rows[0]["model"] == "tiny"
     assert rows[0]["speedup_vs_hf"] > 0
 
 
@@ -38,6 +41,7 @@ def test_train_benchmark_rows_with_peer():
     rows = [json.loads(l) for l in r.stdout.strip().splitlines()]
     assert [row["impl"] for row in rows] == ["ours", "hf-torch"]
     ours = rows[0]
+    assert all(REQUIRED <= set(row) for row in rows)
     assert ours["kind"] == "train" and ours["tokens_per_s"] > 0 and ours["compile_s"] > 0 and ours["step_ms"] > 0
     assert 0 < ours["mfu"] and ours["flops_per_token"] > 0 and ours["speedup_vs_hf"] > 0 and ours["temp_bytes"] > 0
 
@@ -54,3 +58,17 @@ def test_train_benchmark_loss_chunk_reports_less_scratch_memory():
     assert rows[4]["loss_chunk"] == 4 and rows[4]["temp_bytes"] < rows[0]["temp_bytes"]
     assert rows[0]["vocab"] == rows[4]["vocab"] == 1000  # --vocab overrides the variant's
     assert abs(rows[4]["loss"] - rows[0]["loss"]) < 1e-4
+
+
+def test_tokenize_benchmark_row(tmp_path):
+    from conftest import REPO
+
+    src = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
+    small = tmp_path / "a.jsonl"
+    small.write_text("".join(src.read_text(encoding="utf-8").splitlines(keepends=True)[:50]), encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "tokenize", f"--input={small}", "--seq=128"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert REQUIRED <= set(row) and row["kind"] == "tokenize" and row["documents"] == 50
+    assert row["tokens"] > 0 and row["tokens_per_s"] > 0
