@@ -31,6 +31,7 @@ FIELDS = {
     "grad_accum_steps": "Micro-batches per step; global_batch_size must divide by it.",
     "num_train_steps": "Optimizer steps; also the length of the LR schedule.",
     "warmup_steps": "Linear warmup from 0 to learning_rate.",
+    "warmup_ratio": "> 0: warm up over ceil(warmup_ratio * num_train_steps) steps instead of warmup_steps (HF Trainer's warmup_ratio; BioMedLM's fine-tuning used 0.5).",
     "learning_rate": "Peak learning rate.",
     "lr_decay": "After warmup: cosine | linear | constant.",
     "lr_final_ratio": "The decay ends at learning_rate * lr_final_ratio.",

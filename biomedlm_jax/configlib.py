@@ -97,6 +97,7 @@ def train_config(train_files: str = "", tokenizer: str = "") -> ml_collections.C
     c.grad_accum_steps = 1  # micro-batches per step (global_batch_size must divide by it)
     c.num_train_steps = 150
     c.warmup_steps = 15
+    c.warmup_ratio = 0.0  # > 0: warm up over this share of num_train_steps instead
     c.learning_rate = 3e-3  # peak
     c.lr_decay = "cosine"  # cosine | linear | constant
     c.lr_final_ratio = 0.1

@@ -15,6 +15,7 @@ donated state; the batch is a global array assembled from each process's own row
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -157,9 +158,18 @@ def load_run_tokenizer(config, workdir: str):
     raise ValueError("no tokenizer: set --config.data.tokenizer=DIR (or init_from a checkpoint that has one)")
 
 
+def warmup_steps(config) -> int:
+    """`warmup_ratio` of the run (rounded up, as HF's Trainer does) when set, else `warmup_steps`."""
+    if not 0.0 <= config.warmup_ratio <= 1.0:
+        raise ValueError(f"warmup_ratio must be within [0, 1], got {config.warmup_ratio}")
+    if config.warmup_ratio:
+        return math.ceil(config.warmup_ratio * config.num_train_steps)
+    return config.warmup_steps
+
+
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = optim.lr_schedule(
-        config.learning_rate, config.warmup_steps, config.num_train_steps, config.lr_decay, config.lr_final_ratio
+        config.learning_rate, warmup_steps(config), config.num_train_steps, config.lr_decay, config.lr_final_ratio
     )
     o = config.optimizer
     tx = optim.adamw(

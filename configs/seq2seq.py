@@ -4,9 +4,11 @@
 Variants
   medquad  BioMedLM 2.7B on MedQuAD consumer-health QA (the paper's generation use case). Set
            `init_from=hf:/path/to/BioMedLM` and `data.path` to a MedQuAD checkout (the default is the
-           CDC folder shipped in data/medquad). Our choices, not a published recipe: sequence 1024,
-           batch 32, lr 2e-5 with 100 warmup steps and cosine decay, no weight decay, 3 passes over
-           the ~4.5k training pairs of the seven answer-bearing folders in ../shared/data/medquad.
+           CDC folder shipped in data/medquad). From BioMedLM's textgen fine-tuning command
+           (finetune/README.md in stanford-crfm/BioMedLM): warmup over half the steps, linear decay to
+           0, no weight decay, AdamW (0.9, 0.999), bf16. Ours (not published): sequence 1024, batch 32,
+           lr 2e-5, and 420 steps = 3 passes over the ~4.5k training pairs of the seven answer-bearing
+           folders in ../shared/data/medquad.
   tiny     The tiny model on the shipped CDC sample, for CPU runs, tests and `make demo`. Use
            `init_from=orbax:demo_out/pretrain` (or set `data.tokenizer` for a random init).
 
@@ -51,7 +53,12 @@ def get_config(arg=None):
         c.seq_len = 1024
         c.global_batch_size = 32
         c.num_train_steps = 420
-        c.warmup_steps = 100
+        # BioMedLM's textgen command: warmup_ratio 0.5, weight_decay 0.0, bf16, HF Trainer defaults
+        # otherwise (AdamW betas (0.9, 0.999), linear decay to 0).
+        c.warmup_ratio = 0.5
+        c.lr_decay = "linear"
+        c.lr_final_ratio = 0.0
+        c.optimizer.b2 = 0.999
         c.learning_rate = 2e-5
         c.mesh_shape = (1, -1, 1)
         c.log_every_steps = 10

@@ -65,3 +65,22 @@ def test_nonfinite_gradients_are_skipped_and_counted():
     updates, state = tx.update(GRADS, state, PARAMS)
     assert float(jnp.abs(updates["kernel"]).max()) > 0
     assert [int(c) for c in optim.nonfinite_counts(state)] == [0, 1]
+
+
+def test_warmup_ratio_sets_the_warmup_like_hf_trainer():
+    """warmup_ratio (BioMedLM's fine-tuning used 0.5) overrides warmup_steps: ceil(ratio * steps), then
+    linear decay to 0 as HF's Trainer schedules it."""
+    from biomedlm_jax import configlib, train
+
+    c = configlib.train_config()
+    c.num_train_steps, c.learning_rate, c.warmup_steps = 301, 2e-5, 7
+    c.warmup_ratio, c.lr_decay, c.lr_final_ratio = 0.5, "linear", 0.0
+    assert train.warmup_steps(c) == 151
+    _, schedule = train.make_optimizer(c)
+    np.testing.assert_allclose([schedule(0), schedule(151), schedule(226), schedule(301)], [0.0, 2e-5, 1e-5, 0.0],
+                               atol=1e-12)
+    c.warmup_ratio = 0.0
+    assert train.warmup_steps(c) == 7
+    c.warmup_ratio = 1.5
+    with pytest.raises(ValueError, match="warmup_ratio must be within"):
+        train.make_optimizer(c)
