@@ -82,6 +82,19 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     return module.get_config(arg)
 
 
+def biomedlm_finetune_schedule(c: ml_collections.ConfigDict) -> None:
+    """What BioMedLM's published fine-tuning commands fix (github.com/stanford-crfm/BioMedLM,
+    finetune/README.md, run with HF's Trainer): warmup_ratio 0.5, and the Trainer's defaults for the rest,
+    i.e. linear decay to 0, AdamW betas (0.9, 0.999), eps 1e-8, no weight decay, clipping at 1.0. The
+    learning rate, epochs and batch size are placeholders there, so each config sets its own."""
+    c.warmup_ratio = 0.5
+    c.lr_decay = "linear"
+    c.lr_final_ratio = 0.0
+    c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 1.0
+
+
 def train_config(train_files: str = "", tokenizer: str = "") -> ml_collections.ConfigDict:
     """The keys every training config has (pretraining, seq2seq); experiment configs override values."""
     c = ml_collections.ConfigDict()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 import jax
 
@@ -35,6 +36,17 @@ def load(spec: str, step=None, **overrides):
         return model, params, tokenizer_lib.find_tokenizer(path)
     model, params = checkpoint.load_model(path, step=step, **overrides)
     return model, params, tokenizer_lib.find_tokenizer(checkpoint.tokenizer_dir(path))
+
+
+def load_for_inference(spec: str, dtype: Optional[str] = None):
+    """(model, params, tokenizer) for generation / scoring: no remat, and with `dtype` the weights are
+    loaded in it too (decoding reads every weight per token, so bf16 storage halves that traffic and
+    leaves no fp32 copy to cast each step). A checkpoint without tokenizer files is an error."""
+    overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
+    model, params, tok = load(spec, remat_policy="none", **overrides)
+    if tok is None:
+        raise SystemExit(f"{spec}: no tokenizer files next to the checkpoint")
+    return model, params, tok
 
 
 def convert(src: str, dst: str, *, step=None, dtype=None, overwrite=False, max_shard_size="5GB") -> str:

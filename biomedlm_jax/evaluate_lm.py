@@ -99,10 +99,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", default=None, help="compute and weight dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)
-    overrides = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
-    model, params, tok = convert.load(args.init_from, scan_layers=False, remat_policy="none", **overrides)
-    if tok is None:
-        p.error(f"{args.init_from}: no tokenizer files next to the checkpoint")
+    model, params, tok = convert.load_for_inference(args.init_from, args.dtype)
     stats = readers.ReadStats()
     docs = readers.read_documents(readers.expand_files(args.input), stats, fmt=args.format)
     if args.max_docs:

@@ -233,21 +233,8 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], rng, cfg: Sam
 # ----------------------------------------------------------------------------------------------------
 
 
-def _load(spec: str, dtype: Optional[str]):
-    from biomedlm_jax import convert
-
-    # Weights are loaded in the compute dtype too: decoding reads every weight once per token, so bf16
-    # storage halves that traffic, and there is no fp32 copy to cast each step.
-    overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
-    model, params, tok = convert.load(spec, **overrides)
-    if model.config.remat_policy != "none":
-        model = GPT(model.config.replace(remat_policy="none"))
-    if tok is None:
-        raise SystemExit(f"{spec}: no tokenizer files next to the checkpoint")
-    return model, params, tok
-
-
 def main(argv=None) -> int:
+    from biomedlm_jax import convert
     from biomedlm_jax import tokenizer as tokenizer_lib
 
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.generate", description="Generate text with a KV cache")
@@ -271,7 +258,7 @@ def main(argv=None) -> int:
     if args.input and not args.output:
         p.error("--input needs --output")
 
-    model, params, tok = _load(args.init_from, args.dtype)
+    model, params, tok = convert.load_for_inference(args.init_from, args.dtype)
     eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.no_repeat_ngram_size,
                          eos_id=eos, pad_id=eos if eos is not None else 0)

@@ -490,6 +490,7 @@ class MCQATask:
         e.g. MedMCQA questions for MedQA, the paper's 54.7 row. Each extra task must use the same head
         (and, for seqcls, the same labels) and, for the choice head, the same number of options."""
         out = []
+        want = {len(i.options) for i in train}
         for entry in filter(None, (e.strip() for e in self.config.data.extra_train.split(","))):
             task, sep, spec = entry.partition("=")
             if not sep or task not in REGISTRY:
@@ -499,7 +500,6 @@ class MCQATask:
                 raise ValueError(f"data.extra_train: {task} ({other.head} head, labels {other.labels}) cannot train "
                                  f"the {self.spec.name} {self.head} head (labels {self.spec.labels})")
             items = load_task_file(task, spec)
-            want = {len(i.options) for i in train}
             bad = next((i for i in items if self.head == "choice" and {len(i.options)} != want), None)
             if bad is not None:
                 raise DataError(f"{spec}: item {bad.id} has {len(bad.options)} options; {self.spec.name} items have "

@@ -543,7 +543,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
             log_now = step % config.log_every_steps == 0 or last
             eval_now = summary["eval_rows"] and (step % config.eval_every_steps == 0 or last)
             save_now = step % config.checkpoint_every_steps == 0 or last
-            if log_now or eval_now or save_now or len(pending) >= config.log_every_steps:
+            if log_now or eval_now or save_now:
                 fetch_metrics()
             preempted = preemption.requested(step)
             if preempted and pending:

@@ -72,18 +72,12 @@ def get_config(arg=None):
         c.model = configlib.model_section(
             "biomedlm-2.7b", dtype="bfloat16", scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable"
         )
-        # From BioMedLM's fine-tuning commands (github.com/stanford-crfm/BioMedLM, finetune/README.md, run
-        # with HF's Trainer): max_seq_length 512, warmup_ratio 0.5, bf16, and the Trainer's defaults, i.e.
-        # AdamW betas (0.9, 0.999), eps 1e-8, no weight decay, linear decay to 0, grad clipping at 1.0.
+        configlib.biomedlm_finetune_schedule(c)
+        c.optimizer.decay_mode = "optax"
+        c.seq_len = 512  # BioMedLM's max_seq_length for MedQA
         # Not published (left as {lr} / {epochs} / {grad_accum} there), so ours: lr 2e-5, batch 32, 300 steps.
-        c.seq_len = 512
         c.global_batch_size = 32
         c.num_train_steps = 300
-        c.warmup_ratio = 0.5
-        c.lr_decay = "linear"
-        c.lr_final_ratio = 0.0
-        c.optimizer.b2 = 0.999
-        c.optimizer.decay_mode = "optax"
         c.learning_rate = 2e-5
         c.mesh_shape = (1, -1, 1)
         c.log_every_steps = 10

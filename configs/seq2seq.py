@@ -50,15 +50,10 @@ def get_config(arg=None):
         c.model = configlib.model_section(
             "biomedlm-2.7b", dtype="bfloat16", scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable"
         )
+        configlib.biomedlm_finetune_schedule(c)  # BioMedLM's textgen command
         c.seq_len = 1024
         c.global_batch_size = 32
         c.num_train_steps = 420
-        # BioMedLM's textgen command: warmup_ratio 0.5, weight_decay 0.0, bf16, HF Trainer defaults
-        # otherwise (AdamW betas (0.9, 0.999), linear decay to 0).
-        c.warmup_ratio = 0.5
-        c.lr_decay = "linear"
-        c.lr_final_ratio = 0.0
-        c.optimizer.b2 = 0.999
         c.learning_rate = 2e-5
         c.mesh_shape = (1, -1, 1)
         c.log_every_steps = 10

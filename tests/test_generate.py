@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from biomedlm_jax import generate as G
-from biomedlm_jax import hf, sharding
+from biomedlm_jax import convert, hf, sharding
 from biomedlm_jax import model as M
 from conftest import make_hf_model
 
@@ -171,7 +171,7 @@ def test_cli_batch_jsonl_and_streaming_prompt(hf_pair, tmp_path):
     assert r.stdout.strip() == ("Metformin is" + gpt2.decode([t for t in want if t != 50256])).strip()
     assert rows[0]["completion"] == gpt2.decode([t for t in want if t != 50256])
     # --dtype=bfloat16 loads the weights in bf16 too: no fp32 copy is read (or cast) per decoded token
-    m16, p16, _ = G._load(f"hf:{tmp_path / 'ckpt'}", "bfloat16")
+    m16, p16, _ = convert.load_for_inference(f"hf:{tmp_path / 'ckpt'}", "bfloat16")
     assert m16.config.dtype == "bfloat16" and {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype("bfloat16")}
 
 
