@@ -7,6 +7,12 @@
 output of a previous hf->orbax conversion. Tokenizer files travel with the weights both ways
 (HF dir <-> WORKDIR/tokenizer/). Existing outputs are never overwritten unless --overwrite (HF) —
 orbax steps are never overwritten.
+
+A finetune_mcqa workdir exported to hf: is its classifier, head included (WORKDIR/best unless
+--step): a seqcls head as transformers' GPT2ForSequenceClassification (`score.weight`, id2label,
+pad_token_id, a tokenizer whose pad token is [PAD]), which AutoModelForSequenceClassification loads;
+a choice head in BioMedLM's GPT2ForMultipleChoice layout (`classifier.weight` / `classifier.bias`;
+docs/mcqa.md shows the torch lines that load it).
 """
 from __future__ import annotations
 
@@ -49,10 +55,43 @@ def load_for_inference(spec: str, dtype: Optional[str] = None):
     return model, params, tok
 
 
+def _mcqa_classifier(src: str, step=None):
+    """The fine-tuned classifier of an orbax MCQA workdir (mcqa.Classifier), or None for other sources."""
+    from biomedlm_jax import mcqa
+
+    kind, path = parse_location(src, "--from")
+    if kind != "orbax":
+        return None
+    try:
+        return mcqa.load_classifier(src, step)
+    except mcqa.NotAClassifier:
+        return None
+
+
+def export_classifier(clf, dst_path: str, dtype=None, max_shard_size="5GB") -> None:
+    """Write an mcqa.Classifier as an HF classifier directory (see the module docstring)."""
+    from biomedlm_jax import mcqa
+    from biomedlm_jax.model import GPT
+
+    h = clf.head
+    score = jax.device_get(clf.params["score"])
+    head = hf.ClassifierHead(h["head"], score["kernel"], score.get("bias"),
+                             tuple(h["labels"]) if h["head"] == "seqcls" and h.get("labels") else None, h["pad_id"])
+    special = {"pad_token": mcqa.PAD}
+    if h["head"] == "choice":
+        special.update(cls_token=mcqa.CLS, sep_token=mcqa.SEP)
+    hf.save_pretrained(GPT(clf.model.config), clf.params["transformer"], dst_path, tokenizer=clf.tok, dtype=dtype,
+                       max_shard_size=max_shard_size, head=head, special_tokens=special)
+
+
 def convert(src: str, dst: str, *, step=None, dtype=None, overwrite=False, max_shard_size="5GB") -> str:
     dst_kind, dst_path = parse_location(dst, "--to")
     if dst_kind == "hf" and os.path.exists(os.path.join(dst_path, hf.CONFIG_NAME)) and not overwrite:
         raise FileExistsError(f"{dst_path} already holds an HF checkpoint; pass --overwrite to replace it")
+    clf = _mcqa_classifier(src, step) if dst_kind == "hf" else None
+    if clf is not None:
+        export_classifier(clf, dst_path, dtype, max_shard_size)
+        return dst_path
     model, params, tok = load(src, step=step, scan_layers=False)
     if dst_kind == "hf":
         hf.save_pretrained(model, params, dst_path, tokenizer=tok, dtype=dtype, max_shard_size=max_shard_size)

@@ -1,23 +1,31 @@
-"""MCQA evaluation harness: per-task accuracy as a paper-style table.
+"""MCQA evaluation harness: per-task accuracy as a paper-style table, and per-item predictions.
 
     python -m biomedlm_jax.evaluate_mcqa --workdir=runs/pubmedqa --tasks=pubmedqa
+    python -m biomedlm_jax.evaluate_mcqa --init_from=hf:/path/to/finetuned-medqa --tasks=medqa=test.json \
+        --predictions=medqa_predictions.jsonl
     python -m biomedlm_jax.evaluate_mcqa --init_from=hf:/path/to/BioMedLM --zero_shot \
         --tasks=pubmedqa,medqa=my/phrases_no_exclude_test.jsonl,mmlu_medical=mmlu/test:test
 
-`--tasks` takes task names, which use their default evaluation files (`DEFAULT_EVAL`), or `name=PATH`
-for a file or folder in that task's format (`PATH:SPLIT` selects a PubMedQA / MMLU split).
+`--tasks` takes `name=PATH` for a file or folder in that task's format, or BioMedLM's processed
+`*_hf` JSON lines (`PATH:SPLIT` selects a PubMedQA / MMLU split). A bare name uses the file shipped
+with this repository; only PubMedQA has one (`DEFAULT_EVAL`).
 
 There are two modes:
 
-- a fine-tuned MCQA workdir (`--workdir`) scores each task with its trained head. It uses
-  WORKDIR/best when present, else the latest checkpoint. A head only fits tasks of its own kind and
-  label set; other tasks are reported as skipped.
+- with a head: a fine-tuned classifier scores each task. `--workdir` (or `--init_from=orbax:WORKDIR`)
+  is a finetune_mcqa run (WORKDIR/best when present, else the latest checkpoint);
+  `--init_from=hf:DIR` is a fine-tuned HF classifier: BioMedLM's GPT2ForMultipleChoice /
+  GPT2ForSequenceClassification (`classifier.*`), transformers' GPT2ForSequenceClassification
+  (`score.weight`), or our `convert` export. Inputs are encoded as BioMedLM's scripts encode them. A
+  head only fits tasks of its own kind and label set; other tasks are reported as skipped.
 - `--zero_shot` scores every option by its mean token log-likelihood under the LM, with no head. It
   works with any checkpoint (`--init_from=hf:DIR|orbax:WORKDIR`, or `--workdir`'s backbone).
 
 The table gives, per task and per MMLU subject: items, our accuracy, the majority-class baseline (the
 most frequent answer of the evaluated split) and BioMedLM's reported number. It is printed as
-markdown and written as JSON (`--out`).
+markdown and written as JSON (`--out`). `--predictions=FILE.jsonl` writes one line per item:
+{"task", "id", "logits", "pred", "label"}, with the record's own id (PMID, `id` field, or file:line)
+and the head's raw scores in the task's label order (or one per option).
 """
 from __future__ import annotations
 
@@ -28,21 +36,15 @@ import sys
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from biomedlm_jax import checkpoint, mcqa
-from biomedlm_jax import tokenizer as tokenizer_lib
+from biomedlm_jax import mcqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
-DEFAULT_EVAL = {
+DEFAULT_EVAL = {  # only files shipped in this repository; other tasks need name=PATH
     "pubmedqa": os.path.join(REPO, "data", "pubmedqa", "ori_pqal.json") + ":test",
-    "medqa": os.path.join(SHARED, "medqa_usmle", "us_4options_test.jsonl"),
-    "medmcqa": os.path.join(SHARED, "medmcqa", "dev_4183.jsonl"),
-    "mmlu_medical": os.path.join(SHARED, "mmlu_medical", "final_release_hf_format") + ":test",
-    "bioasq": "",  # licence-restricted: pass bioasq=PATH
 }
+HF_SEQ_LEN = 512  # an HF classifier carries no sequence length: BioMedLM's published MedQA command used 512
 
 
 def parse_tasks(spec: str) -> dict:
@@ -52,32 +54,12 @@ def parse_tasks(spec: str) -> dict:
         name = name.strip()
         if name not in mcqa.REGISTRY:
             raise SystemExit(f"--tasks: unknown task {name!r}; choose from {sorted(mcqa.REGISTRY)}")
-        path = path or DEFAULT_EVAL[name]
+        path = path or DEFAULT_EVAL.get(name, "")
         if not path:
-            raise SystemExit(f"--tasks: {name} has no default file here; pass {name}=PATH")
+            raise SystemExit(f"--tasks: {name} has no file shipped with this repository; pass {name}=PATH with PATH "
+                             f"the {mcqa.REGISTRY[name].files}")
         out[name] = path
     return out
-
-
-def load_finetuned(workdir: str):
-    """(MCQAModel, params, tokenizer, meta) from WORKDIR/best (if any) or WORKDIR's latest checkpoint."""
-    import flax.linen as nn
-
-    from biomedlm_jax.model import GPTConfig
-
-    best = os.path.join(workdir, checkpoint.BEST_DIR)
-    src = best if checkpoint.latest_step(best) is not None else workdir
-    step, meta = checkpoint.read_meta(src)
-    if "mcqa" not in meta:
-        raise SystemExit(f"{src}: not an MCQA checkpoint (no head); use --zero_shot for a plain LM")
-    cfg = GPTConfig(**meta["model"]).replace(remat_policy="none")
-    head = meta["mcqa"]
-    model = mcqa.MCQAModel(cfg, head["head"], head["num_labels"])
-    ids = jnp.ones((1, 1, 8), jnp.int32)
-    abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]))
-    params = checkpoint.restore_params(checkpoint._reader(src), step, checkpoint.place(abstract))
-    tok = tokenizer_lib.load_tokenizer(checkpoint.tokenizer_dir(src if os.path.isdir(checkpoint.tokenizer_dir(src)) else workdir))
-    return model, params, tok, meta
 
 
 def predict(model, params, enc: mcqa.Encoded, batch_size: int = 16) -> np.ndarray:
@@ -123,44 +105,57 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _head_fits(head: dict, spec) -> Optional[str]:
+    """None when the classifier's head answers `spec`'s task, else why not."""
+    if spec.head != head["head"]:
+        return f"a {head['head']} head does not answer {spec.name} ({spec.head})"
+    if spec.head == "seqcls":
+        try:
+            mcqa.label_order(head["labels"], spec.labels, head["num_labels"], spec.name)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
 def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[str] = None, zero_shot: bool = False,
              max_items: int = 0, seq_len: int = 0, batch_size: int = 16, progress: bool = True,
-             zero_shot_reduce: str = "mean") -> dict:
+             zero_shot_reduce: str = "mean", predictions: Optional[str] = None) -> dict:
     from tqdm import tqdm
 
     if zero_shot:
         from biomedlm_jax import convert
 
         lm, lm_params, tok = convert.load(init_from or f"orbax:{workdir}", remat_policy="none")
-        meta = None
     else:
-        if not workdir:
-            raise SystemExit("give --workdir (a fine-tuned MCQA run) or --zero_shot")
-        model, params, tok, meta = load_finetuned(workdir)
-        head = meta["mcqa"]
-        seq_len = seq_len or head["seq_len"]
-        special = {t: tok.token_to_id(t) for t in mcqa.SPECIAL_TOKENS}
-    results = {}
+        clf = mcqa.load_classifier(init_from or f"orbax:{workdir}")
+        head, tok = clf.head, clf.tok
+        seq_len = seq_len or head["seq_len"] or min(HF_SEQ_LEN, clf.model.config.n_positions)
+    results, rows = {}, []
     for name, path in tqdm(list(tasks.items()), disable=not progress, desc="tasks"):
         spec = mcqa.REGISTRY[name]
         items = mcqa.load_task_file(name, path)[: max_items or None]
         entry = {"path": path, "paper": spec.paper}
-        if not zero_shot and (spec.head != head["head"] or (spec.head == "seqcls" and list(spec.labels) != head["labels"])):
-            entry["skipped"] = f"the {head['task']} head ({head['head']}) does not fit {name}"
+        why = None if zero_shot else _head_fits(head, spec)
+        if why:
+            entry["skipped"] = why
             results[name] = entry
             continue
         if zero_shot:
             scores = mcqa.zero_shot_scores(lm, lm_params, tok, items, reduce=zero_shot_reduce,
                                            max_len=min(lm.config.n_positions, 1024), batch_size=batch_size)
         else:
-            eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
-            pad = special["[PAD]"] if spec.head == "choice" else eos
-            enc = mcqa.encode(items, tok, spec.head, seq_len, pad, special["[SEP]"], head["append_eos"],
-                              head["question_template"])
-            scores = predict(model, params, enc, batch_size)
+            enc = mcqa.encode(items, tok, spec.head, seq_len, truncation=head["truncation"],
+                              append_eos=head["append_eos"], pad_id=head["pad_id"])
+            scores = predict(clf.model, clf.params, enc, batch_size)
+            if spec.head == "seqcls":
+                scores = scores[:, mcqa.label_order(head["labels"], spec.labels, head["num_labels"], name)]
+            entry["truncated"] = enc.truncated
+        scores = np.asarray(scores)
         labels = np.asarray([i.answer for i in items])
         entry.update(items=len(items), accuracy=mcqa.accuracy(scores, labels), majority=mcqa.majority_baseline(items, items),
-                     predictions={i.id: int(p) for i, p in zip(items, np.asarray(scores).argmax(-1))})
+                     predictions={i.id: int(p) for i, p in zip(items, scores.argmax(-1))})
+        rows += [{"task": name, "id": i.id, "logits": [float(x) for x in s], "pred": int(s.argmax()), "label": i.answer}
+                 for i, s in zip(items, scores)]
         if name == "mmlu_medical":
             entry["subjects"] = {}
             for subject in sorted({i.subject for i in items}):
@@ -169,6 +164,10 @@ def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[
                 entry["subjects"][subject] = {"items": len(sel), "accuracy": mcqa.accuracy(np.asarray(scores)[sel], labels[sel]),
                                               "majority": mcqa.majority_baseline(sub, sub)}
         results[name] = entry
+    if predictions and jax.process_index() == 0:
+        with open(predictions, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return results
 
 
@@ -176,25 +175,31 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.evaluate_mcqa", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a finetune_mcqa workdir (uses its best checkpoint)")
-    src.add_argument("--init_from", help="hf:DIR or orbax:WORKDIR (with --zero_shot)")
+    src.add_argument("--init_from", help="hf:DIR or orbax:WORKDIR: a fine-tuned classifier, or any LM with --zero_shot")
     p.add_argument("--tasks", default="pubmedqa", help="comma-separated task or task=PATH entries")
     p.add_argument("--zero_shot", action="store_true", help="score options by LM likelihood (no head)")
     p.add_argument("--zero_shot_reduce", choices=("mean", "sum"), default="mean",
                    help="zero-shot option score: mean or summed token log-likelihood")
     p.add_argument("--max_items", type=int, default=0, help="evaluate only the first N items per task (0 = all)")
-    p.add_argument("--seq_len", type=int, default=0, help="default: the fine-tuning run's")
+    p.add_argument("--seq_len", type=int, default=0,
+                   help=f"default: the fine-tuning run's; {HF_SEQ_LEN} for an HF classifier")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--out", default="mcqa_results.json")
+    p.add_argument("--predictions", default=None, help="write per-item logits and predictions to this JSONL file")
     args = p.parse_args(argv)
-    if args.init_from and not args.zero_shot:
-        p.error("--init_from needs --zero_shot (a plain LM has no MCQA head); use --workdir for a fine-tuned run")
-    results = evaluate(parse_tasks(args.tasks), workdir=args.workdir, init_from=args.init_from,
-                       zero_shot=args.zero_shot, max_items=args.max_items, seq_len=args.seq_len,
-                       batch_size=args.batch_size, progress=sys.stderr.isatty(), zero_shot_reduce=args.zero_shot_reduce)
+    tasks = parse_tasks(args.tasks)
+    try:
+        results = evaluate(tasks, workdir=args.workdir, init_from=args.init_from, zero_shot=args.zero_shot,
+                           max_items=args.max_items, seq_len=args.seq_len, batch_size=args.batch_size,
+                           progress=sys.stderr.isatty(), zero_shot_reduce=args.zero_shot_reduce,
+                           predictions=args.predictions)
+    except (mcqa.NotAClassifier, mcqa.DataError, FileNotFoundError) as e:
+        print(f"evaluate_mcqa: error: {e}", file=sys.stderr)
+        return 1
     print(results_table(results))
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f" and {args.predictions}" if args.predictions else ""))
     return 0
 
 

@@ -17,6 +17,7 @@ tensor is an error naming the file and tensor, before any parameter is returned)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -40,6 +41,10 @@ INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 # Buffers older GPT-2 checkpoints store next to the weights (the causal mask); not parameters.
 _IGNORED = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+# Classifier heads (read by `read_classifier_head`, skipped by the backbone loader): BioMedLM's
+# GPT2ForMultipleChoice / GPT2ForSequenceClassification name theirs `classifier`, transformers' `score`.
+HEAD_TENSORS = ("classifier.weight", "classifier.bias", "score.weight", "score.bias")
+HEAD_ARCHITECTURES = {"GPT2ForMultipleChoice": "choice", "GPT2ForSequenceClassification": "seqcls"}
 
 
 class CheckpointError(ValueError):
@@ -130,7 +135,8 @@ def config_to_hf(cfg: GPTConfig, torch_dtype: str = "float32") -> dict:
     return out
 
 
-def load_config(path: str, **overrides) -> GPTConfig:
+def read_hf_config(path: str) -> dict:
+    """config.json of an HF checkpoint directory as a dict (errors name the file)."""
     cfg_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -143,7 +149,11 @@ def load_config(path: str, **overrides) -> GPTConfig:
         raise CheckpointError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from e
     if not isinstance(hf_config, dict):
         raise CheckpointError(f"{cfg_file}: expected a JSON object")
-    return config_from_hf(hf_config, cfg_file, **overrides)
+    return hf_config
+
+
+def load_config(path: str, **overrides) -> GPTConfig:
+    return config_from_hf(read_hf_config(path), os.path.join(path, CONFIG_NAME), **overrides)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,7 +272,7 @@ def load_params_numpy(path: str, cfg: GPTConfig, dtype=np.float32) -> dict:
         key = _strip_prefix(name)
         if key in seen:
             raise CheckpointError(f"{file}: tensor {name} also appears in {seen[key]}")
-        if _IGNORED.match(name):
+        if _IGNORED.match(name) or name in HEAD_TENSORS:
             continue
         if key == "lm_head.weight":
             lm_head = (file, name, load)
@@ -306,6 +316,97 @@ def load_pretrained(path: str, **config_overrides):
 def load_tokenizer(path: str):
     """The tokenizer stored next to the weights (tokenizer.json, or vocab.json + merges.txt)."""
     return tokenizer_lib.load_tokenizer(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classifier heads (fine-tuned MCQA checkpoints)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ClassifierHead:
+    """A fine-tuned classifier's head, in the Flax `Dense` layout of `mcqa.MCQAModel`'s `score`."""
+
+    kind: str  # "choice" (one score per option, with bias) | "seqcls" (num_labels scores, no bias)
+    kernel: np.ndarray  # (d_model, 1 or num_labels)
+    bias: Optional[np.ndarray] = None  # (1,) for choice
+    labels: Optional[tuple] = None  # seqcls label names in output order; None when config.json has only LABEL_i
+    pad_token_id: Optional[int] = None
+
+
+def _id2label(hf_config: dict, n: int, source: str) -> Optional[tuple]:
+    id2label = hf_config.get("id2label")
+    if not id2label:
+        return None
+    try:
+        labels = tuple(str(id2label[str(i)] if str(i) in id2label else id2label[i]) for i in range(n))
+    except KeyError as e:
+        raise CheckpointError(f"{source}: id2label {id2label} does not name labels 0..{n - 1}") from e
+    return None if all(re.fullmatch(r"LABEL_\d+", lab) for lab in labels) else labels
+
+
+def read_classifier_head(path: str, cfg: GPTConfig, dtype=np.float32) -> Optional[ClassifierHead]:
+    """The classifier head stored in an HF checkpoint directory, or None for a plain LM.
+
+    Reads BioMedLM's fine-tuned layouts (`classifier.weight` [+ `classifier.bias`] from its
+    GPT2ForMultipleChoice / GPT2ForSequenceClassification) and transformers'
+    GPT2ForSequenceClassification (`score.weight`). The kind comes from `architectures` in config.json,
+    else from the tensors (a one-row weight with a bias is a choice head)."""
+    source = os.path.join(path, CONFIG_NAME)
+    hf_config = read_hf_config(path)
+    found = {name: (file, load) for file, name, load in _read_tensors(path) if name in HEAD_TENSORS}
+    arch = [HEAD_ARCHITECTURES[a] for a in hf_config.get("architectures") or [] if a in HEAD_ARCHITECTURES]
+    if not found:
+        if arch:
+            raise CheckpointError(f"{path}: config.json names a {arch[0]} classifier but the weights hold no "
+                                  "classifier.weight or score.weight")
+        return None
+    names = [n for n in ("classifier", "score") if f"{n}.weight" in found]
+    if len(names) != 1:
+        raise CheckpointError(f"{path}: expected one classifier weight (classifier.weight or score.weight), found "
+                              f"{sorted(found)}")
+    file, load = found[f"{names[0]}.weight"]
+    weight = np.asarray(load(), dtype=dtype)
+    bias = found.get(f"{names[0]}.bias")
+    bias = None if bias is None else np.asarray(bias[1](), dtype=dtype)
+    if weight.ndim != 2 or weight.shape[1] != cfg.d_model:
+        raise CheckpointError(f"{file}: {names[0]}.weight has shape {weight.shape}, expected (labels, {cfg.d_model})")
+    kind = arch[0] if arch else ("choice" if weight.shape[0] == 1 and bias is not None else "seqcls")
+    if kind == "choice":
+        if weight.shape[0] != 1:
+            raise CheckpointError(f"{file}: a multiple-choice head scores each option once; {names[0]}.weight has "
+                                  f"shape {weight.shape}, expected (1, {cfg.d_model})")
+        bias = np.zeros((1,), dtype) if bias is None else bias.reshape(1)
+        return ClassifierHead("choice", weight.T.copy(), bias, None, hf_config.get("pad_token_id"))
+    if bias is not None and np.any(bias != 0):
+        raise CheckpointError(f"{file}: the sequence-classification head has a {names[0]}.bias; BioMedLM's and "
+                              "transformers' GPT2ForSequenceClassification heads have none")
+    n = weight.shape[0]
+    if hf_config.get("num_labels", n) != n and "id2label" not in hf_config:
+        raise CheckpointError(f"{source}: num_labels={hf_config['num_labels']} but {names[0]}.weight has {n} rows")
+    return ClassifierHead("seqcls", weight.T.copy(), None, _id2label(hf_config, n, source),
+                          hf_config.get("pad_token_id"))
+
+
+def classifier_to_hf(head: ClassifierHead, dtype=None) -> dict[str, np.ndarray]:
+    """Head tensors as the exported checkpoint names them: BioMedLM's GPT2ForMultipleChoice
+    (`classifier.weight`, `classifier.bias`) or transformers' GPT2ForSequenceClassification (`score.weight`)."""
+    cast = (lambda a: np.ascontiguousarray(a if dtype is None else a.astype(dtype)))  # noqa: E731
+    if head.kind == "choice":
+        return {"classifier.weight": cast(np.asarray(head.kernel).T), "classifier.bias": cast(np.asarray(head.bias).reshape(1))}
+    return {"score.weight": cast(np.asarray(head.kernel).T)}
+
+
+def classifier_config(cfg: GPTConfig, head: ClassifierHead, torch_dtype: str = "float32") -> dict:
+    out = config_to_hf(cfg, torch_dtype)
+    out["pad_token_id"] = head.pad_token_id
+    if head.kind == "choice":
+        out["architectures"] = ["GPT2ForMultipleChoice"]  # BioMedLM's finetune/utils/custom_modeling_gpt2.py
+        return out
+    labels = head.labels or tuple(f"LABEL_{i}" for i in range(head.kernel.shape[1]))
+    out.update(architectures=["GPT2ForSequenceClassification"], num_labels=len(labels),
+               id2label={str(i): lab for i, lab in enumerate(labels)}, label2id={lab: i for i, lab in enumerate(labels)})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -358,19 +459,26 @@ def save_pretrained(
     tokenizer=None,
     dtype: Optional[str] = None,
     max_shard_size="5GB",
+    head: Optional[ClassifierHead] = None,
+    special_tokens: Optional[dict] = None,
 ) -> None:
     """Write an HF GPT2LMHeadModel directory: config.json, safetensors (sharded above max_shard_size).
 
     dtype: storage dtype ("float32", "bfloat16", "float16"); default float32. A tokenizer
-    (`tokenizers.Tokenizer`) is saved next to the weights when given. Files are written to a temporary
-    directory and moved into place, so an interrupted save never leaves a mixed checkpoint, and weight
-    files of the other layout (single vs sharded) left by an earlier save are removed.
+    (`tokenizers.Tokenizer`) is saved next to the weights when given, with `special_tokens` (e.g.
+    {"pad_token": "[PAD]"}) in its tokenizer_config.json. With a classifier `head` (`params` then being
+    the backbone's), the directory is that classifier instead (`classifier_config`, `classifier_to_hf`).
+    Files are written to a temporary directory and moved into place, so an interrupted save never
+    leaves a mixed checkpoint, and weight files of the other layout (single vs sharded) left by an
+    earlier save are removed.
     """
     cfg = model.config
     save_dtype = np.dtype(jnp.dtype(dtype or "float32"))
     if save_dtype not in (np.float32, np.float16, np.dtype(ml_dtypes.bfloat16)):
         raise ValueError(f"dtype={dtype!r}: choose float32, bfloat16 or float16")
     tensors = params_to_hf(params, cfg, save_dtype)
+    if head is not None:
+        tensors.update(classifier_to_hf(head, save_dtype))
     limit = _parse_size(max_shard_size)
     shards: list[dict] = [{}]
     size = 0
@@ -401,11 +509,12 @@ def save_pretrained(
                 json.dump(index, f, indent=2)
             written.append(INDEX_NAME)
         torch_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(save_dtype, "bfloat16")
+        hf_config = config_to_hf(cfg, torch_dtype) if head is None else classifier_config(cfg, head, torch_dtype)
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(config_to_hf(cfg, torch_dtype), f, indent=2)
+            json.dump(hf_config, f, indent=2)
         written.append(CONFIG_NAME)
         if tokenizer is not None:
-            tokenizer_lib.save_tokenizer(tokenizer, tmp, model_max_length=cfg.n_positions)
+            tokenizer_lib.save_tokenizer(tokenizer, tmp, model_max_length=cfg.n_positions, special_tokens=special_tokens)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     for name in os.listdir(out_dir):  # stale weights of the other layout would shadow the new ones

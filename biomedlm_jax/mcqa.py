@@ -1,29 +1,41 @@
-"""Multiple-choice QA as BioMedLM fine-tuned it: task loaders, prompt shaping, the two heads, zero-shot.
+"""Multiple-choice QA as BioMedLM fine-tuned it: task loaders, its inputs token for token, the two heads.
 
-BioMedLM's `finetune/` scripts use two heads. Both read the final hidden state of the **last real
-token** of right-padded input:
+BioMedLM's `finetune/` scripts (github stanford-crfm/BioMedLM) use two heads. Both read the final
+hidden state of the **last real token** of right-padded input (the last non-`[PAD]` position):
 
-  * `choice` (MedQA, MedMCQA, MMLU), as in GPT2ForMultipleChoice. The tokenizer gains `[PAD]`, `[CLS]`
-    and `[SEP]`, and the embedding (and so the tied LM head) is resized. Each option is read as
-    `context [SEP] "{question} {option}" [SEP]`. `Linear(d_model, 1)` with bias gives one score per
-    option, followed by a softmax over the options.
-  * `seqcls` (PubMedQA yes/no/maybe, BioASQ yes/no), as in GPT2ForSequenceClassification. The input
-    is `context question` (a tokenizer pair, no separator), optionally followed by EOS.
-    `Linear(d_model, num_labels, bias=False)` scores the labels, sorted alphabetically.
+  * `choice` (MedQA, MedMCQA, MMLU), as `finetune/mc/run_multiple_choice.py` with its
+    GPT2ForMultipleChoice. The tokenizer gains `[PAD]`, `[CLS]`, `[SEP]` (special, in that order) and
+    the embedding (and so the tied LM head) is resized. Each option is the tokenizer pair
+    (`sent1 + "[SEP]"`, `f"{sent2} {ending}" + "[SEP]"`). BioMedLM's `preprocess_medqa.py` puts the
+    question in `sent1` and leaves `sent2` empty, so an option reads `question[SEP] option[SEP]`.
+    `Linear(d_model, 1)` with bias gives one score per option; softmax over the options.
+  * `seqcls` (PubMedQA yes/no/maybe, BioASQ yes/no), as `finetune/seqcls/run_seqcls_gpt.py` with its
+    GPT2ForSequenceClassification. The tokenizer gains `[PAD]` (special) and then
+    `<|CONTEXT|> <|QUESTION1|> <|QUESTION2|> <|ANSWER|>` (plain added tokens, unused in the text).
+    The input is the pair (context, question): the question is its own sequence, so it has no leading
+    space. No EOS by default (BioMedLM's published command leaves `gpt2_append_eos_tok` off); with
+    `append_eos` the EOS goes where BioMedLM puts it (after the text, or over the last token of a
+    full row). `Linear(d_model, num_labels, bias=False)` scores the labels, sorted alphabetically.
 
-Long contexts are cut from the left, so the question and option always survive. The number of
-truncated examples is reported. `zero_shot_scores` needs no head: each option is scored by its mean
-(or summed) token log-likelihood after the prompt, for evaluating a pretrained checkpoint.
+Truncation (`truncation`): "biomedlm" is what `tokenizer(first, second, truncation=True,
+max_length=L)` does, `longest_first` from the right (the end of the longer segment goes first),
+done by the `tokenizers` library itself. "left" cuts the first segment (context / question) from the
+left so the second (question / option) survives whole. Either way truncated items are counted.
 
-Every loader returns `MCQItem`s. Bad input raises `DataError` naming the file and line or record:
-a wrong number of options, a missing or out-of-range answer, an empty question, or a file that is
-not in the expected format.
+Loaders return `MCQItem`s whose fields map onto BioMedLM's processed records (`*_hf` JSON lines):
+choice `sent1` = question (with any context before it), `sent2` = header, `ending<i>` = options;
+seqcls `sentence1` = question, `sentence2` = context. Those files themselves load too
+(`load_biomedlm_hf`; `load_task_file` detects them by their keys). Bad input raises `DataError`
+naming the file and line or record. `zero_shot_scores` needs no head: it scores each option by its
+token log-likelihood after a prompt, for evaluating a pretrained LM.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import glob
+import json
 import os
 import zlib
 from typing import Callable, Optional, Sequence
@@ -39,7 +51,14 @@ from biomedlm_jax.model import GPT, GPTConfig
 
 DataError = readers.DataError
 LETTERS = "ABCDEFGHIJ"
-SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]")
+PAD, CLS, SEP = "[PAD]", "[CLS]", "[SEP]"
+# The tokens BioMedLM's scripts add, in their order: (special tokens, plain added tokens) per head.
+TASK_TOKENS = {
+    "choice": ((PAD, CLS, SEP), ()),  # run_multiple_choice.py
+    "seqcls": ((PAD,), ("<|CONTEXT|>", "<|QUESTION1|>", "<|QUESTION2|>", "<|ANSWER|>")),  # run_seqcls_gpt.py
+}
+TRUNCATIONS = ("biomedlm", "left")
+LAYOUT = "biomedlm-v1"  # recorded in checkpoint meta: the input layout a head was trained on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +69,8 @@ class MCQItem:
     answer: int
     context: str = ""
     subject: str = ""
+    header: str = ""  # choice head: BioMedLM's `sent2`, written before each option
+    where: str = dataclasses.field(default="", compare=False)  # file:line (or record) for error messages
 
 
 def _check(item: MCQItem, where: str, n_options: Optional[int]) -> MCQItem:
@@ -59,7 +80,20 @@ def _check(item: MCQItem, where: str, n_options: Optional[int]) -> MCQItem:
         raise DataError(f"{where}: {len(item.options)} options, expected {n_options}")
     if not 0 <= item.answer < len(item.options):
         raise DataError(f"{where}: answer {item.answer} is out of range for {len(item.options)} options")
-    return item
+    return item if item.where else dataclasses.replace(item, where=where)
+
+
+def check_option_counts(items: Sequence[MCQItem]) -> int:
+    """The number of options every item has (the most common count); an item with another count is a
+    DataError naming its file and line. Training, head evaluation and zero-shot all call this."""
+    if not items:
+        return 0
+    k = collections.Counter(len(i.options) for i in items).most_common(1)[0][0]
+    for i in items:
+        if len(i.options) != k:
+            raise DataError(f"{i.where or 'item ' + i.id}: {len(i.options)} options, but the other items have {k}; "
+                            "every question in a batch needs the same number of options")
+    return k
 
 
 def _letter(value, n: int, where: str) -> int:
@@ -94,7 +128,7 @@ def load_medmcqa(path: str) -> list[MCQItem]:
                 answer, qid = _letter(r["answer_idx"], len(options), where), str(r.get("realidx", lineno))
             else:
                 raise DataError(f"{where}: not a MedMCQA record (no opa..opd, choices or options)")
-            item = MCQItem(qid, str(r["question"]), options, answer)
+            item = MCQItem(qid, str(r["question"]), options, answer, where=where)
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, DataError):
                 raise
@@ -110,7 +144,8 @@ def load_medqa(path: str) -> list[MCQItem]:
         where = f"{path}:{lineno}"
         try:
             options = tuple(r["options"][k] for k in sorted(r["options"]))
-            item = MCQItem(str(lineno), str(r["question"]), options, _letter(r["answer_idx"], len(options), where))
+            item = MCQItem(f"{os.path.basename(path)}:{lineno}", str(r["question"]), options,
+                           _letter(r["answer_idx"], len(options), where), where=where)
         except (KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{where}: bad MedQA record ({type(e).__name__}: {e})") from e
         out.append(_check(item, where, None))
@@ -123,7 +158,9 @@ PUBMEDQA_LABELS = ("maybe", "no", "yes")  # sorted alphabetically, as BioMedLM's
 def load_pubmedqa(path: str, split: str = "all", test_ids_path: Optional[str] = None, seed: int = 0,
                   dev_size: int = 50) -> list[MCQItem]:
     """PubMedQA PQA-L (`ori_pqal.json`). split: all | test (the PMIDs in `test_ground_truth.json`) |
-    train / dev (the other 500: a seeded, label-stratified 450/50 split, as BLURB's fold-0 split sizes)."""
+    train / dev (the other 500: a seeded, label-stratified 450/50 split, as BLURB's fold-0 split sizes).
+    Question and context are built as BioMedLM's `preprocess_blurb_seqcls.py` builds them: the
+    stripped question, and the non-empty stripped CONTEXTS joined by single spaces."""
     data = readers.read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected an object keyed by PMID")
@@ -134,8 +171,9 @@ def load_pubmedqa(path: str, split: str = "all", test_ids_path: Optional[str] = 
             label = str(r["final_decision"]).lower()
             if label not in PUBMEDQA_LABELS:
                 raise DataError(f"{where}: final_decision {label!r} is not yes/no/maybe")
-            item = MCQItem(pmid, str(r["QUESTION"]), PUBMEDQA_LABELS, PUBMEDQA_LABELS.index(label),
-                           context=" ".join(r["CONTEXTS"]))
+            context = " ".join(c.strip() for c in r["CONTEXTS"] if c.strip())
+            item = MCQItem(pmid, str(r["QUESTION"]).strip(), PUBMEDQA_LABELS, PUBMEDQA_LABELS.index(label),
+                           context=context, where=where)
         except (KeyError, TypeError) as e:
             raise DataError(f"{where}: bad PubMedQA record ({type(e).__name__}: {e})") from e
         items.append(_check(item, where, 3))
@@ -212,9 +250,70 @@ def load_mmlu(path: str, split: str = "test") -> list[MCQItem]:
                     raise DataError(f"{where}: {len(row)} columns, expected question + 4 options + answer")
                 ans = row[5].strip()
                 answer = int(ans) if ans.isdigit() else _letter(ans, 4, where)
-                out.append(_check(MCQItem(f"{subject}:{lineno}", row[0], tuple(row[1:5]), answer, subject=subject),
-                                  where, 4))
+                out.append(_check(MCQItem(f"{subject}:{lineno}", row[0], tuple(row[1:5]), answer, subject=subject,
+                                          where=where), where, 4))
     return out
+
+
+def _label_index(value, where: str) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
+        raise DataError(f"{where}: label {value!r} is not an option index")
+    return int(value)
+
+
+def load_biomedlm_hf(path: str, head: str, labels: Sequence[str] = ()) -> list[MCQItem]:
+    """BioMedLM's processed JSON-lines files, as its preprocessing scripts write them:
+    multiple choice `{"id", "sent1", "sent2", "ending0".."endingN", "label"}` (label: option index) and
+    sequence classification `{"id", "sentence1", "sentence2", "label"}` (label: one of `labels`;
+    `{"sentence", "label"}` for single sentences). Ids are the records' own, else `file:line`."""
+    out = []
+    for lineno, r in readers.json_lines(path):
+        where = f"{path}:{lineno}"
+        qid = str(r.get("id", f"{os.path.basename(path)}:{lineno}"))
+        if head == "choice":
+            if "sent1" not in r or "ending0" not in r or "label" not in r:
+                raise DataError(f"{where}: not a BioMedLM multiple-choice record (needs sent1, sent2, ending0.., "
+                                f"label); found keys {sorted(r)}")
+            endings = []
+            while f"ending{len(endings)}" in r:
+                endings.append(str(r[f"ending{len(endings)}"]))
+            item = MCQItem(qid, str(r["sent1"]), tuple(endings), _label_index(r["label"], where),
+                           header=str(r.get("sent2") or ""), where=where)
+        else:
+            if "label" not in r or not ("sentence1" in r or "sentence" in r):
+                raise DataError(f"{where}: not a BioMedLM sequence-classification record (needs sentence1, "
+                                f"sentence2, label); found keys {sorted(r)}")
+            label = str(r["label"]).strip()
+            if label not in labels:
+                raise DataError(f"{where}: label {r['label']!r} is not one of {list(labels)}")
+            question = r["sentence1"] if "sentence1" in r else r["sentence"]
+            item = MCQItem(qid, str(question), tuple(labels), list(labels).index(label),
+                           context=str(r.get("sentence2") or ""), where=where)
+        out.append(_check(item, where, None))
+    return out
+
+
+def biomedlm_hf_head(path: str) -> Optional[str]:
+    """"choice" / "seqcls" when `path` is one of BioMedLM's processed JSON-lines files (judged by the
+    first record's keys), else None."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                return None
+            if not isinstance(record, dict):
+                return None
+            if "sent1" in record or "ending0" in record:
+                return "choice"
+            if "sentence1" in record or ("sentence" in record and "label" in record):
+                return "seqcls"
+            return None
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,14 +323,22 @@ class TaskSpec:
     loader: Callable
     labels: tuple = ()  # seqcls label names (sorted alphabetically)
     paper: Optional[float] = None  # BioMedLM's reported accuracy
+    files: str = ""  # which files the task reads and where to get them (for errors when none is given)
 
 
 REGISTRY = {
-    "medmcqa": TaskSpec("medmcqa", "choice", load_medmcqa, paper=57.3),
-    "medqa": TaskSpec("medqa", "choice", load_medqa, paper=50.3),
-    "pubmedqa": TaskSpec("pubmedqa", "seqcls", load_pubmedqa, PUBMEDQA_LABELS, paper=74.4),
-    "bioasq": TaskSpec("bioasq", "seqcls", load_bioasq, BIOASQ_LABELS, paper=95.7),
-    "mmlu_medical": TaskSpec("mmlu_medical", "choice", load_mmlu, paper=None),  # medical genetics: 69.0
+    "medmcqa": TaskSpec("medmcqa", "choice", load_medmcqa, paper=57.3, files=(
+        "MedMCQA train.json / dev.json (https://github.com/medmcqa/medmcqa)")),
+    "medqa": TaskSpec("medqa", "choice", load_medqa, paper=50.3, files=(
+        "MedQA-USMLE data_clean/questions/US/4_options/phrases_no_exclude_{train,dev,test}.jsonl "
+        "(https://github.com/jind11/MedQA), or BioMedLM's medqa_usmle_hf/{train,dev,test}.json")),
+    "pubmedqa": TaskSpec("pubmedqa", "seqcls", load_pubmedqa, PUBMEDQA_LABELS, paper=74.4, files=(
+        "PubMedQA ori_pqal.json[:train|dev|test] (shipped in data/pubmedqa; https://github.com/pubmedqa/pubmedqa), "
+        "or BioMedLM's pubmedqa_hf/{train,dev,test}.json")),
+    "bioasq": TaskSpec("bioasq", "seqcls", load_bioasq, BIOASQ_LABELS, paper=95.7, files=(
+        "BioASQ task-b JSON (licence-restricted: register at http://bioasq.org), or BioMedLM's bioasq_hf/*.json")),
+    "mmlu_medical": TaskSpec("mmlu_medical", "choice", load_mmlu, paper=None, files=(  # medical genetics: 69.0
+        "MMLU CSVs, a file or a folder[:test|dev|val] (https://github.com/hendrycks/test)")),
 }
 PAPER_MMLU_MEDICAL_GENETICS = 69.0
 
@@ -244,16 +351,20 @@ def seeded_split(items: Sequence[MCQItem], dev_fraction: float, seed: int) -> di
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizer / embedding changes and encoding
+# Tokens, embeddings and BioMedLM's inputs
 # ----------------------------------------------------------------------------------------------------
 
 
-def add_special_tokens(tok) -> dict:
-    """Add [PAD], [CLS], [SEP] (the choice head's set) to `tok` in place; returns their ids."""
+def add_task_tokens(tok, head: str) -> dict:
+    """Add the tokens BioMedLM's script for `head` adds (`TASK_TOKENS`), in its order, to `tok` in place.
+    Tokens already present keep their ids (a resumed run, or a fine-tuned checkpoint's tokenizer), as
+    BioMedLM's scripts add nothing to a tokenizer that has a pad token. Returns {token: id}."""
     from tokenizers import AddedToken
 
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    special, plain = TASK_TOKENS[head]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.add_tokens([t for t in plain if tok.token_to_id(t) is None])
+    return {t: tok.token_to_id(t) for t in special + plain}
 
 
 def resize_embeddings(params: dict, new_vocab: int, backbone: Optional[str] = None) -> dict:
@@ -268,12 +379,21 @@ def resize_embeddings(params: dict, new_vocab: int, backbone: Optional[str] = No
     return dict(params, **{backbone: new}) if backbone else new
 
 
+def segments(item: MCQItem, head: str) -> list[tuple[str, str]]:
+    """The (first, second) texts BioMedLM's script passes to `tokenizer(first, second)`: one pair per
+    option for the choice head, one pair for seqcls."""
+    if head == "choice":
+        sent1 = " ".join(s for s in (item.context, item.question) if s)
+        return [(sent1 + SEP, f"{item.header} {option}" + SEP) for option in item.options]
+    return [(item.context, item.question)]
+
+
 @dataclasses.dataclass
 class Encoded:
-    ids: np.ndarray  # (N, K, T) int32, right-padded
+    ids: np.ndarray  # (N, K, T) int32, right-padded with [PAD]
     mask: np.ndarray  # (N, K, T) bool
     labels: np.ndarray  # (N,) int32
-    truncated: int = 0
+    truncated: int = 0  # items with at least one row cut to fit
 
     @property
     def rows(self) -> dict:
@@ -287,39 +407,65 @@ class Encoded:
         return h.hexdigest()[:16]
 
 
-def encode(items: Sequence[MCQItem], tok, head: str, max_len: int, pad_id: int, sep_id: Optional[int] = None,
-           append_eos: bool = False, question_template: str = "{question} {option}") -> Encoded:
-    """Token arrays for either head (see the module docstring). Contexts are cut from the left."""
-    eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
-    k = max(len(i.options) for i in items) if head == "choice" else 1
-    ids = np.full((len(items), k, max_len), pad_id, np.int32)
+def _left_cut(first: list, second: list, max_len: int) -> list:
+    """Drop the start of `first` so `second` fits whole (or, longer than the row, keeps its end)."""
+    if len(second) >= max_len:
+        return second[len(second) - max_len:]
+    room = max_len - len(second)
+    return first[max(len(first) - room, 0):] + second
+
+
+def token_rows(items: Sequence[MCQItem], tok, head: str, max_len: int, truncation: str = "biomedlm",
+               append_eos: bool = False) -> tuple[list[list[list[int]]], int]:
+    """Per item, its rows of token ids (one per option, or one), and the number of items truncated.
+    The pair is encoded by the `tokenizers` library, as `transformers` calls it in BioMedLM's scripts;
+    "biomedlm" truncation is that library's `longest_first` from the right."""
+    from tokenizers import Tokenizer
+
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation={truncation!r}: choose one of {TRUNCATIONS}")
+    pairs = [p for item in items for p in segments(item, head)]
+    enc = Tokenizer.from_str(tok.to_str())  # a copy: truncation settings stay off the caller's tokenizer
+    enc.no_padding()
+    enc.no_truncation()
+    full = enc.encode_batch(pairs)
+    if truncation == "biomedlm":
+        enc.enable_truncation(max_len, strategy="longest_first", direction="right")
+        rows = [e.ids for e in enc.encode_batch(pairs)]
+    else:
+        rows = [_left_cut([i for i, t in zip(e.ids, e.type_ids) if t == 0],
+                          [i for i, t in zip(e.ids, e.type_ids) if t != 0], max_len) for e in full]
+    if append_eos:  # run_seqcls_gpt.py's gpt2_append_eos_tok: EOS after the text, or over the last token
+        eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+        rows = [r + [eos] if len(r) < max_len else r[:-1] + [eos] for r in rows]
+    out, truncated, n = [], 0, 0
+    for item in items:
+        k = len(item.options) if head == "choice" else 1
+        out.append(rows[n: n + k])
+        truncated += any(len(e.ids) > max_len for e in full[n: n + k])
+        n += k
+    return out, truncated
+
+
+def encode(items: Sequence[MCQItem], tok, head: str, max_len: int, *, truncation: str = "biomedlm",
+           append_eos: bool = False, pad_id: Optional[int] = None) -> Encoded:
+    """Token arrays (N, K, max_len) for either head, right-padded with `[PAD]` (or `pad_id`; see the
+    module docstring). `tok` must hold the head's tokens (`add_task_tokens`)."""
+    pad = tok.token_to_id(PAD) if pad_id is None else pad_id
+    if pad is None:
+        raise ValueError("the tokenizer has no [PAD] token; call mcqa.add_task_tokens(tok, head) first")
+    if head == "choice" and tok.token_to_id(SEP) is None:
+        raise ValueError("the tokenizer has no [SEP] token; call mcqa.add_task_tokens(tok, \"choice\") first")
+    if head == "choice" and append_eos:
+        raise ValueError("append_eos applies to the seqcls head only (BioMedLM's gpt2_append_eos_tok)")
+    k = check_option_counts(items) if head == "choice" else 1
+    rows, truncated = token_rows(items, tok, head, max_len, truncation, append_eos)
+    ids = np.full((len(items), k, max_len), pad, np.int32)
     mask = np.zeros((len(items), k, max_len), bool)
-    truncated = 0
-    for n, item in enumerate(items):
-        ctx = tok.encode(item.context).ids if item.context else []
-        cut = False
-        if head == "choice":
-            if len(item.options) != k:
-                raise DataError(f"item {item.id}: {len(item.options)} options, the batch has {k}")
-            for j, opt in enumerate(item.options):
-                qo = tok.encode(question_template.format(question=item.question, option=opt)).ids + [sep_id]
-                qo = qo[-(max_len - 1):]  # a question longer than the row keeps its end (and the option)
-                room = max_len - len(qo) - 1
-                c = ctx[-room:] if room > 0 else []
-                cut |= len(c) < len(ctx) or room <= 0
-                seq = (c + [sep_id] if room > 0 else []) + qo
-                ids[n, j, : len(seq)] = seq
-                mask[n, j, : len(seq)] = True
-        else:
-            q = tok.encode((" " if ctx else "") + item.question).ids + ([eos] if append_eos else [])
-            q = q[-max_len:]
-            room = max_len - len(q)
-            c = ctx[-room:] if room > 0 else []
-            cut = len(c) < len(ctx)
-            seq = c + q
-            ids[n, 0, : len(seq)] = seq
-            mask[n, 0, : len(seq)] = True
-        truncated += cut
+    for n, item_rows in enumerate(rows):
+        for j, seq in enumerate(item_rows):
+            ids[n, j, : len(seq)] = seq
+            mask[n, j, : len(seq)] = True
     labels = np.asarray([i.answer for i in items], np.int32)
     return Encoded(ids, mask, labels, truncated)
 
@@ -357,6 +503,86 @@ class MCQAModel(nn.Module):
         return scores.reshape(B, K) if self.head == "choice" else scores.reshape(B, self.num_labels)
 
 
+def label_order(head_labels: Optional[Sequence[str]], task_labels: Sequence[str], num_labels: int,
+                where: str) -> np.ndarray:
+    """Column indices that put a seqcls head's scores in `task_labels` order. A head without label
+    names (LABEL_0..) is taken to be in BioMedLM's order (labels sorted alphabetically)."""
+    if num_labels != len(task_labels):
+        raise ValueError(f"{where}: the head scores {num_labels} labels, the task has {len(task_labels)} "
+                         f"({', '.join(task_labels)})")
+    if head_labels is None:
+        return np.arange(num_labels)
+    lower = [str(lab).lower() for lab in head_labels]
+    if sorted(lower) != sorted(task_labels):
+        raise ValueError(f"{where}: the head's labels {list(head_labels)} are not the task's {list(task_labels)}")
+    return np.asarray([lower.index(lab) for lab in task_labels])
+
+
+@dataclasses.dataclass
+class Classifier:
+    """A fine-tuned classifier ready to score: `model.apply({"params": params}, ids, mask)`."""
+
+    model: MCQAModel
+    params: dict
+    tok: object
+    head: dict  # head, labels (or None), num_labels, seq_len (None: the caller's), truncation, append_eos, pad_id
+
+
+class NotAClassifier(ValueError):
+    """A checkpoint without a classifier head (a plain language model)."""
+
+
+def load_classifier(spec: str, step: Optional[int] = None, dtype: Optional[str] = None) -> Classifier:
+    """A fine-tuned classifier from "hf:DIR" (BioMedLM's fine-tuned GPT2ForMultipleChoice /
+    GPT2ForSequenceClassification, or transformers' GPT2ForSequenceClassification) or
+    "orbax:WORKDIR" (a finetune_mcqa run: WORKDIR/best unless `step`, then that step)."""
+    from biomedlm_jax import checkpoint, hf
+
+    kind, _, path = spec.partition(":")
+    overrides = {"remat_policy": "none", **({"dtype": dtype, "param_dtype": dtype} if dtype else {})}
+    if kind == "hf":
+        cfg = hf.load_config(path, **overrides)
+        h = hf.read_classifier_head(path, cfg, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
+        if h is None:
+            raise NotAClassifier(f"{path}: a language model without a classifier head; score it with --zero_shot")
+        tok = tokenizer_lib.find_tokenizer(path)
+        if tok is None:
+            raise FileNotFoundError(f"{path}: no tokenizer files next to the classifier")
+        pad = tok.token_to_id(PAD) if tok.token_to_id(PAD) is not None else h.pad_token_id
+        if pad is None:
+            raise hf.CheckpointError(f"{path}: neither a [PAD] token in the tokenizer nor pad_token_id in config.json")
+        if h.kind == "choice" and tok.token_to_id(SEP) is None:
+            raise hf.CheckpointError(f"{path}: a multiple-choice classifier whose tokenizer has no [SEP] token")
+        backbone = hf.load_params_numpy(path, cfg, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
+        score = {"kernel": h.kernel, **({"bias": h.bias} if h.kind == "choice" else {})}
+        n = h.kernel.shape[1] if h.kind == "seqcls" else 1
+        head = {"head": h.kind, "labels": list(h.labels) if h.labels else None, "num_labels": n, "seq_len": None,
+                "truncation": "biomedlm", "append_eos": False, "pad_id": int(pad), "task": None}
+        params = jax.tree.map(jnp.asarray, {"transformer": backbone, "score": score})
+        return Classifier(MCQAModel(cfg, h.kind, n), params, tok, head)
+    if kind != "orbax" or not path:
+        raise ValueError(f"{spec!r}: expected hf:DIR or orbax:WORKDIR")
+    best = os.path.join(path, checkpoint.BEST_DIR)
+    src = best if step is None and checkpoint.latest_step(best) is not None else path
+    step, meta = checkpoint.read_meta(src, step)
+    if "mcqa" not in meta:
+        raise NotAClassifier(f"{src}: not an MCQA checkpoint (no head); score it with --zero_shot")
+    head = dict(meta["mcqa"])
+    if head.get("layout") != LAYOUT:
+        raise ValueError(f"{src}: this head was fine-tuned on the inputs of an earlier biomedlm_jax (before "
+                         f"BioMedLM's own layout, {LAYOUT}); its scores would not mean anything on today's inputs. "
+                         "Fine-tune it again.")
+    cfg = GPTConfig(**meta["model"]).replace(**overrides)
+    model = MCQAModel(cfg, head["head"], head["num_labels"])
+    ids = jnp.ones((1, 1, 8), jnp.int32)
+    abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]))
+    params = checkpoint.restore_params(checkpoint._reader(src), step, checkpoint.place(abstract))
+    tok_dir = checkpoint.tokenizer_dir(src) if os.path.isdir(checkpoint.tokenizer_dir(src)) else checkpoint.tokenizer_dir(path)
+    tok = tokenizer_lib.load_tokenizer(tok_dir)
+    head.update(pad_id=tok.token_to_id(PAD), step=step, source=src)
+    return Classifier(model, params, tok, head)
+
+
 def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(scores).argmax(-1) == np.asarray(labels)).mean()) if len(labels) else float("nan")
 
@@ -369,7 +595,7 @@ def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 def zero_shot_scores(model: GPT, params, tok, items: Sequence[MCQItem], template: str = "{context}{question}\nAnswer:",
                      reduce: str = "mean", max_len: int = 512, batch_size: int = 16) -> np.ndarray:
     """(N, K) scores: each option's mean (or summed) token log-likelihood after the prompt."""
-    k = max(len(i.options) for i in items)
+    k = check_option_counts(items)
     seqs, spans = [], []
     for item in items:
         ctx = f"{item.context}\n" if item.context else ""
@@ -412,16 +638,27 @@ def zero_shot_scores(model: GPT, params, tok, items: Sequence[MCQItem], template
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_task_file(task: str, spec: str) -> list[MCQItem]:
+def load_task_file(task: str, spec: str, key: str = "") -> list[MCQItem]:
     """Items of `task` from "PATH" or "PATH:SPLIT" (PubMedQA: train/dev/test/all; MMLU: the CSV split
-    name when PATH is a folder, e.g. test, dev, val)."""
+    name when PATH is a folder, e.g. test, dev, val). BioMedLM's processed `*_hf` JSON-lines files are
+    recognised by their keys and read as they are. `key` names the setting the path came from, for
+    the error when no path is given."""
     if task not in REGISTRY:
         raise ValueError(f"unknown MCQA task {task!r}; choose from {sorted(REGISTRY)}")
+    if not spec:
+        raise FileNotFoundError(f"{task}: no data file given{f' ({key} is empty)' if key else ''}; pass the path to "
+                                f"{REGISTRY[task].files}")
     path, split = spec, None
     if ":" in os.path.basename(spec):
         path, split = spec.rsplit(":", 1)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{task}: {path} does not exist")
+        raise FileNotFoundError(f"{task}: {path} does not exist{f' ({key})' if key else ''}; {task} reads "
+                                f"{REGISTRY[task].files}")
+    hf_head = biomedlm_hf_head(path)
+    if hf_head is not None:
+        if hf_head != REGISTRY[task].head:
+            raise DataError(f"{path}: BioMedLM {hf_head} records do not fit the {task} task's {REGISTRY[task].head} head")
+        return load_biomedlm_hf(path, hf_head, REGISTRY[task].labels)
     if task == "pubmedqa":
         return load_pubmedqa(path, split or "all")
     if task == "mmlu_medical":
@@ -453,16 +690,14 @@ class MCQATask:
         self.head = self.spec.head
         self.num_labels = len(self.spec.labels) if self.head == "seqcls" else 1
         self.k = 1
-        self.pad_id = self.sep_id = None
+        if d.truncation not in TRUNCATIONS:
+            raise ValueError(f"data.truncation={d.truncation!r}: choose one of {TRUNCATIONS}")
+        if d.append_eos and self.head == "choice":
+            raise ValueError(f"data.append_eos applies to the seqcls head only; {self.spec.name} uses the choice head")
 
     def prepare(self, tok, cfg: GPTConfig):
-        if self.head == "choice":
-            ids = add_special_tokens(tok)  # idempotent: a resumed run's tokenizer already has them
-            self.pad_id, self.sep_id = ids["[PAD]"], ids["[SEP]"]
-            cfg = cfg.replace(vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
-        else:
-            self.pad_id = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
-        return tok, cfg
+        add_task_tokens(tok, self.head)  # idempotent: a resumed run's tokenizer already has them
+        return tok, cfg.replace(vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
 
     def model(self, cfg: GPTConfig):
         return MCQAModel(cfg, self.head, self.num_labels)
@@ -476,12 +711,12 @@ class MCQATask:
 
     def items(self) -> dict:
         d = self.config.data
-        train = load_task_file(d.mcqa_task, d.train)
+        train = load_task_file(d.mcqa_task, d.train, "data.train")
         if d.carve_dev_fraction:
             split = seeded_split(train, d.carve_dev_fraction, self.config.seed)
             train, dev = split["train"], split["dev"]
         else:
-            dev = load_task_file(d.mcqa_task, d.dev) if d.dev else []
+            dev = load_task_file(d.mcqa_task, d.dev, "data.dev") if d.dev else []
         extra = self.extra_train_items(train)
         return {"train": train + extra, "dev": dev, "n_extra": len(extra)}
 
@@ -495,30 +730,35 @@ class MCQATask:
             task, sep, spec = entry.partition("=")
             if not sep or task not in REGISTRY:
                 raise ValueError(f"data.extra_train entry {entry!r}: expected TASK=PATH with TASK in {sorted(REGISTRY)}")
+            if not spec:
+                raise FileNotFoundError(f"data.extra_train entry {entry!r} has no path: pass "
+                                        f"--config.data.extra_train={task}=PATH with PATH the {REGISTRY[task].files}")
             other = REGISTRY[task]
             if (other.head, other.labels) != (self.head, self.spec.labels):
                 raise ValueError(f"data.extra_train: {task} ({other.head} head, labels {other.labels}) cannot train "
                                  f"the {self.spec.name} {self.head} head (labels {self.spec.labels})")
-            items = load_task_file(task, spec)
+            items = load_task_file(task, spec, "data.extra_train")
             bad = next((i for i in items if self.head == "choice" and {len(i.options)} != want), None)
             if bad is not None:
-                raise DataError(f"{spec}: item {bad.id} has {len(bad.options)} options; {self.spec.name} items have "
+                raise DataError(f"{bad.where or spec}: {len(bad.options)} options; {self.spec.name} items have "
                                 f"{sorted(want)}")
             out.extend(items)
         return out
 
     def encode(self, items, tok) -> Encoded:
         d = self.config.data
-        return encode(items, tok, self.head, self.config.seq_len, self.pad_id, self.sep_id, d.append_eos,
-                      d.question_template)
+        return encode(items, tok, self.head, self.config.seq_len, truncation=d.truncation, append_eos=d.append_eos)
 
     def load_data(self, tok):
         splits = self.items()
         train, dev = self.encode(splits["train"], tok), self.encode(splits["dev"], tok)
         self.k = train.ids.shape[1]
+        if splits["dev"] and dev.ids.shape[1] != self.k:
+            raise DataError(f"{self.config.data.dev or self.config.data.train}: dev items have {dev.ids.shape[1]} options, "
+                            f"training items {self.k}")
         extra = f" (incl. {splits['n_extra']} from data.extra_train)" if splits["n_extra"] else ""
         print(f"[mcqa] {self.spec.name} ({self.head} head): {len(splits['train'])} train{extra} / {len(splits['dev'])} dev "
-              f"items; contexts cut from the left in {train.truncated} train / {dev.truncated} dev items "
+              f"items; truncated ({self.config.data.truncation}) {train.truncated} train / {dev.truncated} dev items "
               f"(rows of {self.config.seq_len} tokens); dev majority baseline "
               f"{majority_baseline(splits['train'], splits['dev']):.3f}", flush=True)
         return train, dev
@@ -545,6 +785,40 @@ class MCQATask:
         return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
                 "count": sums["count"]}
 
+    def initial_head(self, kind: str, path: str, cfg: GPTConfig) -> Optional[dict]:
+        """{"score": head params} when `init_from` is a fine-tuned classifier of this head (BioMedLM's or
+        transformers' HF layout, or an MCQA workdir's latest step), in this task's label order; None
+        for a plain LM (the head then keeps its random init)."""
+        from biomedlm_jax import checkpoint, hf
+
+        where = f"init_from={kind}:{path}"
+        if kind == "hf":
+            h = hf.read_classifier_head(path, cfg, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
+            if h is None:
+                return None
+            got, labels, score = h.kind, h.labels, {"kernel": h.kernel, **({"bias": h.bias} if h.kind == "choice" else {})}
+        else:
+            step, meta = checkpoint.read_meta(path)
+            if "mcqa" not in meta:
+                return None
+            m = meta["mcqa"]
+            if m.get("layout") != LAYOUT:
+                raise ValueError(f"{where}: its head was trained on the inputs of an earlier biomedlm_jax (before "
+                                 f"{LAYOUT}); start from its backbone with a fresh head by converting it to hf first")
+            got, labels = m["head"], m.get("labels") if m["head"] == "seqcls" else None
+            dt = jnp.dtype(meta["model"].get("param_dtype", "float32"))
+            shapes = {"kernel": jax.ShapeDtypeStruct((meta["model"]["d_model"], m["num_labels"]), dt)}
+            if got == "choice":
+                shapes["bias"] = jax.ShapeDtypeStruct((1,), dt)
+            score = jax.device_get(checkpoint.restore_params(checkpoint._reader(path), step,
+                                                             {"score": checkpoint.place(shapes)})["score"])
+        if got != self.head:
+            raise ValueError(f"{where} is a {got} classifier; the {self.spec.name} task trains a {self.head} head")
+        if self.head == "seqcls":
+            perm = label_order(labels, self.spec.labels, np.asarray(score["kernel"]).shape[1], where)
+            score = {"kernel": np.asarray(score["kernel"])[:, perm]}
+        return {"score": {k: np.asarray(v, np.dtype(jnp.dtype(cfg.param_dtype))) for k, v in score.items()}}
+
     def adapt_backbone(self, params_np, cfg: GPTConfig):
         if params_np["wte"]["embedding"].shape[0] < cfg.vocab_size:
             return resize_embeddings(params_np, cfg.vocab_size)
@@ -554,4 +828,4 @@ class MCQATask:
         d = self.config.data
         return {"backbone": self.backbone, "mcqa": {
             "task": self.spec.name, "head": self.head, "num_labels": self.num_labels, "labels": list(self.spec.labels),
-            "seq_len": self.config.seq_len, "append_eos": d.append_eos, "question_template": d.question_template}}
+            "seq_len": self.config.seq_len, "append_eos": d.append_eos, "truncation": d.truncation, "layout": LAYOUT}}

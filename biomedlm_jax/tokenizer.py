@@ -58,17 +58,24 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def _from_tokenizer_json(path: str) -> Tokenizer:
+    """A tokenizer.json without the padding / truncation state it may carry: `transformers` saves the
+    state of its last padded call there (e.g. pad to 1,024) and ignores it on load, and so do we."""
     try:
-        return Tokenizer.from_file(path)
+        tok = Tokenizer.from_file(path)
     except Exception as e:
         raise ValueError(f"{path}: not a valid tokenizers JSON file: {e}") from e
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: Optional[int] = None) -> None:
+def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: Optional[int] = None,
+                   special_tokens: Optional[dict] = None) -> None:
     """Write tokenizer.json, vocab.json + merges.txt and tokenizer_config.json.
 
     `transformers.AutoTokenizer.from_pretrained(out_dir)` and `GPT2TokenizerFast.from_pretrained`
-    load the result.
+    load the result. `special_tokens` ({"pad_token": "[PAD]", "sep_token": ...}) go into
+    tokenizer_config.json, so transformers pads with that token.
     """
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
@@ -84,6 +91,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: Optional[int]
     }
     if model_max_length is not None:
         cfg["model_max_length"] = model_max_length
+    cfg.update(special_tokens or {})
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
 

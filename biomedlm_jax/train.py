@@ -619,6 +619,10 @@ def _initial_state(config, model, base_cfg, tx, abstract, shardings, task):
             params = put_params(loaded, shardings["params"])
         else:
             params = dict(params, **{task.backbone: put_params(loaded, shardings["params"][task.backbone])})
+            heads = task.initial_head(kind, path, base_cfg) if hasattr(task, "initial_head") else None
+            for name, head in (heads or {}).items():  # a fine-tuned classifier continues with its own head
+                params = dict(params, **{name: put_params(head, shardings["params"][name])})
+                source += f" (with its {name} head)"
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     state = {
         "step": put_params(np.zeros([], np.int32), shardings["step"]),

@@ -6,17 +6,25 @@ Each variant reproduces one row of the BioMedLM paper's results table, with the 
 
 | variant | head | paper row (BioMedLM 2.7B) | data keys to point at the official files |
 |---|---|---|---|
-| medqa | choice: `context [SEP] "{question} {option}" [SEP]`, Linear(d, 1) | MedQA (USMLE, 4 options) 50.3 | data.train / data.dev = phrases_no_exclude_{train,dev}.jsonl |
+| medqa | choice: pair (`question[SEP]`, `" {option}[SEP]"`), Linear(d, 1) | MedQA (USMLE, 4 options) 50.3 | data.train / data.dev = phrases_no_exclude_{train,dev}.jsonl |
 | medqa+medmcqa | choice, trained on MedQA plus MedMCQA items (`data.extra_train`) | MedQA 54.7 (with MedMCQA data) | as medqa, and data.extra_train = medmcqa=train.json |
 | medmcqa | choice | MedMCQA 57.3 (dev) | data.train = train.json (original release), data.dev = dev.json |
 | mmlu_medical | choice | MMLU medical genetics 69.0 (test) | data.train = an MMLU-format training file, data.dev = a folder:test |
-| pubmedqa | seqcls: `context question` + EOS, Linear(d, 3, no bias) over maybe/no/yes | PubMedQA 74.4 (test) | data.train / data.dev = ori_pqal.json:train / :dev |
+| pubmedqa | seqcls: pair (context, question), Linear(d, 3, no bias) over maybe/no/yes | PubMedQA 74.4 (test) | data.train / data.dev = ori_pqal.json:train / :dev |
 | bioasq | seqcls over no/yes | BioASQ 95.7 | data.train / data.dev = BioASQ task-b JSON (not redistributable) |
 
-The defaults point at data that exists in this project. PubMedQA is shipped in `data/pubmedqa`. MedQA,
-MedMCQA and MMLU exist only as dev/test splits in `../shared/data`, so those variants carve a seeded
-train/dev split (`data.carve_dev_fraction`) out of that one file. That is good for checking the
-pipeline, not for reporting numbers: point `data.train` / `data.dev` at the official training files.
+Every data key also takes the `*_hf` JSON-lines files BioMedLM's preprocessing scripts write
+(`medqa_usmle_hf/train.json`, `pubmedqa_hf/dev.json`, ...); they are recognised by their keys.
+
+Inputs are BioMedLM's token for token (`mcqa` module docstring): the same segments, the same added
+tokens and ids, `[PAD]` padding, labels sorted alphabetically, and `data.truncation = "biomedlm"`,
+what `tokenizer(..., truncation=True)` does (`longest_first` from the right). `"left"` cuts the first
+segment (the context, or the question) from the left instead, so the question and option survive.
+`data.append_eos` is off, as in BioMedLM's published PubMedQA command (its `gpt2_append_eos_tok`).
+
+Only PubMedQA ships with this repository (`data/pubmedqa`), so it is the only variant whose data keys
+have defaults. The others need `--config.data.train=PATH` (and `data.dev`, or a seeded carve of the
+training file with `data.carve_dev_fraction`); the error names the file to pass and where to get it.
 
 Hyper-parameters: sequence 512, warmup over half the steps, linear decay to 0, AdamW (0.9, 0.999) and
 no weight decay follow BioMedLM's published fine-tuning commands (finetune/README.md in
@@ -29,15 +37,14 @@ import os
 from biomedlm_jax import configlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 PUBMEDQA = os.path.join(REPO, "data", "pubmedqa", "ori_pqal.json")
 
-DEFAULT_FILES = {  # task -> (train, dev, carve_dev_fraction)
+DEFAULT_FILES = {  # task -> (train, dev, carve_dev_fraction); "" = not shipped, the user passes the path
     "pubmedqa": (f"{PUBMEDQA}:train", f"{PUBMEDQA}:dev", 0.0),
-    "medqa": (os.path.join(SHARED, "medqa_usmle", "us_4options_test.jsonl"), "", 0.1),
-    "medmcqa": (os.path.join(SHARED, "medmcqa", "dev_4183.jsonl"), "", 0.1),
-    "mmlu_medical": (os.path.join(SHARED, "mmlu_medical", "final_release_hf_format") + ":test", "", 0.2),
-    "bioasq": ("", "", 0.1),
+    "medqa": ("", "", 0.0),
+    "medmcqa": ("", "", 0.0),
+    "mmlu_medical": ("", "", 0.0),
+    "bioasq": ("", "", 0.0),
 }
 
 
@@ -45,7 +52,7 @@ def get_config(arg=None):
     variant = arg or "pubmedqa"
     task, extra_train = variant.removesuffix("-tiny"), ""
     if task == "medqa+medmcqa":  # the paper's MedQA row with extra MedMCQA training data (54.7)
-        task, extra_train = "medqa", f"medmcqa={DEFAULT_FILES['medmcqa'][0]}"
+        task, extra_train = "medqa", "medmcqa="  # the MedMCQA file is the user's: medmcqa=PATH
     if task not in DEFAULT_FILES:
         raise ValueError(f"unknown MCQA variant {variant!r}; choose from {sorted(DEFAULT_FILES)}, medqa+medmcqa, or "
                          "TASK-tiny")
@@ -54,8 +61,8 @@ def get_config(arg=None):
     c.data.mcqa_task = task
     c.data.train, c.data.dev, c.data.carve_dev_fraction = DEFAULT_FILES[task]
     c.data.extra_train = extra_train  # "TASK=PATH[:SPLIT],...": more training items for the same head (never dev)
-    c.data.append_eos = True  # seqcls: EOS at the end, as BioMedLM's PubMedQA script could
-    c.data.question_template = "{question} {option}"
+    c.data.truncation = "biomedlm"  # longest_first from the right, as truncation=True | "left"
+    c.data.append_eos = False  # seqcls: BioMedLM's gpt2_append_eos_tok, off in its published command
     c.optimizer.weight_decay = 0.0
     c.keep_checkpoints = 1
     if variant.endswith("-tiny"):

@@ -54,18 +54,25 @@ def test_medmcqa_medqa_mmlu_counts_match_source():
 @needs_shared
 def test_extra_train_items_join_training_only(tmp_path):
     """medqa+medmcqa (the paper's 54.7 row): MedMCQA items are added to MedQA's training set; dev is untouched."""
-    cfg = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), "medqa+medmcqa")
-    plain = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), "medqa")
-    with_extra, alone = mcqa.MCQATask(cfg).items(), mcqa.MCQATask(plain).items()
+    medqa, medmcqa = str(SHARED / "medqa_usmle" / "us_4options_test.jsonl"), str(SHARED / "medmcqa" / "dev_4183.jsonl")
+
+    def config(variant, **data):
+        c = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), variant)
+        with c.unlocked():
+            c.data.train, c.data.carve_dev_fraction = medqa, 0.1
+            c.data.update(data)
+        return c
+
+    with pytest.raises(FileNotFoundError, match="extra_train=medmcqa=PATH with PATH the MedMCQA train.json"):
+        mcqa.MCQATask(config("medqa+medmcqa")).items()  # the variant names the file the user must bring
+    with_extra = mcqa.MCQATask(config("medqa+medmcqa", extra_train=f"medmcqa={medmcqa}")).items()
+    alone = mcqa.MCQATask(config("medqa")).items()
     assert with_extra["dev"] == alone["dev"]
     assert len(with_extra["train"]) == len(alone["train"]) + 4183
     assert with_extra["train"][: len(alone["train"])] == alone["train"]
 
     def task_with(extra, task="medqa"):
-        c = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), task)
-        with c.unlocked():
-            c.data.extra_train = extra
-        return mcqa.MCQATask(c)
+        return mcqa.MCQATask(config(task, extra_train=extra))
 
     with pytest.raises(ValueError, match="pubmedqa .seqcls head.* cannot train the medqa choice head"):
         task_with(f"pubmedqa={PUBMEDQA}:train").items()
@@ -73,7 +80,7 @@ def test_extra_train_items_join_training_only(tmp_path):
         task_with("nosuchtask=x.json").items()
     five = tmp_path / "five.jsonl"
     five.write_text(json.dumps({"question": "Q?", "options": dict(zip("ABCDE", "vwxyz")), "answer_idx": "B"}) + "\n")
-    with pytest.raises(mcqa.DataError, match="five.jsonl: item 1 has 5 options; medqa items have \\[4\\]"):
+    with pytest.raises(mcqa.DataError, match="five.jsonl:1: 5 options; medqa items have \\[4\\]"):
         task_with(f"medqa={five}").items()
 
 
@@ -155,9 +162,11 @@ def test_heads_shapes_and_last_real_token():
 
 def test_added_tokens_resize_embeddings_and_survive_save_pretrained(tmp_path):
     tok = T.load_tokenizer(GPT2)
-    ids = mcqa.add_special_tokens(tok)
+    ids = mcqa.add_task_tokens(tok, "choice")
     assert list(ids.values()) == [50257, 50258, 50259] and tok.get_vocab_size() == 50260
-    assert mcqa.add_special_tokens(tok) == ids  # idempotent (resumed runs)
+    assert mcqa.add_task_tokens(tok, "choice") == ids  # idempotent (resumed runs)
+    seq = T.load_tokenizer(GPT2)
+    assert list(mcqa.add_task_tokens(seq, "seqcls").values()) == list(range(50257, 50262))
     cfg = M.get_config("tiny", n_positions=32)
     params = M.init_params(M.GPT(cfg), jax.random.PRNGKey(0))
     grown = mcqa.resize_embeddings(params, 50260)
@@ -222,14 +231,24 @@ def test_finetune_pubmedqa_cli_best_checkpoint_and_eval_table(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "[mcqa] pubmedqa (seqcls head): 450 train / 50 dev" in r.stdout
     assert checkpoint.latest_step(str(tmp_path / "best")) in (3, 6)
+    synthetic_items(tmp_path / "medqa.jsonl", 5, 0)
     r = subprocess.run([sys.executable, "-m", "biomedlm_jax.evaluate_mcqa", f"--workdir={tmp_path}",
-                        "--tasks=pubmedqa,medqa", "--max_items=40", f"--out={tmp_path / 'res.json'}"],
+                        f"--tasks=pubmedqa,medqa={tmp_path / 'medqa.jsonl'}", "--max_items=40",
+                        f"--out={tmp_path / 'res.json'}", f"--predictions={tmp_path / 'pred.jsonl'}"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "res.json").read_text())
     assert res["pubmedqa"]["items"] == 40 and 0 <= res["pubmedqa"]["accuracy"] <= 1
     assert "skipped" in res["medqa"]  # a seqcls head does not answer 4-option questions
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    test_ids = [i.id for i in mcqa.load_pubmedqa(str(PUBMEDQA), "test")[:40]]
+    assert [r["id"] for r in rows] == test_ids and {r["task"] for r in rows} == {"pubmedqa"}  # PMIDs, in file order
+    assert all(len(r["logits"]) == 3 and r["pred"] == int(np.argmax(r["logits"])) for r in rows)
+    assert np.mean([r["pred"] == r["label"] for r in rows]) == pytest.approx(res["pubmedqa"]["accuracy"])
     assert "| pubmedqa | ori_pqal.json:test | 40 |" in r.stdout and "74.4" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.evaluate_mcqa", f"--workdir={tmp_path}", "--tasks=medqa"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "medqa has no file shipped with this repository; pass medqa=PATH" in r.stderr
 
 
 def test_zero_shot_prefers_the_continuation_the_lm_learned(tmp_path):
