@@ -89,8 +89,11 @@ FIELDS = {
     # data: seq2seq
     "data.format": "seq2seq data: medquad | jsonl | textgen.",
     "data.path": "seq2seq data: a MedQuAD folder, JSONL glob(s), or a textgen directory.",
-    "data.prompt_template": "seq2seq prompt, with {question}.",
-    "data.answer_prefix": "Text before the answer (e.g. a space).",
+    "data.layout": "seq2seq rows: biomedlm (BioMedLM's `source <|startoftext|> target <|endoftext|>`, [PAD] added) | template (prompt_template + answer_prefix + answer + EOS); empty = biomedlm for textgen, template otherwise.",
+    "data.max_source_length": "biomedlm layout: source tokens kept (from the start), BioMedLM's max_source_length.",
+    "data.max_target_length": "biomedlm layout: target tokens kept (from the start), BioMedLM's train/eval_max_target_length.",
+    "data.prompt_template": "template layout: the prompt, with {question}.",
+    "data.answer_prefix": "template layout: text before the answer (e.g. a space).",
     "data.split_seed": "Seed of the document-level train/dev/test split.",
     "data.dev_fraction": "Share of documents in dev.",
     "data.test_fraction": "Share of documents in test.",
@@ -106,8 +109,8 @@ FIELDS = {
     "data.dev": "Dev file (PATH or PATH:SPLIT); empty with carve_dev_fraction > 0.",
     "data.extra_train": "More training items for the same head, never used for dev: comma-separated TASK=PATH[:SPLIT] (e.g. medmcqa=train.json for MedQA).",
     "data.carve_dev_fraction": "> 0: carve train/dev from data.train by a seeded hash (for data with only dev/test locally).",
-    "data.append_eos": "seqcls head: append EOS after the question.",
-    "data.question_template": "choice head: the second segment, with {question} and {option}.",
+    "data.truncation": "biomedlm (what tokenizer(first, second, truncation=True) does: longest_first from the right) | left (cut the first segment from the left; the question / option survive).",
+    "data.append_eos": "seqcls head: BioMedLM's gpt2_append_eos_tok (EOS after the text, or over the last token of a full row); off in its published command.",
 }
 
 

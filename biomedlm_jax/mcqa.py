@@ -47,7 +47,7 @@ import numpy as np
 
 from biomedlm_jax import readers
 from biomedlm_jax import tokenizer as tokenizer_lib
-from biomedlm_jax.model import GPT, GPTConfig
+from biomedlm_jax.model import GPT, GPTConfig, resize_embeddings  # noqa: F401 (mcqa.resize_embeddings)
 
 DataError = readers.DataError
 LETTERS = "ABCDEFGHIJ"
@@ -365,18 +365,6 @@ def add_task_tokens(tok, head: str) -> dict:
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.add_tokens([t for t in plain if tok.token_to_id(t) is None])
     return {t: tok.token_to_id(t) for t in special + plain}
-
-
-def resize_embeddings(params: dict, new_vocab: int, backbone: Optional[str] = None) -> dict:
-    """Grow `wte` to `new_vocab` rows. Old rows are unchanged; new rows are their mean. The LM head is
-    tied to `wte`, so it grows consistently. Returns new params."""
-    tree = params[backbone] if backbone else params
-    wte = np.asarray(tree["wte"]["embedding"])
-    if new_vocab < wte.shape[0]:
-        raise ValueError(f"cannot shrink the vocabulary from {wte.shape[0]} to {new_vocab}")
-    extra = np.repeat(wte.mean(0, keepdims=True), new_vocab - wte.shape[0], axis=0)
-    new = dict(tree, wte={"embedding": jnp.asarray(np.concatenate([wte, extra]).astype(wte.dtype))})
-    return dict(params, **{backbone: new}) if backbone else new
 
 
 def segments(item: MCQItem, head: str) -> list[tuple[str, str]]:
@@ -820,9 +808,7 @@ class MCQATask:
         return {"score": {k: np.asarray(v, np.dtype(jnp.dtype(cfg.param_dtype))) for k, v in score.items()}}
 
     def adapt_backbone(self, params_np, cfg: GPTConfig):
-        if params_np["wte"]["embedding"].shape[0] < cfg.vocab_size:
-            return resize_embeddings(params_np, cfg.vocab_size)
-        return params_np
+        return resize_embeddings(params_np, cfg.vocab_size)
 
     def meta(self) -> dict:
         d = self.config.data

@@ -37,6 +37,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -491,6 +492,22 @@ def init_params(model: GPT, rng: jax.Array, batch: int = 1, seq: int = 8):
     """Random init with plain (unboxed) arrays. Sharded init lives with the trainer (jit+out_shardings)."""
     ids = jnp.zeros((batch, min(seq, model.config.n_positions)), jnp.int32)
     return nn.unbox(model.init(rng, ids)["params"])
+
+
+def resize_embeddings(params: dict, new_vocab: int, backbone: Optional[str] = None) -> dict:
+    """Grow `wte` to `new_vocab` rows for added tokens (MCQA's [PAD]/[SEP], seq2seq's <|startoftext|>).
+    Old rows are unchanged; new rows are their mean (transformers' resize_token_embeddings default).
+    The LM head is tied to `wte`, so it grows consistently. Returns new params (the same when already
+    `new_vocab` rows)."""
+    tree = params[backbone] if backbone else params
+    wte = np.asarray(tree["wte"]["embedding"])
+    if new_vocab == wte.shape[0]:
+        return params
+    if new_vocab < wte.shape[0]:
+        raise ValueError(f"cannot shrink the vocabulary from {wte.shape[0]} to {new_vocab}")
+    extra = np.repeat(wte.mean(0, keepdims=True), new_vocab - wte.shape[0], axis=0)
+    new = dict(tree, wte={"embedding": jnp.asarray(np.concatenate([wte, extra]).astype(wte.dtype))})
+    return dict(params, **{backbone: new}) if backbone else new
 
 
 def transposed_head(params, cfg: GPTConfig):

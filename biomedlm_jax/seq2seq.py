@@ -1,9 +1,17 @@
 """Seq2seq (prompt -> answer) fine-tuning data and evaluation, for the shared trainer.
 
 Fine-tuning is the pretraining loop with another data source (`config.data.task = "seq2seq"`):
-each example becomes one row `prompt tokens + answer tokens + EOS`, right-padded to `seq_len + 1`,
-with per-target weights that are 1 on answer tokens (and the EOS) and 0 on the prompt and padding.
-The trainer's loss is sum(weights * nll) / sum(weights), so prompt tokens contribute nothing.
+each example becomes one row, right-padded to `seq_len + 1`, with per-target weights that are 1 on
+answer tokens (and the EOS) and 0 on the prompt and padding. The trainer's loss is
+sum(weights * nll) / sum(weights), so prompt tokens contribute nothing. Two row layouts
+(`data.layout`; by default "biomedlm" for textgen data and "template" for the others):
+
+  * "biomedlm", BioMedLM's own (`finetune/textgen/gpt2/{finetune_for_summarization,sum_dataset}.py`):
+    `source <|startoftext|> target <|endoftext|>`, padded with `[PAD]`. The tokenizer gains `[PAD]`
+    and `<|startoftext|>` (special, in that order) and the embedding grows. Source and target are
+    tokenized on their own and cut from the end at `data.max_source_length` / `data.max_target_length`
+    (510 each, BioMedLM's defaults); the loss covers the target and the EOS.
+  * "template": `prompt_template.format(question) + answer_prefix + answer + EOS`, padded with EOS.
 
 Loaders (a `(question, answer, doc_id)` list each):
   * MedQuAD XML: `Document/QAPairs/QAPair/{Question, Answer}`; pairs with an empty answer (several
@@ -13,8 +21,10 @@ Loaders (a `(question, answer, doc_id)` list each):
 Splits are by *document* (MedQuAD file, JSONL doc id), seeded, so no document is in two splits;
 textgen data brings its own train/val/test files.
 
-Truncation: a prompt longer than half the row is cut from the left (the end of the question stays);
-an answer that does not fit is cut from the end. Both are counted and reported.
+Truncation ("template"): a prompt longer than half the row is cut from the left (the end of the question
+stays); an answer that does not fit is cut from the end. ("biomedlm") BioMedLM's cuts above, and should
+a row still exceed `seq_len + 1` the source keeps at most half the row, cut from the end like
+BioMedLM's, and the target the rest. All cuts are counted and reported.
 
 Packing (`data.pack`): consecutive examples share a row. Segment ids keep attention inside each
 example, positions restart at 0 per example, and weights never cross an example boundary.
@@ -109,14 +119,18 @@ def read_qa_jsonl(path: str, stats: Optional[LoadStats] = None, on_error: str = 
     return out
 
 
+def _text_lines(path: str) -> list[str]:
+    """Lines as BioMedLM's `linecache.getline(...).rstrip("\\n")` reads them: universal newlines, and
+    nothing else stripped."""
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
 def read_textgen(path: str, split: str, stats: Optional[LoadStats] = None) -> list[Example]:
     """BioMedLM's textgen format: `<split>.source` and `<split>.target`, one example per line pair."""
     stats = stats if stats is not None else LoadStats()
     src, tgt = os.path.join(path, f"{split}.source"), os.path.join(path, f"{split}.target")
-    with open(src, encoding="utf-8") as f:
-        sources = f.read().splitlines()
-    with open(tgt, encoding="utf-8") as f:
-        targets = f.read().splitlines()
+    sources, targets = _text_lines(src), _text_lines(tgt)
     if len(sources) != len(targets):
         raise DataError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; they must align line by line")
     out = [Example(s, t, f"{split}:{i + 1}", split) for i, (s, t) in enumerate(zip(sources, targets)) if t.strip()]
@@ -167,8 +181,54 @@ def load_splits(data_cfg, stats: Optional[LoadStats] = None) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
+BOS_TOKEN = "<|startoftext|>"  # BioMedLM's separator between source and target
+PAD_TOKEN = "[PAD]"
+LAYOUTS = ("biomedlm", "template")
+
+
+def layout(data_cfg) -> str:
+    """The config's row layout: `data.layout`, or by default "biomedlm" for textgen data, else "template"."""
+    name = data_cfg.get("layout", "") or ("biomedlm" if data_cfg.format == "textgen" else "template")
+    if name not in LAYOUTS:
+        raise ValueError(f"data.layout={name!r}: choose one of {LAYOUTS} (or leave it empty)")
+    return name
+
+
+def add_layout_tokens(tok) -> dict:
+    """What finetune_for_summarization.py adds: [PAD], then <|startoftext|> (then <|endoftext|> when
+    missing), as special tokens, in place. Tokens already present keep their ids. Returns their ids."""
+    from tokenizers import AddedToken
+
+    for t in (PAD_TOKEN, BOS_TOKEN, tokenizer_lib.EOS_TOKEN):
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+    return {t: tok.token_to_id(t) for t in (PAD_TOKEN, BOS_TOKEN, tokenizer_lib.EOS_TOKEN)}
+
+
 def prompt_text(template: str, ex: Example) -> str:
     return template.format(question=ex.question)
+
+
+def prompt_ids(tok, data_cfg, ex: Example) -> list[int]:
+    """The tokens generation starts from: the source and <|startoftext|> (biomedlm), or the prompt."""
+    if layout(data_cfg) == "biomedlm":
+        return tok.encode(ex.question).ids[: data_cfg.max_source_length] + [tok.token_to_id(BOS_TOKEN)]
+    return tok.encode(prompt_text(data_cfg.prompt_template, ex)).ids
+
+
+def encode_biomedlm(tok, ex: Example, max_source: int, max_target: int, row_len: int) -> tuple[list, int, bool, bool]:
+    """BioMedLM's row `src <|startoftext|> tgt <|endoftext|>` (sum_dataset.py, LineByLineSumTextDataset):
+    (tokens, prompt length = len(src) + 1, source truncated, target truncated)."""
+    bos, eos = tok.token_to_id(BOS_TOKEN), tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+    src, tgt = tok.encode(ex.question).ids, tok.encode(ex.answer).ids
+    cut_src, cut_tgt = len(src) > max_source, len(tgt) > max_target
+    src, tgt = src[:max_source], tgt[:max_target]
+    if len(src) + len(tgt) + 2 > row_len:  # only when seq_len is below max_source + max_target + 2
+        keep = max(row_len - 2 - len(tgt), row_len // 2 - 1)
+        cut_src |= len(src) > keep
+        src = src[:keep]
+        cut_tgt |= len(tgt) > row_len - 2 - len(src)
+        tgt = tgt[: row_len - 2 - len(src)]
+    return src + [bos] + tgt + [eos], len(src) + 1, cut_src, cut_tgt
 
 
 def encode_example(tok, ex: Example, template: str, answer_prefix: str, row_len: int) -> tuple[list, int, bool, bool]:
@@ -199,14 +259,21 @@ class Seq2SeqRows:
         return h.hexdigest()[:16]
 
 
-def build_rows(examples: Sequence[Example], tok, seq_len: int, template: str, answer_prefix: str,
-               pack: bool = False) -> Seq2SeqRows:
+def build_rows(examples: Sequence[Example], tok, seq_len: int, template: str = "", answer_prefix: str = "",
+               pack: bool = False, row_layout: str = "template", max_source: int = 510,
+               max_target: int = 510) -> Seq2SeqRows:
     """One row per example, or with `pack` as many consecutive examples per row as fit. Packed rows
     carry segment ids and per-example positions: a token attends only inside its own example, and
     the loss weights never cross an example boundary, so packing changes nothing but the padding."""
     row_len = seq_len + 1
-    pad = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
-    encoded = [encode_example(tok, ex, template, answer_prefix, row_len) for ex in examples]
+    if row_layout == "biomedlm":
+        pad = tok.token_to_id(PAD_TOKEN)
+        if pad is None or tok.token_to_id(BOS_TOKEN) is None:
+            raise ValueError("the tokenizer lacks [PAD] / <|startoftext|>; call seq2seq.add_layout_tokens(tok) first")
+        encoded = [encode_biomedlm(tok, ex, max_source, max_target, row_len) for ex in examples]
+    else:
+        pad = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+        encoded = [encode_example(tok, ex, template, answer_prefix, row_len) for ex in examples]
     groups: list[list[int]] = []
     used = row_len
     for i, (ids, _, _, _) in enumerate(encoded):
@@ -243,13 +310,15 @@ def load_train_eval(data_cfg, seq_len: int, tok) -> tuple[Seq2SeqRows, Seq2SeqRo
     if data_cfg.max_examples:
         splits = {k: v[: data_cfg.max_examples] for k, v in splits.items()}
     pack = bool(data_cfg.get("pack", False))
-    train = build_rows(splits["train"], tok, seq_len, data_cfg.prompt_template, data_cfg.answer_prefix, pack)
-    dev = build_rows(splits["dev"], tok, seq_len, data_cfg.prompt_template, data_cfg.answer_prefix, pack)
+    kw = dict(pack=pack, row_layout=layout(data_cfg), max_source=data_cfg.get("max_source_length", 510),
+              max_target=data_cfg.get("max_target_length", 510))
+    train = build_rows(splits["train"], tok, seq_len, data_cfg.prompt_template, data_cfg.answer_prefix, **kw)
+    dev = build_rows(splits["dev"], tok, seq_len, data_cfg.prompt_template, data_cfg.answer_prefix, **kw)
     if len(train.rows) == 0:
         raise DataError(f"{data_cfg.path}: the train split is empty")
     skipped = sum(stats.empty_answers.values())
     print(f"[seq2seq] {len(splits['train'])} train / {len(splits['dev'])} dev / {len(splits['test'])} test examples "
-          f"({skipped} empty answers skipped, {stats.errors_skipped} bad records skipped); truncated: "
+          f"({skipped} empty answers skipped, {stats.errors_skipped} bad records skipped); {kw['row_layout']} layout; truncated: "
           f"{train.prompts_truncated + dev.prompts_truncated} prompts, {train.answers_truncated + dev.answers_truncated} "
           f"answers (rows of {seq_len + 1} tokens{'; packed into ' + str(len(train.rows)) + ' train rows' if pack else ''})",
           flush=True)
@@ -284,10 +353,11 @@ def evaluate_generation(config, workdir: str, split: str = "dev") -> dict:
     model, params = checkpoint.load_model(workdir, remat_policy="none")
     tok = tokenizer_lib.load_tokenizer(checkpoint.tokenizer_dir(workdir))
     eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+    pad = tok.token_to_id(PAD_TOKEN) if layout(d) == "biomedlm" else eos
     budget = min(d.max_new_tokens, model.config.n_positions // 2)
-    prompts = [tok.encode(prompt_text(d.prompt_template, e)).ids[-(model.config.n_positions - budget):] for e in examples]
+    prompts = [prompt_ids(tok, d, e)[-(model.config.n_positions - budget):] for e in examples]
     cfg = generate.SamplingConfig(max_new_tokens=budget, temperature=0.0, no_repeat_ngram_size=d.no_repeat_ngram_size,
-                                  eos_id=eos, pad_id=eos)
+                                  eos_id=eos, pad_id=pad)
     outs = []
     for i in range(0, len(prompts), 16):
         outs += generate.generate(model, params, prompts[i: i + 16], jax.random.PRNGKey(0), cfg)

@@ -62,7 +62,14 @@ class LMTask:
         self.config = config
 
     def prepare(self, tok, cfg: GPTConfig):
-        """(tokenizer, model config) after task-specific changes (MCQA adds tokens)."""
+        """(tokenizer, model config) after task-specific changes: MCQA and BioMedLM's seq2seq layout add
+        tokens, and the vocabulary grows to hold them."""
+        if self.config is not None and self.config.data.get("task") == "seq2seq":
+            from biomedlm_jax import seq2seq
+
+            if seq2seq.layout(self.config.data) == "biomedlm":
+                seq2seq.add_layout_tokens(tok)
+                cfg = cfg.replace(vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
         return tok, cfg
 
     def model(self, cfg: GPTConfig):
@@ -108,8 +115,10 @@ class LMTask:
         return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": sums["count"]}
 
     def adapt_backbone(self, params_np, cfg: GPTConfig):
-        """Loaded GPT params -> the backbone this task's model holds (MCQA grows the vocabulary)."""
-        return params_np
+        """Loaded GPT params -> the backbone this task's model holds (grown for added tokens)."""
+        from biomedlm_jax.model import resize_embeddings
+
+        return resize_embeddings(params_np, cfg.vocab_size)
 
 
 def task_for(config):

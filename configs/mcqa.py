@@ -29,7 +29,8 @@ training file with `data.carve_dev_fraction`); the error names the file to pass 
 Hyper-parameters: sequence 512, warmup over half the steps, linear decay to 0, AdamW (0.9, 0.999) and
 no weight decay follow BioMedLM's published fine-tuning commands (finetune/README.md in
 stanford-crfm/BioMedLM; HF Trainer defaults otherwise). The learning rate (2e-5), batch (32) and length
-(300 steps) are ours: those scripts leave them as placeholders. `pubmedqa-tiny` is the CPU demo: the demo's
+(300 steps) are ours: those scripts leave them as placeholders. BioMedLM's PubMedQA command also leaves
+its sequence length open ({seq_len}); ours is 512, its MedQA value. `pubmedqa-tiny` is the CPU demo: the demo's
 tiny pretrained model on the shipped PubMedQA split.
 """
 import os

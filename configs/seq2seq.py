@@ -8,15 +8,22 @@ Variants
            (finetune/README.md in stanford-crfm/BioMedLM): warmup over half the steps, linear decay to
            0, no weight decay, AdamW (0.9, 0.999), bf16. Ours (not published): sequence 1024, batch 32,
            lr 2e-5, and 420 steps = 3 passes over the ~4.5k training pairs of the seven answer-bearing
-           folders in ../shared/data/medquad.
+           MedQuAD folders (5,588 pairs).
   tiny     The tiny model on the shipped CDC sample, for CPU runs, tests and `make demo`. Use
            `init_from=orbax:demo_out/pretrain` (or set `data.tokenizer` for a random init).
 
-Data keys (`data.*`): format (medquad | jsonl | textgen), path, prompt_template (with {question}),
-answer_prefix, split_seed / dev_fraction / test_fraction (document-level split), on_error
-(raise | skip), max_examples (0 = all), and for the end-of-run generation eval generate_examples,
-max_new_tokens, no_repeat_ngram_size (BioMedLM's generation used 6). The tokenizer comes from
-`init_from` unless `data.tokenizer` is set.
+Data keys (`data.*`): format (medquad | jsonl | textgen), path, layout, split_seed / dev_fraction /
+test_fraction (document-level split), on_error (raise | skip), max_examples (0 = all), and for the
+end-of-run generation eval generate_examples, max_new_tokens, no_repeat_ngram_size (BioMedLM's
+generation used 6). The tokenizer comes from `init_from` unless `data.tokenizer` is set.
+
+Row layout (`data.layout`): textgen data (`<split>.source` / `<split>.target`) defaults to BioMedLM's
+own, token for token: `source <|startoftext|> target <|endoftext|>`, `[PAD]` and `<|startoftext|>`
+added to the tokenizer, source and target cut at max_source_length / max_target_length (510, its
+defaults), loss on the target and EOS. MedQuAD and JSONL default to the "template" layout
+(`prompt_template` + `answer_prefix` + answer + EOS): BioMedLM published no MedQuAD preprocessing,
+and a "Question: ... Answer:" prompt lets the plain pretrained LM answer before any fine-tuning. Set
+`data.layout=biomedlm` to train them in BioMedLM's layout instead.
 """
 import os
 
@@ -32,6 +39,9 @@ def get_config(arg=None):
     c.data.task = "seq2seq"
     c.data.format = "medquad"
     c.data.path = MEDQUAD_SAMPLE
+    c.data.layout = ""  # "" = biomedlm for textgen data, template otherwise | biomedlm | template
+    c.data.max_source_length = 510  # biomedlm layout (BioMedLM's defaults)
+    c.data.max_target_length = 510
     c.data.prompt_template = "Question: {question}\nAnswer:"
     c.data.answer_prefix = " "
     c.data.split_seed = 0

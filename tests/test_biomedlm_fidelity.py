@@ -224,3 +224,57 @@ def test_transformers_tokenizer_state_is_ignored(tmp_path):
     ours = T.load_tokenizer(str(tmp_path / "saved"))
     assert ours.encode("Do mitochondria").ids == tok("Do mitochondria")["input_ids"] == [5211, 25387, 7496]
     assert ours.padding is None and ours.truncation is None
+
+
+def test_textgen_rows_equal_biomedlm(tmp_path):
+    """finetune_for_summarization.py + sum_dataset.py (LineByLineSumTextDataset, stream mode): the tokenizer
+    gains [PAD] and <|startoftext|>; row = src[:max_source] + [bos] + tgt[:max_target] + [eos]; labels are
+    -100 up to and including the bos; the collator pads with [PAD]."""
+    from biomedlm_jax import seq2seq
+
+    examples = seq2seq.read_medquad(str(REPO / "data" / "medquad"))[:N]
+    (tmp_path / "train.source").write_text("".join(e.question + "\n" for e in examples), encoding="utf-8")
+    (tmp_path / "train.target").write_text("".join(e.answer + "\n" for e in examples), encoding="utf-8")
+    max_source, max_target = 12, 40
+    from transformers import GPT2TokenizerFast
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "vocab.json").write_bytes((REPO / "data" / "gpt2_tokenizer" / "encoder.json").read_bytes())
+    (gpt2 / "merges.txt").write_bytes((REPO / "data" / "gpt2_tokenizer" / "vocab.bpe").read_bytes())
+    ref = GPT2TokenizerFast.from_pretrained(str(gpt2))
+    ref.add_special_tokens({"pad_token": "[PAD]"})
+    ref.add_special_tokens({"bos_token": "<|startoftext|>"})
+    ref.add_special_tokens({"eos_token": "<|endoftext|>"})
+    bos = ref(ref.bos_token, add_special_tokens=False)["input_ids"][0]
+    eos = ref(ref.eos_token, add_special_tokens=False)["input_ids"][0]
+    sources = (tmp_path / "train.source").read_text(encoding="utf-8").split("\n")[:-1]
+    targets = (tmp_path / "train.target").read_text(encoding="utf-8").split("\n")[:-1]
+    ref_rows, ref_labels = [], []
+    for source_line, tgt_line in zip(sources, targets):
+        src = ref(source_line, add_special_tokens=True, truncation=True, max_length=max_source)["input_ids"]
+        tgt = ref(tgt_line, add_special_tokens=True, truncation=True, max_length=max_target)["input_ids"]
+        sent = src + [bos] + tgt + [eos]
+        sep_idx = sent.index(bos) + 1
+        ref_rows.append(sent)
+        ref_labels.append([-100] * sep_idx + sent[sep_idx:])
+
+    tok = T.load_tokenizer(str(REPO / "data" / "gpt2_tokenizer"))
+    ids = seq2seq.add_layout_tokens(tok)
+    assert [ids["[PAD]"], ids["<|startoftext|>"], ids["<|endoftext|>"]] == [ref.pad_token_id, bos, eos]
+    data = {"format": "textgen", "path": str(tmp_path), "layout": "", "max_source_length": max_source,
+            "max_target_length": max_target}
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(data)
+    assert seq2seq.layout(cfg) == "biomedlm"
+    items = seq2seq.load_splits(cfg)["train"]
+    rows = seq2seq.build_rows(items, tok, 1023, row_layout="biomedlm", max_source=max_source, max_target=max_target)
+    assert rows.prompts_truncated > 0 and rows.answers_truncated > 0
+    for i, (sent, labels) in enumerate(zip(ref_rows, ref_labels)):
+        np.testing.assert_array_equal(rows.rows[i, : len(sent)], sent)
+        assert (rows.rows[i, len(sent):] == ref.pad_token_id).all()
+        # target j predicts token j + 1: weighted exactly where BioMedLM's shifted labels are not -100
+        np.testing.assert_array_equal(rows.weights[i, : len(sent) - 1], np.asarray(labels[1:]) != -100)
+        assert rows.weights[i, len(sent) - 1:].sum() == 0
+        assert seq2seq.prompt_ids(tok, cfg, items[i]) == sent[: sent.index(bos) + 1]

@@ -266,3 +266,43 @@ def test_zero_shot_prefers_the_continuation_the_lm_learned(tmp_path):
                                                                  "sodium channels."), 1)
     scores = mcqa.zero_shot_scores(model, params, tok, [item], template="{context}{question}", max_len=32)
     assert scores.shape == (1, 3) and int(scores.argmax()) == 1
+
+
+def test_option_counts_are_checked_per_record_for_zero_shot_and_heads(tmp_path):
+    """A MedQA file with one 3-option record: an error naming file:line, not a numpy reshape error."""
+    p = tmp_path / "medqa.jsonl"
+    four = {"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "B"}
+    three = {"question": "Q3?", "options": {"A": "a", "B": "b", "C": "c"}, "answer_idx": "A"}
+    p.write_text("".join(json.dumps(r) + "\n" for r in (four, three, four)))
+    items = mcqa.load_task_file("medqa", str(p))
+    match = r"medqa.jsonl:2: 3 options, but the other items have 4"
+    with pytest.raises(mcqa.DataError, match=match):
+        mcqa.zero_shot_scores(None, None, T.load_tokenizer(GPT2), items)
+    tok = T.load_tokenizer(GPT2)
+    mcqa.add_task_tokens(tok, "choice")
+    with pytest.raises(mcqa.DataError, match=match):
+        mcqa.encode(items, tok, "choice", 32)
+
+
+def test_biomedlm_hf_files_load_and_bad_records_name_file_and_line(tmp_path):
+    def write(name, *records):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(tmp_path / name)
+
+    mc = {"id": "train-00000", "sent1": "Which?", "sent2": "", "ending0": "a", "ending1": "b", "ending2": "c", "label": 2}
+    (item,) = mcqa.load_task_file("medmcqa", write("mc.json", mc))
+    assert (item.id, item.question, item.options, item.answer, item.header) == ("train-00000", "Which?", ("a", "b", "c"), 2, "")
+    sc = {"id": "12345", "sentence1": "Is TP53 a tumour suppressor?", "sentence2": "TP53 encodes p53.", "label": "yes"}
+    (item,) = mcqa.load_task_file("bioasq", write("bioasq_hf.json", sc))  # BioASQ: hand-written records
+    assert (item.id, item.context, item.options[item.answer]) == ("12345", "TP53 encodes p53.", "yes")
+    cases = [
+        ("medqa", [mc, {k: v for k, v in mc.items() if k != "label"}], r"bad.json:2: not a BioMedLM multiple-choice record"),
+        ("medqa", [mc, dict(mc, label="x")], r"bad.json:2: label 'x' is not an option index"),
+        ("medqa", [mc, dict(mc, label=5)], r"bad.json:2: answer 5 is out of range for 3 options"),
+        ("pubmedqa", [sc, dict(sc, label="perhaps")], r"bad.json:2: label 'perhaps' is not one of \['maybe', 'no', 'yes'\]"),
+        ("pubmedqa", [sc, {"sentence2": "c", "label": "no"}], r"bad.json:2: not a BioMedLM sequence-classification"),
+        ("medqa", [sc], r"BioMedLM seqcls records do not fit the medqa task's choice head"),
+    ]
+    for task, records, message in cases:
+        with pytest.raises(mcqa.DataError, match=message):
+            mcqa.load_task_file(task, write("bad.json", *records))

@@ -255,7 +255,6 @@ def test_exported_seqcls_head_loads_in_transformers_with_our_logits(tmp_path):
 
 
 def test_exported_choice_head_loads_with_biomedlm_class(tmp_path):
-    import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, GPT2Config
 

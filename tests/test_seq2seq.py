@@ -161,3 +161,30 @@ def test_packed_rows_give_the_same_loss_and_gradients_as_one_example_per_row(tok
     chex_close = jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                               jax.grad(total)(params, packed), jax.grad(total)(params, plain))
     del chex_close
+
+
+def test_textgen_trains_in_biomedlm_layout_end_to_end(tmp_path):
+    """textgen data defaults to BioMedLM's rows: the tokenizer gains [PAD] and <|startoftext|>, the
+    vocabulary grows to hold them, and generation starts from `source <|startoftext|>`."""
+    data = tmp_path / "data"
+    data.mkdir()
+    ex = seq2seq.read_medquad(str(REPO / "data" / "medquad"))
+    for split, part in (("train", ex[:40]), ("val", ex[40:48])):
+        (data / f"{split}.source").write_text("".join(e.question + "\n" for e in part), encoding="utf-8")
+        (data / f"{split}.target").write_text("".join(e.answer + "\n" for e in part), encoding="utf-8")
+    r = subprocess.run(
+        [sys.executable, "-m", "biomedlm_jax.finetune_seq2seq", f"--config={REPO}/configs/seq2seq.py:tiny",
+         f"--workdir={tmp_path / 'run'}", f"--config.data.tokenizer={GPT2}", "--config.data.format=textgen",
+         f"--config.data.path={data}", "--config.num_train_steps=4", "--config.eval_every_steps=4",
+         "--config.checkpoint_every_steps=4", "--config.data.generate_examples=2", "--config.data.max_new_tokens=4",
+         "--config.data.max_source_length=48", "--config.progress_bar=false"],
+        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "40 train / 8 dev / 0 test examples" in r.stdout and "biomedlm layout" in r.stdout
+    from biomedlm_jax import checkpoint
+
+    _, meta = checkpoint.read_meta(str(tmp_path / "run"))
+    assert meta["model"]["vocab_size"] == 50259  # GPT-2 + [PAD] + <|startoftext|>
+    saved = T.load_tokenizer(checkpoint.tokenizer_dir(str(tmp_path / "run")))
+    assert (saved.token_to_id("[PAD]"), saved.token_to_id("<|startoftext|>")) == (50257, 50258)
+    assert len((tmp_path / "run" / "generations_dev.jsonl").read_text().splitlines()) == 2
