@@ -12,11 +12,14 @@ Stages:
      print the paper-style accuracy table on the official 500-question test split;
   6. export the latest checkpoint to HF safetensors (loadable by transformers.GPT2LMHeadModel),
      reload, check logits match;
-  7. convert HF -> orbax -> HF with the `convert` CLI code path and check again.
+  7. convert HF -> orbax -> HF with the `convert` CLI code path and check again;
+  8. export the PubMedQA classifier with its head (transformers' GPT2ForSequenceClassification layout),
+     load it back as an HF classifier and check its dev logits match.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from biomedlm_jax import (checkpoint, configlib, convert, evaluate_mcqa, finetune_mcqa, finetune_seq2seq, hf,
-                          input_pipeline, prepare_data, readers, train)
+                          input_pipeline, mcqa, prepare_data, readers, train)
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +130,18 @@ def main(argv=None):
     model3, params3 = hf.load_pretrained(hf2_dir)
     diff3 = float(jnp.abs(model3.apply({"params": params3}, probe) - ref).max())
     print(f"[convert] hf -> orbax:{os.path.relpath(orbax_dir)} -> hf:{os.path.relpath(hf2_dir)}; max|dlogits| = {diff3:.1e}")
-    if diff > 1e-5 or diff3 > 1e-5 or not after < before or not s2["eval_loss"] < s2["initial_eval_loss"]:
+
+    # 8. the fine-tuned PubMedQA classifier, exported with its head (transformers' GPT2ForSequenceClassification)
+    clf_dir = os.path.join(args.workdir, "hf_pubmedqa")
+    convert.convert(f"orbax:{mc_dir}", f"hf:{clf_dir}")
+    dev = mcqa.load_pubmedqa(os.path.join(REPO, "data", "pubmedqa", "ori_pqal.json"), "dev")
+    ours, exported = mcqa.load_classifier(f"orbax:{mc_dir}"), mcqa.load_classifier(f"hf:{clf_dir}")
+    scores = [evaluate_mcqa.predict(c.model, c.params, mcqa.encode(dev, c.tok, "seqcls", mc.seq_len)) for c in (ours, exported)]
+    diff4 = float(np.abs(scores[0] - scores[1]).max())
+    print(f"[export] orbax:{os.path.relpath(mc_dir)} (best) -> {os.path.relpath(clf_dir)} "
+          f"({json.load(open(os.path.join(clf_dir, 'config.json')))['architectures'][0]}, labels "
+          f"{'/'.join(exported.head['labels'])}); {len(dev)} dev questions, max|dlogits| = {diff4:.1e}")
+    if diff > 1e-5 or diff3 > 1e-5 or diff4 > 1e-5 or not after < before or not s2["eval_loss"] < s2["initial_eval_loss"]:
         raise SystemExit("demo FAILED: export round trip changed logits or training did not reduce held-out loss")
     print(f"== demo done in {time.time() - t_start:.0f}s ==")
 

@@ -24,3 +24,4 @@ def test_demo_runs_from_the_repo_alone(tmp_path):
     assert (tmp_path / "demo" / "hf" / "vocab.json").read_text() == (tmp_path / "demo" / "tokenizer" / "vocab.json").read_text()
     assert (tmp_path / "demo" / "hf" / "model.safetensors").exists()
     assert (tmp_path / "demo" / "orbax" / "checkpoints" / "0").is_dir()
+    assert "(GPT2ForSequenceClassification, labels maybe/no/yes); 50 dev questions, max|dlogits| = 0.0e+00" in r.stdout
