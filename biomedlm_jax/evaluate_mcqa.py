@@ -193,7 +193,7 @@ def main(argv=None) -> int:
                            max_items=args.max_items, seq_len=args.seq_len, batch_size=args.batch_size,
                            progress=sys.stderr.isatty(), zero_shot_reduce=args.zero_shot_reduce,
                            predictions=args.predictions)
-    except (mcqa.NotAClassifier, mcqa.DataError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # NotAClassifier, DataError, CheckpointError, a stale head
         print(f"evaluate_mcqa: error: {e}", file=sys.stderr)
         return 1
     print(results_table(results))

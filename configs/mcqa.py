@@ -29,9 +29,22 @@ training file with `data.carve_dev_fraction`); the error names the file to pass 
 Hyper-parameters: sequence 512, warmup over half the steps, linear decay to 0, AdamW (0.9, 0.999) and
 no weight decay follow BioMedLM's published fine-tuning commands (finetune/README.md in
 stanford-crfm/BioMedLM; HF Trainer defaults otherwise). The learning rate (2e-5), batch (32) and length
-(300 steps) are ours: those scripts leave them as placeholders. BioMedLM's PubMedQA command also leaves
-its sequence length open ({seq_len}); ours is 512, its MedQA value. `pubmedqa-tiny` is the CPU demo: the demo's
-tiny pretrained model on the shipped PubMedQA split.
+(300 steps) are ours: those scripts leave them as placeholders. `pubmedqa-tiny` is the CPU demo: the
+demo's tiny pretrained model on the shipped PubMedQA split.
+
+Where these defaults still differ from BioMedLM's published commands, and why:
+  * lr, batch, steps: placeholders there ({lr}, {grad_accum}, {num_epochs}), so ours (above).
+  * PubMedQA's sequence length: a placeholder there ({seq_len}; its script's default is 128); 512 here,
+    the value its MedQA command fixes, so a PubMedQA context (~300 tokens) is rarely cut.
+  * PubMedQA's train/dev split: BioMedLM read BLURB's `pqal_fold0` files; `ori_pqal.json:train|dev` is a
+    seeded, label-stratified 450/50 split of the same 500 non-test questions (BLURB's sizes, not its
+    fold). Pass BioMedLM's `pubmedqa_hf/{train,dev}.json` as data.train / data.dev to use its fold.
+  * Checkpoint kept: the best dev accuracy (evaluated every eval_every_steps) in WORKDIR/best;
+    BioMedLM's commands use `--save_strategy no` and report the final model. The final step is
+    in WORKDIR/checkpoints as well.
+  * New embedding rows for the added tokens start at the mean of the old rows (transformers' current
+    resize_token_embeddings default); BioMedLM's transformers version drew them at random. The rows
+    for [PAD] / [CLS] never enter a pooled position; only [SEP]'s starting point differs.
 """
 import os
 
