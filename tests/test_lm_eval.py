@@ -162,3 +162,79 @@ def test_cli_runs_and_writes_the_harness_outputs(setup, tmp_path):
     assert len(results) == 1 and len(samples) == 1
     assert json.loads(results[0].read_text())["config"]["model"] == "biomedlm_jax"
     assert len(samples[0].read_text().splitlines()) == 5
+
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def test_offline_medical_tasks_use_the_builtin_prompts():
+    """Our local tasks render the same prompts as the harness's built-in tasks of the same name."""
+    from lm_eval.tasks.medmcqa import utils_medmcqa
+    from lm_eval.tasks.medqa import preprocess_medqa
+    from lm_eval.tasks.pubmedqa import preprocess_pubmedqa
+
+    from biomedlm_jax.lm_eval_tasks import utils
+
+    docs = utils.load_pubmedqa()
+    assert {k: len(v) for k, v in docs.items()} == {"train": 450, "validation": 50, "test": 500}
+    for doc in docs["test"].select(range(20)):
+        assert utils.pubmedqa_doc_to_text(doc) == preprocess_pubmedqa.doc_to_text(doc)
+    if SHARED.exists():
+        medqa = utils.load_medqa(medqa=str(SHARED / "medqa_usmle" / "us_4options_test.jsonl"))["test"]
+        assert len(medqa) == 1273
+        for doc in medqa.select(range(20)):
+            assert utils.medqa_doc_to_text(doc) == preprocess_medqa.doc_to_text(doc)
+        medmcqa = utils.load_medmcqa(medmcqa=str(SHARED / "medmcqa" / "dev_4183.jsonl"))["validation"]
+        assert len(medmcqa) == 4183 and set(medmcqa["cop"]) == {0, 1, 2, 3}
+        for doc in medmcqa.select(range(20)):
+            assert utils.medmcqa_doc_to_text(doc) == utils_medmcqa.doc_to_text(doc)
+    with pytest.raises(ValueError, match="--metadata='{\"medqa\": \"PATH\"}'"):
+        utils.load_medqa()
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_medical_suite_runs_end_to_end_with_limit(setup):
+    from lm_eval.tasks import TaskManager
+
+    import lm_eval
+    from biomedlm_jax import lm_eval_model
+
+    ckpt, _ = setup
+    metadata = {"medqa": str(SHARED / "medqa_usmle" / "us_4options_test.jsonl"),
+                "medmcqa": str(SHARED / "medmcqa" / "dev_4183.jsonl"),
+                "mmlu": str(SHARED / "mmlu_medical" / "final_release_hf_format")}
+    out = lm_eval.simple_evaluate(model="biomedlm_jax", model_args=f"init_from=hf:{ckpt}", tasks=["medical_local"],
+                                  batch_size=8, limit=4,
+                                  task_manager=TaskManager(include_path=lm_eval_model.TASKS_DIR, metadata=metadata))
+    names = {"pubmedqa_local", "medqa_4options_local", "medmcqa_local", "mmlu_anatomy_local",
+             "mmlu_professional_medicine_local"}
+    assert names <= set(out["results"]) and "medical_local" in out["results"]
+    for name in names:
+        assert 0.0 <= out["results"][name]["acc,none"] <= 1.0
+    # few-shot examples come from MMLU's dev split, as the built-in mmlu tasks take them
+    shot = lm_eval.simple_evaluate(model="biomedlm_jax", model_args=f"init_from=hf:{ckpt}",
+                                   tasks=["mmlu_medical_genetics_local"], batch_size=8, limit=2, num_fewshot=2,
+                                   log_samples=True,
+                                   task_manager=TaskManager(include_path=lm_eval_model.TASKS_DIR, metadata=metadata))
+    prompt = shot["samples"]["mmlu_medical_genetics_local"][0]["arguments"][0][0]
+    assert prompt.startswith("The following are multiple choice questions (with answers) about medical genetics.")
+    assert prompt.count("\nAnswer:") == 3  # two solved dev questions, then the test question
+
+
+def test_sharded_mesh_gives_the_same_results(setup):
+    """mesh_shape shards the weights (fsdp x tensor) for models that do not fit one device."""
+    from lm_eval.api.instance import Instance
+
+    from biomedlm_jax import lm_eval_model
+
+    ckpt, _ = setup
+    dp = lm_eval_model.JaxLM(init_from=f"hf:{ckpt}", batch_size=4)
+    sharded = lm_eval_model.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, mesh_shape="1,4,2")
+    assert dict(sharded.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    kernel = sharded.params["h_0"]["mlp"]["c_fc"]["kernel"]
+    assert len({d for d in kernel.sharding.device_set}) == 8 and kernel.addressable_shards[0].data.shape != kernel.shape
+    ll = [Instance("loglikelihood", {}, (f"Aspirin dose number {n} is", " high"), n) for n in range(6)]
+    np.testing.assert_allclose([x[0] for x in sharded.loglikelihood(ll, disable_tqdm=True)],
+                               [x[0] for x in dp.loglikelihood(ll, disable_tqdm=True)], atol=1e-4)
+    gen = [Instance("generate_until", {}, ("Question: what is aspirin?\nAnswer:", {"until": ["\n"], "max_gen_toks": 8}), 0)]
+    assert sharded.generate_until(gen, disable_tqdm=True) == dp.generate_until(gen, disable_tqdm=True)
