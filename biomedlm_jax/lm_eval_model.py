@@ -104,8 +104,8 @@ class JaxLM(TemplateLM):
         self._batch_size = -(-bs // ways) * ways  # a multiple of the batch shards
         self.params = self._place(self.params)
         self._rows = NamedSharding(self.mesh, P(("data", "fsdp")))
-        self._ll = jax.jit(self._ll_sums, in_shardings=(self._param_shardings, self._rows, self._rows, self._rows),
-                           out_shardings=NamedSharding(self.mesh, P()))
+        self._ll = jax.jit(self._ll_sums, out_shardings=NamedSharding(self.mesh, P()),
+                           in_shardings=(self._param_shardings,) + (self._rows,) * 5)
 
     # --- placement ----------------------------------------------------------------------------------
 
@@ -156,44 +156,63 @@ class JaxLM(TemplateLM):
 
     # --- scoring ------------------------------------------------------------------------------------
 
-    def _ll_sums(self, params, ids, targets, weights):
+    def _ll_sums(self, params, ids, starts, targets, weights, last):
+        """Scores of the continuation positions only: the tied head runs on `C = targets.shape[1]`
+        positions per row (from `starts`), not on all T. Per row: the summed log-probs and greedy flags
+        of the weighted positions before `last`, and the full log-softmax and argmax at `last` (the final
+        continuation position), so requests that differ only in their last token share a row (e.g.
+        one-token answers to one question)."""
+        from biomedlm_jax.model import GPT
+
         _TRACES["loglikelihood"] += 1
-        logits = self.model.apply({"params": params}, ids).astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        tok_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        hidden = self.model.apply({"params": params}, ids, method=GPT.hidden_states)
+        pos = jnp.minimum(starts[:, None] + jnp.arange(targets.shape[1])[None], ids.shape[1] - 1)
+        hidden = jnp.take_along_axis(hidden, pos[..., None], axis=1)
+        logits = self.model.apply({"params": params}, hidden, method=GPT.logits).astype(jnp.float32)  # (B, C, V)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        tok_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logz
         greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | (weights == 0), axis=-1)
-        return (tok_lp * weights).sum(-1), greedy
+        at_last = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # (B, V)
+        return ((tok_lp * weights).sum(-1), greedy, at_last - jnp.take_along_axis(logz, last[:, None], axis=1),
+                jnp.argmax(at_last, axis=-1))
 
     def _padded_len(self, n: int) -> int:
         return min(-(-n // self.bucket) * self.bucket, max(self.max_length, n))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        rows = []
-        for _, context_enc, continuation_enc in requests:
+        groups: dict = {}  # (input row, continuation length) -> request indices; they differ in the last target
+        for n, (_, context_enc, continuation_enc) in enumerate(requests):
             if not context_enc or not continuation_enc or len(continuation_enc) > self.max_length:
                 raise ValueError(f"cannot score a request with {len(context_enc)} context and {len(continuation_enc)} "
                                  f"continuation tokens (max_length {self.max_length})")
             full = (context_enc + continuation_enc)[-(self.max_length + 1):]
-            rows.append((full[:-1], full[1:], len(continuation_enc)))
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        out: list = [None] * len(rows)
+            groups.setdefault((tuple(full[:-1]), len(continuation_enc)), []).append(n)
+        rows = sorted(groups, key=lambda k: (-len(k[0]), -k[1]))
+        out: list = [None] * len(requests)
         B = self.batch_size
-        for start in tqdm(range(0, len(order), B), disable=disable_tqdm, desc="biomedlm_jax loglikelihood"):
-            chunk = order[start: start + B]
-            T = self._padded_len(max(len(rows[i][0]) for i in chunk))
+        for start in tqdm(range(0, len(rows), B), disable=disable_tqdm, desc="biomedlm_jax loglikelihood"):
+            chunk = rows[start: start + B]
+            T = self._padded_len(max(len(inp) for inp, _ in chunk))
+            C = min(T, -(-max(c for _, c in chunk) // 16) * 16)  # continuation positions, in steps of 16
             ids = np.zeros((B, T), np.int32)
-            tgt = np.zeros((B, T), np.int32)
-            w = np.zeros((B, T), np.float32)
-            for r, i in enumerate(chunk):
-                inp, targets, contlen = rows[i]
-                ids[r, : len(inp)], tgt[r, : len(inp)] = inp, targets
-                w[r, len(inp) - contlen: len(inp)] = 1.0
+            starts = np.zeros((B,), np.int32)
+            tgt = np.zeros((B, C), np.int32)
+            w = np.zeros((B, C), np.float32)
+            last = np.zeros((B,), np.int32)
+            for r, (inp, contlen) in enumerate(chunk):
+                ids[r, : len(inp)] = inp
+                starts[r] = len(inp) - contlen  # positions start .. len(inp) - 1 predict the continuation
+                tgt[r, : contlen - 1] = inp[starts[r] + 1:]  # before the last, the row's own next tokens
+                w[r, : contlen - 1] = 1.0
+                last[r] = contlen - 1
             with jax.set_mesh(self.mesh):
-                sums, greedy = jax.device_get(self._ll(self.params, ids, tgt, w))
-            for r, i in enumerate(chunk):
-                out[i] = (float(sums[r]), bool(greedy[r]))
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
+                sums, greedy, logp_last, argmax_last = jax.device_get(self._ll(self.params, ids, starts, tgt, w, last))
+            for r, key in enumerate(chunk):
+                for n in groups[key]:
+                    final = requests[n][2][-1]
+                    out[n] = (float(sums[r] + logp_last[r, final]), bool(greedy[r] and argmax_last[r] == final))
+                    if requests[n][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[n][0], out[n])
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
