@@ -15,6 +15,7 @@ so it writes its usual results and per-sample files. The offline medical tasks s
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -48,7 +49,7 @@ def build_argv(argv: list[str]) -> list[str]:
 def main(argv=None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
-    import biomedlm_jax.lm_eval_model  # noqa: F401  (registers the biomedlm_jax model)
+    importlib.import_module("biomedlm_jax.lm_eval_model")  # registers the biomedlm_jax model
 
     sys.argv = build_argv(list(sys.argv[1:] if argv is None else argv))
     cli_evaluate()

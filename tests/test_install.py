@@ -13,6 +13,7 @@ MODULES = {
     "importlib_resources": "importlib_resources", "safetensors": "safetensors", "tensorboardX": "tensorboardX",
     "tqdm": "tqdm", "numpy": "numpy", "ml_dtypes": "ml_dtypes", "protobuf": "google.protobuf",
     "tensorstore": "tensorstore", "pytest": "pytest", "torch": "torch", "transformers": "transformers",
+    "lm-eval": "lm_eval", "datasets": "datasets", "accelerate": "accelerate",
 }
 
 

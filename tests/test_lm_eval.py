@@ -4,6 +4,7 @@ Both backends run one random-init GPT-2 (built in torch, saved as safetensors wi
 through small local tasks of each request type: multiple choice (loglikelihood), rolling perplexity
 (loglikelihood_rolling) and generate_until with stop strings.
 """
+import importlib
 import json
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def run(model, model_args, tasks_dir, tasks, **kw):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import biomedlm_jax.lm_eval_model  # noqa: F401  (registers biomedlm_jax)
+    importlib.import_module("biomedlm_jax.lm_eval_model")  # registers the biomedlm_jax model
 
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=4, device="cpu",
                                    task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=True, **kw)
