@@ -79,8 +79,9 @@ def setup(tmp_path_factory):
     data.mkdir()
     with open(data / "mc.jsonl", "w") as f:
         for i in items:
-            f.write(json.dumps({"question": i.question, "choices": [" yes", " no", " maybe"] if len(i.question) % 2
-                                else ["yes", "no", "maybe"], "answer": i.answer}) + "\n")
+            f.write(json.dumps({"question": i.question, "answer": i.answer,  # one- and several-token continuations
+                                "choices": [" yes, it does", " no", " maybe not"] if len(i.question) % 2
+                                else ["yes", "no", "maybe"]}) + "\n")
     with open(data / "docs.jsonl", "w") as f:  # documents of 1..3 windows of 128 tokens
         for n, i in enumerate(items[:6]):
             f.write(json.dumps({"text": " ".join([i.context] * (1 + n % 3))}) + "\n")
@@ -133,6 +134,40 @@ def test_same_numbers_as_the_hf_backend(setup):
         assert ours["results"][task] == {k: v for k, v in theirs["results"][task].items()}
     for metric in ("word_perplexity,none", "bits_per_byte,none"):
         assert ours["results"]["tiny_ppl"][metric] == pytest.approx(theirs["results"]["tiny_ppl"][metric], rel=1e-5)
+
+
+def test_same_numbers_with_a_short_max_length(setup):
+    """max_length=16: contexts cut from the left, many rolling windows, 4 context tokens left for generation."""
+    ckpt, tasks = setup
+    names = ["tiny_mc", "tiny_ppl", "tiny_gen"]
+    ours = run("biomedlm_jax", f"init_from=hf:{ckpt},max_length=16", tasks, names, limit=6)
+    theirs = run("hf", f"pretrained={ckpt},dtype=float32,max_length=16", tasks, names, limit=6)
+    a, b = by_doc(ours["samples"]["tiny_mc"]), by_doc(theirs["samples"]["tiny_mc"])
+    for d in a:
+        np.testing.assert_allclose([float(r[0][0]) for r in a[d]["resps"]], [float(r[0][0]) for r in b[d]["resps"]],
+                                   atol=1e-4)
+        assert [bool(r[0][1]) for r in a[d]["resps"]] == [bool(r[0][1]) for r in b[d]["resps"]]
+    a, b = by_doc(ours["samples"]["tiny_ppl"]), by_doc(theirs["samples"]["tiny_ppl"])
+    np.testing.assert_allclose([float(a[d]["resps"][0][0]) for d in sorted(a)],
+                               [float(b[d]["resps"][0][0]) for d in sorted(b)], atol=1e-3)
+    a, b = by_doc(ours["samples"]["tiny_gen"]), by_doc(theirs["samples"]["tiny_gen"])
+    assert [a[d]["resps"][0][0] for d in sorted(a)] == [b[d]["resps"][0][0] for d in sorted(b)]
+
+
+def test_sampled_generation_is_seeded(setup):
+    from lm_eval.api.instance import Instance
+
+    from biomedlm_jax import lm_eval_model
+
+    ckpt, _ = setup
+    kw = {"until": ["\n\n"], "max_gen_toks": 10, "do_sample": True, "temperature": 1.0}
+    reqs = [Instance("generate_until", {}, (f"Question {n}: is aspirin an NSAID?\nAnswer:", kw), n) for n in range(3)]
+    greedy = [Instance("generate_until", {}, (r.args[0], {"until": ["\n\n"], "max_gen_toks": 10}), 0) for r in reqs]
+    one = lm_eval_model.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, seed=1)
+    two = lm_eval_model.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, seed=2)
+    s1 = one.generate_until(reqs, disable_tqdm=True)
+    assert s1 == one.generate_until(reqs, disable_tqdm=True)  # same seed, same samples
+    assert s1 != two.generate_until(reqs, disable_tqdm=True) and s1 != one.generate_until(greedy, disable_tqdm=True)
 
 
 def test_requests_of_many_lengths_compile_a_few_shapes(setup):

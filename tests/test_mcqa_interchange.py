@@ -221,13 +221,13 @@ def test_plain_lm_is_not_a_classifier_and_bad_heads_are_named(tmp_path):
         mcqa.load_classifier(f"hf:{tmp_path / 'lm'}")
 
 
-def finetune(tmp_path, variant, data_file=None):
+def finetune(tmp_path, variant, data_file=None, *extra):
     args = [sys.executable, "-m", "biomedlm_jax.finetune_mcqa", f"--config={REPO}/configs/mcqa.py:{variant}",
             f"--workdir={tmp_path}", f"--config.data.tokenizer={GPT2_FILES}", "--config.num_train_steps=4",
             "--config.eval_every_steps=2", "--config.progress_bar=false", "--config.seq_len=32"]
     if data_file:
         args += [f"--config.data.train={data_file}", "--config.data.carve_dev_fraction=0.3"]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(args + list(extra), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
@@ -263,7 +263,7 @@ def test_exported_choice_head_loads_with_biomedlm_class(tmp_path):
         for item in choice_items(30):
             f.write(json.dumps({"question": item.question, "options": dict(zip("ABCD", item.options)),
                                 "answer_idx": "ABCD"[item.answer]}) + "\n")
-    finetune(tmp_path / "run", "medqa-tiny", str(data))
+    finetune(tmp_path / "run", "medqa-tiny", str(data), "--config.model.scan_layers=true")  # stacked layers export too
     r = subprocess.run([sys.executable, "-m", "biomedlm_jax.convert", f"--from=orbax:{tmp_path / 'run'}",
                         f"--to=hf:{tmp_path / 'hf'}"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
