@@ -5,14 +5,23 @@
       checkpoints/<step>/meta    JSON: {"model": GPTConfig fields, "format_version": 1, ...}
       tokenizer/                 optional tokenizer files (tokenizer.json, vocab.json, merges.txt)
       best/                      MCQA runs: the best step by dev accuracy, itself a workdir of this layout
+      checkpoints_bad/<step>-<time>/  steps that did not restore, moved aside (never deleted), with REASON.txt
 
 `load_model` restores only `state["params"]` (orbax partial restore), so it reads both a converted
 HF checkpoint and a full training state (params + optimizer + data position) written by the trainer.
+
+A damaged step (a checksum mismatch, a truncated or missing file, meta that does not parse) does not
+stop a run: `restore_newest` says so in one line, moves the step aside into `checkpoints_bad/` so it
+never counts as "latest" again, and restores the next older step. With no step left it raises
+`NoGoodCheckpoint`, listing every step and why. `python -m biomedlm_jax.checkpoint verify
+--workdir=DIR` reads every step and reports each as ok or bad.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import sys
+import time
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -22,6 +31,7 @@ from biomedlm_jax import hf
 from biomedlm_jax.model import GPT, GPTConfig
 
 CHECKPOINT_DIR = "checkpoints"
+QUARANTINE_DIR = "checkpoints_bad"  # damaged steps, moved aside by restore_newest
 BEST_DIR = "best"  # MCQA runs: params-only checkpoint of the best step by dev accuracy (a workdir itself)
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
@@ -76,8 +86,13 @@ def latest_step(workdir: str) -> Optional[int]:
 
 
 def read_meta(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
-    """(step, meta dict) of `step` or of the latest complete checkpoint."""
-    return _read_meta(_reader(workdir), step)
+    """(step, meta dict) of `step`, or of the newest step whose meta reads (damaged ones are moved aside)."""
+    mngr = _reader(workdir)
+    if step is not None:
+        return _read_meta(mngr, step)
+    if not mngr.all_steps():
+        return _read_meta(mngr, None)  # the "no complete checkpoint" error
+    return restore_newest(workdir, lambda s: _read_meta(mngr, s)[1], steps=mngr.all_steps())
 
 
 def _read_meta(mngr: ocp.CheckpointManager, step: Optional[int]) -> tuple[int, dict]:
@@ -123,13 +138,17 @@ def _check_against_disk(disk: Any, want: Any, where: str) -> None:
 
 
 def load_model(workdir: str, step: Optional[int] = None, shardings=None, **config_overrides):
-    """(GPT model, params) from an orbax workdir (latest step unless `step`).
+    """(GPT model, params) from an orbax workdir: `step`, or the newest step that restores (a damaged
+    latest step is reported, moved aside and the next older one used; with `step` given, an error).
 
     The architecture comes from the checkpoint's meta; `config_overrides` may change dtypes, attention
     implementation, remat, dropout. `shardings`: optional pytree of jax Shardings for the params (as
     stored, i.e. in the stored scan layout); default is the first device.
     """
     mngr = _reader(workdir)
+    if step is None and mngr.all_steps():  # the newest step that restores; damaged ones are moved aside
+        return restore_newest(workdir, lambda s: load_model(workdir, s, shardings, **config_overrides),
+                              steps=mngr.all_steps())[1]
     step, meta = _read_meta(mngr, step)
     stored = GPTConfig(**meta["model"])
     where = f"{os.path.join(workdir, CHECKPOINT_DIR)}/{step}/state"
@@ -169,3 +188,144 @@ def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):
 
 def tokenizer_dir(workdir: str) -> str:
     return os.path.join(workdir, TOKENIZER_DIR)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Damaged checkpoints: fall back to the newest step that restores
+# ----------------------------------------------------------------------------------------------------
+
+
+class NoGoodCheckpoint(RuntimeError):
+    """No step of a workdir restores; the message lists each step and why."""
+
+
+def _reason(e: BaseException, full: bool = False) -> str:
+    """One line: the error's type and message (tensorstore's spec dumps dropped; the middle of a long
+    message elided unless `full`, keeping its start and its end, where the cause is)."""
+    text = " ".join(str(e).split())
+    for marker in (" [tensorstore_spec", "; tensorstore_spec"):
+        text = text.split(marker)[0]
+    if not full and len(text) > 320:
+        text = text[:120] + " ... " + text[-200:]
+    return f"{type(e).__name__}: {text}"
+
+
+def _is_damage(e: BaseException) -> bool:
+    """A step that cannot be read (not a model that does not fit it, which is the caller's error)."""
+    return not isinstance(e, (hf.CheckpointError, KeyboardInterrupt, MemoryError))
+
+
+def move_aside(workdir: str, step: int, reason: str, details: str = "") -> str:
+    """Rename WORKDIR/checkpoints/<step> into WORKDIR/checkpoints_bad/ (never deleted) with a REASON.txt.
+    Only process 0 renames; every process waits for it. Returns the new path."""
+    src = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
+    dst = os.path.join(os.path.abspath(workdir), QUARANTINE_DIR, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.rename(src, dst)
+        with open(os.path.join(dst, "REASON.txt"), "w", encoding="utf-8") as f:
+            f.write((details or reason) + "\n")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"moved aside step {step}")
+    return dst
+
+
+def _agree(ok: bool) -> bool:
+    """True only if every process restored its part (so all of them fall back together)."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def restore_newest(workdir: str, restore: Callable[[int], Any], steps: Optional[list[int]] = None,
+                   log: Callable[[str], None] = None) -> tuple[int, Any]:
+    """(step, restore(step)) for the newest of `steps` (default: the workdir's) that restores.
+
+    A step that fails is reported in one line, moved aside (`move_aside`) and the next older step is
+    tried. If none restores, NoGoodCheckpoint lists each step and why; nothing starts from scratch.
+    An error that says the model does not fit the checkpoint (hf.CheckpointError) is raised as it is."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if steps is None:
+        steps = _reader(workdir).all_steps()
+    failures = []
+    for step in sorted(steps, reverse=True):
+        try:
+            result, error = restore(step), None
+        except Exception as e:  # noqa: BLE001 - anything that stops a step from restoring
+            if not _is_damage(e):
+                raise
+            result, error = None, e
+        if _agree(error is None):
+            if failures:
+                log(f"[checkpoint] restored step {step} of {workdir} after moving aside "
+                    f"{', '.join(str(s) for s, _ in failures)}")
+            return step, result
+        reason = _reason(error) if error is not None else "another process could not restore it"
+        dst = move_aside(workdir, step, reason, _reason(error, full=True) if error is not None else "")
+        log(f"[checkpoint] step {step} of {workdir} does not restore ({reason}); moved it to {dst}")
+        failures.append((step, reason))
+    listing = "; ".join(f"step {s}: {r}" for s, r in failures) or "no checkpoints"
+    raise NoGoodCheckpoint(f"{workdir}: no checkpoint restores ({listing}). The damaged steps are in "
+                           f"{os.path.join(workdir, QUARANTINE_DIR)}; nothing was started from scratch.")
+
+
+def verify_step(mngr: ocp.CheckpointManager, step: int) -> str:
+    """Read every array and the meta of `step` (tensorstore checks each chunk's CRC-32C). Returns a
+    summary; raises whatever reading raised."""
+    import numpy as np
+
+    stored = mngr.item_metadata(step)["state"]
+    tree = getattr(stored, "tree", stored)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=args), meta=ocp.args.JsonRestore()))
+    leaves = jax.tree.leaves(restored["state"])
+    if not isinstance(restored["meta"], dict) or "model" not in restored["meta"]:
+        raise hf.CheckpointError("meta has no 'model' entry")
+    return f"{len(leaves)} arrays, {sum(np.asarray(x).nbytes for x in leaves):,} bytes"
+
+
+def verify(workdir: str, out=sys.stdout) -> bool:
+    """Report every step of WORKDIR (and WORKDIR/best) as ok or bad; True when each latest step is ok."""
+    ok = True
+    for where in (workdir, os.path.join(workdir, BEST_DIR)):
+        if not os.path.isdir(os.path.join(where, CHECKPOINT_DIR)):
+            if where == workdir:
+                print(f"{workdir}: no {CHECKPOINT_DIR}/ directory", file=out)
+                return False
+            continue
+        mngr = _reader(where)
+        steps = sorted(mngr.all_steps())
+        if not steps:
+            print(f"{where}: no complete checkpoint", file=out)
+            ok = False
+        for step in steps:
+            try:
+                print(f"{where} step {step}: ok ({verify_step(mngr, step)})", file=out)
+            except Exception as e:  # noqa: BLE001 - report whatever stops the step from reading
+                print(f"{where} step {step}: bad ({_reason(e)})", file=out)
+                ok = ok and step != steps[-1]
+    bad = os.path.join(workdir, QUARANTINE_DIR)
+    if os.path.isdir(bad):
+        print(f"{bad}: {len(os.listdir(bad))} step(s) moved aside earlier: {', '.join(sorted(os.listdir(bad)))}", file=out)
+    return ok
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m biomedlm_jax.checkpoint", description="Checkpoint tools.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="read every step of a workdir; exit 1 if the latest step is bad")
+    v.add_argument("--workdir", required=True)
+    args = p.parse_args(argv)
+    return 0 if verify(args.workdir) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biomedlm_jax import readers
+from biomedlm_jax import hf, readers
 from biomedlm_jax import tokenizer as tokenizer_lib
 from biomedlm_jax.model import GPT, GPTConfig, resize_embeddings  # noqa: F401 (mcqa.resize_embeddings)
 
@@ -516,7 +516,7 @@ class Classifier:
     head: dict  # head, labels (or None), num_labels, seq_len (None: the caller's), truncation, append_eos, pad_id
 
 
-class NotAClassifier(ValueError):
+class NotAClassifier(hf.CheckpointError):
     """A checkpoint without a classifier head (a plain language model)."""
 
 
@@ -524,7 +524,7 @@ def load_classifier(spec: str, step: Optional[int] = None, dtype: Optional[str] 
     """A fine-tuned classifier from "hf:DIR" (BioMedLM's fine-tuned GPT2ForMultipleChoice /
     GPT2ForSequenceClassification, or transformers' GPT2ForSequenceClassification) or
     "orbax:WORKDIR" (a finetune_mcqa run: WORKDIR/best unless `step`, then that step)."""
-    from biomedlm_jax import checkpoint, hf
+    from biomedlm_jax import checkpoint
 
     kind, _, path = spec.partition(":")
     overrides = {"remat_policy": "none", **({"dtype": dtype, "param_dtype": dtype} if dtype else {})}
@@ -552,12 +552,20 @@ def load_classifier(spec: str, step: Optional[int] = None, dtype: Optional[str] 
         raise ValueError(f"{spec!r}: expected hf:DIR or orbax:WORKDIR")
     best = os.path.join(path, checkpoint.BEST_DIR)
     src = best if step is None and checkpoint.latest_step(best) is not None else path
+    if step is None:  # the newest step that restores (a damaged one is moved aside), else the error
+        return checkpoint.restore_newest(src, lambda s: _load_orbax_classifier(path, src, s, overrides))[1]
+    return _load_orbax_classifier(path, src, step, overrides)
+
+
+def _load_orbax_classifier(path: str, src: str, step: int, overrides: dict) -> Classifier:
+    from biomedlm_jax import checkpoint
+
     step, meta = checkpoint.read_meta(src, step)
     if "mcqa" not in meta:
         raise NotAClassifier(f"{src}: not an MCQA checkpoint (no head); score it with --zero_shot")
     head = dict(meta["mcqa"])
     if head.get("layout") != LAYOUT:
-        raise ValueError(f"{src}: this head was fine-tuned on the inputs of an earlier biomedlm_jax (before "
+        raise hf.CheckpointError(f"{src}: this head was fine-tuned on the inputs of an earlier biomedlm_jax (before "
                          f"BioMedLM's own layout, {LAYOUT}); its scores would not mean anything on today's inputs. "
                          "Fine-tune it again.")
     cfg = GPTConfig(**meta["model"]).replace(**overrides)
@@ -777,7 +785,7 @@ class MCQATask:
         """{"score": head params} when `init_from` is a fine-tuned classifier of this head (BioMedLM's or
         transformers' HF layout, or an MCQA workdir's latest step), in this task's label order; None
         for a plain LM (the head then keeps its random init)."""
-        from biomedlm_jax import checkpoint, hf
+        from biomedlm_jax import checkpoint
 
         where = f"init_from={kind}:{path}"
         if kind == "hf":

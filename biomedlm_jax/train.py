@@ -440,9 +440,16 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     abstract, shardings = state_shardings(model, tx, mesh, rules, task.example_inputs())
     mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     latest = mngr.latest_step()
+    if latest is None and os.path.isdir(os.path.join(workdir, checkpoint.QUARANTINE_DIR)):
+        raise checkpoint.NoGoodCheckpoint(
+            f"{workdir}: every checkpoint was moved aside to {checkpoint.QUARANTINE_DIR}/ because it did not restore; "
+            "refusing to start from scratch in this workdir (use a new workdir, or remove that folder to do so)")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if latest is not None:
-            state, meta = restore_checkpoint(mngr, workdir, latest, abstract)
+            # a damaged latest step is moved aside and the next older one restored (checkpoint.restore_newest)
+            latest, (state, meta) = checkpoint.restore_newest(
+                workdir, lambda s: restore_checkpoint(mngr, workdir, s, abstract), steps=mngr.all_steps())
+            mngr.reload()
             train_iter.restore(meta["data"])
             if meta.get("data_fingerprint") not in (None, train_rows.fingerprint()):
                 raise input_pipeline.DataError(

@@ -1,0 +1,85 @@
+"""Damaged checkpoints: a run falls back to the newest step that restores, keeps the bad one aside,
+and finishes bit-identically; with nothing left it stops with an error instead of starting over."""
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from biomedlm_jax import checkpoint, train
+from conftest import REPO
+from test_train import final_params, make_config, small_corpus  # noqa: F401  (fixture)
+
+
+def corrupt(workdir, step):
+    """Flip bytes in the middle of every data file of the step's state (CRC-32C then fails on read)."""
+    files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "d", "*"), recursive=True)
+             if os.path.isfile(f)]
+    assert files
+    for f in files:
+        data = bytearray(open(f, "rb").read())
+        for i in range(len(data) // 2, min(len(data) // 2 + 16, len(data))):
+            data[i] ^= 0xFF
+        open(f, "wb").write(bytes(data))
+
+
+def verify(workdir):
+    return subprocess.run([sys.executable, "-m", "biomedlm_jax.checkpoint", "verify", f"--workdir={workdir}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_damaged_latest_step_falls_back_and_finishes_bit_identically(tmp_path, small_corpus, capfd):  # noqa: F811
+    c = make_config(small_corpus, num_train_steps=6, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
+    train.train_and_evaluate(c, str(tmp_path / "full"), devices=jax.devices()[:1])
+    run = tmp_path / "run"
+    c4 = make_config(small_corpus, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
+    train.train_and_evaluate(c4, str(run), devices=jax.devices()[:1])
+    corrupt(run, 4)
+    r = verify(run)
+    assert r.returncode == 1 and "step 2: ok" in r.stdout and "step 4: bad (ValueError: DATA_LOSS" in r.stdout
+    capfd.readouterr()
+    s = train.train_and_evaluate(c, str(run), devices=jax.devices()[:1])
+    err = capfd.readouterr().err
+    assert s["start_step"] == 2 and s["step"] == 6
+    line = next(x for x in err.splitlines() if x.startswith("[checkpoint] step 4"))
+    assert "does not restore (ValueError: DATA_LOSS" in line and "moved it to" in line
+    (moved,) = os.listdir(run / checkpoint.QUARANTINE_DIR)  # kept, not deleted, and never "latest" again
+    assert moved.startswith("4-") and "CRC-32C" in (run / checkpoint.QUARANTINE_DIR / moved / "REASON.txt").read_text()
+    assert checkpoint.latest_step(str(run)) == 6
+    jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "full"), final_params(run))
+    assert verify(run).returncode == 0
+
+
+def test_readers_fall_back_but_an_explicit_bad_step_is_an_error(tmp_path, small_corpus):  # noqa: F811
+    c = make_config(small_corpus, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
+    train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    good = final_params(tmp_path)  # step 4
+    corrupt(tmp_path, 4)
+    with pytest.raises(Exception, match="DATA_LOSS"):
+        checkpoint.load_model(str(tmp_path), step=4)
+    assert checkpoint.latest_step(str(tmp_path)) == 4  # an explicit step moves nothing
+    _, params = checkpoint.load_model(str(tmp_path))  # "latest": step 2, and step 4 is moved aside
+    assert checkpoint.latest_step(str(tmp_path)) == 2
+    with pytest.raises(AssertionError):
+        jax.tree.map(np.testing.assert_array_equal, good, jax.device_get(params))
+    from biomedlm_jax import convert
+
+    convert.convert(f"orbax:{tmp_path}", f"hf:{tmp_path / 'hf'}")  # convert picks the same fallback
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_no_step_restores_stops_with_every_reason_and_never_starts_over(tmp_path, small_corpus):  # noqa: F811
+    c = make_config(small_corpus, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
+    train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    corrupt(tmp_path, 2)
+    corrupt(tmp_path, 4)
+    c.num_train_steps = 6
+    with pytest.raises(checkpoint.NoGoodCheckpoint, match=r"no checkpoint restores \(step 4: ValueError: DATA_LOSS.*; "
+                                                          r"step 2: ValueError: DATA_LOSS"):
+        train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    assert sorted(n.split("-")[0] for n in os.listdir(tmp_path / checkpoint.QUARANTINE_DIR)) == ["2", "4"]
+    with pytest.raises(checkpoint.NoGoodCheckpoint, match="refusing to start from scratch"):
+        train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
