@@ -41,6 +41,16 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
 
 
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """The first 300 shipped abstracts: enough rows for a few steps, quick to tokenize."""
+    path = tmp_path_factory.mktemp("corpus") / "abstracts.jsonl"
+    with open(REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(300)]
+    path.write_text("".join(lines), encoding="utf-8")
+    return str(path)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

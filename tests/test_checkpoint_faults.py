@@ -11,7 +11,7 @@ import pytest
 
 from biomedlm_jax import checkpoint, train
 from conftest import REPO
-from test_train import final_params, make_config, small_corpus  # noqa: F401  (fixture)
+from test_train import final_params, make_config
 
 
 def corrupt(workdir, step):
@@ -31,7 +31,7 @@ def verify(workdir):
                           capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
-def test_damaged_latest_step_falls_back_and_finishes_bit_identically(tmp_path, small_corpus, capfd):  # noqa: F811
+def test_damaged_latest_step_falls_back_and_finishes_bit_identically(tmp_path, small_corpus, capfd):
     c = make_config(small_corpus, num_train_steps=6, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
     train.train_and_evaluate(c, str(tmp_path / "full"), devices=jax.devices()[:1])
     run = tmp_path / "run"
@@ -53,7 +53,7 @@ def test_damaged_latest_step_falls_back_and_finishes_bit_identically(tmp_path, s
     assert verify(run).returncode == 0
 
 
-def test_readers_fall_back_but_an_explicit_bad_step_is_an_error(tmp_path, small_corpus):  # noqa: F811
+def test_readers_fall_back_but_an_explicit_bad_step_is_an_error(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
     train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     good = final_params(tmp_path)  # step 4
@@ -71,7 +71,7 @@ def test_readers_fall_back_but_an_explicit_bad_step_is_an_error(tmp_path, small_
     assert (tmp_path / "hf" / "model.safetensors").exists()
 
 
-def test_no_step_restores_stops_with_every_reason_and_never_starts_over(tmp_path, small_corpus):  # noqa: F811
+def test_no_step_restores_stops_with_every_reason_and_never_starts_over(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
     train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     corrupt(tmp_path, 2)

@@ -31,16 +31,6 @@ def test_load_config_file_matches_module():
     assert c == load_config_module().get_config("gpt2-small") and c.is_locked
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    """The first 300 shipped abstracts: enough rows for a few steps, quick to tokenize."""
-    path = tmp_path_factory.mktemp("corpus") / "abstracts.jsonl"
-    with open(ABSTRACTS, encoding="utf-8") as f:
-        lines = [next(f) for _ in range(300)]
-    path.write_text("".join(lines), encoding="utf-8")
-    return str(path)
-
-
 def make_config(corpus, **overrides):
     c = load_config_module().get_config("tiny")
     c.data.train_files = corpus
