@@ -34,6 +34,34 @@ def make_hf_model(tmp_dir, seed=0, perturb=True, **config_kwargs):
     return model
 
 
+def gpt2_hf_files(folder) -> str:
+    """GPT-2's tokenizer as HF names its files (vocab.json + merges.txt) in `folder`, from the shipped
+    OpenAI release (encoder.json + vocab.bpe); what GPT2TokenizerFast.from_pretrained(folder) reads."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        (folder / dst).write_bytes((REPO / "data" / "gpt2_tokenizer" / src).read_bytes())
+    return str(folder)
+
+
+SEQCLS_EXTRA = ["<|CONTEXT|>", "<|QUESTION1|>", "<|QUESTION2|>", "<|ANSWER|>"]
+
+
+def biomedlm_hf_tokenizer(path, head):
+    """transformers' tokenizer from `path` with the tokens BioMedLM's fine-tuning script for `head` adds,
+    in its order (run_multiple_choice.py: [PAD] [CLS] [SEP]; run_seqcls_gpt.py: [PAD] + four plain tokens)."""
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(str(path))  # what AutoTokenizer gives for BioMedLM's tokenizer
+    assert tok.pad_token_id is None
+    if head == "choice":
+        tok.add_special_tokens({"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"})
+    else:
+        tok.add_special_tokens({"pad_token": "[PAD]"})
+        tok.add_tokens(SEQCLS_EXTRA)
+    return tok
+
+
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:
     import torch
 

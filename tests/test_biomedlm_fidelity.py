@@ -21,7 +21,7 @@ import pytest
 
 from biomedlm_jax import mcqa
 from biomedlm_jax import tokenizer as T
-from conftest import REPO
+from conftest import REPO, SEQCLS_EXTRA, biomedlm_hf_tokenizer, gpt2_hf_files
 
 SHARED = REPO.parent / "shared" / "data"
 PUBMEDQA = REPO / "data" / "pubmedqa" / "ori_pqal.json"
@@ -30,7 +30,6 @@ MEDMCQA = SHARED / "medmcqa" / "dev_4183.jsonl"
 MMLU = SHARED / "mmlu_medical" / "final_release_hf_format" / "test"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
 N = 120  # items per task
-SEQCLS_EXTRA = ["<|CONTEXT|>", "<|QUESTION1|>", "<|QUESTION2|>", "<|ANSWER|>"]
 
 
 @pytest.fixture(scope="module", params=["gpt2", "pubmed-bpe"])
@@ -39,9 +38,7 @@ def tokenizer_dir(request, tmp_path_factory):
     BioMedLM trained its own (a domain vocabulary splits the text differently)."""
     out = tmp_path_factory.mktemp(request.param)
     if request.param == "gpt2":
-        gpt2 = REPO / "data" / "gpt2_tokenizer"
-        (out / "vocab.json").write_bytes((gpt2 / "encoder.json").read_bytes())
-        (out / "merges.txt").write_bytes((gpt2 / "vocab.bpe").read_bytes())
+        gpt2_hf_files(out)
     else:
         lines = (REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl").read_text().splitlines()[:600]
         texts = [json.loads(line).get("text") or json.loads(line).get("abstract", "") for line in lines]
@@ -49,18 +46,7 @@ def tokenizer_dir(request, tmp_path_factory):
     return str(out)
 
 
-def hf_tokenizer(path, head):
-    """transformers' tokenizer with the tokens BioMedLM's script for `head` adds, in its order."""
-    from transformers import GPT2TokenizerFast
-
-    tok = GPT2TokenizerFast.from_pretrained(path)  # what AutoTokenizer gives for BioMedLM's tokenizer
-    assert tok.pad_token_id is None
-    if head == "choice":
-        tok.add_special_tokens({"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"})
-    else:
-        tok.add_special_tokens({"pad_token": "[PAD]"})
-        tok.add_tokens(SEQCLS_EXTRA)
-    return tok
+hf_tokenizer = biomedlm_hf_tokenizer
 
 
 def our_tokenizer(path, head):
@@ -211,11 +197,7 @@ def test_transformers_tokenizer_state_is_ignored(tmp_path):
     """A tokenizer saved by transformers after a padded call keeps padding/truncation in tokenizer.json."""
     from transformers import GPT2TokenizerFast
 
-    folder = tmp_path / "src"
-    folder.mkdir()
-    (folder / "vocab.json").write_bytes((REPO / "data" / "gpt2_tokenizer" / "encoder.json").read_bytes())
-    (folder / "merges.txt").write_bytes((REPO / "data" / "gpt2_tokenizer" / "vocab.bpe").read_bytes())
-    tok = GPT2TokenizerFast.from_pretrained(str(folder))
+    tok = GPT2TokenizerFast.from_pretrained(gpt2_hf_files(tmp_path / "src"))
     tok.add_special_tokens({"pad_token": "[PAD]"})
     tok(["Do mitochondria", "play a role?"], padding="max_length", max_length=1024, truncation=True)
     tok.save_pretrained(str(tmp_path / "saved"))
@@ -238,11 +220,7 @@ def test_textgen_rows_equal_biomedlm(tmp_path):
     max_source, max_target = 12, 40
     from transformers import GPT2TokenizerFast
 
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    (gpt2 / "vocab.json").write_bytes((REPO / "data" / "gpt2_tokenizer" / "encoder.json").read_bytes())
-    (gpt2 / "merges.txt").write_bytes((REPO / "data" / "gpt2_tokenizer" / "vocab.bpe").read_bytes())
-    ref = GPT2TokenizerFast.from_pretrained(str(gpt2))
+    ref = GPT2TokenizerFast.from_pretrained(gpt2_hf_files(tmp_path / "gpt2"))
     ref.add_special_tokens({"pad_token": "[PAD]"})
     ref.add_special_tokens({"bos_token": "<|startoftext|>"})
     ref.add_special_tokens({"eos_token": "<|endoftext|>"})

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from conftest import REPO, make_hf_model  # noqa: E402
+from conftest import REPO, gpt2_hf_files, make_hf_model  # noqa: E402
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, initializer_range=0.3)
 
@@ -68,8 +68,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     ckpt = root / "ckpt"
     make_hf_model(ckpt, seed=3, **TINY)
-    for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-        (ckpt / dst).write_bytes((REPO / "data" / "gpt2_tokenizer" / src).read_bytes())
+    gpt2_hf_files(ckpt)
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
                                                             "eos_token": "<|endoftext|>", "model_max_length": 128}))
     from biomedlm_jax import mcqa

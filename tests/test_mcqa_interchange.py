@@ -15,31 +15,18 @@ import numpy as np
 import pytest
 
 from biomedlm_jax import configlib, convert, evaluate_mcqa, mcqa, train
-from conftest import REPO
+from conftest import REPO, biomedlm_hf_tokenizer, gpt2_hf_files
 
 PUBMEDQA = REPO / "data" / "pubmedqa" / "ori_pqal.json"
 GPT2_FILES = REPO / "data" / "gpt2_tokenizer"
-SEQCLS_EXTRA = ["<|CONTEXT|>", "<|QUESTION1|>", "<|QUESTION2|>", "<|ANSWER|>"]
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128)
 
 
 def hf_tokenizer(head):
     """GPT-2's tokenizer in transformers, with the tokens BioMedLM's script for `head` adds."""
-    import pathlib
     import tempfile
 
-    from transformers import GPT2TokenizerFast
-
-    folder = tempfile.mkdtemp()
-    pathlib.Path(folder, "vocab.json").write_bytes((GPT2_FILES / "encoder.json").read_bytes())
-    pathlib.Path(folder, "merges.txt").write_bytes((GPT2_FILES / "vocab.bpe").read_bytes())
-    tok = GPT2TokenizerFast.from_pretrained(folder)
-    if head == "choice":
-        tok.add_special_tokens({"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"})
-    else:
-        tok.add_special_tokens({"pad_token": "[PAD]"})
-        tok.add_tokens(SEQCLS_EXTRA)
-    return tok
+    return biomedlm_hf_tokenizer(gpt2_hf_files(tempfile.mkdtemp()), head)
 
 
 def biomedlm_classifier(head, num_labels=3):
