@@ -46,13 +46,23 @@ def _wait_for_coordinator(address: str, process_id: int, timeout_s: int) -> None
     )
 
 
+HEARTBEAT_TIMEOUT_S = 60  # JAX's default is 100 s
+
+
 def initialize(
     coordinator_address: Optional[str] = None,
     num_processes: Optional[int] = None,
     process_id: Optional[int] = None,
     timeout_s: int = 300,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
 ) -> bool:
-    """Join the process group if this is a multi-process run. Returns True when it did."""
+    """Join the process group if this is a multi-process run. Returns True when it did.
+
+    A lost process (killed, crashed, its host gone) stops sending heartbeats to JAX's coordination
+    service. After `heartbeat_timeout_s` the service declares it unhealthy and every other process is
+    terminated (exit status -6, SIGABRT) with a message naming the lost task ("The following tasks
+    are unhealthy (stopped sending heartbeats): 1"), instead of waiting in a collective forever. A
+    rerun of all processes resumes from the last complete checkpoint."""
     if coordinator_address is None and not cluster_detected():
         return False
     if coordinator_address is not None and (num_processes is None or process_id is None):
@@ -68,6 +78,7 @@ def initialize(
             num_processes=num_processes,
             process_id=process_id,
             initialization_timeout=timeout_s,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
         )
     except Exception as e:  # gRPC deadline, refused connection, bad topology: say where and what
         raise RuntimeError(

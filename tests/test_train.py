@@ -353,7 +353,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_two_processes(workdir, corpus, env_extra=None, **config):
+def start_two_processes(workdir, corpus, env_extra=None, flags=(), **config):
     """Two pretraining processes on localhost (4 fake CPU devices each) joined into one 2x2x2 mesh."""
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", TF_CPP_MIN_LOG_LEVEL="2",
@@ -365,7 +365,7 @@ def start_two_processes(workdir, corpus, env_extra=None, **config):
         subprocess.Popen(
             [sys.executable, "-m", "biomedlm_jax.pretrain", f"--config={REPO}/configs/pretrain.py:tiny",
              f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-             f"--process_id={i}", "--init_timeout_s=60", *overrides],
+             f"--process_id={i}", "--init_timeout_s=60", *flags, *overrides],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
@@ -432,3 +432,33 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, small_
     assert 3 <= step < 100_000 and checkpoint.latest_step(str(workdir)) == step
     resumed = finish(start_two_processes(workdir, small_corpus, env, **dict(long_run, num_train_steps=step + 2)))
     assert all(d["start_step"] == str(step) and d["step"] == str(step + 2) for d in resumed), resumed
+
+
+@pytest.mark.slow
+def test_a_lost_process_ends_the_job_within_the_heartbeat_bound(tmp_path, small_corpus):
+    """SIGKILL to one of two processes: the other exits non-zero within about --heartbeat_timeout_s, naming the
+    lost task, instead of waiting in a collective; a rerun of both resumes from the last complete checkpoint."""
+    workdir = tmp_path / "mp"
+    run = dict(num_train_steps=100_000, eval_every_steps=100_000, checkpoint_every_steps=4)
+    procs = start_two_processes(workdir, small_corpus, flags=["--heartbeat_timeout_s=10"], **run)
+    try:
+        for _ in range(600):
+            rows = metrics.read_metrics(str(workdir), "train") if (workdir / "metrics.jsonl").exists() else []
+            if len(rows) >= 6:
+                break
+            assert all(p.poll() is None for p in procs), "a process exited early"
+            time.sleep(0.2)
+        procs[1].kill()
+        lost_at = time.monotonic()
+        out = procs[0].communicate(timeout=120)[0]
+        detected_s = time.monotonic() - lost_at
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode != 0 and detected_s < 45, (procs[0].returncode, detected_s)
+    assert "The following tasks are unhealthy (stopped sending heartbeats):\n1" in out
+    last = checkpoint.latest_step(str(workdir))
+    assert last is not None and last % 4 == 0
+    resumed = finish(start_two_processes(workdir, small_corpus, **dict(run, num_train_steps=last + 2)))
+    assert all(d["start_step"] == str(last) and d["step"] == str(last + 2) for d in resumed), resumed
