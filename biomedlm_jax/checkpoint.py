@@ -199,6 +199,10 @@ class NoGoodCheckpoint(RuntimeError):
     """No step of a workdir restores; the message lists each step and why."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint save failed (e.g. no space left); the message names the step and the cause."""
+
+
 def _reason(e: BaseException, full: bool = False) -> str:
     """One line: the error's type and message (tensorstore's spec dumps dropped; the middle of a long
     message elided unless `full`, keeping its start and its end, where the cause is)."""

@@ -481,6 +481,29 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
 
     meta_extra = task.meta() if hasattr(task, "meta") else {}
 
+    in_flight: list = []  # the step whose (asynchronous) save has not been confirmed yet
+
+    def check_saves(wait: bool) -> None:
+        """A failed save (e.g. a full disk) stops the run at the next step, with an error naming the
+        step and why; the previous complete checkpoints are untouched (orbax writes a step under a
+        temporary name and renames it only when complete)."""
+        if not in_flight or (not wait and (jax.process_count() > 1 or mngr.is_saving_in_progress())):
+            return  # several processes check only at save points, which they reach together
+        s = in_flight.pop()
+        try:
+            mngr.wait_until_finished()
+            mngr.check_for_errors()
+            error = None if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(s))) else \
+                RuntimeError(f"step {s} was not finalised (see the orbax error logged above)")
+        except Exception as e:  # noqa: BLE001 - whatever the writer raised
+            error = e
+        if error is not None:
+            raise checkpoint.CheckpointSaveError(
+                f"saving step {s} to {os.path.join(workdir, checkpoint.CHECKPOINT_DIR)} failed "
+                f"({checkpoint._reason(error)}); the last complete checkpoint is step "
+                f"{checkpoint.latest_step(workdir)}. Training stopped instead of going on without checkpoints."
+            ) from error
+
     def save(step: int) -> None:
         meta = checkpoint.model_meta(
             cfg, data=train_iter.state(), data_fingerprint=train_rows.fingerprint(),
@@ -551,6 +574,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
         while step < config.num_train_steps:
             batch = to_global(next(train_iter), b_sharding, micro)
             state, m = p_train_step(state, batch)
+            check_saves(wait=False)  # cheap until the save in flight has finished
             pending.append((step + 1, m))
             step += 1
             bar.update(1)
@@ -595,14 +619,16 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                     summary[f"best_{task.best_metric}"] = best[0]
                     summary["best_step"] = step
             if save_now or (preempted and last_saved != step):
+                check_saves(wait=True)
                 save(step)
                 last_saved = step
+                in_flight.append(step)
             if preempted:
                 summary["preempted"] = True
                 if is_main:
                     bar.write(f"[train] SIGTERM: saved step {step}; rerun the same command to resume")
                 break
-    mngr.wait_until_finished()
+    check_saves(wait=True)
     mngr.close()
     bar.close()
     writer.close()

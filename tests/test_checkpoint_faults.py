@@ -83,3 +83,25 @@ def test_no_step_restores_stops_with_every_reason_and_never_starts_over(tmp_path
     assert sorted(n.split("-")[0] for n in os.listdir(tmp_path / checkpoint.QUARANTINE_DIR)) == ["2", "4"]
     with pytest.raises(checkpoint.NoGoodCheckpoint, match="refusing to start from scratch"):
         train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(tmp_path, small_corpus):
+    """A tmpfs with room for one checkpoint: the second save fails with ENOSPC; the run stops at the next
+    step with an error naming the step and the cause, and step 2 still restores."""
+    fs = tmp_path / "small"
+    fs.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60M", "tmpfs", str(fs)]).returncode:
+        pytest.skip("needs root to mount a size-limited tmpfs")
+    try:
+        c = make_config(small_corpus, num_train_steps=12, checkpoint_every_steps=2, mesh_shape=(1, 1, 1))
+        with pytest.raises(checkpoint.CheckpointSaveError,
+                           match=r"saving step 4 to .* failed \(.*No space left on device.*\); the last complete "
+                                 r"checkpoint is step 2\. Training stopped"):
+            train.train_and_evaluate(c, str(fs / "run"), devices=jax.devices()[:1])
+        from biomedlm_jax import metrics
+
+        assert max(r["step"] for r in metrics.read_metrics(str(fs / "run"), "train")) <= 6  # did not train on
+        assert checkpoint.latest_step(str(fs / "run")) == 2
+        checkpoint.load_model(str(fs / "run"))  # the previous checkpoint is intact
+    finally:
+        subprocess.run(["umount", str(fs)])
