@@ -401,6 +401,11 @@ def test_two_processes_on_localhost_agree(tmp_path, small_corpus):
         [l for _, l in train_losses(tmp_path / "mp")], [l for _, l in train_losses(tmp_path / "sp")], rtol=1e-5
     )
     assert checkpoint.latest_step(str(tmp_path / "mp")) == 3
+    # a resumed two-process run with periodic checkpoints finishes: both exit 0 and the final step is saved
+    resumed = finish(start_two_processes(tmp_path / "mp", small_corpus, num_train_steps=6, eval_every_steps=3,
+                                         checkpoint_every_steps=3), timeout=180)
+    assert all(d["start_step"] == "3" and d["step"] == "6" and d["last_checkpoint"] == "6" for d in resumed), resumed
+    assert checkpoint.latest_step(str(tmp_path / "mp")) == 6
 
 
 @pytest.mark.slow
