@@ -105,16 +105,17 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _head_fits(head: dict, spec) -> Optional[str]:
-    """None when the classifier's head answers `spec`'s task, else why not."""
+def _head_columns(head: dict, spec):
+    """(columns, None) when the classifier's head answers `spec`'s task: the head's score columns in the
+    task's label order (None for a choice head, one score per option); (None, why not) otherwise."""
     if spec.head != head["head"]:
-        return f"a {head['head']} head does not answer {spec.name} ({spec.head})"
-    if spec.head == "seqcls":
-        try:
-            mcqa.label_order(head["labels"], spec.labels, head["num_labels"], spec.name)
-        except ValueError as e:
-            return str(e)
-    return None
+        return None, f"a {head['head']} head does not answer {spec.name} ({spec.head})"
+    if spec.head == "choice":
+        return None, None
+    try:
+        return mcqa.label_order(head["labels"], spec.labels, head["num_labels"], spec.name), None
+    except ValueError as e:
+        return None, str(e)
 
 
 def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[str] = None, zero_shot: bool = False,
@@ -135,7 +136,7 @@ def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[
         spec = mcqa.REGISTRY[name]
         items = mcqa.load_task_file(name, path)[: max_items or None]
         entry = {"path": path, "paper": spec.paper}
-        why = None if zero_shot else _head_fits(head, spec)
+        columns, why = (None, None) if zero_shot else _head_columns(head, spec)
         if why:
             entry["skipped"] = why
             results[name] = entry
@@ -147,8 +148,8 @@ def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[
             enc = mcqa.encode(items, tok, spec.head, seq_len, truncation=head["truncation"],
                               append_eos=head["append_eos"], pad_id=head["pad_id"])
             scores = predict(clf.model, clf.params, enc, batch_size)
-            if spec.head == "seqcls":
-                scores = scores[:, mcqa.label_order(head["labels"], spec.labels, head["num_labels"], name)]
+            if columns is not None:
+                scores = scores[:, columns]
             entry["truncated"] = enc.truncated
         scores = np.asarray(scores)
         labels = np.asarray([i.answer for i in items])

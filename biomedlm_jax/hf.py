@@ -333,6 +333,10 @@ class ClassifierHead:
     labels: Optional[tuple] = None  # seqcls label names in output order; None when config.json has only LABEL_i
     pad_token_id: Optional[int] = None
 
+    def params(self) -> dict:
+        """The head as `mcqa.MCQAModel`'s `score` params (a bias only on the choice head)."""
+        return {"kernel": self.kernel, **({"bias": self.bias} if self.kind == "choice" else {})}
+
 
 def _id2label(hf_config: dict, n: int, source: str) -> Optional[tuple]:
     id2label = hf_config.get("id2label")

@@ -177,7 +177,7 @@ class JaxLM(TemplateLM):
                 jnp.argmax(at_last, axis=-1))
 
     def _padded_len(self, n: int) -> int:
-        return min(-(-n // self.bucket) * self.bucket, max(self.max_length, n))
+        return min(-(-n // self.bucket) * self.bucket, self.max_length)  # rows never exceed max_length
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         groups: dict = {}  # (input row, continuation length) -> request indices; they differ in the last target
@@ -235,12 +235,12 @@ class JaxLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         groups: dict = {}
-        for n, (context, gen_kwargs) in enumerate(req.args for req in requests):
-            groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(n)
+        for n, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(n)
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         out: list = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="biomedlm_jax generate_until")
-        for key, members in groups.items():
+        for members in groups.values():
             kwargs = normalize_gen_kwargs(dict(requests[members[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))

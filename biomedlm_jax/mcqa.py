@@ -542,11 +542,10 @@ def load_classifier(spec: str, step: Optional[int] = None, dtype: Optional[str] 
         if h.kind == "choice" and tok.token_to_id(SEP) is None:
             raise hf.CheckpointError(f"{path}: a multiple-choice classifier whose tokenizer has no [SEP] token")
         backbone = hf.load_params_numpy(path, cfg, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
-        score = {"kernel": h.kernel, **({"bias": h.bias} if h.kind == "choice" else {})}
         n = h.kernel.shape[1] if h.kind == "seqcls" else 1
         head = {"head": h.kind, "labels": list(h.labels) if h.labels else None, "num_labels": n, "seq_len": None,
                 "truncation": "biomedlm", "append_eos": False, "pad_id": int(pad), "task": None}
-        params = jax.tree.map(jnp.asarray, {"transformer": backbone, "score": score})
+        params = jax.tree.map(jnp.asarray, {"transformer": backbone, "score": h.params()})
         return Classifier(MCQAModel(cfg, h.kind, n), params, tok, head)
     if kind != "orbax" or not path:
         raise ValueError(f"{spec!r}: expected hf:DIR or orbax:WORKDIR")
@@ -792,7 +791,7 @@ class MCQATask:
             h = hf.read_classifier_head(path, cfg, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
             if h is None:
                 return None
-            got, labels, score = h.kind, h.labels, {"kernel": h.kernel, **({"bias": h.bias} if h.kind == "choice" else {})}
+            got, labels, score = h.kind, h.labels, h.params()
         else:
             step, meta = checkpoint.read_meta(path)
             if "mcqa" not in meta:

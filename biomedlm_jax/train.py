@@ -481,15 +481,16 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
 
     meta_extra = task.meta() if hasattr(task, "meta") else {}
 
-    in_flight: list = []  # the step whose (asynchronous) save has not been confirmed yet
+    in_flight = None  # the step whose (asynchronous) save has not been confirmed yet
 
     def check_saves(wait: bool) -> None:
         """A failed save (e.g. a full disk) stops the run at the next step, with an error naming the
         step and why; the previous complete checkpoints are untouched (orbax writes a step under a
         temporary name and renames it only when complete)."""
-        if not in_flight or (not wait and (jax.process_count() > 1 or mngr.is_saving_in_progress())):
+        nonlocal in_flight
+        if in_flight is None or (not wait and (jax.process_count() > 1 or mngr.is_saving_in_progress())):
             return  # several processes check only at save points, which they reach together
-        s = in_flight.pop()
+        s, in_flight = in_flight, None
         try:
             mngr.wait_until_finished()
             mngr.check_for_errors()
@@ -621,8 +622,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
             if save_now or (preempted and last_saved != step):
                 check_saves(wait=True)
                 save(step)
-                last_saved = step
-                in_flight.append(step)
+                last_saved = in_flight = step
             if preempted:
                 summary["preempted"] = True
                 if is_main:

@@ -372,6 +372,16 @@ def start_two_processes(workdir, corpus, env_extra=None, flags=(), **config):
     ]
 
 
+def wait_for_train_rows(workdir, procs, n: int) -> None:
+    """Until the running processes have logged `n` train rows (each must still be running)."""
+    for _ in range(600):
+        rows = metrics.read_metrics(str(workdir), "train") if (workdir / "metrics.jsonl").exists() else []
+        if len(rows) >= n:
+            return
+        assert all(p.poll() is None for p in procs), "a process exited early"
+        time.sleep(0.2)
+
+
 def finish(procs, timeout=300) -> list[dict]:
     """Wait for the processes; each must exit 0. Returns each one's `[done ...]` summary as strings."""
     outs = []
@@ -419,12 +429,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, small_
     env = {"JAX_ENABLE_PREEMPTION_SERVICE": str(sync_service).lower()}
     procs = start_two_processes(workdir, small_corpus, env, **long_run)
     try:
-        for _ in range(600):
-            rows = metrics.read_metrics(str(workdir), "train") if (workdir / "metrics.jsonl").exists() else []
-            if len(rows) >= 3:
-                break
-            assert all(p.poll() is None for p in procs), "a process exited before the signal"
-            time.sleep(0.2)
+        wait_for_train_rows(workdir, procs, 3)
         procs[1].send_signal(signal.SIGTERM)  # the non-coordinator process only
     except BaseException:
         for p in procs:
@@ -447,12 +452,7 @@ def test_a_lost_process_ends_the_job_within_the_heartbeat_bound(tmp_path, small_
     run = dict(num_train_steps=100_000, eval_every_steps=100_000, checkpoint_every_steps=4)
     procs = start_two_processes(workdir, small_corpus, flags=["--heartbeat_timeout_s=10"], **run)
     try:
-        for _ in range(600):
-            rows = metrics.read_metrics(str(workdir), "train") if (workdir / "metrics.jsonl").exists() else []
-            if len(rows) >= 6:
-                break
-            assert all(p.poll() is None for p in procs), "a process exited early"
-            time.sleep(0.2)
+        wait_for_train_rows(workdir, procs, 6)
         procs[1].kill()
         lost_at = time.monotonic()
         out = procs[0].communicate(timeout=120)[0]
