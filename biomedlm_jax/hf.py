@@ -32,6 +32,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from biomedlm_jax import paths
 from biomedlm_jax import tokenizer as tokenizer_lib
 from biomedlm_jax.model import ACTIVATIONS, GPT, GPTConfig
 
@@ -136,15 +137,14 @@ def config_to_hf(cfg: GPTConfig, torch_dtype: str = "float32") -> dict:
 
 
 def read_hf_config(path: str) -> dict:
-    """config.json of an HF checkpoint directory as a dict (errors name the file)."""
-    cfg_file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isdir(path):
+    """config.json of an HF checkpoint directory (local or gs://...) as a dict (errors name the file)."""
+    cfg_file = paths.join(path, CONFIG_NAME)
+    if not paths.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    if not os.path.exists(cfg_file):
+    if not paths.exists(cfg_file):
         raise FileNotFoundError(f"{cfg_file} not found: an HF checkpoint directory needs a config.json")
     try:
-        with open(cfg_file, encoding="utf-8") as f:
-            hf_config = json.load(f)
+        hf_config = json.loads(paths.read_text(cfg_file))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from e
     if not isinstance(hf_config, dict):
@@ -153,7 +153,7 @@ def read_hf_config(path: str) -> dict:
 
 
 def load_config(path: str, **overrides) -> GPTConfig:
-    return config_from_hf(read_hf_config(path), os.path.join(path, CONFIG_NAME), **overrides)
+    return config_from_hf(read_hf_config(path), paths.join(path, CONFIG_NAME), **overrides)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,6 +223,7 @@ def unstack_layers(params: dict, n_layer: int) -> dict:
 
 
 def _weight_files(path: str) -> list[str]:
+    path = paths.downloaded(path)  # safetensors reads local files: a gs:// checkpoint is copied once
     single, index = os.path.join(path, WEIGHTS_NAME), os.path.join(path, INDEX_NAME)
     if os.path.exists(single):
         return [single]
@@ -356,7 +357,7 @@ def read_classifier_head(path: str, cfg: GPTConfig, dtype=np.float32) -> Optiona
     GPT2ForMultipleChoice / GPT2ForSequenceClassification) and transformers'
     GPT2ForSequenceClassification (`score.weight`). The kind comes from `architectures` in config.json,
     else from the tensors (a one-row weight with a bias is a choice head)."""
-    source = os.path.join(path, CONFIG_NAME)
+    source = paths.join(path, CONFIG_NAME)
     hf_config = read_hf_config(path)
     found = {name: (file, load) for file, name, load in _read_tensors(path) if name in HEAD_TENSORS}
     arch = [HEAD_ARCHITECTURES[a] for a in hf_config.get("architectures") or [] if a in HEAD_ARCHITECTURES]
@@ -472,7 +473,8 @@ def save_pretrained(
     (`tokenizers.Tokenizer`) is saved next to the weights when given, with `special_tokens` (e.g.
     {"pad_token": "[PAD]"}) in its tokenizer_config.json. With a classifier `head` (`params` then being
     the backbone's), the directory is that classifier instead (`classifier_config`, `classifier_to_hf`).
-    Files are written to a temporary directory and moved into place, so an interrupted save never
+    Files are written to a temporary directory and moved into place (on an object store: uploaded,
+    config.json last), so an interrupted save never
     leaves a mixed checkpoint, and weight files of the other layout (single vs sharded) left by an
     earlier save are removed.
     """
@@ -495,33 +497,47 @@ def save_pretrained(
 
     if jax.process_index() != 0:  # every process gathers (above); one writes.
         return
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-save-") as tmp:
-        written = []
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-            written.append(WEIGHTS_NAME)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({n: fname for n in shard})
-                written.append(fname)
-            index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
-            with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-            written.append(INDEX_NAME)
-        torch_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(save_dtype, "bfloat16")
-        hf_config = config_to_hf(cfg, torch_dtype) if head is None else classifier_config(cfg, head, torch_dtype)
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(hf_config, f, indent=2)
-        written.append(CONFIG_NAME)
-        if tokenizer is not None:
-            tokenizer_lib.save_tokenizer(tokenizer, tmp, model_max_length=cfg.n_positions, special_tokens=special_tokens)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    for name in os.listdir(out_dir):  # stale weights of the other layout would shadow the new ones
+    if paths.is_remote(out_dir):  # written locally, then uploaded with config.json last
+        with tempfile.TemporaryDirectory(prefix="biomedlm_jax-save-") as tmp:
+            written = _write_files(tmp, shards, tensors, cfg, head, save_dtype, tokenizer, special_tokens)
+            paths.upload(tmp, out_dir)
+        existing = paths.listdir(out_dir)
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-save-") as tmp:
+            written = _write_files(tmp, shards, tensors, cfg, head, save_dtype, tokenizer, special_tokens)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        existing = os.listdir(out_dir)
+    for name in existing:  # stale weights of the other layout would shadow the new ones
         stale = name == WEIGHTS_NAME or name == INDEX_NAME or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name)
         if stale and name not in written:
-            os.remove(os.path.join(out_dir, name))
+            paths.Path(paths.join(out_dir, name)).unlink()
+
+
+def _write_files(tmp: str, shards: list, tensors: dict, cfg: GPTConfig, head, save_dtype, tokenizer,
+                 special_tokens) -> list[str]:
+    """Write the checkpoint's files into the local folder `tmp`; returns the weight/config names."""
+    written = []
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        written.append(WEIGHTS_NAME)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+            written.append(fname)
+        index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+        with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+        written.append(INDEX_NAME)
+    torch_dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(save_dtype, "bfloat16")
+    hf_config = config_to_hf(cfg, torch_dtype) if head is None else classifier_config(cfg, head, torch_dtype)
+    with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=2)
+    written.append(CONFIG_NAME)
+    if tokenizer is not None:
+        tokenizer_lib.save_tokenizer(tokenizer, tmp, model_max_length=cfg.n_positions, special_tokens=special_tokens)
+    return written

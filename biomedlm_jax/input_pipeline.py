@@ -19,13 +19,14 @@ Nothing here imports TensorFlow; the model, trainer and generation run without i
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from biomedlm_jax import paths as paths_lib
 from biomedlm_jax import readers
 from biomedlm_jax import tokenizer as tokenizer_lib
 
@@ -154,10 +155,12 @@ PREPARED_FORMAT = "biomedlm_jax.prepared/1"
 class ShardedRows:
     """Rows spread over memory-mapped .npy shards, indexed like one (N, row_len) array.
 
-    Only the rows a process asks for are read from disk, so each host of a pod touches only its part."""
+    Only the rows a process asks for are read from disk, so each host of a pod touches only its part.
+    Shards on an object store (gs://...) cannot be memory-mapped: each is read whole into host memory
+    once. For a corpus larger than that, copy the prepared folder to local disk first."""
 
     def __init__(self, paths: Sequence[str]):
-        self.shards = [np.load(p, mmap_mode="r") for p in paths]
+        self.shards = [_load_shard(p) for p in paths]
         widths = {s.shape[1] for s in self.shards}
         if len(widths) > 1:
             raise DataError(f"shards {list(paths)} have different row lengths {sorted(widths)}")
@@ -189,6 +192,13 @@ class ShardedRows:
         return out.reshape(idx.shape + (self.row_len,))
 
 
+def _load_shard(path: str) -> np.ndarray:
+    if not paths_lib.is_remote(path):
+        return np.load(path, mmap_mode="r")
+    with paths_lib.Path(path).open("rb") as f:
+        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+
+
 @dataclass
 class PreparedSplit:
     rows: ShardedRows
@@ -199,8 +209,8 @@ class PreparedSplit:
 
 
 def read_manifest(path: str) -> dict:
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.exists(mpath):
+    mpath = paths_lib.join(path, MANIFEST)
+    if not paths_lib.exists(mpath):
         raise FileNotFoundError(f"{path}: no {MANIFEST}; not a directory written by `python -m biomedlm_jax.prepare_data`")
     manifest = readers.read_json(mpath)
     if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT:
@@ -214,7 +224,7 @@ def load_prepared(path: str, split: str) -> PreparedSplit:
     if split not in manifest["splits"]:
         raise DataError(f"{path}/{MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
     info = manifest["splits"][split]
-    shards = [os.path.join(path, s["file"]) for s in info["shards"]]
+    shards = [paths_lib.join(path, s["file"]) for s in info["shards"]]
     rows = ShardedRows(shards) if shards else None
     if rows is not None and len(rows) != info["rows"]:
         raise DataError(f"{path}: split {split!r} has {len(rows)} rows on disk, the manifest says {info['rows']}")

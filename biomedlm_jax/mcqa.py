@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biomedlm_jax import hf, readers
+from biomedlm_jax import hf, paths, readers
 from biomedlm_jax import tokenizer as tokenizer_lib
 from biomedlm_jax.model import GPT, GPTConfig, resize_embeddings  # noqa: F401 (mcqa.resize_embeddings)
 
@@ -549,7 +549,7 @@ def load_classifier(spec: str, step: Optional[int] = None, dtype: Optional[str] 
         return Classifier(MCQAModel(cfg, h.kind, n), params, tok, head)
     if kind != "orbax" or not path:
         raise ValueError(f"{spec!r}: expected hf:DIR or orbax:WORKDIR")
-    best = os.path.join(path, checkpoint.BEST_DIR)
+    best = paths.join(path, checkpoint.BEST_DIR)
     src = best if step is None and checkpoint.latest_step(best) is not None else path
     if step is None:  # the newest step that restores (a damaged one is moved aside), else the error
         return checkpoint.restore_newest(src, lambda s: _load_orbax_classifier(path, src, s, overrides))[1]
@@ -572,7 +572,7 @@ def _load_orbax_classifier(path: str, src: str, step: int, overrides: dict) -> C
     ids = jnp.ones((1, 1, 8), jnp.int32)
     abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]))
     params = checkpoint.restore_params(checkpoint._reader(src), step, checkpoint.place(abstract))
-    tok_dir = checkpoint.tokenizer_dir(src) if os.path.isdir(checkpoint.tokenizer_dir(src)) else checkpoint.tokenizer_dir(path)
+    tok_dir = checkpoint.tokenizer_dir(src) if paths.isdir(checkpoint.tokenizer_dir(src)) else checkpoint.tokenizer_dir(path)
     tok = tokenizer_lib.load_tokenizer(tok_dir)
     head.update(pad_id=tok.token_to_id(PAD), step=step, source=src)
     return Classifier(model, params, tok, head)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Optional
 
 import jax
 
+from biomedlm_jax import paths
 from biomedlm_jax.model import GPTConfig
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets). Matched as substrings of device_kind.
@@ -63,46 +63,60 @@ def mfu(tokens_per_s: float, cfg: GPTConfig, seq_len: int, n_devices: int, peak:
 
 class MetricsWriter:
     """Appends one JSON object per call to `workdir/metrics.jsonl` and writes TensorBoard scalars to
-    `workdir/tensorboard/`. Only process 0 writes; other processes get a no-op writer."""
+    `workdir/tensorboard/`. Only process 0 writes; other processes get a no-op writer.
+
+    On an object-store workdir (gs://...), which cannot append, metrics.jsonl is rewritten whole at
+    each write, and the TensorBoard events are written to a local folder and uploaded at each write.
+    """
 
     def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled and jax.process_index() == 0
-        self._jsonl = None
-        self._tb = None
+        self._path = paths.join(workdir, "metrics.jsonl")
+        self._remote = paths.is_remote(workdir)
+        self._tb = self._tb_local = None
+        self._tb_dir = paths.join(workdir, "tensorboard")
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        paths.makedirs(workdir)
         if tensorboard:
             from tensorboardX import SummaryWriter  # lazy: TensorBoard is only needed for logging
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if self._remote:
+                import tempfile
+
+                self._tb_local = tempfile.mkdtemp(prefix="biomedlm_jax-tb-")
+            self._tb = SummaryWriter(self._tb_local or self._tb_dir)
 
     def write(self, step: int, scalars: dict, split: str = "train") -> None:
         if not self.enabled:
             return
         # JSON has no NaN: a metric that is not a finite number (e.g. all steps in a window skipped) is null.
         clean = {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
-        self._jsonl.flush()
+        paths.append_lines(self._path, [json.dumps({"step": int(step), "split": split, **clean})])
         if self._tb is not None:
             for k, v in clean.items():
                 if v is not None:
                     self._tb.add_scalar(f"{split}/{k}", v, int(step))
+            if self._tb_local:
+                self._tb.flush()
+                paths.copytree(self._tb_local, self._tb_dir)
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+            if self._tb_local:
+                import shutil
+
+                paths.copytree(self._tb_local, self._tb_dir)
+                shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb = None
 
 
 def read_metrics(workdir: str, split: Optional[str] = None) -> list[dict]:
     """Rows of `workdir/metrics.jsonl` (optionally one split), for notebooks and tests."""
-    path = os.path.join(workdir, "metrics.jsonl")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    for line in paths.read_text(paths.join(workdir, "metrics.jsonl")).splitlines():
+        if line.strip():
             row = json.loads(line)
             if split is None or row.get("split") == split:
                 rows.append(row)

@@ -34,13 +34,14 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from typing import Optional, Sequence
 
 import numpy as np
 
 from biomedlm_jax import input_pipeline as ip
-from biomedlm_jax import readers
+from biomedlm_jax import paths, readers
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "validation")
@@ -96,7 +97,18 @@ class _SplitWriter:
 def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int = 1024,
             eval_fraction: float = 0.005, rows_per_shard: int = 65536, on_error: str = "raise",
             fmt: str = "auto", overwrite: bool = False, batch_docs: int = 512, progress: bool = True) -> dict:
-    """Tokenize and pack `inputs` into `out`; returns the manifest."""
+    """Tokenize and pack `inputs` into `out` (a local folder or an object-store URL, gs://...); returns
+    the manifest."""
+    if paths.is_remote(out):  # built in a local folder, then uploaded with the manifest last
+        if paths.exists(out) and not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        with tempfile.TemporaryDirectory(prefix="biomedlm_jax-prepare-") as local:
+            manifest = prepare(inputs, tokenizer_dir, os.path.join(local, "out"), seq_len=seq_len,
+                               eval_fraction=eval_fraction, rows_per_shard=rows_per_shard, on_error=on_error,
+                               fmt=fmt, batch_docs=batch_docs, progress=progress)
+            paths.rmtree(out)
+            paths.upload(os.path.join(local, "out"), out)
+        return manifest
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -170,9 +182,8 @@ def corpus_ids(corpus: str) -> set[str]:
     manifest = ip.read_manifest(corpus)
     ids: set[str] = set()
     for info in manifest["splits"].values():
-        with open(os.path.join(corpus, info["docs_index"]), encoding="utf-8") as f:
-            for line in f:
-                ids.add(line.split("\t", 1)[0])
+        for line in paths.read_text(paths.join(corpus, info["docs_index"])).splitlines():
+            ids.add(line.split("\t", 1)[0])
     return ids
 
 

@@ -132,12 +132,13 @@ def record_id(record: dict, fallback: str) -> str:
 
 
 def read_json(path: str):
-    """A whole JSON file; invalid JSON is a DataError naming the file and line."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    """A whole JSON file (local or on an object store); invalid JSON is a DataError naming the file and line."""
+    from biomedlm_jax import paths
+
+    try:
+        return json.loads(paths.read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
 
 
 def json_lines(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[int, dict]]:

@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from biomedlm_jax import readers
+from biomedlm_jax import paths, readers
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 DataError = readers.DataError
@@ -364,9 +364,8 @@ def evaluate_generation(config, workdir: str, split: str = "dev") -> dict:
     preds = [tok.decode([t for t in o if t != eos]).strip() for o in outs]
     score = rouge_l(preds, [e.answer for e in examples])
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"generations_{split}.jsonl"), "w", encoding="utf-8") as f:
-            for e, p in zip(examples, preds):
-                f.write(json.dumps({"doc_id": e.doc_id, "question": e.question, "answer": e.answer,
-                                    "generated": p}, ensure_ascii=False) + "\n")
+        paths.write_text(paths.join(workdir, f"generations_{split}.jsonl"), "".join(
+            json.dumps({"doc_id": e.doc_id, "question": e.question, "answer": e.answer, "generated": p},
+                       ensure_ascii=False) + "\n" for e, p in zip(examples, preds)))
     return {"examples": len(examples), "rougeL": score, "first_question": examples[0].question,
             "first_generated": preds[0]}

@@ -17,6 +17,8 @@ from typing import Iterable, Optional, Sequence
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from biomedlm_jax import paths
+
 EOS_TOKEN = "<|endoftext|>"
 
 _PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
@@ -34,7 +36,13 @@ def byte_level_bpe(vocab_file: str, merges_file: str) -> Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Load a byte-level BPE tokenizer from a file or directory (see module docstring)."""
+    """Load a byte-level BPE tokenizer from a file or directory (see module docstring); `path` may be
+    on an object store (gs://...)."""
+    if paths.is_remote(path):
+        if not paths.exists(path):
+            raise FileNotFoundError(f"tokenizer path {path} does not exist")
+        with paths.local_copy(path) as local:
+            return load_tokenizer(local)
     if os.path.isfile(path):
         if os.path.basename(path).endswith(".json"):
             return _from_tokenizer_json(path)
@@ -75,9 +83,13 @@ def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: Optional[int]
 
     `transformers.AutoTokenizer.from_pretrained(out_dir)` and `GPT2TokenizerFast.from_pretrained`
     load the result. `special_tokens` ({"pad_token": "[PAD]", "sep_token": ...}) go into
-    tokenizer_config.json, so transformers pads with that token.
+    tokenizer_config.json, so transformers pads with that token. `out_dir` may be on an object store.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    with paths.staged(out_dir) as local:
+        _save_tokenizer(tok, local, model_max_length, special_tokens)
+
+
+def _save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: Optional[int], special_tokens: Optional[dict]):
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     if isinstance(tok.model, models.BPE):
         tok.model.save(out_dir)  # vocab.json + merges.txt
@@ -98,9 +110,9 @@ def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: Optional[int]
 
 def find_tokenizer(path: str) -> Optional[Tokenizer]:
     """The tokenizer stored in a checkpoint directory, or None when it holds no tokenizer files."""
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         return None
-    names = set(os.listdir(path))
+    names = set(paths.listdir(path))
     if "tokenizer.json" in names or any(v in names and m in names for v, m in _PAIRS):
         return load_tokenizer(path)
     return None

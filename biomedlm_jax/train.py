@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -33,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from biomedlm_jax import checkpoint, configlib, hf, input_pipeline, losses, metrics, optim, sharding
+from biomedlm_jax import checkpoint, configlib, hf, input_pipeline, losses, metrics, optim, paths, sharding
 from biomedlm_jax import tokenizer as tokenizer_lib
 from biomedlm_jax.model import GPT, GPTConfig
 
@@ -154,7 +153,7 @@ def load_run_tokenizer(config, workdir: str):
     """The prepared corpus's tokenizer (`data.prepared_dir`), else `data.tokenizer`, else the tokenizer
     stored with init_from's checkpoint, else the workdir's (a resumed run)."""
     if config.data.get("prepared_dir"):
-        return tokenizer_lib.load_tokenizer(os.path.join(config.data.prepared_dir, "tokenizer"))
+        return tokenizer_lib.load_tokenizer(paths.join(config.data.prepared_dir, "tokenizer"))
     if config.data.get("tokenizer"):
         return tokenizer_lib.load_tokenizer(config.data.tokenizer)
     kind, path = parse_init_from(config.init_from)
@@ -303,10 +302,16 @@ def make_train_step(model, tx, deterministic: bool, task=None) -> Callable:
 
 
 def make_eval_step(model, task=None) -> Callable:
+    """`eval_step(params, batch, acc) -> acc + task.eval_sums(batch)`.
+
+    The running sums go through every step, so the eval batches form one chain on each device, as the
+    train steps do. Independent multi-device programs in flight at once can deadlock XLA:CPU, whose
+    collectives need one pool thread per participating device (a pool of max(cores, devices) threads).
+    """
     task = task or LMTask(None)
 
-    def eval_step(params, batch):
-        return task.eval_sums(model, params, batch)
+    def eval_step(params, batch, acc):
+        return jax.tree.map(jnp.add, acc, task.eval_sums(model, params, batch))
 
     return eval_step
 
@@ -319,7 +324,7 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, workdir: str, step: int, abs
     reader = checkpoint._reader(workdir)
     stored = reader.item_metadata(step)["state"]
     stored = getattr(stored, "tree", stored)
-    where = f"{os.path.join(workdir, checkpoint.CHECKPOINT_DIR)}/{step}/state"
+    where = f"{paths.join(workdir, checkpoint.CHECKPOINT_DIR)}/{step}/state"
     if not isinstance(stored, dict) or not {"params", "opt_state", "step"} <= set(stored):
         raise hf.CheckpointError(f"{where}: not a training state (has {sorted(stored) if isinstance(stored, dict) else stored})")
     checkpoint._check_against_disk(stored["params"], abstract_state["params"], where)
@@ -406,7 +411,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     groups (at each log, eval and checkpoint step), so a hook sees step k once that group is fetched.
     """
     # --- setup ---------------------------------------------------------------------------------------
-    workdir = os.path.abspath(workdir)
+    workdir = paths.resolve(workdir)  # a local folder or an object-store URL (gs://bucket/run)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(tuple(config.mesh_shape), devices=devices)
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
@@ -440,7 +445,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     abstract, shardings = state_shardings(model, tx, mesh, rules, task.example_inputs())
     mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     latest = mngr.latest_step()
-    if latest is None and os.path.isdir(os.path.join(workdir, checkpoint.QUARANTINE_DIR)):
+    if latest is None and paths.isdir(paths.join(workdir, checkpoint.QUARANTINE_DIR)):
         raise checkpoint.NoGoodCheckpoint(
             f"{workdir}: every checkpoint was moved aside to {checkpoint.QUARANTINE_DIR}/ because it did not restore; "
             "refusing to start from scratch in this workdir (use a new workdir, or remove that folder to do so)")
@@ -468,14 +473,20 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
         make_train_step(model, tx, not any((cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop)), task),
         in_shardings=(shardings, b_sharding), out_shardings=(shardings, replicated), donate_argnums=0,
     )
-    p_eval_step = jax.jit(make_eval_step(model, task), in_shardings=(shardings["params"], b_sharding),
-                          out_shardings=replicated)
+    p_eval_step = jax.jit(make_eval_step(model, task), in_shardings=(shardings["params"], b_sharding, replicated),
+                          out_shardings=replicated, donate_argnums=2)
+
+    sum_shapes = []  # the eval sums' shapes, worked out at the first evaluation
 
     def evaluate(params) -> dict:
         sums = None  # summed on the device; one transfer at the end
         for b in task.eval_batches(eval_rows, micro, local_rows):
-            out = p_eval_step(params, to_global(b, b_sharding, micro))
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+            b = to_global(b, b_sharding, micro)
+            if sums is None:
+                if not sum_shapes:
+                    sum_shapes.append(jax.eval_shape(lambda p, x: task.eval_sums(model, p, x), params, b))
+                sums = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), replicated), sum_shapes[0])
+            sums = p_eval_step(params, b, sums)
         sums = {} if sums is None else {k: float(v) for k, v in jax.device_get(sums).items()}
         return task.summarize(sums) if sums.get("count") else {}
 
@@ -494,13 +505,13 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
         try:
             mngr.wait_until_finished()
             mngr.check_for_errors()
-            error = None if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(s))) else \
+            error = None if paths.isdir(paths.join(workdir, checkpoint.CHECKPOINT_DIR, str(s))) else \
                 RuntimeError(f"step {s} was not finalised (see the orbax error logged above)")
         except Exception as e:  # noqa: BLE001 - whatever the writer raised
             error = e
         if error is not None:
             raise checkpoint.CheckpointSaveError(
-                f"saving step {s} to {os.path.join(workdir, checkpoint.CHECKPOINT_DIR)} failed "
+                f"saving step {s} to {paths.join(workdir, checkpoint.CHECKPOINT_DIR)} failed "
                 f"({checkpoint._reason(error)}); the last complete checkpoint is step "
                 f"{checkpoint.latest_step(workdir)}. Training stopped instead of going on without checkpoints."
             ) from error
@@ -677,7 +688,7 @@ def _initial_state(config, model, base_cfg, tx, abstract, shardings, task):
 
 def _read_best(workdir: str, task) -> float:
     """The best eval metric saved so far in WORKDIR/best (-inf when there is none)."""
-    best = os.path.join(workdir, checkpoint.BEST_DIR)
+    best = paths.join(workdir, checkpoint.BEST_DIR)
     if not task.best_metric or checkpoint.latest_step(best) is None:
         return -np.inf
     return float(checkpoint.read_meta(best)[1].get(task.best_metric, -np.inf))
@@ -686,19 +697,17 @@ def _read_best(workdir: str, task) -> float:
 def _save_best(workdir: str, cfg: GPTConfig, params, step: int, task, value: float) -> None:
     """Params-only checkpoint of the best step by `task.best_metric` in WORKDIR/best (replacing the
     previous best only once the new one is complete)."""
-    import shutil
-
-    best = os.path.join(workdir, checkpoint.BEST_DIR)
+    best = paths.join(workdir, checkpoint.BEST_DIR)
     tmp = best + ".saving"
     if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        paths.rmtree(tmp)
     multihost_utils.sync_global_devices("best: cleared") if jax.process_count() > 1 else None
     extra = task.meta() if hasattr(task, "meta") else {}
     checkpoint.save_params(tmp, cfg, params, step, **{task.best_metric: value}, **extra)
     if jax.process_index() == 0:
-        shutil.copytree(checkpoint.tokenizer_dir(workdir), checkpoint.tokenizer_dir(tmp))
-        shutil.rmtree(best, ignore_errors=True)
-        os.rename(tmp, best)
+        paths.copytree(checkpoint.tokenizer_dir(workdir), checkpoint.tokenizer_dir(tmp))
+        paths.rmtree(best)
+        paths.rename(tmp, best)
     multihost_utils.sync_global_devices("best: saved") if jax.process_count() > 1 else None
 
 

@@ -13,7 +13,8 @@ MODULES = {
     "importlib_resources": "importlib_resources", "safetensors": "safetensors", "tensorboardX": "tensorboardX",
     "tqdm": "tqdm", "numpy": "numpy", "ml_dtypes": "ml_dtypes", "protobuf": "google.protobuf",
     "tensorstore": "tensorstore", "pytest": "pytest", "torch": "torch", "transformers": "transformers",
-    "lm-eval": "lm_eval", "datasets": "datasets", "accelerate": "accelerate",
+    "lm-eval": "lm_eval", "datasets": "datasets", "accelerate": "accelerate", "gcsfs": "gcsfs",
+    "gcp-storage-emulator": "gcp_storage_emulator",
 }
 
 
