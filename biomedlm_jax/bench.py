@@ -6,8 +6,10 @@ runs), `batch`, `seq` (generate: prompt + new; tokenize: the row length) and `to
     python -m biomedlm_jax.bench pipeline --seq=128 --batch=8 [--steps=500 --prepared=DIR --impl=numpy|tf]
     python -m biomedlm_jax.bench tokenize [--input=FILES --tokenizer=DIR]
     python -m biomedlm_jax.bench generate --model=tiny --batch=1 --prompt=128 --new=256 [--peer --dtype=bfloat16 --vocab=V]
+    python -m biomedlm_jax.bench memory --model=biomedlm-2.7b --task=medqa|pubmedqa|lm --seq=512 --batch=B --lora_rank=R
+        [--mesh=data,fsdp,tensor --dtype=bfloat16 --remat=full --moments=bfloat16 --base_dtype=bfloat16 --grad_accum=A]
     python -m biomedlm_jax.bench train --model=bench-cpu --batch=8 --seq=256 --steps=10 [--peer --remat=... --scan_layers
-        --attention_impl=... --dtype=bfloat16 --loss_chunk=K --vocab=V --peak_flops=...]
+        --attention_impl=... --dtype=bfloat16 --loss_chunk=K --vocab=V --peak_flops=... --lora_rank=R]
 
 `pipeline` measures the batches a training process would consume: BatchIterator.batch_at (random,
 seeded row gathers from memory or memory-mapped shards, int32 conversion, input/target split). With
@@ -144,7 +146,7 @@ def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool =
 
 def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = False, dtype: str = "float32",
                 remat: str = "none", scan_layers: bool = False, attention_impl: str = "auto",
-                peak_flops: float = 0.0, loss_chunk: int = 0, vocab: int = 0) -> list[dict]:
+                peak_flops: float = 0.0, loss_chunk: int = 0, vocab: int = 0, lora_rank: int = 0) -> list[dict]:
     import jax
 
     from biomedlm_jax import configlib, metrics, sharding, train
@@ -157,22 +159,26 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
     config = configlib.train_config()
     config.seq_len, config.global_batch_size, config.num_train_steps = seq, batch, 1000
     config.loss_chunk_size = loss_chunk
+    config.lora.rank = lora_rank
+    cfg = train.with_lora(cfg, config)
     model = model_lib.GPT(cfg)
     tx, _ = train.make_optimizer(config)
+    trainable = train.trainable_mask(config, cfg, None)
     n = jax.device_count()
     while batch % n:  # data parallel over as many devices as divide the batch
         n -= 1
     mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:n])
     rules = sharding.DEFAULT_RULES
-    abstract, shardings = train.state_shardings(model, tx, mesh, rules, seq)
+    abstract, shardings = train.state_shardings(model, tx, mesh, rules, seq, trainable)
+    mask = trainable(abstract["params"]) if trainable else None
     b_sharding = train.batch_sharding(mesh, rules)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (steps + 1, 1, batch, seq + 1)).astype(np.int32)
     batches = [{"inputs": jax.device_put(x[..., :-1], b_sharding), "targets": jax.device_put(x[..., 1:], b_sharding)}
                for x in ids]
     with jax.set_mesh(mesh), __import__("flax").linen.logical_axis_rules(rules):
-        state, _ = train._initial_state(config, model, cfg, tx, abstract, shardings, train.LMTask(config))
-        step = jax.jit(train.make_train_step(model, tx, True, train.LMTask(config)),
+        state, _ = train._initial_state(config, model, cfg, tx, abstract, shardings, train.LMTask(config), mask)
+        step = jax.jit(train.make_train_step(model, tx, True, train.LMTask(config), mask),
                        in_shardings=(shardings, b_sharding), out_shardings=(shardings, None), donate_argnums=0)
         t0 = time.perf_counter()
         step = step.lower(state, batches[0]).compile()
@@ -201,6 +207,7 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
     rows = [dict(base, impl="ours", tokens_per_s=tok_s, step_ms=1e3 * dt, compile_s=compile_s,
                  mfu=metrics.mfu(tok_s, cfg, seq, mesh.devices.size, peak), peak_memory_bytes=mem,
                  remat=remat, scan_layers=scan_layers, attention_impl=attention_impl, loss_chunk=loss_chunk,
+                 lora_rank=lora_rank,
                  temp_bytes=getattr(analysis, "temp_size_in_bytes", None),
                  flops_per_token=metrics.flops_per_token(cfg, seq), loss=float(m["loss"]))]
     if peer:
@@ -234,6 +241,87 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
                          mfu=metrics.mfu(ttok, cfg, seq, 1, peak), torch=torch.__version__))
         rows[0]["speedup_vs_hf"] = tok_s / ttok
     return rows
+
+
+MEMORY_TASKS = {"lm": None, "medqa": 4, "pubmedqa": 1}  # task -> options per question (None: LM rows)
+
+
+def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, mesh: str = "1,1,1",
+                 dtype: str = "bfloat16", remat: str = "full", scan_layers: bool = True, moments: str = "bfloat16",
+                 base_dtype: str = "bfloat16", grad_accum: int = 1,
+                 lora_targets: str = "qkv,attn_out,mlp_in,mlp_out") -> dict:
+    """What the trainer's real train step needs on one device, from XLA's buffer assignment of the step
+    compiled for abstract (shape-only) state and batch: no weights are allocated, so a 2.7B report
+    runs on a laptop. `batch` counts questions (or LM rows) per micro-batch."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from biomedlm_jax import configlib, lora, mcqa, sharding, train
+    from biomedlm_jax import model as model_lib
+    from biomedlm_jax import tokenizer as tokenizer_lib
+
+    if task not in MEMORY_TASKS:
+        raise SystemExit(f"--task={task}: choose from {sorted(MEMORY_TASKS)}")
+    base_cfg = model_lib.get_config(variant, n_positions=max(model_lib.VARIANTS[variant].get("n_positions", 1024), seq),
+                                    dtype=dtype, remat_policy=remat, scan_layers=scan_layers,
+                                    embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    if task == "lm":
+        config = configlib.train_config()
+    else:
+        config = configlib.load_config_file(os.path.join(REPO, "configs", "mcqa.py"), task)
+    config.seq_len, config.grad_accum_steps, config.global_batch_size = seq, grad_accum, batch * grad_accum
+    config.lora.rank, config.lora.targets, config.lora.base_dtype = lora_rank, lora_targets, base_dtype
+    config.optimizer.mu_dtype = config.optimizer.nu_dtype = "" if moments == "float32" else moments
+    cfg = train.with_lora(base_cfg, config)
+    if task == "lm":
+        task_obj, base_vocab = train.LMTask(config), None
+    else:
+        task_obj = mcqa.MCQATask(config)
+        task_obj.k = MEMORY_TASKS[task]
+        tok = tokenizer_lib.load_tokenizer(os.path.join(REPO, "data", "gpt2_tokenizer"))
+        n0 = tok.get_vocab_size()
+        mcqa.add_task_tokens(tok, task_obj.head)  # the rows the task adds to the base vocabulary
+        base_vocab = base_cfg.vocab_size
+        cfg = cfg.replace(vocab_size=base_vocab + tok.get_vocab_size() - n0)
+    model = task_obj.model(cfg)
+    tx, _ = train.make_optimizer(config)
+    mesh_shape = tuple(int(x) for x in mesh.split(","))
+    m = sharding.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
+    rules = sharding.DEFAULT_RULES
+    trainable = train.trainable_mask(config, cfg, task_obj if task != "lm" else None, base_vocab if lora_rank else None)
+    abstract, shardings = train.state_shardings(model, tx, m, rules, task_obj.example_inputs(), trainable,
+                                                base_dtype if lora_rank else None)
+    mask = trainable(abstract["params"]) if trainable else None
+    b_sharding = train.batch_sharding(m, rules)
+    A, B = grad_accum, batch
+    if task == "lm":
+        fields = {"inputs": ((A, B, seq), np.int32), "targets": ((A, B, seq), np.int32)}
+    else:
+        k = MEMORY_TASKS[task]
+        fields = {"ids": ((A, B, k, seq), np.int32), "mask": ((A, B, k, seq), bool), "labels": ((A, B), np.int32)}
+    batch_abstract = {n: jax.ShapeDtypeStruct(shape, dt, sharding=b_sharding) for n, (shape, dt) in fields.items()}
+    step = jax.jit(train.make_train_step(model, tx, True, task_obj, mask, base_vocab if lora_rank else None),
+                   in_shardings=(shardings, b_sharding), out_shardings=(shardings, NamedSharding(m, P())),
+                   donate_argnums=0)
+    t0 = time.perf_counter()
+    with jax.set_mesh(m), __import__("flax").linen.logical_axis_rules(rules):
+        compiled = step.lower(abstract, batch_abstract).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    arg, out, alias, temp = (int(getattr(ma, f"{n}_size_in_bytes")) for n in ("argument", "output", "alias", "temp"))
+    trainable_n, total_n = lora.count(abstract["params"], mask) if mask else (None, None)
+    if total_n is None:
+        total_n = trainable_n = int(sum(x.size for x in jax.tree.leaves(abstract["params"])))
+    return {"kind": "memory", "impl": "ours", "model": variant, "task": task, "batch": batch, "seq": seq,
+            "tokens_per_s": None,
+            "options": MEMORY_TASKS[task], "lora_rank": lora_rank, "lora_targets": lora_targets if lora_rank else None,
+            "mesh": list(mesh_shape), "dtype": dtype, "remat": remat, "scan_layers": scan_layers,
+            "moments": moments, "base_dtype": base_dtype if lora_rank else cfg.param_dtype, "grad_accum": grad_accum,
+            "argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+            "peak_bytes": arg + out - alias + temp, "peak_gb": round((arg + out - alias + temp) / 1e9, 2),
+            "trainable_params": trainable_n, "total_params": total_n, "compile_s": round(compile_s, 1),
+            "backend": jax.default_backend()}
 
 
 def main(argv=None) -> int:
@@ -271,10 +359,30 @@ def main(argv=None) -> int:
     tr.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU (default: table)")
     tr.add_argument("--peer", action="store_true")
     tr.add_argument("--vocab", type=int, default=0, help="override the variant's vocab size (e.g. 28896)")
+    tr.add_argument("--lora_rank", type=int, default=0, help="LoRA adapters on all four projections (0 = full)")
+    me = sub.add_parser("memory", help="bytes the real train step needs on one device (no weights allocated)")
+    me.add_argument("--model", default="tiny")
+    me.add_argument("--task", default="lm", choices=sorted(MEMORY_TASKS))
+    me.add_argument("--seq", type=int, default=512)
+    me.add_argument("--batch", type=int, default=1, help="questions (or LM rows) per micro-batch")
+    me.add_argument("--lora_rank", type=int, default=0)
+    me.add_argument("--lora_targets", default="qkv,attn_out,mlp_in,mlp_out")
+    me.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor (needs that many devices)")
+    me.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    me.add_argument("--remat", default="full")
+    me.add_argument("--no_scan", action="store_true", help="unrolled layers instead of nn.scan")
+    me.add_argument("--moments", default="bfloat16", choices=("bfloat16", "float32"), help="Adam moments' dtype")
+    me.add_argument("--base_dtype", default="bfloat16", help="LoRA: the frozen base weights' storage dtype")
+    me.add_argument("--grad_accum", type=int, default=1)
     args = p.parse_args(argv)
-    if args.cmd == "train":
+    if args.cmd == "memory":
+        rows = [bench_memory(args.model, args.task, args.seq, args.batch, args.lora_rank, args.mesh, args.dtype,
+                             args.remat, not args.no_scan, args.moments, args.base_dtype, args.grad_accum,
+                             args.lora_targets)]
+    elif args.cmd == "train":
         rows = bench_train(args.model, args.batch, args.seq, args.steps, args.peer, args.dtype, args.remat,
-                           args.scan_layers, args.attention_impl, args.peak_flops, args.loss_chunk, args.vocab)
+                           args.scan_layers, args.attention_impl, args.peak_flops, args.loss_chunk, args.vocab,
+                           args.lora_rank)
     elif args.cmd == "pipeline":
         rows = [bench_pipeline(args.seq, args.batch, args.steps, args.prepared, args.impl)]
     elif args.cmd == "generate":

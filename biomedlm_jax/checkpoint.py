@@ -138,9 +138,11 @@ def _check_against_disk(disk: Any, want: Any, where: str) -> None:
             )
 
 
-def load_model(workdir: str, step: Optional[int] = None, shardings=None, **config_overrides):
+def load_model(workdir: str, step: Optional[int] = None, shardings=None, merge_lora: bool = True, **config_overrides):
     """(GPT model, params) from an orbax workdir: `step`, or the newest step that restores (a damaged
     latest step is reported, moved aside and the next older one used; with `step` given, an error).
+    A LoRA run's adapters are merged into the weights (`lora.merge`): the model returned has none
+    (`merge_lora=False`: the adapters are kept, for `convert --to=peft:`).
 
     The architecture comes from the checkpoint's meta; `config_overrides` may change dtypes, attention
     implementation, remat, dropout. `shardings`: optional pytree of jax Shardings for the params (as
@@ -148,7 +150,7 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, **confi
     """
     mngr = _reader(workdir)
     if step is None and mngr.all_steps():  # the newest step that restores; damaged ones are moved aside
-        return restore_newest(workdir, lambda s: load_model(workdir, s, shardings, **config_overrides),
+        return restore_newest(workdir, lambda s: load_model(workdir, s, shardings, merge_lora, **config_overrides),
                               steps=mngr.all_steps())[1]
     step, meta = _read_meta(mngr, step)
     stored = GPTConfig(**meta["model"])
@@ -164,6 +166,10 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, **confi
     _check_against_disk(disk_params, abstract, where)
     params = restore_params(mngr, step, {backbone: abstract} if backbone else abstract)
     params = params[backbone] if backbone else params
+    if stored.lora_rank and merge_lora:  # a LoRA run: adapters folded into the weights, a plain GPT comes out
+        from biomedlm_jax import lora
+
+        params, stored = lora.merge(params, stored), stored.replace(lora_rank=0)
     cfg = stored.replace(**config_overrides)
     if cfg.scan_layers != stored.scan_layers:
         params = (hf.stack_layers if cfg.scan_layers else hf.unstack_layers)(params, cfg.n_layer)

@@ -26,9 +26,12 @@ ARCHITECTURE_FIELDS = (
 
 
 def _field_types() -> dict[str, type]:
+    """GPTConfig fields a `model` section exposes; the LoRA ones come from the `lora` section instead."""
     hints = typing.get_type_hints(GPTConfig)
     out = {}
     for f in dataclasses.fields(GPTConfig):
+        if f.name.startswith("lora_"):
+            continue
         t = hints[f.name]
         args = [a for a in typing.get_args(t) if a is not type(None)]
         out[f.name] = args[0] if args else t
@@ -123,6 +126,18 @@ def train_config(train_files: str = "", tokenizer: str = "") -> ml_collections.C
     c.optimizer.decay_mode = "composer"  # composer | optax
     c.optimizer.grad_clip_norm = 1.0
     c.optimizer.max_consecutive_nonfinite = 10  # stop the run after this many skipped steps in a row
+    # Adam moments' storage dtype ("" = the params' dtype, fp32). "bfloat16" halves the optimizer state.
+    c.optimizer.mu_dtype = ""
+    c.optimizer.nu_dtype = ""
+
+    # LoRA adapters (rank 0 = off, full fine-tuning). See biomedlm_jax/lora.py for what trains.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.targets = "qkv,attn_out,mlp_in,mlp_out"  # comma-separated subset of these four
+    c.lora.base_dtype = ""  # storage dtype of the frozen base weights ("" = param dtype; e.g. bfloat16)
+    c.lora.from_peft = ""  # start the adapters from an HF PEFT LoRA directory for GPT-2 (with init_from=hf:BASE)
 
     c.log_every_steps = 10
     c.eval_every_steps = 50

@@ -2,6 +2,13 @@
 
     python -m biomedlm_jax.convert --from=hf:DIR --to=orbax:WORKDIR
     python -m biomedlm_jax.convert --from=orbax:WORKDIR --to=hf:DIR [--step=N] [--dtype=bfloat16]
+    python -m biomedlm_jax.convert --from=orbax:LORA_WORKDIR --to=peft:DIR
+
+A LoRA run (config `lora.rank` > 0) exports to hf: with its adapters merged into the weights (a plain
+GPT2LMHeadModel, or the classifier below), and to peft: as an HF PEFT adapter (adapter_config.json +
+adapter_model.safetensors, GPT-2 module names) that `peft.PeftModel.from_pretrained(
+GPT2LMHeadModel.from_pretrained(BASE), DIR)` loads. PEFT export covers LM runs on the base's own
+vocabulary; a run that added tokens or a task head (MCQA, seq2seq's BioMedLM layout) exports merged.
 
 `orbax:WORKDIR` is a training workdir (the latest complete checkpoint is used unless --step) or the
 output of a previous hf->orbax conversion. Tokenizer files travel with the weights both ways
@@ -24,12 +31,14 @@ import jax
 
 from biomedlm_jax import checkpoint, hf, paths
 from biomedlm_jax import tokenizer as tokenizer_lib
+from biomedlm_jax.model import GPTConfig
 
 
 def parse_location(spec: str, flag: str) -> tuple[str, str]:
     kind, sep, path = spec.partition(":")
-    if not sep or kind not in ("hf", "orbax") or not path:
-        raise SystemExit(f"{flag}={spec!r}: expected hf:DIR or orbax:DIR")
+    kinds = ("hf", "orbax", "peft") if flag == "--to" else ("hf", "orbax")
+    if not sep or kind not in kinds or not path:
+        raise SystemExit(f"{flag}={spec!r}: expected {' or '.join(k + ':DIR' for k in kinds)}")
     return kind, path
 
 
@@ -83,8 +92,37 @@ def export_classifier(clf, dst_path: str, dtype=None, max_shard_size="5GB") -> N
                        max_shard_size=max_shard_size, head=head, special_tokens=special)
 
 
+def export_peft(src: str, dst_path: str, step=None, overwrite=False) -> str:
+    """A LoRA run's adapters as an HF PEFT directory (see the module docstring)."""
+    from biomedlm_jax import lora
+
+    kind, path = parse_location(src, "--from")
+    if kind != "orbax":
+        raise ValueError(f"--from={src}: a PEFT adapter comes from a LoRA training workdir (orbax:WORKDIR)")
+    if paths.exists(paths.join(dst_path, lora.PEFT_CONFIG)) and not overwrite:
+        raise FileExistsError(f"{dst_path} already holds a PEFT adapter; pass --overwrite to replace it")
+    _, meta = checkpoint.read_meta(path, step)
+    cfg = GPTConfig(**meta["model"])
+    if not cfg.lora_rank:
+        raise ValueError(f"{path}: not a LoRA run (lora.rank 0); export it with --to=hf:")
+    if meta.get("backbone"):
+        raise ValueError(f"{path}: an MCQA run (a classifier head and added tokens), which PEFT's causal-LM adapter "
+                         "cannot carry; export it merged with --to=hf:")
+    init_kind, base = (meta.get("config", {}).get("init_from") or ":").split(":", 1)
+    base_vocab = hf.load_config(base).vocab_size if init_kind == "hf" else (
+        GPTConfig(**checkpoint.read_meta(base)[1]["model"]).vocab_size if init_kind == "orbax" else cfg.vocab_size)
+    if base_vocab != cfg.vocab_size:
+        raise ValueError(f"{path}: the run grew the vocabulary from {base_vocab} to {cfg.vocab_size} (added tokens), "
+                         "which a PEFT adapter does not carry; export it merged with --to=hf:")
+    _, params = checkpoint.load_model(path, step=step, merge_lora=False, scan_layers=False)
+    lora.save_peft(dst_path, jax.device_get(params), cfg.replace(scan_layers=False), base if init_kind == "hf" else "")
+    return dst_path
+
+
 def convert(src: str, dst: str, *, step=None, dtype=None, overwrite=False, max_shard_size="5GB") -> str:
     dst_kind, dst_path = parse_location(dst, "--to")
+    if dst_kind == "peft":
+        return export_peft(src, dst_path, step, overwrite)
     if dst_kind == "hf" and paths.exists(paths.join(dst_path, hf.CONFIG_NAME)) and not overwrite:
         raise FileExistsError(f"{dst_path} already holds an HF checkpoint; pass --overwrite to replace it")
     clf = _mcqa_classifier(src, step) if dst_kind == "hf" else None
@@ -108,7 +146,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="src", required=True, help="hf:DIR or orbax:WORKDIR")
-    p.add_argument("--to", dest="dst", required=True, help="hf:DIR or orbax:WORKDIR")
+    p.add_argument("--to", dest="dst", required=True, help="hf:DIR, orbax:WORKDIR, or peft:DIR (a LoRA run's adapters)")
     p.add_argument("--step", type=int, default=None, help="orbax step to read/write (default: latest / 0)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="storage dtype")
     p.add_argument("--max_shard_size", default="5GB", help="HF output: shard safetensors above this size")

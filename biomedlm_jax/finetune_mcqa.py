@@ -11,11 +11,11 @@ from biomedlm_jax import cli
 
 
 def finetune(config, workdir: str) -> dict:
-    from biomedlm_jax import train
+    from biomedlm_jax import mcqa, train
 
     if config.data.task != "mcqa":
         raise ValueError(f"config.data.task={config.data.task!r}: this entry point needs an MCQA config")
-    return train.train_and_evaluate(config, workdir)
+    return train.train_and_evaluate(config, workdir, task=mcqa.MCQATask(config))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def finetune(config, workdir: str) -> dict:
         raise ValueError(f"config.data.task={config.data.task!r}: this entry point needs a seq2seq config")
     if not config.init_from and jax.process_index() == 0:
         print("[seq2seq] warning: no init_from; fine-tuning a randomly initialised model", flush=True)
-    summary = train.train_and_evaluate(config, workdir)
+    summary = train.train_and_evaluate(config, workdir, task=seq2seq.Seq2SeqTask(config))
     if config.data.generate_examples and not summary.get("preempted"):
         gen = seq2seq.evaluate_generation(config, workdir)
         if gen.get("examples"):

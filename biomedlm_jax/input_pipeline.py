@@ -245,10 +245,6 @@ def load_train_eval(data_cfg, seq_len: int, tok):
     memory; held-out rows from `data.eval_files`, or the documents whose id hashes into
     `data.eval_fraction`.
     """
-    if data_cfg.get("task", "lm") == "seq2seq":
-        from biomedlm_jax import seq2seq
-
-        return seq2seq.load_train_eval(data_cfg, seq_len, tok)
     if data_cfg.get("prepared_dir"):
         path = data_cfg.prepared_dir
         train, evals = load_prepared(path, "train"), load_prepared(path, "validation")

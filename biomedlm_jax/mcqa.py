@@ -572,6 +572,11 @@ def _load_orbax_classifier(path: str, src: str, step: int, overrides: dict) -> C
     ids = jnp.ones((1, 1, 8), jnp.int32)
     abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]))
     params = checkpoint.restore_params(checkpoint._reader(src), step, checkpoint.place(abstract))
+    if cfg.lora_rank:  # a LoRA run: adapters folded into the backbone's weights
+        from biomedlm_jax import lora
+
+        params = dict(params, transformer=lora.merge(params["transformer"], cfg))
+        model = MCQAModel(cfg.replace(lora_rank=0), head["head"], head["num_labels"])
     tok_dir = checkpoint.tokenizer_dir(src) if paths.isdir(checkpoint.tokenizer_dir(src)) else checkpoint.tokenizer_dir(path)
     tok = tokenizer_lib.load_tokenizer(tok_dir)
     head.update(pad_id=tok.token_to_id(PAD), step=step, source=src)
@@ -822,3 +827,12 @@ class MCQATask:
         return {"backbone": self.backbone, "mcqa": {
             "task": self.spec.name, "head": self.head, "num_labels": self.num_labels, "labels": list(self.spec.labels),
             "seq_len": self.config.seq_len, "append_eos": d.append_eos, "truncation": d.truncation, "layout": LAYOUT}}
+
+
+def _register() -> None:
+    from biomedlm_jax import train
+
+    train.register_task("mcqa", MCQATask)
+
+
+_register()

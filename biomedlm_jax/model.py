@@ -57,6 +57,8 @@ ACTIVATIONS = {
     "tanh": jnp.tanh,
 }
 
+# Projections LoRA can adapt: attention c_attn (fused q/k/v), attention c_proj, MLP c_fc, MLP c_proj.
+LORA_TARGETS = ("qkv", "attn_out", "mlp_in", "mlp_out")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
@@ -100,6 +102,12 @@ class GPTConfig:
     attention_impl: str = "auto"  # auto | xla | cudnn  (jax.nn.dot_product_attention implementation)
     remat_policy: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     scan_layers: bool = False  # nn.scan over blocks: params stacked on a leading "layers" axis
+    # LoRA adapters (Hu et al. 2021) on the projections named in lora_targets: y = x W + b + (alpha/r) x A B,
+    # A (in, r) random, B (r, out) zero, so step 0 equals the base model. rank 0 = no adapters.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple = LORA_TARGETS
 
     def __post_init__(self):
         if self.d_model % self.n_head:
@@ -112,6 +120,12 @@ class GPTConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose from {ATTENTION_IMPLS}")
         for name in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype name
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # lists from JSON meta / configs
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"lora_targets {sorted(unknown)} unknown; choose from {LORA_TARGETS}")
         if self.attention_impl == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 or float16, not {self.dtype}")
 
@@ -130,7 +144,12 @@ class GPTConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    def lora_on(self, target: str) -> bool:
+        return self.lora_rank > 0 and target in self.lora_targets
 
 
 # Published sizes: GPT-2 small 124M / medium 355M (Radford et al. 2019, HF gpt2 / gpt2-medium);
@@ -213,9 +232,10 @@ class Projection(nn.Module):
     kernel_axes: tuple
     bias_axes: tuple
     init_scale: float = 1.0
+    lora_target: Optional[str] = None  # one of LORA_TARGETS: gets adapters when the config enables it
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic: bool = True):
         cfg = self.config
         kernel = self.param(
             "kernel",
@@ -227,8 +247,27 @@ class Projection(nn.Module):
             "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes), tuple(self.out_shape), cfg.param_dtype
         )
         n = len(self.in_shape)
-        y = jnp.tensordot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
+        contract = tuple(range(x.ndim - n, x.ndim))
+        y = jnp.tensordot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), axes=(contract, tuple(range(n))))
+        if self.lora_target is not None and cfg.lora_on(self.lora_target):
+            y = y + self._lora(x, contract, deterministic)
         return y + bias.astype(cfg.dtype)
+
+    def _lora(self, x, contract, deterministic: bool):
+        """(alpha / r) * dropout(x) A B. A is initialised as PEFT does (Kaiming-uniform, a = sqrt(5):
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in))), B with zeros."""
+        cfg, n, r = self.config, len(self.in_shape), self.config.lora_rank
+        fan_in = int(np.prod(self.in_shape))
+        bound = 1.0 / np.sqrt(fan_in)
+        a = self.param("lora_a", nn.with_logical_partitioning(
+            lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
+            tuple(self.kernel_axes[:n]) + (None,)), tuple(self.in_shape) + (r,), cfg.param_dtype)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + tuple(self.kernel_axes[n:])),
+                       (r,) + tuple(self.out_shape), cfg.param_dtype)
+        x = nn.Dropout(rate=cfg.lora_dropout)(x, deterministic=deterministic or cfg.lora_dropout == 0.0)
+        h = jnp.tensordot(x.astype(cfg.dtype), a.astype(cfg.dtype), axes=(contract, tuple(range(n))))  # (..., r)
+        y = jnp.tensordot(h, b.astype(cfg.dtype), axes=((h.ndim - 1,), (0,)))
+        return y * jnp.asarray(cfg.lora_alpha / r, cfg.dtype)
 
 
 class Attention(nn.Module):
@@ -250,8 +289,9 @@ class Attention(nn.Module):
         # x: (B, T, C)
         C, H, hd = cfg.d_model, cfg.n_head, cfg.head_dim
         qkv = Projection(
-            cfg, (C,), (3, H, hd), ("embed", None, "heads", "kv"), (None, "heads", "kv"), name="c_attn"
-        )(x)  # (B, T, 3, H, hd)
+            cfg, (C,), (3, H, hd), ("embed", None, "heads", "kv"), (None, "heads", "kv"), lora_target="qkv",
+            name="c_attn",
+        )(x, deterministic)  # (B, T, 3, H, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, hd)
         act_spec = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         q, k, v = (nn.with_logical_constraint(t, act_spec) for t in (q, k, v))
@@ -284,7 +324,8 @@ class Attention(nn.Module):
             y = jnp.einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), v).transpose(0, 2, 1, 3).astype(cfg.dtype)
             y = nn.with_logical_constraint(y, act_spec)
             y = Projection(
-                cfg, (H, hd), (C,), ("heads", "kv", "embed"), ("embed",), (2 * cfg.n_layer) ** -0.5, name="c_proj"
+                cfg, (H, hd), (C,), ("heads", "kv", "embed"), ("embed",), (2 * cfg.n_layer) ** -0.5,
+                lora_target="attn_out", name="c_proj",
             )(y)
             return y, new_cache
 
@@ -309,8 +350,9 @@ class Attention(nn.Module):
 
         # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) at init.
         y = Projection(
-            cfg, (H, hd), (C,), ("heads", "kv", "embed"), ("embed",), (2 * cfg.n_layer) ** -0.5, name="c_proj"
-        )(y)  # (B, T, C)
+            cfg, (H, hd), (C,), ("heads", "kv", "embed"), ("embed",), (2 * cfg.n_layer) ** -0.5,
+            lora_target="attn_out", name="c_proj",
+        )(y, deterministic)  # (B, T, C)
         return nn.Dropout(rate=cfg.resid_pdrop)(y, deterministic=deterministic), None
 
 
@@ -334,12 +376,14 @@ class MLP(nn.Module):
     def __call__(self, x, deterministic: bool):
         cfg = self.config
         C, F = cfg.d_model, cfg.ffn_dim
-        h = Projection(cfg, (C,), (F,), ("embed", "mlp"), ("mlp",), name="c_fc")(x)  # (B, T, 4C)
+        h = Projection(cfg, (C,), (F,), ("embed", "mlp"), ("mlp",), lora_target="mlp_in", name="c_fc")(
+            x, deterministic)  # (B, T, 4C)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
         h = ACTIVATIONS[cfg.activation](h)
         y = Projection(
-            cfg, (F,), (C,), ("mlp", "embed"), ("embed",), (2 * cfg.n_layer) ** -0.5, name="c_proj"
-        )(h)  # (B, T, C)
+            cfg, (F,), (C,), ("mlp", "embed"), ("embed",), (2 * cfg.n_layer) ** -0.5, lora_target="mlp_out",
+            name="c_proj",
+        )(h, deterministic)  # (B, T, C)
         return nn.Dropout(rate=cfg.resid_pdrop)(y, deterministic=deterministic)
 
 

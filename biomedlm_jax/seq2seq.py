@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from biomedlm_jax import paths, readers
+from biomedlm_jax import paths, readers, train
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 DataError = readers.DataError
@@ -328,6 +328,23 @@ def load_train_eval(data_cfg, seq_len: int, tok) -> tuple[Seq2SeqRows, Seq2SeqRo
 # ----------------------------------------------------------------------------------------------------
 # Generation eval: answers for a dev sample and ROUGE-L
 # ----------------------------------------------------------------------------------------------------
+
+
+class Seq2SeqTask(train.LMTask):
+    """The trainer task for prompt -> answer rows (loss on the answer tokens only): LMTask's loss on
+    this module's rows; BioMedLM's layout adds its tokens to the tokenizer first."""
+
+    def prepare(self, tok, cfg):
+        if layout(self.config.data) == "biomedlm":
+            add_layout_tokens(tok)
+            cfg = cfg.replace(vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
+        return tok, cfg
+
+    def load_data(self, tok):
+        return load_train_eval(self.config.data, self.config.seq_len, tok)
+
+
+train.register_task("seq2seq", Seq2SeqTask)
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Callable, Optional, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from biomedlm_jax import checkpoint, configlib, hf, input_pipeline, losses, metrics, optim, paths, sharding
+from biomedlm_jax import checkpoint, configlib, hf, input_pipeline, lora, losses, metrics, optim, paths, sharding
 from biomedlm_jax import tokenizer as tokenizer_lib
 from biomedlm_jax.model import GPT, GPTConfig
 
@@ -62,13 +63,7 @@ class LMTask:
 
     def prepare(self, tok, cfg: GPTConfig):
         """(tokenizer, model config) after task-specific changes: MCQA and BioMedLM's seq2seq layout add
-        tokens, and the vocabulary grows to hold them."""
-        if self.config is not None and self.config.data.get("task") == "seq2seq":
-            from biomedlm_jax import seq2seq
-
-            if seq2seq.layout(self.config.data) == "biomedlm":
-                seq2seq.add_layout_tokens(tok)
-                cfg = cfg.replace(vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
+        tokens, and the vocabulary grows to hold them. Documents need none."""
         return tok, cfg
 
     def model(self, cfg: GPTConfig):
@@ -120,12 +115,23 @@ class LMTask:
         return resize_embeddings(params_np, cfg.vocab_size)
 
 
-def task_for(config):
-    if config.data.get("task", "lm") == "mcqa":
-        from biomedlm_jax import mcqa
+# data.task -> the task class. The task modules register theirs when imported (mcqa.py, seq2seq.py), so
+# this module imports none of them; entry points may also pass their task to train_and_evaluate.
+TASKS: dict[str, Callable] = {"lm": LMTask}
+_TASK_MODULES = {"mcqa": "biomedlm_jax.mcqa", "seq2seq": "biomedlm_jax.seq2seq"}
 
-        return mcqa.MCQATask(config)
-    return LMTask(config)
+
+def register_task(name: str, factory: Callable) -> None:
+    TASKS[name] = factory
+
+
+def task_for(config):
+    name = config.data.get("task", "lm")
+    if name not in TASKS:
+        hint = f"import {_TASK_MODULES[name]} first, or " if name in _TASK_MODULES else ""
+        raise ValueError(f"data.task={name!r} has no registered task ({sorted(TASKS)}); {hint}pass "
+                         "train_and_evaluate(..., task=...)")
+    return TASKS[name](config)
 
 
 def parse_init_from(spec: str) -> tuple[str, str]:
@@ -142,11 +148,30 @@ def model_config(config) -> GPTConfig:
     """The run's GPTConfig: the variant (or init_from's checkpoint) with `config.model` overrides."""
     kind, path = parse_init_from(config.init_from)
     if kind == "hf":
-        return configlib.resolve_model(config.model, hf.load_config(path), path)
-    if kind == "orbax":
+        cfg = configlib.resolve_model(config.model, hf.load_config(path), path)
+    elif kind == "orbax":
         _, meta = checkpoint.read_meta(path)
-        return configlib.resolve_model(config.model, GPTConfig(**meta["model"]), path)
-    return configlib.resolve_model(config.model)
+        cfg = configlib.resolve_model(config.model, GPTConfig(**meta["model"]), path)
+    else:
+        cfg = configlib.resolve_model(config.model)
+    return with_lora(cfg, config)
+
+
+def with_lora(cfg: GPTConfig, config) -> GPTConfig:
+    """`cfg` with the run's `config.lora` adapters (none when the config has no lora section)."""
+    lo = config.get("lora")
+    if lo is None:
+        return cfg
+    targets = tuple(t.strip() for t in str(lo.targets).split(",") if t.strip())
+    return cfg.replace(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout),
+                       lora_targets=targets)
+
+
+def trainable_mask(config, cfg: GPTConfig, task, base_vocab: Optional[int] = None):
+    """A function params -> {path: trainable?} for a LoRA run (see lora.py), or None (all train)."""
+    if not cfg.lora_rank:
+        return None
+    return lambda params: lora.trainable_mask(params, cfg, task.backbone if task else None, base_vocab)
 
 
 def load_run_tokenizer(config, workdir: str):
@@ -183,14 +208,17 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     tx = optim.adamw(
         schedule, config.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
         decay_mode=o.decay_mode, grad_clip_norm=o.grad_clip_norm or None, skip_nonfinite=True,
+        mu_dtype=o.get("mu_dtype") or None, nu_dtype=o.get("nu_dtype") or None,
     )
     return tx, schedule
 
 
-def state_shardings(model, tx, mesh, rules, example_inputs):
+def state_shardings(model, tx, mesh, rules, example_inputs, trainable=None, base_dtype=None):
     """(abstract state, NamedShardings) of {"step", "params", "opt_state", "rng"} without allocating.
 
-    example_inputs: the model's init arguments, or an int seq_len for a GPT taking (1, seq_len) ids."""
+    example_inputs: the model's init arguments, or an int seq_len for a GPT taking (1, seq_len) ids.
+    trainable: params -> {path: bool} (a LoRA run, see `trainable_mask`): the optimizer state covers only
+    the trainable params, and the frozen ones are stored in `base_dtype` when given."""
     if isinstance(example_inputs, int):
         example_inputs = (jnp.ones((1, example_inputs), jnp.int32),)
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in example_inputs)
@@ -198,10 +226,16 @@ def state_shardings(model, tx, mesh, rules, example_inputs):
         boxed = jax.eval_shape(lambda *xs: model.init(jax.random.PRNGKey(0), *xs)["params"], *shapes)
     params = sharding.values(boxed)
     param_sh = sharding.fit_shardings(params, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules))
-    opt_state = jax.eval_shape(tx.init, params)
+    mask = trainable(params) if trainable else None
+    if mask is not None and base_dtype:
+        frozen_dtype = jnp.dtype(base_dtype)
+        params = lora.join(*[jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt or x.dtype), part)
+                             for part, dt in zip(lora.split(params, mask), (None, frozen_dtype))])
+    opt_params, opt_param_sh = (lora.split(params, mask)[0], lora.split(param_sh, mask)[0]) if mask else (params, param_sh)
+    opt_state = jax.eval_shape(tx.init, opt_params)
     replicated = NamedSharding(mesh, P())
     # Moments mirror the params' shardings; counters and other scalars are replicated.
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, param_sh, transform_non_params=lambda _: replicated)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, opt_param_sh, transform_non_params=lambda _: replicated)
     abstract = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "params": params,
@@ -248,33 +282,36 @@ def put_params(params_np, shardings):
     )
 
 
-def make_train_step(model, tx, deterministic: bool, task=None) -> Callable:
+def make_train_step(model, tx, deterministic: bool, task=None, mask=None, base_vocab=None) -> Callable:
     """(state, batch) -> (state, metrics). LM batch: "inputs"/"targets" (A, b, T) int, optional "weights";
     other tasks' batches are whatever their `loss` reads, each field with leading (A, b).
 
     Gradients are summed over the A micro-batches (lax.scan) and divided once by the token count, so
     k micro-batches equal one big batch. A non-finite loss poisons the gradients, so the optimizer's
     `apply_if_finite` skips the step (params and moments unchanged) and counts it.
+
+    mask ({path: trainable?}, a LoRA run): gradients and updates only for the trainable params, the
+    frozen ones are carried through unchanged; with `base_vocab`, only the added embedding rows train.
     """
 
     task = task or LMTask(None)
 
-    def micro_loss(params, mb, rng):
-        return task.loss(model, params, mb, rng, deterministic)
+    def micro_loss(trainable, frozen, mb, rng):
+        return task.loss(model, lora.join(trainable, frozen) if mask else trainable, mb, rng, deterministic)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(state, batch):
         global _TRAIN_STEP_TRACES
         _TRAIN_STEP_TRACES += 1
-        params = state["params"]
+        params, frozen = lora.split(state["params"], mask) if mask else (state["params"], {})
         step_rng = jax.random.fold_in(state["rng"], state["step"])
         n_micro = jax.tree.leaves(batch)[0].shape[0]
 
         def body(carry, xs):
             g_acc, l_acc, c_acc = carry
             mb, i = xs
-            (l, c), g = grad_fn(params, mb, jax.random.fold_in(step_rng, i))
+            (l, c), g = grad_fn(params, frozen, mb, jax.random.fold_in(step_rng, i))
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -283,13 +320,18 @@ def make_train_step(model, tx, deterministic: bool, task=None) -> Callable:
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
+        if base_vocab is not None:
+            grads = lora.row_mask_grads(grads, task.backbone, base_vocab)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        if base_vocab is not None:  # weight decay must not move the base rows either
+            updates = lora.row_mask_grads(updates, task.backbone, base_vocab)
+        params = optax.apply_updates(params, updates)
         new_state = {
             "step": state["step"] + 1,
-            "params": optax.apply_updates(params, updates),
+            "params": lora.join(params, frozen) if mask else params,
             "opt_state": opt_state,
             "rng": state["rng"],
         }
@@ -403,12 +445,13 @@ def _check_config(config, cfg: GPTConfig, mesh) -> None:
 
 
 def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = None,
-                       hooks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+                       hooks: Sequence[Callable[[int, dict], None]] = (), task=None) -> dict:
     """Train (or resume) `config` in `workdir`; returns a summary dict of the run.
 
     `devices`: the devices of the mesh (default all); `hooks`: called as hook(step, metrics) for every
     step, in order, on every process (e.g. for notebooks). Step metrics are fetched from the device in
     groups (at each log, eval and checkpoint step), so a hook sees step k once that group is fetched.
+    `task`: the task object (LMTask, seq2seq.Seq2SeqTask, mcqa.MCQATask; default: `task_for(config)`).
     """
     # --- setup ---------------------------------------------------------------------------------------
     workdir = paths.resolve(workdir)  # a local folder or an object-store URL (gs://bucket/run)
@@ -420,7 +463,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
         multihost_utils.assert_equal(digest, "processes were started with different configs")
 
     # --- model + tokenizer ---------------------------------------------------------------------------
-    task = task_for(config)
+    task = task if task is not None else task_for(config)
     base_cfg = model_config(config)  # the architecture init_from's weights have
     _check_config(config, base_cfg, mesh)
     tok, cfg = task.prepare(load_run_tokenizer(config, workdir), base_cfg)
@@ -442,7 +485,12 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
 
     # --- optimizer + sharded state -------------------------------------------------------------------
     tx, schedule = make_optimizer(config)
-    abstract, shardings = state_shardings(model, tx, mesh, rules, task.example_inputs())
+    # LoRA: only adapters, the task head and added embedding rows train (lora.py); None = everything
+    base_vocab = base_cfg.vocab_size if cfg.lora_rank and cfg.vocab_size > base_cfg.vocab_size else None
+    trainable = trainable_mask(config, cfg, task, base_vocab)
+    abstract, shardings = state_shardings(model, tx, mesh, rules, task.example_inputs(), trainable,
+                                          config.get("lora", {}).get("base_dtype") or None)
+    mask = trainable(abstract["params"]) if trainable else None
     mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     latest = mngr.latest_step()
     if latest is None and paths.isdir(paths.join(workdir, checkpoint.QUARANTINE_DIR)):
@@ -463,14 +511,15 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                 )
             source = f"resumed from step {latest}"
         else:
-            state, source = _initial_state(config, model, base_cfg, tx, abstract, shardings, task)
+            state, source = _initial_state(config, model, base_cfg, tx, abstract, shardings, task, mask)
             if is_main:
                 tokenizer_lib.save_tokenizer(tok, checkpoint.tokenizer_dir(workdir), model_max_length=cfg.n_positions)
 
     # --- compiled steps ------------------------------------------------------------------------------
     replicated = NamedSharding(mesh, P())
     p_train_step = jax.jit(
-        make_train_step(model, tx, not any((cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop)), task),
+        make_train_step(model, tx, not any((cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop, cfg.lora_dropout)), task,
+                        mask, base_vocab),
         in_shardings=(shardings, b_sharding), out_shardings=(shardings, replicated), donate_argnums=0,
     )
     p_eval_step = jax.jit(make_eval_step(model, task), in_shardings=(shardings["params"], b_sharding, replicated),
@@ -534,9 +583,12 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
                "train_rows": input_pipeline.num_rows(train_rows.rows),
                "eval_rows": input_pipeline.num_rows(eval_rows.rows),
                "params": int(sum(x.size for x in jax.tree.leaves(abstract["params"])))}
+    summary["trainable_params"] = lora.count(abstract["params"], mask)[0] if mask else summary["params"]
     if is_main:
         unit = "rows of " + f"{seq_len + 1} tokens" if task.backbone is None else "examples"
-        print(f"[train] {source}; {summary['params']:,} params on mesh {dict(mesh.shape)}; "
+        lora_note = (f" (LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)}: {summary['trainable_params']:,} "
+                     "trainable)") if mask else ""
+        print(f"[train] {source}; {summary['params']:,} params{lora_note} on mesh {dict(mesh.shape)}; "
               f"{summary['train_rows']:,} train / {summary['eval_rows']:,} eval {unit}", flush=True)
 
     from tqdm import tqdm
@@ -648,9 +700,10 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     return summary
 
 
-def _initial_state(config, model, base_cfg, tx, abstract, shardings, task):
+def _initial_state(config, model, base_cfg, tx, abstract, shardings, task, mask=None):
     """Fresh state: random init into sharded memory; with `init_from`, the backbone's params are then
-    replaced by the checkpoint's (a task head, if any, keeps its random init)."""
+    replaced by the checkpoint's (a task head and LoRA adapters keep their init). `mask`: a LoRA run's
+    trainable params (the optimizer state covers only those)."""
     rng = jax.random.PRNGKey(config.seed)
     init_key, rng = jax.random.split(rng)
     inputs = task.example_inputs()
@@ -669,14 +722,33 @@ def _initial_state(config, model, base_cfg, tx, abstract, shardings, task):
             source = f"initialised from orbax checkpoint {path}"
         loaded = task.adapt_backbone(loaded, model.config)
         if task.backbone is None:
-            params = put_params(loaded, shardings["params"])
+            params = _overlay(params, loaded, shardings["params"], abstract["params"], path)
         else:
-            params = dict(params, **{task.backbone: put_params(loaded, shardings["params"][task.backbone])})
+            params = dict(params, **{task.backbone: _overlay(params[task.backbone], loaded, shardings["params"][task.backbone],
+                                                             abstract["params"][task.backbone], path)})
             heads = task.initial_head(kind, path, base_cfg) if hasattr(task, "initial_head") else None
             for name, head in (heads or {}).items():  # a fine-tuned classifier continues with its own head
                 params = dict(params, **{name: put_params(head, shardings["params"][name])})
                 source += f" (with its {name} head)"
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    from_peft = config.get("lora", {}).get("from_peft")
+    if from_peft:  # the adapters start from an existing PEFT LoRA adapter instead of A random, B zero
+        if not model.config.lora_rank:
+            raise ValueError("lora.from_peft is set but lora.rank is 0")
+        adapters = {k: v for k, v in lora.read_peft(from_peft, model.config).items()}
+        if model.config.scan_layers:
+            adapters = flax.traverse_util.flatten_dict(hf.stack_layers(flax.traverse_util.unflatten_dict(adapters),
+                                                                       model.config.n_layer))
+        if task.backbone is not None:
+            adapters = {(task.backbone,) + k: v for k, v in adapters.items()}
+        flat, sh, ab = (flax.traverse_util.flatten_dict(t) for t in (params, shardings["params"], abstract["params"]))
+        for k, v in adapters.items():
+            flat[k] = put_params(np.asarray(v).astype(ab[k].dtype), sh[k])
+        params = flax.traverse_util.unflatten_dict(flat)
+        source += f", LoRA adapters from PEFT {from_peft}"
+    # frozen LoRA base weights in lora.base_dtype (a no-op cast for everything else)
+    params = jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, abstract["params"]),
+                     out_shardings=shardings["params"], donate_argnums=0)(params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(lora.split(params, mask)[0] if mask else params)
     state = {
         "step": put_params(np.zeros([], np.int32), shardings["step"]),
         "params": params,
@@ -684,6 +756,20 @@ def _initial_state(config, model, base_cfg, tx, abstract, shardings, task):
         "rng": put_params(np.asarray(rng), shardings["rng"]),
     }
     return state, source
+
+
+def _overlay(params: dict, loaded: dict, shardings: dict, abstract: dict, source: str) -> dict:
+    """`params` with every array of `loaded` (host numpy) put in its place, in the abstract dtype.
+    Only LoRA adapters may be missing from `loaded`; anything else missing, or extra, is an error."""
+    flat, new = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(loaded)
+    extra = sorted("/".join(k) for k in set(new) - set(flat))
+    missing = sorted("/".join(k) for k in set(flat) - set(new) if k[-1] not in lora.ADAPTERS)
+    if extra or missing:
+        raise hf.CheckpointError(f"{source}: params {(extra or missing)[:3]} {'not in the model' if extra else 'missing'}")
+    sh, ab = flax.traverse_util.flatten_dict(shardings), flax.traverse_util.flatten_dict(abstract)
+    for k, v in new.items():
+        flat[k] = put_params(np.asarray(v).astype(ab[k].dtype), sh[k])
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def _read_best(workdir: str, task) -> float:

@@ -45,6 +45,17 @@ Where these defaults still differ from BioMedLM's published commands, and why:
   * New embedding rows for the added tokens start at the mean of the old rows (transformers' current
     resize_token_embeddings default); BioMedLM's transformers version drew them at random. The rows
     for [PAD] / [CLS] never enter a pooled position; only [SEP]'s starting point differs.
+
+LoRA variants (`TASK-lora`, e.g. `medqa-lora`, `pubmedqa-tiny-lora`; not in BioMedLM, which fine-tuned
+every weight): rank 16 adapters (alpha 32, dropout 0.05) on all four projections, the frozen base in
+bfloat16, and the head plus the added tokens' embedding rows trained (biomedlm_jax/lora.py). Learning
+rate 2e-4, the usual tenfold of full fine-tuning's for LoRA; 4 questions per micro-batch
+(grad_accum_steps 8 for the batch of 32, sized for one device: with N devices use 8 / N) and full
+remat. `python -m biomedlm_jax.bench memory` reports what a variant needs (docs/finetuning_memory.md).
+
+Full fine-tuning on one 40 GB GPU: `--config.optimizer.mu_dtype=bfloat16
+--config.optimizer.nu_dtype=bfloat16 --config.model.remat_policy=full --config.grad_accum_steps=32`
+(bf16 Adam moments, 1 question per micro-batch); same doc.
 """
 import os
 
@@ -64,12 +75,14 @@ DEFAULT_FILES = {  # task -> (train, dev, carve_dev_fraction); "" = not shipped,
 
 def get_config(arg=None):
     variant = arg or "pubmedqa"
+    lora = variant.endswith("-lora")
+    variant = variant.removesuffix("-lora")
     task, extra_train = variant.removesuffix("-tiny"), ""
     if task == "medqa+medmcqa":  # the paper's MedQA row with extra MedMCQA training data (54.7)
         task, extra_train = "medqa", "medmcqa="  # the MedMCQA file is the user's: medmcqa=PATH
     if task not in DEFAULT_FILES:
-        raise ValueError(f"unknown MCQA variant {variant!r}; choose from {sorted(DEFAULT_FILES)}, medqa+medmcqa, or "
-                         "TASK-tiny")
+        raise ValueError(f"unknown MCQA variant {variant!r}; choose from {sorted(DEFAULT_FILES)}, medqa+medmcqa, "
+                         "TASK-tiny, each optionally with -lora")
     c = configlib.train_config()
     c.data.task = "mcqa"
     c.data.mcqa_task = task
@@ -104,5 +117,13 @@ def get_config(arg=None):
         c.log_every_steps = 10
         c.eval_every_steps = 50
         c.checkpoint_every_steps = 50
+    if lora:  # one modest GPU: see the LoRA section of the docstring
+        c.lora.rank, c.lora.alpha, c.lora.dropout = 16, 32.0, 0.05
+        c.lora.targets = "qkv,attn_out,mlp_in,mlp_out"
+        c.lora.base_dtype = "bfloat16"
+        c.learning_rate = 2e-4 if not variant.endswith("-tiny") else 3e-3
+        if not variant.endswith("-tiny"):
+            c.grad_accum_steps = 8  # 4 questions per micro-batch on one device
+            c.model.remat_policy = "full"
     c.lock()
     return c

@@ -72,3 +72,22 @@ def test_tokenize_benchmark_row(tmp_path):
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert REQUIRED <= set(row) and row["kind"] == "tokenize" and row["documents"] == 50
     assert row["tokens"] > 0 and row["tokens_per_s"] > 0
+
+
+def test_memory_report_for_the_tiny_model_full_and_lora():
+    """The real train step compiled for abstract inputs: LoRA (bf16 frozen base, moments only for the
+    adapters, head and new embedding rows) needs fewer argument bytes than full fine-tuning."""
+    rows = {}
+    for rank in (0, 4):
+        r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "memory", "--model=tiny", "--task=medqa",
+                            "--seq=32", "--batch=2", f"--lora_rank={rank}", "--no_scan"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        rows[rank] = json.loads(r.stdout.strip().splitlines()[-1])
+    full, lo = rows[0], rows[4]
+    for row in rows.values():
+        assert REQUIRED <= set(row) and row["kind"] == "memory" and row["options"] == 4 and row["task"] == "medqa"
+        assert row["peak_bytes"] == row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["temp_bytes"] > 0
+    assert full["trainable_params"] == full["total_params"] and lo["trainable_params"] < lo["total_params"]
+    assert lo["total_params"] > full["total_params"]  # + adapters
+    assert lo["argument_bytes"] < full["argument_bytes"]

@@ -467,3 +467,14 @@ def test_a_lost_process_ends_the_job_within_the_heartbeat_bound(tmp_path, small_
     assert last is not None and last % 4 == 0
     resumed = finish(start_two_processes(workdir, small_corpus, **dict(run, num_train_steps=last + 2)))
     assert all(d["start_step"] == str(last) and d["step"] == str(last + 2) for d in resumed), resumed
+
+
+def test_trainer_imports_no_task_module_and_names_a_missing_one():
+    code = ("import sys, biomedlm_jax.train, biomedlm_jax.input_pipeline; "
+            "print(sorted(m for m in sys.modules if m in ('biomedlm_jax.mcqa', 'biomedlm_jax.seq2seq')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
+    c = load_config_module().get_config("tiny")
+    c.data.task = "qa-from-mars"
+    with pytest.raises(ValueError, match="data.task='qa-from-mars' has no registered task"):
+        train.task_for(c)
