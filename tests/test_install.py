@@ -14,7 +14,7 @@ MODULES = {
     "tqdm": "tqdm", "numpy": "numpy", "ml_dtypes": "ml_dtypes", "protobuf": "google.protobuf",
     "tensorstore": "tensorstore", "pytest": "pytest", "torch": "torch", "transformers": "transformers",
     "lm-eval": "lm_eval", "datasets": "datasets", "accelerate": "accelerate", "gcsfs": "gcsfs",
-    "gcp-storage-emulator": "gcp_storage_emulator",
+    "gcp-storage-emulator": "gcp_storage_emulator", "peft": "peft",
 }
 
 

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from biomedlm_jax import optim
@@ -84,3 +85,48 @@ def test_warmup_ratio_sets_the_warmup_like_hf_trainer():
     c.warmup_ratio = 1.5
     with pytest.raises(ValueError, match="warmup_ratio must be within"):
         train.make_optimizer(c)
+
+
+def _params_and_grads(seed=0):
+    r = np.random.default_rng(seed)
+    params = {"w": jnp.asarray(r.normal(size=(16, 8)), jnp.float32), "b": jnp.asarray(r.normal(size=(8,)), jnp.float32)}
+    grads = [jax.tree.map(lambda p: jnp.asarray(r.normal(size=p.shape) * 3, jnp.float32), params) for _ in range(4)]
+    return params, grads
+
+
+def test_apply_step_skips_like_apply_if_finite_and_otherwise_equals_it():
+    params, grads = _params_and_grads()
+    grads[2] = dict(grads[2], b=grads[2]["b"].at[0].set(jnp.nan))
+    sched = optim.lr_schedule(1e-2, 1, 10)
+    ours_tx = optim.adamw(sched, 1e-2, weight_decay=0.1)
+    ref_tx = optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b1=0.9, b2=0.95),
+                                               optax.scale_by_learning_rate(sched),
+                                               optim.add_schedule_scaled_decay(0.1, sched, 1e-2, mask=optim.decay_mask)),
+                                   max_consecutive_errors=2**31 - 1)
+    p1, s1, p2, s2 = params, ours_tx.init(params), params, ref_tx.init(params)
+    for i, g in enumerate(grads):
+        before = p1
+        p1, s1 = jax.jit(lambda p, s, g: optim.apply_step(ours_tx, g, s, p))(p1, s1, g)
+        u, s2 = ref_tx.update(g, s2, p2)
+        p2 = optax.apply_updates(p2, u)
+        jax.tree.map(np.testing.assert_array_equal, p1, p2)
+        assert [int(x) for x in optim.nonfinite_counts(s1)] == [int(x) for x in optim.nonfinite_counts(s2)]
+        if i == 2:  # skipped: params unchanged, counted
+            jax.tree.map(np.testing.assert_array_equal, p1, before)
+            assert [int(x) for x in optim.nonfinite_counts(s1)] == [1, 1]
+
+
+def test_bf16_moments_with_folded_clipping_follow_fp32_adam():
+    params, grads = _params_and_grads(1)
+    sched = optim.lr_schedule(1e-2, 1, 10)
+    ref = optim.adamw(sched, 1e-2, weight_decay=0.1)
+    low = optim.adamw(sched, 1e-2, weight_decay=0.1, mu_dtype="bfloat16", nu_dtype="bfloat16")
+    exact = optim.adamw(sched, 1e-2, weight_decay=0.1, mu_dtype="float32", nu_dtype="float32")  # folded clip, fp32
+    states = [t.init(params) for t in (ref, low, exact)]
+    assert {x.dtype for x in jax.tree.leaves(states[1]) if x.ndim == 2} == {jnp.dtype(jnp.bfloat16)}  # moments in bf16
+    ps = [params] * 3
+    for g in grads:
+        out = [optim.apply_step(t, g, s, p) for t, s, p in zip((ref, low, exact), states, ps)]
+        ps, states = [o[0] for o in out], [o[1] for o in out]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ps[0], ps[2])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-3), ps[0], ps[1])
