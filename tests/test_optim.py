@@ -98,7 +98,7 @@ def test_apply_step_skips_like_apply_if_finite_and_otherwise_equals_it():
     params, grads = _params_and_grads()
     grads[2] = dict(grads[2], b=grads[2]["b"].at[0].set(jnp.nan))
     sched = optim.lr_schedule(1e-2, 1, 10)
-    ours_tx = optim.adamw(sched, 1e-2, weight_decay=0.1)
+    ours_tx = optim.skip_if_nonfinite(optim.adamw(sched, 1e-2, weight_decay=0.1, skip_nonfinite=False))
     ref_tx = optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b1=0.9, b2=0.95),
                                                optax.scale_by_learning_rate(sched),
                                                optim.add_schedule_scaled_decay(0.1, sched, 1e-2, mask=optim.decay_mask)),
