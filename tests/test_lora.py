@@ -26,8 +26,15 @@ def raw_params(workdir, model_cls=GPT, **model_kw):
     cfg = GPTConfig(**meta["model"])
     model = model_cls(cfg, **model_kw)
     args = (jnp.ones((1, 1, 8), jnp.int32), jnp.ones((1, 1, 8), bool)) if model_cls is MCQAModel else (jnp.ones((1, 8), jnp.int32),)
-    abstract = jax.eval_shape(lambda: flax.linen.unbox(model.init(jax.random.PRNGKey(0), *args)["params"]))
-    return cfg, checkpoint.restore_params(checkpoint._reader(str(workdir)), step, checkpoint.place(abstract))
+    abstract = checkpoint.place(jax.eval_shape(lambda: flax.linen.unbox(model.init(jax.random.PRNGKey(0), *args)["params"])))
+    reader = checkpoint._reader(str(workdir))
+    if meta.get("lora_base"):  # the step holds the trainable params; the frozen ones come from the base
+        return cfg, checkpoint.restore_lora_run(reader, step, meta, cfg, abstract, str(workdir))
+    return cfg, checkpoint.restore_params(reader, step, abstract)
+
+
+def step_bytes(workdir, step):
+    return sum(f.stat().st_size for f in (workdir / "checkpoints" / str(step)).rglob("*") if f.is_file())
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +99,39 @@ def test_lora_resume_is_bit_identical_and_bf16_base_and_moments(tmp_path, small_
     a, b = flat(raw_params(tmp_path / "full")[1]), flat(raw_params(tmp_path / "resumed")[1])
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    # what is stored: the frozen base in bf16, adapters fp32, and moments (bf16) only for the adapters
+    # what is stored: the adapters (fp32) and their moments (bf16), and a reference to the base
     reader = checkpoint._reader(str(tmp_path / "full"))
     tree = reader.item_metadata(4)["state"]
     tree = getattr(tree, "tree", tree)
     dtypes = {"/".join(str(getattr(p, "key", p)) for p in path): str(m.dtype)
               for path, m in jax.tree_util.tree_leaves_with_path(tree["params"], is_leaf=lambda x: hasattr(x, "dtype"))}
-    assert dtypes["h_0/attn/c_attn/kernel"] == "bfloat16" and dtypes["h_0/attn/c_attn/lora_a"] == "float32"
+    assert dtypes["h_0/attn/c_attn/lora_a"] == "float32" and all(k.endswith(("lora_a", "lora_b")) for k in dtypes)
+    ref = checkpoint.read_meta(str(tmp_path / "full"))[1]["lora_base"]
+    assert ref["init_from"] == f"orbax:{base_run}" and ref["step"] == 2 and len(ref["sha256"]) == 64
+    assert ref["dtype"] == "bfloat16"
+    assert step_bytes(tmp_path / "full", 4) * 5 < step_bytes(base_run, 2)  # the base is not in it
     moments = [str(m.dtype) for path, m in jax.tree_util.tree_leaves_with_path(tree["opt_state"], is_leaf=lambda x: hasattr(x, "dtype"))
                if len(m.shape) >= 2]
     assert moments and set(moments) == {"bfloat16"} and len(moments) == 2 * 2 * 4 * 2  # mu, nu x A, B x 4 x 2 layers
+
+
+def test_a_changed_base_is_refused(tmp_path, small_corpus, base_run):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(base_run, base)
+    c = lora_config(small_corpus, base, num_train_steps=2)
+    train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+    # the base's weights change under the run (here: its latest step is replaced by other weights)
+    data = sorted(f for f in (base / "checkpoints" / "2" / "state").rglob("*") if f.is_file() and f.stat().st_size > 1000)
+    raw = bytearray(data[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data[0].write_bytes(bytes(raw))
+    c4 = lora_config(small_corpus, base, num_train_steps=4)
+    with pytest.raises(Exception, match=r"trained on the base orbax:.*/base .*but init_from is now"):
+        train.train_and_evaluate(c4, str(tmp_path / "run"), devices=jax.devices()[:1])
+    with pytest.raises(Exception, match=r"the LoRA run's base orbax:.*/base \(step 2\) changed under it"):
+        checkpoint.load_model(str(tmp_path / "run"))
 
 
 def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, small_corpus, base_run):
