@@ -67,8 +67,15 @@ def test_lora_step0_is_the_base_model():
     assert {k for k in flat(p) if "lora" in k} == {f"h_{i}/attn/c_attn/lora_{x}" for i in range(2) for x in "ab"}
 
 
-def test_only_adapters_train_and_the_merged_export_equals_the_adapted_forward(tmp_path, small_corpus, base_run):
-    s = train.train_and_evaluate(lora_config(small_corpus, base_run), str(tmp_path), devices=jax.devices()[:1])
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, small_corpus, base_run):
+    """A 4-step LoRA run (rank 4, all four targets) on one device from `base_run`: (workdir, summary)."""
+    workdir = tmp_path_factory.mktemp("lora")
+    return workdir, train.train_and_evaluate(lora_config(small_corpus, base_run), str(workdir), devices=jax.devices()[:1])
+
+
+def test_only_adapters_train_and_the_merged_export_equals_the_adapted_forward(lora_run, base_run):
+    tmp_path, s = lora_run
     # rank 4 on c_attn (64 -> 3x64), attn c_proj (64 -> 64), c_fc (64 -> 256), mlp c_proj (256 -> 64), 2 layers
     assert s["trainable_params"] == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
     base = flat(checkpoint.load_model(str(base_run))[1])
@@ -134,11 +141,11 @@ def test_a_changed_base_is_refused(tmp_path, small_corpus, base_run):
         checkpoint.load_model(str(tmp_path / "run"))
 
 
-def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, small_corpus, base_run):
-    one = train.train_and_evaluate(lora_config(small_corpus, base_run), str(tmp_path / "one"), devices=jax.devices()[:1])
+def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, small_corpus, base_run, lora_run):
+    one_dir, one = lora_run
     mesh = train.train_and_evaluate(lora_config(small_corpus, base_run, mesh_shape=(2, 2, 2)), str(tmp_path / "mesh"))
     assert one["train_loss"] == pytest.approx(mesh["train_loss"], rel=1e-5)
-    a, b = flat(raw_params(tmp_path / "one")[1]), flat(raw_params(tmp_path / "mesh")[1])
+    a, b = flat(raw_params(one_dir)[1]), flat(raw_params(tmp_path / "mesh")[1])
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=2e-6, rtol=1e-5, err_msg=k)
 
