@@ -9,6 +9,9 @@
 
 WORKDIR may be a local folder or an object-store URL such as gs://bucket/run (see paths.py).
 
+A LoRA run's steps hold only its trainable params, with meta["lora_base"] naming the base (init_from,
+step, sha256 of its weights); `load_model` and `restore_lora_run` read the frozen rest from there.
+
 `load_model` restores only `state["params"]` (orbax partial restore), so it reads both a converted
 HF checkpoint and a full training state (params + optimizer + data position) written by the trainer.
 
@@ -163,8 +166,11 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, merge_l
     # Models with a task head (MCQA) keep the GPT under params[backbone]; only that part is read.
     backbone = meta.get("backbone")
     disk_params = disk_tree["params"][backbone] if backbone else disk_tree["params"]
-    _check_against_disk(disk_params, abstract, where)
-    params = restore_params(mngr, step, {backbone: abstract} if backbone else abstract)
+    if meta.get("lora_base"):  # a LoRA run's step: its trainable params, the frozen rest from its base
+        params = restore_lora_run(mngr, step, meta, stored, {backbone: abstract} if backbone else abstract, where)
+    else:
+        _check_against_disk(disk_params, abstract, where)
+        params = restore_params(mngr, step, {backbone: abstract} if backbone else abstract)
     params = params[backbone] if backbone else params
     if stored.lora_rank and merge_lora:  # a LoRA run: adapters folded into the weights, a plain GPT comes out
         from biomedlm_jax import lora
@@ -191,6 +197,32 @@ def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):
         ),
     )
     return restored["state"]["params"]
+
+
+def restore_lora_run(mngr: ocp.CheckpointManager, step: int, meta: dict, cfg: GPTConfig, abstract_params,
+                     where: str):
+    """The full params (shaped like `abstract_params`, a whole model's, placed as its leaves say) of a
+    LoRA run's step, which stores only the trainable ones: the frozen rest is read from the base in
+    meta["lora_base"], in the dtype the run kept it in, after checking the base's sha256."""
+    import flax
+    import numpy as np
+
+    from biomedlm_jax import lora
+
+    ref = meta["lora_base"]
+    lora.check_base(ref, where)
+    backbone = meta.get("backbone")
+    mask = lora.trainable_mask(abstract_params, cfg, backbone, ref.get("vocab"))
+    t_abs, f_abs = lora.split(abstract_params, mask)
+    disk = mngr.item_metadata(step)["state"]
+    disk = getattr(disk, "tree", disk)["params"]
+    _check_against_disk(disk, t_abs, where)
+    trained = restore_params(mngr, step, t_abs)
+    base = flax.traverse_util.flatten_dict(lora.load_base(ref, cfg))
+    kept = np.dtype(jax.numpy.dtype(ref.get("dtype") or cfg.param_dtype))
+    frozen = {k: jax.device_put(np.asarray(base[k[1:] if backbone else k]).astype(kept).astype(v.dtype), v.sharding)
+              for k, v in flax.traverse_util.flatten_dict(f_abs).items()}
+    return lora.join(trained, flax.traverse_util.unflatten_dict(frozen))
 
 
 def tokenizer_dir(workdir: str) -> str:

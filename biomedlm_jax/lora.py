@@ -15,6 +15,7 @@ whose forward equals the adapted one: what `load_model`, `convert`, evaluation a
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import flax
@@ -98,6 +99,76 @@ def merge(params: dict, cfg, stacked: Optional[bool] = None) -> dict:
         return {n: fold(v) for n, v in node.items()}
 
     return fold(params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The frozen base of a LoRA run: checkpoints hold only the trainable params and a reference to the base
+# ----------------------------------------------------------------------------------------------------
+
+
+def base_reference(init_from: str, vocab: Optional[int]) -> Optional[dict]:
+    """{"init_from", "step", "sha256", "vocab"} of a LoRA run's base (`init_from` = hf:DIR or
+    orbax:WORKDIR), or None for a random base (then checkpoints keep every weight). sha256 covers the
+    weight files: the safetensors of an HF directory, or every file of the orbax step's state."""
+    if not init_from:
+        return None
+    kind, path = init_from.split(":", 1)
+    step = None
+    if kind == "orbax":
+        from biomedlm_jax import checkpoint
+
+        step = checkpoint.latest_step(path)
+    return {"init_from": init_from, "step": step, "sha256": base_sha256(init_from, step), "vocab": vocab}
+
+
+def base_sha256(init_from: str, step: Optional[int] = None) -> str:
+    import hashlib
+
+    from biomedlm_jax import hf, paths
+
+    kind, path = init_from.split(":", 1)
+    if kind == "hf":
+        files = [(os.path.basename(f), f) for f in hf._weight_files(path)]
+    else:
+        from biomedlm_jax import checkpoint
+
+        root = paths.join(path, checkpoint.CHECKPOINT_DIR, str(step), "state")
+        files = paths.files_under(root)
+    h = hashlib.sha256()
+    for name, f in sorted(files):
+        h.update(name.encode() + b"\0")
+        with paths.Path(f).open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def check_base(ref: dict, where: str) -> None:
+    """Error naming the base when its weights are not the ones the run started from."""
+    from biomedlm_jax import hf
+
+    now = base_sha256(ref["init_from"], ref.get("step"))
+    if now != ref["sha256"]:
+        base = ref["init_from"] + ("" if ref.get("step") is None else f" (step {ref['step']})")
+        raise hf.CheckpointError(
+            f"{where}: the LoRA run's base {base} changed under it (sha256 {ref['sha256'][:16]}... when the run "
+            f"started, {now[:16]}... now); its adapters only mean something on the base they were trained on")
+
+
+def load_base(ref: dict, cfg) -> dict:
+    """The frozen base's params (numpy, a plain GPT with `cfg`'s layout and vocabulary: rows the task
+    added are filled as at the run's start; they are trainable, so the checkpoint overrides them)."""
+    from biomedlm_jax import checkpoint, hf
+    from biomedlm_jax.model import resize_embeddings
+
+    kind, path = ref["init_from"].split(":", 1)
+    plain = cfg.replace(lora_rank=0, vocab_size=ref.get("vocab") or cfg.vocab_size)
+    if kind == "hf":
+        params = hf.load_params_numpy(path, plain, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
+    else:
+        _, params = checkpoint.load_model(path, step=ref.get("step"), scan_layers=cfg.scan_layers)
+        params = jax.device_get(params)
+    return resize_embeddings(params, cfg.vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------

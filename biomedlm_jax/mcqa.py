@@ -571,7 +571,11 @@ def _load_orbax_classifier(path: str, src: str, step: int, overrides: dict) -> C
     model = MCQAModel(cfg, head["head"], head["num_labels"])
     ids = jnp.ones((1, 1, 8), jnp.int32)
     abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]))
-    params = checkpoint.restore_params(checkpoint._reader(src), step, checkpoint.place(abstract))
+    if meta.get("lora_base"):  # a LoRA run's step: the frozen weights come from its base
+        params = checkpoint.restore_lora_run(checkpoint._reader(src), step, meta, cfg, checkpoint.place(abstract),
+                                             f"{src}/checkpoints/{step}")
+    else:
+        params = checkpoint.restore_params(checkpoint._reader(src), step, checkpoint.place(abstract))
     if cfg.lora_rank:  # a LoRA run: adapters folded into the backbone's weights
         from biomedlm_jax import lora
 

@@ -108,6 +108,19 @@ def rename(src, dst) -> None:
     rmtree(src) if isdir(src) else Path(src).unlink()
 
 
+def files_under(root) -> list[tuple[str, str]]:
+    """(path relative to `root` with "/" separators, full path) of every file below `root`, sorted."""
+    out = []
+
+    def walk(p, rel):
+        for child in p.iterdir():
+            r = f"{rel}/{child.name}" if rel else child.name
+            walk(child, r) if child.is_dir() else out.append((r, str(child)))
+
+    walk(Path(root), "")
+    return sorted(out)
+
+
 def copytree(src, dst) -> None:
     """Copy a folder (files and subfolders) from anywhere to anywhere."""
     src, dst = Path(src), Path(dst)

@@ -490,6 +490,12 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     abstract, shardings = state_shardings(model, tx, mesh, rules, task.example_inputs(), trainable,
                                           config.get("lora", {}).get("base_dtype") or None)
     mask = trainable(abstract["params"]) if trainable else None
+    # A LoRA run on a base checkpoint saves only its trainable params, and a reference to the base
+    # (lora.base_reference: path, sha256); it reloads the frozen weights from there on resume.
+    lora_base = lora.base_reference(config.init_from, base_cfg.vocab_size) if mask else None
+    if lora_base:
+        lora_base["dtype"] = config.lora.get("base_dtype") or cfg.param_dtype
+    ckpt_abstract = dict(abstract, params=lora.split(abstract["params"], mask)[0]) if lora_base else abstract
     mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     latest = mngr.latest_step()
     if latest is None and paths.isdir(paths.join(workdir, checkpoint.QUARANTINE_DIR)):
@@ -500,8 +506,18 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
         if latest is not None:
             # a damaged latest step is moved aside and the next older one restored (checkpoint.restore_newest)
             latest, (state, meta) = checkpoint.restore_newest(
-                workdir, lambda s: restore_checkpoint(mngr, workdir, s, abstract), steps=mngr.all_steps())
+                workdir, lambda s: restore_checkpoint(mngr, workdir, s, ckpt_abstract), steps=mngr.all_steps())
             mngr.reload()
+            if lora_base:  # the frozen weights come from the base, which must be the one the run started on
+                ref = meta.get("lora_base") or {}
+                if ref.get("init_from") != lora_base["init_from"] or ref.get("sha256") != lora_base["sha256"]:
+                    raise hf.CheckpointError(
+                        f"{workdir}: this LoRA run was trained on the base {ref.get('init_from')} (sha256 "
+                        f"{str(ref.get('sha256'))[:16]}...), but init_from is now {lora_base['init_from']} (sha256 "
+                        f"{lora_base['sha256'][:16]}...); its adapters only mean something on their own base")
+                fresh, _ = _initial_state(config, model, base_cfg, tx, abstract, shardings, task, mask)
+                state = dict(state, params=lora.join(state["params"], lora.split(fresh["params"], mask)[1]))
+                del fresh
             train_iter.restore(meta["data"])
             if meta.get("data_fingerprint") not in (None, train_rows.fingerprint()):
                 raise input_pipeline.DataError(
@@ -569,7 +585,10 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
             cfg, data=train_iter.state(), data_fingerprint=train_rows.fingerprint(),
             config=json.loads(config.to_json_best_effort()), **meta_extra,
         )
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        saved = dict(state, params=lora.split(state["params"], mask)[0]) if lora_base else state
+        if lora_base:
+            meta["lora_base"] = lora_base
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved), meta=ocp.args.JsonSave(meta)),
                   force=True)
 
     # --- loop ----------------------------------------------------------------------------------------

@@ -26,8 +26,15 @@ def raw_params(workdir, model_cls=GPT, **model_kw):
     cfg = GPTConfig(**meta["model"])
     model = model_cls(cfg, **model_kw)
     args = (jnp.ones((1, 1, 8), jnp.int32), jnp.ones((1, 1, 8), bool)) if model_cls is MCQAModel else (jnp.ones((1, 8), jnp.int32),)
-    abstract = jax.eval_shape(lambda: flax.linen.unbox(model.init(jax.random.PRNGKey(0), *args)["params"]))
-    return cfg, checkpoint.restore_params(checkpoint._reader(str(workdir)), step, checkpoint.place(abstract))
+    abstract = checkpoint.place(jax.eval_shape(lambda: flax.linen.unbox(model.init(jax.random.PRNGKey(0), *args)["params"])))
+    reader = checkpoint._reader(str(workdir))
+    if meta.get("lora_base"):  # the step holds the trainable params; the frozen ones come from the base
+        return cfg, checkpoint.restore_lora_run(reader, step, meta, cfg, abstract, str(workdir))
+    return cfg, checkpoint.restore_params(reader, step, abstract)
+
+
+def step_bytes(workdir, step):
+    return sum(f.stat().st_size for f in (workdir / "checkpoints" / str(step)).rglob("*") if f.is_file())
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +67,15 @@ def test_lora_step0_is_the_base_model():
     assert {k for k in flat(p) if "lora" in k} == {f"h_{i}/attn/c_attn/lora_{x}" for i in range(2) for x in "ab"}
 
 
-def test_only_adapters_train_and_the_merged_export_equals_the_adapted_forward(tmp_path, small_corpus, base_run):
-    s = train.train_and_evaluate(lora_config(small_corpus, base_run), str(tmp_path), devices=jax.devices()[:1])
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, small_corpus, base_run):
+    """A 4-step LoRA run (rank 4, all four targets) on one device from `base_run`: (workdir, summary)."""
+    workdir = tmp_path_factory.mktemp("lora")
+    return workdir, train.train_and_evaluate(lora_config(small_corpus, base_run), str(workdir), devices=jax.devices()[:1])
+
+
+def test_only_adapters_train_and_the_merged_export_equals_the_adapted_forward(lora_run, base_run):
+    tmp_path, s = lora_run
     # rank 4 on c_attn (64 -> 3x64), attn c_proj (64 -> 64), c_fc (64 -> 256), mlp c_proj (256 -> 64), 2 layers
     assert s["trainable_params"] == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
     base = flat(checkpoint.load_model(str(base_run))[1])
@@ -92,23 +106,46 @@ def test_lora_resume_is_bit_identical_and_bf16_base_and_moments(tmp_path, small_
     a, b = flat(raw_params(tmp_path / "full")[1]), flat(raw_params(tmp_path / "resumed")[1])
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    # what is stored: the frozen base in bf16, adapters fp32, and moments (bf16) only for the adapters
+    # what is stored: the adapters (fp32) and their moments (bf16), and a reference to the base
     reader = checkpoint._reader(str(tmp_path / "full"))
     tree = reader.item_metadata(4)["state"]
     tree = getattr(tree, "tree", tree)
     dtypes = {"/".join(str(getattr(p, "key", p)) for p in path): str(m.dtype)
               for path, m in jax.tree_util.tree_leaves_with_path(tree["params"], is_leaf=lambda x: hasattr(x, "dtype"))}
-    assert dtypes["h_0/attn/c_attn/kernel"] == "bfloat16" and dtypes["h_0/attn/c_attn/lora_a"] == "float32"
+    assert dtypes["h_0/attn/c_attn/lora_a"] == "float32" and all(k.endswith(("lora_a", "lora_b")) for k in dtypes)
+    ref = checkpoint.read_meta(str(tmp_path / "full"))[1]["lora_base"]
+    assert ref["init_from"] == f"orbax:{base_run}" and ref["step"] == 2 and len(ref["sha256"]) == 64
+    assert ref["dtype"] == "bfloat16"
+    assert step_bytes(tmp_path / "full", 4) * 5 < step_bytes(base_run, 2)  # the base is not in it
     moments = [str(m.dtype) for path, m in jax.tree_util.tree_leaves_with_path(tree["opt_state"], is_leaf=lambda x: hasattr(x, "dtype"))
                if len(m.shape) >= 2]
     assert moments and set(moments) == {"bfloat16"} and len(moments) == 2 * 2 * 4 * 2  # mu, nu x A, B x 4 x 2 layers
 
 
-def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, small_corpus, base_run):
-    one = train.train_and_evaluate(lora_config(small_corpus, base_run), str(tmp_path / "one"), devices=jax.devices()[:1])
+def test_a_changed_base_is_refused(tmp_path, small_corpus, base_run):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(base_run, base)
+    c = lora_config(small_corpus, base, num_train_steps=2)
+    train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+    # the base's weights change under the run (here: its latest step is replaced by other weights)
+    data = sorted(f for f in (base / "checkpoints" / "2" / "state").rglob("*") if f.is_file() and f.stat().st_size > 1000)
+    raw = bytearray(data[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data[0].write_bytes(bytes(raw))
+    c4 = lora_config(small_corpus, base, num_train_steps=4)
+    with pytest.raises(Exception, match=r"trained on the base orbax:.*/base .*but init_from is now"):
+        train.train_and_evaluate(c4, str(tmp_path / "run"), devices=jax.devices()[:1])
+    with pytest.raises(Exception, match=r"the LoRA run's base orbax:.*/base \(step 2\) changed under it"):
+        checkpoint.load_model(str(tmp_path / "run"))
+
+
+def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, small_corpus, base_run, lora_run):
+    one_dir, one = lora_run
     mesh = train.train_and_evaluate(lora_config(small_corpus, base_run, mesh_shape=(2, 2, 2)), str(tmp_path / "mesh"))
     assert one["train_loss"] == pytest.approx(mesh["train_loss"], rel=1e-5)
-    a, b = flat(raw_params(tmp_path / "one")[1]), flat(raw_params(tmp_path / "mesh")[1])
+    a, b = flat(raw_params(one_dir)[1]), flat(raw_params(tmp_path / "mesh")[1])
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=2e-6, rtol=1e-5, err_msg=k)
 
