@@ -163,7 +163,7 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
     cfg = train.with_lora(cfg, config)
     model = model_lib.GPT(cfg)
     tx, _ = train.make_optimizer(config)
-    trainable = train.trainable_mask(config, cfg, None)
+    trainable = train.trainable_mask(cfg, None)
     n = jax.device_count()
     while batch % n:  # data parallel over as many devices as divide the batch
         n -= 1
@@ -295,7 +295,8 @@ def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, 
     mesh_shape = tuple(int(x) for x in mesh.split(","))
     m = sharding.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
     rules = sharding.DEFAULT_RULES
-    trainable = train.trainable_mask(config, cfg, task_obj if task != "lm" else None, base_vocab if lora_rank else None)
+    row_vocab = base_vocab if lora_rank else None  # only a LoRA run masks the base's embedding rows
+    trainable = train.trainable_mask(cfg, task_obj if task != "lm" else None, row_vocab)
     abstract, shardings = train.state_shardings(model, tx, m, rules, task_obj.example_inputs(), trainable,
                                                 base_dtype if lora_rank else None)
     mask = trainable(abstract["params"]) if trainable else None
@@ -307,7 +308,7 @@ def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, 
         k = MEMORY_TASKS[task]
         fields = {"ids": ((A, B, k, seq), np.int32), "mask": ((A, B, k, seq), bool), "labels": ((A, B), np.int32)}
     batch_abstract = {n: jax.ShapeDtypeStruct(shape, dt, sharding=b_sharding) for n, (shape, dt) in fields.items()}
-    step = jax.jit(train.make_train_step(model, tx, True, task_obj, mask, base_vocab if lora_rank else None),
+    step = jax.jit(train.make_train_step(model, tx, True, task_obj, mask, row_vocab),
                    in_shardings=(shardings, b_sharding), out_shardings=(shardings, NamedSharding(m, P())),
                    donate_argnums=0)
     t0 = time.perf_counter()
@@ -317,9 +318,10 @@ def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, 
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(ma, f"{n}_size_in_bytes")) for n in ("argument", "output", "alias", "temp"))
-    trainable_n, total_n = lora.count(abstract["params"], mask) if mask else (None, None)
-    if total_n is None:
-        total_n = trainable_n = int(sum(x.size for x in jax.tree.leaves(abstract["params"])))
+    if mask:
+        trainable_n, total_n = lora.count(abstract["params"], mask)
+    else:
+        trainable_n = total_n = int(sum(x.size for x in jax.tree.leaves(abstract["params"])))
     return {"kind": "memory", "impl": "ours", "model": variant, "task": task, "batch": batch, "seq": seq,
             "tokens_per_s": None,
             "options": MEMORY_TASKS[task], "lora_rank": lora_rank, "lora_targets": lora_targets if lora_rank else None,

@@ -108,14 +108,15 @@ def export_peft(src: str, dst_path: str, step=None, overwrite=False) -> str:
     if meta.get("backbone"):
         raise ValueError(f"{path}: an MCQA run (a classifier head and added tokens), which PEFT's causal-LM adapter "
                          "cannot carry; export it merged with --to=hf:")
-    init_kind, base = (meta.get("config", {}).get("init_from") or ":").split(":", 1)
-    base_vocab = hf.load_config(base).vocab_size if init_kind == "hf" else (
-        GPTConfig(**checkpoint.read_meta(base)[1]["model"]).vocab_size if init_kind == "orbax" else cfg.vocab_size)
+    ref = meta.get("lora_base") or {}  # absent for a LoRA run on a random base
+    base_vocab = ref.get("vocab") or cfg.vocab_size
     if base_vocab != cfg.vocab_size:
         raise ValueError(f"{path}: the run grew the vocabulary from {base_vocab} to {cfg.vocab_size} (added tokens), "
                          "which a PEFT adapter does not carry; export it merged with --to=hf:")
     _, params = checkpoint.load_model(path, step=step, merge_lora=False, scan_layers=False)
-    lora.save_peft(dst_path, jax.device_get(params), cfg.replace(scan_layers=False), base if init_kind == "hf" else "")
+    base = ref.get("init_from", "")
+    lora.save_peft(dst_path, jax.device_get(params), cfg.replace(scan_layers=False),
+                   base.split(":", 1)[1] if base.startswith("hf:") else "")
     return dst_path
 
 

@@ -51,10 +51,6 @@ def isdir(path) -> bool:
     return Path(path).is_dir()
 
 
-def isfile(path) -> bool:
-    return Path(path).is_file()
-
-
 def listdir(path) -> list[str]:
     return sorted(p.name for p in Path(path).iterdir())
 
@@ -104,8 +100,9 @@ def rename(src, dst) -> None:
     if not (is_remote(src) or is_remote(dst)):
         os.rename(src, dst)
         return
-    copytree(src, dst) if isdir(src) else Path(src).copy(Path(dst))
-    rmtree(src) if isdir(src) else Path(src).unlink()
+    folder = isdir(src)
+    _copy(src, dst)
+    rmtree(src) if folder else Path(src).unlink()
 
 
 def files_under(root) -> list[tuple[str, str]]:
@@ -119,6 +116,11 @@ def files_under(root) -> list[tuple[str, str]]:
 
     walk(Path(root), "")
     return sorted(out)
+
+
+def _copy(src, dst) -> None:
+    """Copy a file or a folder from anywhere to anywhere."""
+    copytree(src, dst) if isdir(src) else Path(src).copy(Path(dst), overwrite=True)
 
 
 def copytree(src, dst) -> None:
@@ -147,7 +149,7 @@ def downloaded(path) -> str:
         tmp = tempfile.mkdtemp(prefix="biomedlm_jax-")
         atexit.register(shutil.rmtree, tmp, True)
         local = os.path.join(tmp, Path(path).name or "data")
-        copytree(path, local) if isdir(path) else Path(path).copy(epath.Path(local))
+        _copy(path, local)
         _DOWNLOADS[key] = local
     return _DOWNLOADS[key]
 
@@ -161,10 +163,7 @@ def local_copy(path) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="biomedlm_jax-") as tmp:
         local = os.path.join(tmp, Path(path).name or "data")
-        if isdir(path):
-            copytree(path, local)
-        else:
-            Path(path).copy(epath.Path(local))
+        _copy(path, local)
         yield local
 
 
@@ -174,12 +173,11 @@ COMMIT_FILES = ("manifest.json", "config.json")  # what readers look for first: 
 def upload(local_dir: str, out_dir) -> None:
     """Copy a local folder's files into `out_dir` (any path), the files named in COMMIT_FILES last, so
     a reader that finds the manifest or config finds everything it lists."""
-    files = [os.path.relpath(os.path.join(root, n), local_dir) for root, _, names in os.walk(local_dir) for n in names]
     makedirs(out_dir)
-    for rel in sorted(files, key=lambda r: (os.path.basename(r) in COMMIT_FILES, r)):
-        dst = Path(join(out_dir, *rel.split(os.sep)))
+    for rel, src in sorted(files_under(local_dir), key=lambda f: (posixpath.basename(f[0]) in COMMIT_FILES, f[0])):
+        dst = Path(join(out_dir, *rel.split("/")))
         dst.parent.mkdir(parents=True, exist_ok=True)
-        epath.Path(os.path.join(local_dir, rel)).copy(dst, overwrite=True)
+        Path(src).copy(dst, overwrite=True)
 
 
 @contextlib.contextmanager

@@ -167,7 +167,7 @@ def with_lora(cfg: GPTConfig, config) -> GPTConfig:
                        lora_targets=targets)
 
 
-def trainable_mask(config, cfg: GPTConfig, task, base_vocab: Optional[int] = None):
+def trainable_mask(cfg: GPTConfig, task, base_vocab: Optional[int] = None):
     """A function params -> {path: trainable?} for a LoRA run (see lora.py), or None (all train)."""
     if not cfg.lora_rank:
         return None
@@ -486,7 +486,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     tx, schedule = make_optimizer(config)
     # LoRA: only adapters, the task head and added embedding rows train (lora.py); None = everything
     base_vocab = base_cfg.vocab_size if cfg.lora_rank and cfg.vocab_size > base_cfg.vocab_size else None
-    trainable = trainable_mask(config, cfg, task, base_vocab)
+    trainable = trainable_mask(cfg, task, base_vocab)
     abstract, shardings = state_shardings(model, tx, mesh, rules, task.example_inputs(), trainable,
                                           config.get("lora", {}).get("base_dtype") or None)
     mask = trainable(abstract["params"]) if trainable else None
@@ -752,16 +752,13 @@ def _initial_state(config, model, base_cfg, tx, abstract, shardings, task, mask=
     if from_peft:  # the adapters start from an existing PEFT LoRA adapter instead of A random, B zero
         if not model.config.lora_rank:
             raise ValueError("lora.from_peft is set but lora.rank is 0")
-        adapters = {k: v for k, v in lora.read_peft(from_peft, model.config).items()}
+        adapters = lora.read_peft(from_peft, model.config)
         if model.config.scan_layers:
             adapters = flax.traverse_util.flatten_dict(hf.stack_layers(flax.traverse_util.unflatten_dict(adapters),
                                                                        model.config.n_layer))
         if task.backbone is not None:
             adapters = {(task.backbone,) + k: v for k, v in adapters.items()}
-        flat, sh, ab = (flax.traverse_util.flatten_dict(t) for t in (params, shardings["params"], abstract["params"]))
-        for k, v in adapters.items():
-            flat[k] = put_params(np.asarray(v).astype(ab[k].dtype), sh[k])
-        params = flax.traverse_util.unflatten_dict(flat)
+        params = _put_leaves(params, adapters, shardings["params"], abstract["params"])
         source += f", LoRA adapters from PEFT {from_peft}"
     # frozen LoRA base weights in lora.base_dtype (a no-op cast for everything else)
     params = jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, abstract["params"]),
@@ -784,6 +781,13 @@ def _overlay(params: dict, loaded: dict, shardings: dict, abstract: dict, source
     missing = sorted("/".join(k) for k in set(flat) - set(new) if k[-1] not in lora.ADAPTERS)
     if extra or missing:
         raise hf.CheckpointError(f"{source}: params {(extra or missing)[:3]} {'not in the model' if extra else 'missing'}")
+    return _put_leaves(params, new, shardings, abstract)
+
+
+def _put_leaves(params: dict, new: dict, shardings: dict, abstract: dict) -> dict:
+    """`params` with the host arrays of `new` ({flattened path: array}) put in their places, in the
+    abstract dtype and with the param's sharding."""
+    flat = flax.traverse_util.flatten_dict(params)
     sh, ab = flax.traverse_util.flatten_dict(shardings), flax.traverse_util.flatten_dict(abstract)
     for k, v in new.items():
         flat[k] = put_params(np.asarray(v).astype(ab[k].dtype), sh[k])

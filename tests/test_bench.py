@@ -6,11 +6,16 @@ import sys
 REQUIRED = {"kind", "impl", "model", "batch", "seq", "tokens_per_s"}  # the keys every row has, for collection
 
 
-def test_pipeline_benchmark_prints_a_json_row():
-    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "pipeline", "--seq=64", "--batch=4", "--steps=20"],
-                       capture_output=True, text=True, timeout=120)
+def bench_rows(*args, timeout=300) -> list[dict]:
+    """The JSON rows `python -m biomedlm_jax.bench ARGS` prints (it must exit 0)."""
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", *args], capture_output=True, text=True,
+                       timeout=timeout)
     assert r.returncode == 0, r.stderr
-    row = json.loads(r.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in r.stdout.strip().splitlines()]
+
+
+def test_pipeline_benchmark_prints_a_json_row():
+    row = bench_rows("pipeline", "--seq=64", "--batch=4", "--steps=20", timeout=120)[-1]
     assert REQUIRED <= set(row)
     assert (row["kind"], row["impl"], row["batch"], row["seq"]) == ("pipeline", "numpy", 4, 64)
     assert row["tokens_per_s"] > 0
@@ -24,10 +29,7 @@ def test_pipeline_benchmark_does_not_import_tensorflow():
 
 
 def test_generate_benchmark_rows_with_peer():
-    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "generate", "--model=tiny", "--batch=2",
-                        "--prompt=8", "--new=8", "--peer"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(l) for l in r.stdout.strip().splitlines()]
+    rows = bench_rows("generate", "--model=tiny", "--batch=2", "--prompt=8", "--new=8", "--peer")
     assert [row["impl"] for row in rows] == ["ours", "hf-torch"]
     assert all(REQUIRED <= set(row) and row["kind"] == "generate" and row["tokens_per_s"] > 0 for row in rows)
     assert rows[0]["seq"] == 16 and rows[0]["model"] == "tiny"
@@ -35,10 +37,7 @@ def test_generate_benchmark_rows_with_peer():
 
 
 def test_train_benchmark_rows_with_peer():
-    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "train", "--model=tiny", "--batch=2", "--seq=16",
-                        "--steps=2", "--peer", "--peak_flops=1e11"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(l) for l in r.stdout.strip().splitlines()]
+    rows = bench_rows("train", "--model=tiny", "--batch=2", "--seq=16", "--steps=2", "--peer", "--peak_flops=1e11")
     assert [row["impl"] for row in rows] == ["ours", "hf-torch"]
     ours = rows[0]
     assert all(REQUIRED <= set(row) for row in rows)
@@ -50,11 +49,8 @@ def test_train_benchmark_loss_chunk_reports_less_scratch_memory():
     """--loss_chunk trades the (batch, seq, vocab) logits for one chunk's: XLA's buffer assignment shrinks."""
     rows = {}
     for chunk in (0, 4):
-        r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "train", "--model=tiny", "--batch=4",
-                            "--seq=32", "--steps=1", f"--loss_chunk={chunk}", "--vocab=1000"], capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr
-        rows[chunk] = json.loads(r.stdout.strip().splitlines()[0])
+        rows[chunk] = bench_rows("train", "--model=tiny", "--batch=4", "--seq=32", "--steps=1", f"--loss_chunk={chunk}",
+                                 "--vocab=1000")[0]
     assert rows[4]["loss_chunk"] == 4 and rows[4]["temp_bytes"] < rows[0]["temp_bytes"]
     assert rows[0]["vocab"] == rows[4]["vocab"] == 1000  # --vocab overrides the variant's
     assert abs(rows[4]["loss"] - rows[0]["loss"]) < 1e-4
@@ -66,10 +62,7 @@ def test_tokenize_benchmark_row(tmp_path):
     src = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
     small = tmp_path / "a.jsonl"
     small.write_text("".join(src.read_text(encoding="utf-8").splitlines(keepends=True)[:50]), encoding="utf-8")
-    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "tokenize", f"--input={small}", "--seq=128"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    row = json.loads(r.stdout.strip().splitlines()[-1])
+    row = bench_rows("tokenize", f"--input={small}", "--seq=128", timeout=120)[-1]
     assert REQUIRED <= set(row) and row["kind"] == "tokenize" and row["documents"] == 50
     assert row["tokens"] > 0 and row["tokens_per_s"] > 0
 
@@ -79,11 +72,8 @@ def test_memory_report_for_the_tiny_model_full_and_lora():
     adapters, head and new embedding rows) needs fewer argument bytes than full fine-tuning."""
     rows = {}
     for rank in (0, 4):
-        r = subprocess.run([sys.executable, "-m", "biomedlm_jax.bench", "memory", "--model=tiny", "--task=medqa",
-                            "--seq=32", "--batch=2", f"--lora_rank={rank}", "--no_scan"], capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr
-        rows[rank] = json.loads(r.stdout.strip().splitlines()[-1])
+        rows[rank] = bench_rows("memory", "--model=tiny", "--task=medqa", "--seq=32", "--batch=2", f"--lora_rank={rank}",
+                                "--no_scan")[-1]
     full, lo = rows[0], rows[4]
     for row in rows.values():
         assert REQUIRED <= set(row) and row["kind"] == "memory" and row["options"] == 4 and row["task"] == "medqa"
