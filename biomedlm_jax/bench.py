@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -90,13 +91,44 @@ def bench_tokenize(inputs: str, tokenizer: str, seq: int = 1024) -> dict:
             "tokens_per_s": packed.num_tokens / dt, "seconds": dt}
 
 
-def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool = False, dtype: str = "float32",
-                   repeats: int = 2, vocab: int = 0) -> list[dict]:
-    import tempfile
+def hf_peer_model(model, params, dtype: str, device: str):
+    """transformers' GPT2LMHeadModel holding the same weights as `params`, built in memory (no files:
+    a 2.7B export would write 5-11 GB), in `dtype` on `device`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
 
+    from biomedlm_jax import hf
+
+    cfg = model.config
+    state = {k: torch.from_numpy(v) for k, v in hf.params_to_hf(params, cfg, np.float32).items()}
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tm = GPT2LMHeadModel.from_pretrained(None, config=GPT2Config(**hf.config_to_hf(cfg)), state_dict=state,
+                                         dtype=torch_dtype)
+    return tm.to(device).eval()
+
+
+def decode_roofline(params, cfg, batch: int, prompt: int, new: int, bandwidth: Optional[float]) -> dict:
+    """The memory-bandwidth bound of greedy decoding: each step reads every weight once (the position
+    table only one row) and the filled part of every layer's K and V cache, on average prompt +
+    (new + 1) / 2 slots. Returns bytes per step and, when the bandwidth is known, the bound in tokens/s."""
     import jax
 
-    from biomedlm_jax import generate, hf
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    weights = sum(x.size * np.dtype(x.dtype).itemsize for path, x in flat if "wpe" not in jax.tree_util.keystr(path))
+    itemsize = np.dtype(cfg.dtype).itemsize
+    kv = 2 * cfg.n_layer * batch * (prompt + (new + 1) / 2) * cfg.d_model * itemsize
+    row = {"bytes_per_step": int(weights + kv), "weight_bytes": int(weights), "kv_bytes_per_step": int(kv),
+           "hbm_bytes_per_s": bandwidth}
+    if bandwidth:
+        row["roofline_tokens_per_s"] = batch * bandwidth / (weights + kv)
+    return row
+
+
+def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool = False, dtype: str = "float32",
+                   repeats: int = 2, vocab: int = 0, peer_repeats: int = 2, bandwidth: float = 0.0) -> list[dict]:
+    import jax
+
+    from biomedlm_jax import generate, metrics
     from biomedlm_jax import model as model_lib
 
     n_pos = max(model_lib.VARIANTS[variant].get("n_positions", 1024), prompt + new)
@@ -112,34 +144,36 @@ def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool =
         out = generate.generate(model, params, prompts, jax.random.PRNGKey(0), scfg)
     dt = (time.perf_counter() - t0) / repeats
     assert all(len(o) == new for o in out)
+    device = jax.devices()[0]
     base = {"kind": "generate", "model": variant, "vocab": cfg.vocab_size, "batch": batch, "seq": prompt + new,
-            "prompt": prompt, "new": new, "dtype": dtype, "device": jax.devices()[0].device_kind}
-    rows = [dict(base, impl="ours", tokens_per_s=batch * new / dt, ms_per_step=1e3 * dt / new)]
+            "prompt": prompt, "new": new, "dtype": dtype, "device": device.device_kind}
+    roof = decode_roofline(params, cfg, batch, prompt, new, bandwidth or metrics.peak_bandwidth_per_device(device))
+    ours = dict(base, impl="ours", tokens_per_s=batch * new / dt, ms_per_step=1e3 * dt / new, **roof)
+    if roof.get("roofline_tokens_per_s"):
+        ours["roofline_fraction"] = ours["tokens_per_s"] / roof["roofline_tokens_per_s"]
+    rows = [ours]
     if peer:
         import torch
-        from transformers import GPT2LMHeadModel
 
-        with tempfile.TemporaryDirectory() as d:
-            hf.save_pretrained(model, params, d)
-            tm = GPT2LMHeadModel.from_pretrained(d).eval()
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        tm = tm.to(device=device, dtype=torch_dtype)
-        ids = torch.tensor(prompts, device=device)
-        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-                  attention_mask=torch.ones_like(ids))
+        device_t = "cuda" if torch.cuda.is_available() else "cpu"
+        tm = hf_peer_model(model, params, dtype, device_t)
+        del params  # the peer holds its own copy
+        ids = torch.tensor(prompts, device=device_t)
+        kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
         with torch.no_grad():
-            tm.generate(ids, **kw)
-            if device == "cuda":
+            tm.generate(ids, max_new_tokens=min(new, 8), min_new_tokens=min(new, 8), **kw)  # warm-up (eager: no compile)
+            if device_t == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for _ in range(repeats):
-                ref = tm.generate(ids, **kw)
-            if device == "cuda":
+            for _ in range(peer_repeats):
+                ref = tm.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+            if device_t == "cuda":
                 torch.cuda.synchronize()
-        tdt = (time.perf_counter() - t0) / repeats
+        tdt = (time.perf_counter() - t0) / peer_repeats
         assert ref.shape == (batch, prompt + new)
-        rows.append(dict(base, impl="hf-torch", tokens_per_s=batch * new / tdt, ms_per_step=1e3 * tdt / new))
+        del tm
+        rows.append(dict(base, impl="hf-torch", tokens_per_s=batch * new / tdt, ms_per_step=1e3 * tdt / new,
+                         torch=torch.__version__))
         rows[0]["speedup_vs_hf"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     return rows
 
@@ -216,9 +250,11 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
 
         from biomedlm_jax import hf
 
+        del state, batches  # give the device memory to the peer
         device_t = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
-        tm = GPT2LMHeadModel(GPT2Config(**hf.config_to_hf(cfg))).to(device_t).train()
+        with torch.device(device_t):  # initialised where it trains (a 2.7B CPU init takes minutes)
+            tm = GPT2LMHeadModel(GPT2Config(**hf.config_to_hf(cfg))).train()
         opt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
                                 fused=device_t == "cuda")
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device_t == "cuda" and dtype == "bfloat16" else None
@@ -237,6 +273,9 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
             ttimes.append(time.perf_counter() - t0)
         tdt = float(np.median(ttimes[1:]))
         ttok = batch * seq / tdt
+        del tm, opt
+        if device_t == "cuda":
+            torch.cuda.empty_cache()
         rows.append(dict(base, impl="hf-torch", tokens_per_s=ttok, step_ms=1e3 * tdt,
                          mfu=metrics.mfu(ttok, cfg, seq, 1, peak), torch=torch.__version__))
         rows[0]["speedup_vs_hf"] = tok_s / ttok
@@ -333,6 +372,126 @@ def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, 
             "backend": jax.default_backend(), "compiler_options": options}
 
 
+# The benchmark matrix: rows in priority order, so a run cut short by its time budget has measured the
+# most important ones. Each row: (name, kind, arguments, seconds it is budgeted, goal). A goal is
+# (field, lowest value) checks on the "ours" row, from issue 18; the "small" scale runs the same rows
+# with tiny shapes so the matrix is tested on CPU. "cpu" is docs/benchmarks.md's CPU table.
+_B27 = dict(variant="biomedlm-2.7b", dtype="bfloat16")
+_GEN27 = dict(_B27, prompt=128, new=256, peer=True, peer_repeats=1)
+_T355 = dict(variant="gpt2-medium", vocab=28896, batch=16, seq=1024, dtype="bfloat16", attention_impl="cudnn", steps=10)
+_T27 = dict(_B27, batch=8, seq=1024, scan_layers=True, remat="dots_with_no_batch_dims_saveable",
+            attention_impl="cudnn", steps=8)
+MATRIX = {
+    "gpu": [
+        ("generate-2.7b-b1", "generate", dict(_GEN27, batch=1), 100,
+         {"roofline_fraction": 0.6, "tokens_per_s": 550, "speedup_vs_hf": 15}),
+        ("generate-2.7b-b32", "generate", dict(_GEN27, batch=32), 100, {"tokens_per_s": 5000, "speedup_vs_hf": 10}),
+        ("train-355m-b16", "train", dict(_T355, peer=True), 90, {"mfu": 0.5}),
+        ("train-2.7b-b8", "train", _T27, 80, {"mfu": 0.5}),
+        ("train-355m-b16-remat", "train", dict(_T355, remat="dots_with_no_batch_dims_saveable"), 50, {"mfu": 0.5}),
+        ("train-2.7b-b8-chunk", "train", dict(_T27, loss_chunk=256), 60, {"mfu": 0.5}),
+    ],
+    "cpu": [
+        ("train-bench-cpu-b8", "train", dict(variant="bench-cpu", batch=8, seq=256, steps=10, peer=True), 90,
+         {"speedup_vs_hf": 1.3}),
+        ("generate-bench-cpu-b1", "generate", dict(variant="bench-cpu", batch=1, prompt=128, new=128, peer=True), 60,
+         {"speedup_vs_hf": 4.0}),
+        ("generate-bench-cpu-b8", "generate", dict(variant="bench-cpu", batch=8, prompt=128, new=128, peer=True), 60,
+         {"speedup_vs_hf": 2.5}),
+    ],
+    "small": [
+        ("generate-tiny-b1", "generate", dict(variant="tiny", batch=1, prompt=8, new=8, peer=True, peer_repeats=1), 30,
+         {"speedup_vs_hf": 0.0}),
+        ("generate-tiny-b4", "generate", dict(variant="tiny", batch=4, prompt=8, new=8, peer=True, peer_repeats=1), 30,
+         {"speedup_vs_hf": 0.0}),
+        ("train-tiny-b2", "train", dict(variant="tiny", batch=2, seq=16, steps=2, peer=True), 30, {"mfu": 0.0}),
+        ("train-tiny-b2-scan", "train", dict(variant="tiny", batch=2, seq=16, steps=2, scan_layers=True,
+                                              remat="dots_with_no_batch_dims_saveable", loss_chunk=8), 30, {"mfu": 0.0}),
+    ],
+}
+
+
+def _environment() -> dict:
+    import datetime
+
+    import jax
+
+    env = {"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+           "date": datetime.date.today().isoformat()}
+    try:
+        import torch
+        import transformers
+
+        env.update(torch=torch.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    return env
+
+
+def bench_matrix(out_dir: str, scale: str = "gpu", budget_s: float = 450.0, only: str = "",
+                 peak_flops: float = 0.0, bandwidth: float = 0.0) -> list[dict]:
+    """Run MATRIX[scale] in this process, one row after another, appending each JSON row to
+    `out_dir/bench.jsonl` as soon as it is measured (a run killed at its time limit keeps what it
+    measured). A row that fails (out of memory, say) is written with its error and the next one runs;
+    a row whose budgeted seconds no longer fit in `budget_s` is written as skipped. `only`: a comma
+    list of row-name prefixes (e.g. "generate" or "train-355m")."""
+    import gc
+    import traceback
+
+    import jax
+
+    if scale not in MATRIX:
+        raise SystemExit(f"--scale={scale}: choose from {sorted(MATRIX)}")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "bench.jsonl")
+    env = _environment()
+    start = time.perf_counter()
+    written = []
+
+    def emit(row):
+        row = dict(row, matrix=scale, **{k: v for k, v in env.items() if k not in row})
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        written.append(row)
+
+    prefixes = [p for p in only.split(",") if p]
+    for name, kind, kwargs, seconds, goal in MATRIX[scale]:
+        if prefixes and not any(name.startswith(p) for p in prefixes):
+            continue
+        stub = {"name": name, "kind": kind, "impl": "ours", "model": kwargs["variant"], "batch": kwargs["batch"],
+                "seq": kwargs.get("seq", kwargs.get("prompt", 0) + kwargs.get("new", 0)), "tokens_per_s": None}
+        elapsed = time.perf_counter() - start
+        if elapsed + seconds > budget_s:
+            emit(dict(stub, skipped=f"budget: {elapsed:.0f} s used of {budget_s:.0f}, this row is budgeted {seconds} s"))
+            continue
+        t0 = time.perf_counter()
+        try:
+            if kind == "generate":
+                rows = bench_generate(kwargs["variant"], kwargs["batch"], kwargs["prompt"], kwargs["new"],
+                                      kwargs.get("peer", False), kwargs.get("dtype", "float32"),
+                                      peer_repeats=kwargs.get("peer_repeats", 2), bandwidth=bandwidth)
+            else:
+                rows = bench_train(kwargs["variant"], kwargs["batch"], kwargs["seq"], kwargs["steps"],
+                                   kwargs.get("peer", False), kwargs.get("dtype", "float32"), kwargs.get("remat", "none"),
+                                   kwargs.get("scan_layers", False), kwargs.get("attention_impl", "auto"),
+                                   peak_flops, kwargs.get("loss_chunk", 0), kwargs.get("vocab", 0))
+        except Exception as e:  # noqa: BLE001 - recorded, and the next row runs
+            emit(dict(stub, error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-4000:]))
+        else:
+            wall = time.perf_counter() - t0
+            for row in rows:
+                row = dict(row, name=name, row_wall_s=round(wall, 1))
+                if row["impl"] == "ours":
+                    row["goal"] = goal
+                    checks = {k: (row.get(k) is not None and row[k] >= v) for k, v in goal.items()}
+                    row["goal_met"] = all(checks.values()) if None not in [row.get(k) for k in goal] else None
+                emit(row)
+        gc.collect()
+        jax.clear_caches()
+    return written
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.bench")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -354,6 +513,7 @@ def main(argv=None) -> int:
     gp.add_argument("--dtype", default="float32")
     gp.add_argument("--peer", action="store_true", help="also run transformers' generate on the same weights")
     gp.add_argument("--vocab", type=int, default=0, help="override the variant's vocab size (e.g. 28896)")
+    gp.add_argument("--bandwidth", type=float, default=0.0, help="memory bytes/s for the roofline (default: table)")
     tr = sub.add_parser("train", help="training step tokens/s, MFU, memory (optionally vs HF torch)")
     tr.add_argument("--model", default="bench-cpu")
     tr.add_argument("--batch", type=int, default=8)
@@ -385,7 +545,17 @@ def main(argv=None) -> int:
     me.add_argument("--grad_accum", type=int, default=1)
     me.add_argument("--cpu_as_is", action="store_true",
                     help="CPU: keep the loop-invariant hoisting of bf16->f32 weight casts (see bench.py)")
+    mx = sub.add_parser("matrix", help="a benchmark matrix in one process, rows appended to OUT/bench.jsonl")
+    mx.add_argument("--out", required=True, help="directory for bench.jsonl")
+    mx.add_argument("--scale", default="gpu", choices=sorted(MATRIX))
+    mx.add_argument("--budget_s", type=float, default=450.0, help="skip rows that would end after this many seconds")
+    mx.add_argument("--only", default="", help="comma list of row-name prefixes (default: every row)")
+    mx.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU (default: table)")
+    mx.add_argument("--bandwidth", type=float, default=0.0, help="memory bytes/s for the decode roofline (default: table)")
     args = p.parse_args(argv)
+    if args.cmd == "matrix":
+        bench_matrix(args.out, args.scale, args.budget_s, args.only, args.peak_flops, args.bandwidth)
+        return 0
     if args.cmd == "memory":
         rows = [bench_memory(args.model, args.task, args.seq, args.batch, args.lora_rank, args.mesh, args.dtype,
                              args.remat, not args.no_scan, args.moments, args.base_dtype, args.grad_accum,
@@ -397,7 +567,8 @@ def main(argv=None) -> int:
     elif args.cmd == "pipeline":
         rows = [bench_pipeline(args.seq, args.batch, args.steps, args.prepared, args.impl)]
     elif args.cmd == "generate":
-        rows = bench_generate(args.model, args.batch, args.prompt, args.new, args.peer, args.dtype, vocab=args.vocab)
+        rows = bench_generate(args.model, args.batch, args.prompt, args.new, args.peer, args.dtype, vocab=args.vocab,
+                              bandwidth=args.bandwidth)
     else:
         rows = [bench_tokenize(args.input, args.tokenizer, args.seq)]
     for row in rows:

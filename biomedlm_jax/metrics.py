@@ -36,6 +36,31 @@ PEAK_FLOPS = {
 }
 
 
+# Memory bandwidth per device in bytes/s (vendor datasheets), for the decoding roofline. Matched in order
+# as substrings of device_kind, so the PCIe H100 (2.0 TB/s) is found before the SXM one.
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "A100": 2.0e12,
+    "L4": 300e9,
+    "TPU v6": 1.64e12,
+    "TPU v5p": 2.77e12,
+    "TPU v5 lite": 819e9,
+    "TPU v5e": 819e9,
+    "TPU v4": 1.2e12,
+}
+
+
+def peak_bandwidth_per_device(device=None) -> Optional[float]:
+    """Memory bandwidth of `device` in bytes/s from the table, or None when unknown (e.g. CPU)."""
+    kind = (device or jax.devices()[0]).device_kind
+    for key, value in PEAK_BANDWIDTH.items():
+        if key.lower() in kind.lower():
+            return value
+    return None
+
+
 def matmul_params(cfg: GPTConfig) -> int:
     d, f = cfg.d_model, cfg.ffn_dim
     return cfg.n_layer * (4 * d * d + 2 * d * f) + cfg.vocab_size * d

@@ -1,55 +1,48 @@
 #!/usr/bin/env bash
-# The issue-9 GPU benchmark matrix on one GPU: every row of the docs/benchmarks.md GPU table, appended
-# as JSON lines to OUT/bench.jsonl (each command's stderr in OUT/NAME.log). Runs with the python that
-# has the package importable (default python3; set PY=.venv/bin/python).
+# The GPU benchmark matrix (issue 18) as one command that fits a lent GPU's time: one Python process
+# runs every row of `bench.MATRIX["gpu"]` in priority order (2.7B decoding at batch 1 and 32 against HF
+# generate, 355M training against HF, 2.7B training, then two variants), appends each JSON row to
+# OUT/bench.jsonl as soon as it is measured, and skips rows that no longer fit --budget_s (default
+# 450 s, so with start-up the command stays under 8 minutes). Its stderr goes to OUT/bench.log.
 #
-#   launch/gpu_bench.sh [--dry_run] [--out=DIR] [train|generate|all]
+#   launch/gpu_bench.sh [--dry_run] [--out=DIR] [--budget_s=S] [--scale=gpu|cpu|small] [train|generate|all]
 #
-# "train" and "generate" each fit in about 10 minutes on an H100; "all" runs both.
+# PY selects the python that has the package importable (default python3). --scale=small runs the same
+# rows with tiny shapes (the CPU test of this script); --scale=cpu is docs/benchmarks.md's CPU table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=launch/common.sh
 source launch/common.sh
 
 OUT=bench_out
-PART=all
+ONLY=""
+BUDGET=450
+SCALE=gpu
 for arg in "$@"; do
   case "$arg" in
     --dry_run) DRY_RUN=1 ;;
     --out=*) OUT="${arg#--out=}" ;;
-    train|generate|all) PART="$arg" ;;
+    --budget_s=*) BUDGET="${arg#--budget_s=}" ;;
+    --scale=*) SCALE="${arg#--scale=}" ;;
+    train|generate) ONLY="$arg" ;;
+    all) ONLY="" ;;
     *) echo "gpu_bench.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
 PY="${PY:-python3}"
 export XLA_FLAGS="${XLA_FLAGS:-} $GPU_XLA_FLAGS"
-[ "$DRY_RUN" -eq 1 ] && echo "export XLA_FLAGS=$(quote "$XLA_FLAGS")"
-run mkdir -p "$OUT"
-
-# bench NAME ARGS...: one benchmark process; its JSON rows go to OUT/bench.jsonl. A failed row (an OOM,
-# say) is recorded in its log and does not stop the rest.
-bench() {
-  local name="$1"
-  shift
-  if [ "$DRY_RUN" -eq 1 ]; then
-    echo "$(quote "$PY" -m biomedlm_jax.bench "$@") >> $OUT/bench.jsonl 2> $OUT/$name.log"
-  else
-    "$PY" -m biomedlm_jax.bench "$@" >> "$OUT/bench.jsonl" 2> "$OUT/$name.log" || echo "$name failed: see $OUT/$name.log" >&2
-  fi
-}
-
-M355=(--model=gpt2-medium --vocab=28896 --batch=16 --seq=1024 --dtype=bfloat16 --attention_impl=cudnn)
-B27=(--model=biomedlm-2.7b --batch=8 --seq=1024 --dtype=bfloat16 --scan_layers
-     --remat=dots_with_no_batch_dims_saveable --attention_impl=cudnn)
-if [ "$PART" != generate ]; then
-  bench train-355m train "${M355[@]}" --peer
-  bench train-355m-chunk train "${M355[@]}" --loss_chunk=256
-  bench train-355m-remat train "${M355[@]}" --remat=dots_with_no_batch_dims_saveable
-  bench train-2.7b train "${B27[@]}"  # no --peer: HF runs out of memory at batch 8 on 80 GB
-  bench train-2.7b-chunk train "${B27[@]}" --loss_chunk=256
+# JAX and the torch peer share the GPU in one process: JAX takes memory as it needs it instead of
+# preallocating 75% of the device.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+if [ "$DRY_RUN" -eq 1 ]; then
+  echo "export XLA_FLAGS=$(quote "$XLA_FLAGS")"
+  echo "export XLA_PYTHON_CLIENT_PREALLOCATE=false"
 fi
-if [ "$PART" != train ]; then
-  for b in 1 32; do
-    bench "generate-2.7b-b$b" generate --model=biomedlm-2.7b --dtype=bfloat16 --batch="$b" --prompt=128 --new=256 --peer
-  done
+run mkdir -p "$OUT"
+CMD=("$PY" -m biomedlm_jax.bench matrix "--out=$OUT" "--scale=$SCALE" "--budget_s=$BUDGET")
+[ -n "$ONLY" ] && CMD+=("--only=$ONLY")
+if [ "$DRY_RUN" -eq 1 ]; then
+  echo "$(quote "${CMD[@]}") 2> $OUT/bench.log"
+else
+  "${CMD[@]}" 2> "$OUT/bench.log"
 fi

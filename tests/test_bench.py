@@ -81,3 +81,37 @@ def test_memory_report_for_the_tiny_model_full_and_lora():
     assert full["trainable_params"] == full["total_params"] and lo["trainable_params"] < lo["total_params"]
     assert lo["total_params"] > full["total_params"]  # + adapters
     assert lo["argument_bytes"] < full["argument_bytes"]
+
+
+def test_matrix_generate_rows_carry_the_decode_roofline_and_goals(tmp_path):
+    """`bench matrix` rows: ours and the HF peer per row, appended to OUT/bench.jsonl; decode rows say
+    the bytes one step must read and, given a bandwidth, the roofline and the fraction of it reached."""
+    rows = bench_rows("matrix", f"--out={tmp_path}", "--scale=small", "--only=generate", "--bandwidth=2e10")
+    assert rows == [json.loads(l) for l in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert [(row["name"], row["impl"]) for row in rows] == [
+        ("generate-tiny-b1", "ours"), ("generate-tiny-b1", "hf-torch"),
+        ("generate-tiny-b4", "ours"), ("generate-tiny-b4", "hf-torch")]
+    for ours in rows[0], rows[2]:
+        assert REQUIRED <= set(ours) and ours["goal"] == {"speedup_vs_hf": 0.0} and ours["goal_met"] is True
+        assert ours["bytes_per_step"] == ours["weight_bytes"] + ours["kv_bytes_per_step"]
+        assert ours["roofline_tokens_per_s"] == ours["batch"] * 2e10 / ours["bytes_per_step"]
+        assert 0 < ours["roofline_fraction"] == ours["tokens_per_s"] / ours["roofline_tokens_per_s"]
+    # tiny (fp32): wte 50257 x 64 + the layers' weights; the position table is not read per step
+    assert 13_000_000 < rows[0]["weight_bytes"] < 13_400_000
+    assert rows[2]["kv_bytes_per_step"] == 4 * rows[0]["kv_bytes_per_step"]  # batch 4 reads 4 caches
+
+
+def test_decode_roofline_counts_weights_once_and_the_filled_cache():
+    import jax
+
+    from biomedlm_jax import bench
+    from biomedlm_jax import model as model_lib
+
+    cfg = model_lib.get_config("tiny", dtype="bfloat16")
+    params = {"wte": {"embedding": jax.ShapeDtypeStruct((10, 64), "bfloat16")},
+              "wpe": {"embedding": jax.ShapeDtypeStruct((128, 64), "bfloat16")}}
+    roof = bench.decode_roofline(params, cfg, batch=2, prompt=4, new=3, bandwidth=1e9)
+    assert roof["weight_bytes"] == 10 * 64 * 2  # wpe left out
+    assert roof["kv_bytes_per_step"] == 2 * cfg.n_layer * 2 * (4 + 2) * 64 * 2  # K and V, 6 slots on average
+    assert roof["roofline_tokens_per_s"] == 2 * 1e9 / roof["bytes_per_step"]
+    assert "roofline_tokens_per_s" not in bench.decode_roofline(params, cfg, 2, 4, 3, None)

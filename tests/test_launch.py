@@ -1,5 +1,6 @@
 """Launchers: --dry_run prints the exact commands (defaults and a representative call); shellcheck is clean;
 a process that cannot reach its coordinator fails with a clear message."""
+import json
 import os
 import shutil
 import socket
@@ -54,16 +55,39 @@ def test_local_default_and_custom():
     assert ".venv/bin/pip install -q -e '.[cuda12]'" in lines
 
 
-def test_gpu_bench_matrix_parts_and_rows_file(tmp_path):
+def test_gpu_bench_is_one_matrix_command_with_a_time_budget(tmp_path):
+    """The lent GPU has ~15 minutes in all: the launcher is one process (`bench matrix`) with a budget,
+    JAX not preallocating (the torch peer shares the device), and the part names kept as filters."""
     lines = dry("gpu_bench.sh", f"--out={tmp_path}")
     cmds = [l for l in lines if " -m biomedlm_jax.bench " in l]
-    assert len(cmds) == 7 and all(l.endswith(".log") and f">> {tmp_path}/bench.jsonl" in l for l in cmds)
-    assert any("--model=gpt2-medium --vocab=28896 --batch=16" in l and "--peer" in l for l in cmds)
-    assert any("--model=biomedlm-2.7b --batch=8" in l and "--scan_layers" in l and "--peer" not in l for l in cmds)
-    assert [l for l in dry("gpu_bench.sh", "generate") if " generate " in l] == [l for l in dry("gpu_bench.sh") if " generate " in l]
-    assert not [l for l in dry("gpu_bench.sh", "train") if " generate " in l]
+    assert cmds == [f"python3 -m biomedlm_jax.bench matrix --out={tmp_path} --scale=gpu --budget_s=450 "
+                    f"2> {tmp_path}/bench.log"]
+    assert "export XLA_PYTHON_CLIENT_PREALLOCATE=false" in lines
+    assert any(l.startswith("export XLA_FLAGS=") and "latency_hiding_scheduler" in l for l in lines)
+    assert [l for l in dry("gpu_bench.sh", "generate", "--budget_s=300") if " matrix " in l][0].endswith(
+        "--budget_s=300 --only=generate 2> bench_out/bench.log")
     r = subprocess.run([str(LAUNCH / "gpu_bench.sh"), "--dry_run", "--bogus"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown argument --bogus" in r.stderr
+
+
+def test_gpu_bench_runs_the_matrix_at_small_scale(tmp_path):
+    """The same script the GPU runs, at --scale=small on CPU: rows land in OUT/bench.jsonl, stderr in
+    OUT/bench.log; with no time left every row is written as skipped instead of run."""
+    env = dict(os.environ, PY=sys.executable)
+    r = subprocess.run([str(LAUNCH / "gpu_bench.sh"), f"--out={tmp_path}", "--scale=small", "train"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr + (tmp_path / "bench.log").read_text()
+    rows = [json.loads(l) for l in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert [(row["name"], row["impl"]) for row in rows] == [
+        ("train-tiny-b2", "ours"), ("train-tiny-b2", "hf-torch"), ("train-tiny-b2-scan", "ours")]
+    assert all(row["matrix"] == "small" and row["tokens_per_s"] > 0 and "jax" in row for row in rows)
+    assert (tmp_path / "bench.log").exists()
+    out2 = tmp_path / "none"
+    r = subprocess.run([str(LAUNCH / "gpu_bench.sh"), f"--out={out2}", "--scale=small", "--budget_s=1"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in (out2 / "bench.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(row["skipped"].startswith("budget") and row["tokens_per_s"] is None for row in rows)
 
 
 def test_shellcheck_is_clean():
