@@ -9,7 +9,7 @@ How it works (`generate`):
   * prompts are left-padded to a bucket length (a multiple of `bucket`), so different prompt lengths
     reuse one compiled program; positions count real tokens only (0 at each prompt's first token),
     and a key mask hides the padding, so a padded prompt decodes exactly like an unpadded one;
-  * the cache (n_layer, B, P + max_new, H, hd) is preallocated; `prefill` runs the prompt through
+  * the cache (n_layer, B * H, P + max_new, hd) is preallocated; `prefill` runs the prompt through
     the model once and writes its keys/values; `decode` is a `lax.while_loop` that samples a token,
     writes it and runs one cached step, until every row has produced EOS or max_new tokens;
   * sampling: greedy (temperature 0), temperature, top-k, top-p (the smallest set whose probability
