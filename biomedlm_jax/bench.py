@@ -411,13 +411,28 @@ MATRIX = {
 }
 
 
+def _host_cpu() -> Optional[str]:
+    """The host CPU's model name, its core count and the vector extensions that decide CPU results
+    (XLA:CPU and torch pick kernels by them), e.g. "Intel(R) Xeon(R) Processor, 2 cores, avx512f avx512_bf16"."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{fields.get('model name', '?')}, {os.cpu_count()} cores, {' '.join(wanted) or 'no avx2'}"
+
+
 def _environment() -> dict:
     import datetime
 
     import jax
 
     env = {"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-           "date": datetime.date.today().isoformat()}
+           "date": datetime.date.today().isoformat(), "host_cpu": _host_cpu()}
     try:
         import torch
         import transformers
