@@ -10,6 +10,8 @@ runs), `batch`, `seq` (generate: prompt + new; tokenize: the row length) and `to
         [--mesh=data,fsdp,tensor --dtype=bfloat16 --remat=full --moments=bfloat16 --base_dtype=bfloat16 --grad_accum=A]
     python -m biomedlm_jax.bench train --model=bench-cpu --batch=8 --seq=256 --steps=10 [--peer --remat=... --scan_layers
         --attention_impl=... --dtype=bfloat16 --loss_chunk=K --vocab=V --peak_flops=... --lora_rank=R]
+    python -m biomedlm_jax.bench matrix --out=DIR [--scale=gpu|cpu|small --budget_s=450 --only=PREFIXES
+        --peak_flops=... --bandwidth=...]
 
 `pipeline` measures the batches a training process would consume: BatchIterator.batch_at (random,
 seeded row gathers from memory or memory-mapped shards, int32 conversion, input/target split). With
@@ -30,8 +32,14 @@ autocast and fused AdamW on GPU.
 
 `generate` measures greedy decoding with the KV cache: exactly `--new` tokens per row (no EOS stop)
 after a `--prompt`-token prompt, timed after a warm-up call that compiles. `--peer` runs the same
-weights (exported with hf.save_pretrained) through transformers' GPT2LMHeadModel.generate
+weights (built in memory by `hf_peer_model`) through transformers' GPT2LMHeadModel.generate
 (do_sample=False, min_new_tokens = max_new_tokens) in the same process and prints its row and the ratio.
+Each "ours" row carries the memory roofline (`decode_roofline`): the bytes one step reads and, with a
+known or given bandwidth (`metrics.PEAK_BANDWIDTH`, `--bandwidth`), the bound in tokens/s and the
+fraction of it reached.
+
+`matrix` runs a list of train/generate rows (`MATRIX`) in one process under a time budget and appends
+each row to DIR/bench.jsonl as it is measured (`bench_matrix`); `launch/gpu_bench.sh` runs the GPU one.
 """
 from __future__ import annotations
 
