@@ -52,13 +52,15 @@ PEAK_BANDWIDTH = {
 }
 
 
+def _device_value(table: dict, device=None) -> Optional[float]:
+    """The first entry of `table` whose key is a substring of the device's kind, or None (e.g. CPU)."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    return next((value for key, value in table.items() if key.lower() in kind), None)
+
+
 def peak_bandwidth_per_device(device=None) -> Optional[float]:
     """Memory bandwidth of `device` in bytes/s from the table, or None when unknown (e.g. CPU)."""
-    kind = (device or jax.devices()[0]).device_kind
-    for key, value in PEAK_BANDWIDTH.items():
-        if key.lower() in kind.lower():
-            return value
-    return None
+    return _device_value(PEAK_BANDWIDTH, device)
 
 
 def matmul_params(cfg: GPTConfig) -> int:
@@ -73,11 +75,7 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
 
 def peak_flops_per_device(device=None) -> Optional[float]:
     """Peak bf16 FLOP/s of `device` from the table, or None when unknown (e.g. CPU)."""
-    kind = (device or jax.devices()[0]).device_kind
-    for key, value in PEAK_FLOPS.items():
-        if key.lower() in kind.lower():
-            return value
-    return None
+    return _device_value(PEAK_FLOPS, device)
 
 
 def mfu(tokens_per_s: float, cfg: GPTConfig, seq_len: int, n_devices: int, peak: Optional[float]) -> Optional[float]:

@@ -115,3 +115,16 @@ def test_decode_roofline_counts_weights_once_and_the_filled_cache():
     assert roof["kv_bytes_per_step"] == 2 * cfg.n_layer * 2 * (4 + 2) * 64 * 2  # K and V, 6 slots on average
     assert roof["roofline_tokens_per_s"] == 2 * 1e9 / roof["bytes_per_step"]
     assert "roofline_tokens_per_s" not in bench.decode_roofline(params, cfg, 2, 4, 3, None)
+
+
+def test_bandwidth_table_tells_the_h100_pcie_from_the_sxm():
+    from types import SimpleNamespace
+
+    from biomedlm_jax import metrics
+
+    kind = lambda k: SimpleNamespace(device_kind=k)  # noqa: E731
+    assert metrics.peak_bandwidth_per_device(kind("NVIDIA H100 PCIe")) == 2.0e12
+    assert metrics.peak_bandwidth_per_device(kind("NVIDIA H100 80GB HBM3")) == 3.35e12
+    assert metrics.peak_bandwidth_per_device(kind("NVIDIA H200")) == 4.8e12
+    assert metrics.peak_bandwidth_per_device(kind("cpu")) is None
+    assert metrics.peak_flops_per_device(kind("NVIDIA H200")) == 989e12
