@@ -290,14 +290,12 @@ class Projection(nn.Module):
         bias = self.param(
             "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes), tuple(self.out_shape), cfg.param_dtype
         )
-        n = len(self.in_shape)
-        contract = tuple(range(x.ndim - n, x.ndim))
-        y = project(x.astype(cfg.dtype), kernel.astype(cfg.dtype), n)
+        y = project(x.astype(cfg.dtype), kernel.astype(cfg.dtype), len(self.in_shape))
         if self.lora_target is not None and cfg.lora_on(self.lora_target):
-            y = y + self._lora(x, contract, deterministic)
+            y = y + self._lora(x, deterministic)
         return y + bias.astype(cfg.dtype)
 
-    def _lora(self, x, contract, deterministic: bool):
+    def _lora(self, x, deterministic: bool):
         """(alpha / r) * dropout(x) A B. A is initialised as PEFT does (Kaiming-uniform, a = sqrt(5):
         U(-1/sqrt(fan_in), 1/sqrt(fan_in))), B with zeros."""
         cfg, n, r = self.config, len(self.in_shape), self.config.lora_rank
@@ -309,8 +307,8 @@ class Projection(nn.Module):
         b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + tuple(self.kernel_axes[n:])),
                        (r,) + tuple(self.out_shape), cfg.param_dtype)
         x = nn.Dropout(rate=cfg.lora_dropout)(x, deterministic=deterministic or cfg.lora_dropout == 0.0)
-        h = jnp.tensordot(x.astype(cfg.dtype), a.astype(cfg.dtype), axes=(contract, tuple(range(n))))  # (..., r)
-        y = jnp.tensordot(h, b.astype(cfg.dtype), axes=((h.ndim - 1,), (0,)))
+        h = project(x.astype(cfg.dtype), a.astype(cfg.dtype), n)  # (..., r)
+        y = project(h, b.astype(cfg.dtype), 1)
         return y * jnp.asarray(cfg.lora_alpha / r, cfg.dtype)
 
 
