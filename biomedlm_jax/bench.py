@@ -489,26 +489,21 @@ def bench_matrix(out_dir: str, scale: str = "gpu", budget_s: float = 450.0, only
             emit(dict(stub, skipped=f"budget: {elapsed:.0f} s used of {budget_s:.0f}, this row is budgeted {seconds} s"))
             continue
         t0 = time.perf_counter()
-        try:
+        try:  # a row's arguments are the bench function's own keyword arguments
             if kind == "generate":
-                rows = bench_generate(kwargs["variant"], kwargs["batch"], kwargs["prompt"], kwargs["new"],
-                                      kwargs.get("peer", False), kwargs.get("dtype", "float32"),
-                                      peer_repeats=kwargs.get("peer_repeats", 2), bandwidth=bandwidth)
+                rows = bench_generate(**kwargs, bandwidth=bandwidth)
             else:
-                rows = bench_train(kwargs["variant"], kwargs["batch"], kwargs["seq"], kwargs["steps"],
-                                   kwargs.get("peer", False), kwargs.get("dtype", "float32"), kwargs.get("remat", "none"),
-                                   kwargs.get("scan_layers", False), kwargs.get("attention_impl", "auto"),
-                                   peak_flops, kwargs.get("loss_chunk", 0), kwargs.get("vocab", 0))
+                rows = bench_train(**kwargs, peak_flops=peak_flops)
         except Exception as e:  # noqa: BLE001 - recorded, and the next row runs
             emit(dict(stub, error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-4000:]))
         else:
             wall = time.perf_counter() - t0
             for row in rows:
                 row = dict(row, name=name, row_wall_s=round(wall, 1))
-                if row["impl"] == "ours":
-                    row["goal"] = goal
-                    checks = {k: (row.get(k) is not None and row[k] >= v) for k, v in goal.items()}
-                    row["goal_met"] = all(checks.values()) if None not in [row.get(k) for k in goal] else None
+                if row["impl"] == "ours":  # goal_met: None when a goal's field was not measured (e.g. no peer)
+                    values = {k: row.get(k) for k in goal}
+                    met = None if None in values.values() else all(values[k] >= v for k, v in goal.items())
+                    row.update(goal=goal, goal_met=met)
                 emit(row)
         gc.collect()
         jax.clear_caches()

@@ -585,8 +585,9 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
             cfg, data=train_iter.state(), data_fingerprint=train_rows.fingerprint(),
             config=json.loads(config.to_json_best_effort()), **meta_extra,
         )
-        saved = dict(state, params=lora.split(state["params"], mask)[0]) if lora_base else state
-        if lora_base:
+        saved = state
+        if lora_base:  # only the trainable params, and where the frozen ones come from
+            saved = dict(state, params=lora.split(state["params"], mask)[0])
             meta["lora_base"] = lora_base
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved), meta=ocp.args.JsonSave(meta)),
                   force=True)
