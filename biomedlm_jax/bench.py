@@ -53,7 +53,6 @@ import numpy as np
 
 from biomedlm_jax import input_pipeline as ip
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bench_pipeline(seq: int, batch: int, steps: int, prepared: str = "", impl: str = "numpy", seed: int = 0) -> dict:
@@ -191,7 +190,7 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
                 peak_flops: float = 0.0, loss_chunk: int = 0, vocab: int = 0, lora_rank: int = 0) -> list[dict]:
     import jax
 
-    from biomedlm_jax import configlib, metrics, sharding, train
+    from biomedlm_jax import configlib, metrics, sharding, tasks, train, train_state
     from biomedlm_jax import model as model_lib
 
     cfg = model_lib.get_config(variant, n_positions=max(model_lib.VARIANTS[variant].get("n_positions", 1024), seq),
@@ -205,22 +204,23 @@ def bench_train(variant: str, batch: int, seq: int, steps: int, peer: bool = Fal
     cfg = train.with_lora(cfg, config)
     model = model_lib.GPT(cfg)
     tx, _ = train.make_optimizer(config)
-    trainable = train.trainable_mask(cfg, None)
+    plan = train_state.LoraPlan(cfg)  # LoRA on a random base: adapters train, the rest is frozen
     n = jax.device_count()
     while batch % n:  # data parallel over as many devices as divide the batch
         n -= 1
     mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:n])
     rules = sharding.DEFAULT_RULES
-    abstract, shardings = train.state_shardings(model, tx, mesh, rules, seq, trainable)
-    mask = trainable(abstract["params"]) if trainable else None
-    b_sharding = train.batch_sharding(mesh, rules)
+    abstract, shardings = train_state.state_shardings(model, tx, mesh, rules, seq, plan)
+    plan = plan.bind(abstract["params"])
+    b_sharding = train_state.batch_sharding(mesh, rules)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (steps + 1, 1, batch, seq + 1)).astype(np.int32)
     batches = [{"inputs": jax.device_put(x[..., :-1], b_sharding), "targets": jax.device_put(x[..., 1:], b_sharding)}
                for x in ids]
     with jax.set_mesh(mesh), __import__("flax").linen.logical_axis_rules(rules):
-        state, _ = train._initial_state(config, model, cfg, tx, abstract, shardings, train.LMTask(config), mask)
-        step = jax.jit(train.make_train_step(model, tx, True, train.LMTask(config), mask),
+        task = tasks.LMTask(config)
+        state, _ = train_state.initial_state(config, model, cfg, tx, abstract, shardings, task, plan)
+        step = jax.jit(train.make_train_step(model, tx, True, task, plan),
                        in_shardings=(shardings, b_sharding), out_shardings=(shardings, None), donate_argnums=0)
         t0 = time.perf_counter()
         step = step.lower(state, batches[0]).compile()
@@ -302,17 +302,18 @@ MEMORY_TASKS = {"lm": None, "medqa": 4, "pubmedqa": 1}  # task -> options per qu
 def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, mesh: str = "1,1,1",
                  dtype: str = "bfloat16", remat: str = "full", scan_layers: bool = True, moments: str = "bfloat16",
                  base_dtype: str = "bfloat16", grad_accum: int = 1,
-                 lora_targets: str = "qkv,attn_out,mlp_in,mlp_out", cpu_as_is: bool = False) -> dict:
+                 lora_targets: str = "qkv,attn_out,mlp_in,mlp_out", cpu_as_is: bool = False,
+                 mcqa_config: str = "configs/mcqa.py") -> dict:
     """What the trainer's real train step needs on one device, from XLA's buffer assignment of the step
     compiled for abstract (shape-only) state and batch: no weights are allocated, so a 2.7B report
-    runs on a laptop. `batch` counts questions (or LM rows) per micro-batch."""
+    runs on a laptop. `batch` counts questions (or LM rows) per micro-batch. An MCQA task's settings
+    come from its variant of `mcqa_config` (the checkout's configs/mcqa.py)."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from biomedlm_jax import configlib, lora, mcqa, sharding, train
+    from biomedlm_jax import configlib, mcqa, mcqa_data, sharding, tasks, train, train_state
     from biomedlm_jax import model as model_lib
-    from biomedlm_jax import tokenizer as tokenizer_lib
 
     if task not in MEMORY_TASKS:
         raise SystemExit(f"--task={task}: choose from {sorted(MEMORY_TASKS)}")
@@ -321,33 +322,31 @@ def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, 
                                     embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     if task == "lm":
         config = configlib.train_config()
+    elif not os.path.exists(mcqa_config):
+        raise SystemExit(f"--mcqa_config={mcqa_config} not found: pass the checkout's configs/mcqa.py")
     else:
-        config = configlib.load_config_file(os.path.join(REPO, "configs", "mcqa.py"), task)
+        config = configlib.load_config_file(mcqa_config, task)
     config.seq_len, config.grad_accum_steps, config.global_batch_size = seq, grad_accum, batch * grad_accum
     config.lora.rank, config.lora.targets, config.lora.base_dtype = lora_rank, lora_targets, base_dtype
     config.optimizer.mu_dtype = config.optimizer.nu_dtype = "" if moments == "float32" else moments
     cfg = train.with_lora(base_cfg, config)
     if task == "lm":
-        task_obj, base_vocab = train.LMTask(config), None
+        task_obj = tasks.LMTask(config)
     else:
-        task_obj = mcqa.MCQATask(config)
-        task_obj.k = MEMORY_TASKS[task]
-        tok = tokenizer_lib.load_tokenizer(os.path.join(REPO, "data", "gpt2_tokenizer"))
-        n0 = tok.get_vocab_size()
-        mcqa.add_task_tokens(tok, task_obj.head)  # the rows the task adds to the base vocabulary
-        base_vocab = base_cfg.vocab_size
-        cfg = cfg.replace(vocab_size=base_vocab + tok.get_vocab_size() - n0)
+        task_obj = mcqa.MCQATask(config, n_options=MEMORY_TASKS[task])
+        added = sum(len(t) for t in mcqa_data.TASK_TOKENS[task_obj.head])  # none is in a GPT-2-style base vocab
+        cfg = cfg.replace(vocab_size=base_cfg.vocab_size + added)
     model = task_obj.model(cfg)
     tx, _ = train.make_optimizer(config)
     mesh_shape = tuple(int(x) for x in mesh.split(","))
     m = sharding.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
     rules = sharding.DEFAULT_RULES
-    row_vocab = base_vocab if lora_rank else None  # only a LoRA run masks the base's embedding rows
-    trainable = train.trainable_mask(cfg, task_obj if task != "lm" else None, row_vocab)
-    abstract, shardings = train.state_shardings(model, tx, m, rules, task_obj.example_inputs(), trainable,
-                                                base_dtype if lora_rank else None)
-    mask = trainable(abstract["params"]) if trainable else None
-    b_sharding = train.batch_sharding(m, rules)
+    plan = train_state.LoraPlan(  # only a LoRA run masks the base's embedding rows and stores them in base_dtype
+        cfg, task_obj.backbone, base_cfg.vocab_size if lora_rank and task != "lm" else None,
+        base_dtype if lora_rank else None)
+    abstract, shardings = train_state.state_shardings(model, tx, m, rules, task_obj.example_inputs(), plan)
+    plan = plan.bind(abstract["params"])
+    b_sharding = train_state.batch_sharding(m, rules)
     A, B = grad_accum, batch
     if task == "lm":
         fields = {"inputs": ((A, B, seq), np.int32), "targets": ((A, B, seq), np.int32)}
@@ -355,7 +354,7 @@ def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, 
         k = MEMORY_TASKS[task]
         fields = {"ids": ((A, B, k, seq), np.int32), "mask": ((A, B, k, seq), bool), "labels": ((A, B), np.int32)}
     batch_abstract = {n: jax.ShapeDtypeStruct(shape, dt, sharding=b_sharding) for n, (shape, dt) in fields.items()}
-    step = jax.jit(train.make_train_step(model, tx, True, task_obj, mask, row_vocab),
+    step = jax.jit(train.make_train_step(model, tx, True, task_obj, plan),
                    in_shardings=(shardings, b_sharding), out_shardings=(shardings, NamedSharding(m, P())),
                    donate_argnums=0)
     t0 = time.perf_counter()
@@ -365,10 +364,7 @@ def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, 
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(ma, f"{n}_size_in_bytes")) for n in ("argument", "output", "alias", "temp"))
-    if mask:
-        trainable_n, total_n = lora.count(abstract["params"], mask)
-    else:
-        trainable_n = total_n = int(sum(x.size for x in jax.tree.leaves(abstract["params"])))
+    trainable_n, total_n = plan.counts(abstract["params"])
     return {"kind": "memory", "impl": "ours", "model": variant, "task": task, "batch": batch, "seq": seq,
             "tokens_per_s": None,
             "options": MEMORY_TASKS[task], "lora_rank": lora_rank, "lora_targets": lora_targets if lora_rank else None,
@@ -417,6 +413,15 @@ MATRIX = {
                                               remat="dots_with_no_batch_dims_saveable", loss_chunk=8), 30, {"mfu": 0.0}),
     ],
 }
+
+
+def goal_met(row: dict, goal: dict) -> Optional[bool]:
+    """Whether `row` reaches every bound of `goal` ({field: minimum}); None when a goal's field was not
+    measured (e.g. no peer to compute a speed-up against)."""
+    values = {k: row.get(k) for k in goal}
+    if any(v is None for v in values.values()):
+        return None
+    return all(values[k] >= bound for k, bound in goal.items())
 
 
 def _host_cpu() -> Optional[str]:
@@ -500,10 +505,8 @@ def bench_matrix(out_dir: str, scale: str = "gpu", budget_s: float = 450.0, only
             wall = time.perf_counter() - t0
             for row in rows:
                 row = dict(row, name=name, row_wall_s=round(wall, 1))
-                if row["impl"] == "ours":  # goal_met: None when a goal's field was not measured (e.g. no peer)
-                    values = {k: row.get(k) for k in goal}
-                    met = None if None in values.values() else all(values[k] >= v for k, v in goal.items())
-                    row.update(goal=goal, goal_met=met)
+                if row["impl"] == "ours":
+                    row.update(goal=goal, goal_met=goal_met(row, goal))
                 emit(row)
         gc.collect()
         jax.clear_caches()
@@ -520,8 +523,9 @@ def main(argv=None) -> int:
     pp.add_argument("--prepared", default="", help="a prepare_data directory (default: random rows in memory)")
     pp.add_argument("--impl", choices=("numpy", "tf"), default="numpy")
     tk = sub.add_parser("tokenize", help="read + tokenize + pack tokens/s")
-    tk.add_argument("--input", default=os.path.join(REPO, "data", "pubmed_abstracts", "abstracts.jsonl"))
-    tk.add_argument("--tokenizer", default=os.path.join(REPO, "data", "gpt2_tokenizer"))
+    tk.add_argument("--input", default=os.path.join("data", "pubmed_abstracts", "abstracts.jsonl"),
+                    help="documents to tokenize (default: the checkout's sample, relative to the current directory)")
+    tk.add_argument("--tokenizer", default=os.path.join("data", "gpt2_tokenizer"))
     tk.add_argument("--seq", type=int, default=1024)
     gp = sub.add_parser("generate", help="greedy KV-cache decoding tokens/s (optionally vs HF generate)")
     gp.add_argument("--model", default="tiny", help="a model variant (model.VARIANTS)")
@@ -563,6 +567,8 @@ def main(argv=None) -> int:
     me.add_argument("--grad_accum", type=int, default=1)
     me.add_argument("--cpu_as_is", action="store_true",
                     help="CPU: keep the loop-invariant hoisting of bf16->f32 weight casts (see bench.py)")
+    me.add_argument("--mcqa_config", default="configs/mcqa.py", help="the config file an MCQA --task's variant is "
+                    "read from (default: the checkout's, relative to the current directory)")
     mx = sub.add_parser("matrix", help="a benchmark matrix in one process, rows appended to OUT/bench.jsonl")
     mx.add_argument("--out", required=True, help="directory for bench.jsonl")
     mx.add_argument("--scale", default="gpu", choices=sorted(MATRIX))
@@ -577,7 +583,7 @@ def main(argv=None) -> int:
     if args.cmd == "memory":
         rows = [bench_memory(args.model, args.task, args.seq, args.batch, args.lora_rank, args.mesh, args.dtype,
                              args.remat, not args.no_scan, args.moments, args.base_dtype, args.grad_accum,
-                             args.lora_targets, args.cpu_as_is)]
+                             args.lora_targets, args.cpu_as_is, args.mcqa_config)]
     elif args.cmd == "train":
         rows = bench_train(args.model, args.batch, args.seq, args.steps, args.peer, args.dtype, args.remat,
                            args.scan_layers, args.attention_impl, args.peak_flops, args.loss_chunk, args.vocab,

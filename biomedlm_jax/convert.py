@@ -29,17 +29,19 @@ from typing import Optional
 
 import jax
 
-from biomedlm_jax import checkpoint, hf, paths
+from biomedlm_jax import checkpoint, hf, lora, mcqa, mcqa_data, paths, sources
 from biomedlm_jax import tokenizer as tokenizer_lib
-from biomedlm_jax.model import GPTConfig
+from biomedlm_jax.model import GPT, GPTConfig
 
 
 def parse_location(spec: str, flag: str) -> tuple[str, str]:
-    kind, sep, path = spec.partition(":")
-    kinds = ("hf", "orbax", "peft") if flag == "--to" else ("hf", "orbax")
-    if not sep or kind not in kinds or not path:
-        raise SystemExit(f"{flag}={spec!r}: expected {' or '.join(k + ':DIR' for k in kinds)}")
-    return kind, path
+    """(kind, path) of a --from / --to value (sources.parse; --to also takes peft:DIR); exits with the
+    parser's message on anything else."""
+    try:
+        src = sources.parse(spec, flag, ("hf", "orbax", "peft") if flag == "--to" else sources.KINDS)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return src.kind, src.path
 
 
 def load(spec: str, step=None, **overrides):
@@ -65,8 +67,6 @@ def load_for_inference(spec: str, dtype: Optional[str] = None):
 
 def _mcqa_classifier(src: str, step=None):
     """The fine-tuned classifier of an orbax MCQA workdir (mcqa.Classifier), or None for other sources."""
-    from biomedlm_jax import mcqa
-
     kind, path = parse_location(src, "--from")
     if kind != "orbax":
         return None
@@ -78,24 +78,19 @@ def _mcqa_classifier(src: str, step=None):
 
 def export_classifier(clf, dst_path: str, dtype=None, max_shard_size="5GB") -> None:
     """Write an mcqa.Classifier as an HF classifier directory (see the module docstring)."""
-    from biomedlm_jax import mcqa
-    from biomedlm_jax.model import GPT
-
     h = clf.head
     score = jax.device_get(clf.params["score"])
     head = hf.ClassifierHead(h["head"], score["kernel"], score.get("bias"),
                              tuple(h["labels"]) if h["head"] == "seqcls" and h.get("labels") else None, h["pad_id"])
-    special = {"pad_token": mcqa.PAD}
+    special = {"pad_token": mcqa_data.PAD}
     if h["head"] == "choice":
-        special.update(cls_token=mcqa.CLS, sep_token=mcqa.SEP)
+        special.update(cls_token=mcqa_data.CLS, sep_token=mcqa_data.SEP)
     hf.save_pretrained(GPT(clf.model.config), clf.params["transformer"], dst_path, tokenizer=clf.tok, dtype=dtype,
                        max_shard_size=max_shard_size, head=head, special_tokens=special)
 
 
 def export_peft(src: str, dst_path: str, step=None, overwrite=False) -> str:
     """A LoRA run's adapters as an HF PEFT directory (see the module docstring)."""
-    from biomedlm_jax import lora
-
     kind, path = parse_location(src, "--from")
     if kind != "orbax":
         raise ValueError(f"--from={src}: a PEFT adapter comes from a LoRA training workdir (orbax:WORKDIR)")
@@ -116,7 +111,7 @@ def export_peft(src: str, dst_path: str, step=None, overwrite=False) -> str:
     _, params = checkpoint.load_model(path, step=step, merge_lora=False, scan_layers=False)
     base = ref.get("init_from", "")
     lora.save_peft(dst_path, jax.device_get(params), cfg.replace(scan_layers=False),
-                   base.split(":", 1)[1] if base.startswith("hf:") else "")
+                   sources.parse(base).path if base.startswith("hf:") else "")
     return dst_path
 
 

@@ -28,35 +28,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biomedlm_jax import (checkpoint, configlib, convert, evaluate_mcqa, finetune_mcqa, finetune_seq2seq, hf,
-                          input_pipeline, mcqa, prepare_data, readers, train)
+from biomedlm_jax import (
+    checkpoint,
+    configlib,
+    convert,
+    evaluate_mcqa,
+    finetune_mcqa,
+    finetune_seq2seq,
+    hf,
+    input_pipeline,
+    mcqa,
+    mcqa_data,
+    prepare_data,
+    readers,
+    train,
+)
 from biomedlm_jax import tokenizer as tokenizer_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(REPO, "data")
 EVAL_FRACTION = 0.1  # held-out abstracts (by PMID hash) for the tokenizer study and eval loss
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.demo")
-    p.add_argument("--workdir", default=os.path.join(REPO, "demo_out"))
+    p.add_argument("--repo", default=".", help="the checkout whose configs/ and data/ samples the demo runs on "
+                   "(default: the current directory, as `make demo` runs it)")
+    p.add_argument("--workdir", default="demo_out")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--vocab_size", type=int, default=16384)
     p.add_argument("--seq2seq_steps", type=int, default=100)
     args = p.parse_args(argv)
+    repo = os.path.abspath(args.repo)
+    data = os.path.join(repo, "data")
+    if not (os.path.isdir(os.path.join(repo, "configs")) and os.path.isdir(data)):
+        raise SystemExit(f"--repo={args.repo}: no configs/ and data/ folders there; run the demo from the biomedlm-jax "
+                         "checkout (make demo) or pass --repo=CHECKOUT")
     shutil.rmtree(args.workdir, ignore_errors=True)
     t_start = time.time()
     print(f"== biomedlm-jax demo  (jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s)) ==")
 
     # 1. domain tokenizer ------------------------------------------------------------------------------
-    abstracts = os.path.join(DATA, "pubmed_abstracts", "abstracts.jsonl")
+    abstracts = os.path.join(data, "pubmed_abstracts", "abstracts.jsonl")
     docs = list(readers.read_documents([abstracts]))
     held = [t for d, t in docs if input_pipeline.in_eval_split(d, EVAL_FRACTION)]
     tok = tokenizer_lib.train_bpe((t for d, t in docs if not input_pipeline.in_eval_split(d, EVAL_FRACTION)),
                                   vocab_size=args.vocab_size, show_progress=False)
     tok_dir = os.path.join(args.workdir, "tokenizer")
     tokenizer_lib.save_tokenizer(tok, tok_dir)
-    gpt2 = tokenizer_lib.load_tokenizer(os.path.join(DATA, "gpt2_tokenizer"))
+    gpt2 = tokenizer_lib.load_tokenizer(os.path.join(data, "gpt2_tokenizer"))
     cmp = tokenizer_lib.compare({"pubmed": tok, "gpt2": gpt2}, held, ["thrombocytopenia", "pharmacokinetics"])["tokenizers"]
     print(f"[tokenizer] PubMed BPE ({tok.get_vocab_size():,} tokens) trained on {len(docs) - len(held):,} abstracts; "
           f"on {len(held)} held-out: {cmp['pubmed']['tokens_per_word']:.3f} tokens/word vs GPT-2 "
@@ -64,7 +82,7 @@ def main(argv=None):
           f" vs {' | '.join(p.strip() for p in cmp['gpt2']['terms']['thrombocytopenia'])}")
 
     # 2. offline preparation ----------------------------------------------------------------------------
-    config = configlib.load_config_file(os.path.join(REPO, "configs", "pretrain.py"), "tiny")
+    config = configlib.load_config_file(os.path.join(repo, "configs", "pretrain.py"), "tiny")
     data_dir = os.path.join(args.workdir, "data")
     m = prepare_data.prepare([abstracts], tok_dir, data_dir, seq_len=config.seq_len, eval_fraction=EVAL_FRACTION,
                              progress=False)
@@ -85,19 +103,19 @@ def main(argv=None):
     print(f"[pretrain] held-out loss {before:.3f} -> {after:.3f}  (perplexity {np.exp(before):,.0f} -> "
           f"{np.exp(after):,.1f}); {s['tokens_per_s']:,.0f} tokens/s; checkpoints in {os.path.relpath(pre_dir)}")
     # 4. seq2seq fine-tuning + generation ---------------------------------------------------------------
-    s2s = configlib.load_config_file(os.path.join(REPO, "configs", "seq2seq.py"), "tiny")
+    s2s = configlib.load_config_file(os.path.join(repo, "configs", "seq2seq.py"), "tiny")
     s2s.init_from = f"orbax:{pre_dir}"
     s2s.num_train_steps = args.seq2seq_steps
     s2s.eval_every_steps = s2s.checkpoint_every_steps = args.seq2seq_steps
     s2s.progress_bar = False
     s2s_dir = os.path.join(args.workdir, "seq2seq")
     print(f"[seq2seq] configs/seq2seq.py:tiny from orbax:{os.path.relpath(pre_dir)}, {args.seq2seq_steps} steps on "
-          f"{os.path.relpath(s2s.data.path, REPO)}")
+          f"{os.path.relpath(s2s.data.path, repo)}")
     s2 = finetune_seq2seq.finetune(s2s, s2s_dir)
     print(f"[seq2seq] held-out answer loss {s2['initial_eval_loss']:.3f} -> {s2['eval_loss']:.3f}; ROUGE-L {s2['rougeL']:.4f}")
 
     # 5. MCQA fine-tuning + evaluation ------------------------------------------------------------------
-    mc = configlib.load_config_file(os.path.join(REPO, "configs", "mcqa.py"), "pubmedqa-tiny")
+    mc = configlib.load_config_file(os.path.join(repo, "configs", "mcqa.py"), "pubmedqa-tiny")
     mc.init_from = f"orbax:{pre_dir}"
     mc.progress_bar = False
     mc_dir = os.path.join(args.workdir, "mcqa")
@@ -105,7 +123,7 @@ def main(argv=None):
     t0 = time.time()
     m3 = finetune_mcqa.finetune(mc, mc_dir)
     epoch_s = (time.time() - t0) * m3["train_rows"] / (mc.num_train_steps * mc.global_batch_size)
-    results = evaluate_mcqa.evaluate(evaluate_mcqa.parse_tasks("pubmedqa"), workdir=mc_dir, progress=False)
+    results = evaluate_mcqa.evaluate(evaluate_mcqa.parse_tasks("pubmedqa", data), workdir=mc_dir, progress=False)
     steady = m3["train_rows"] * mc.seq_len / m3["tokens_per_s"]
     print(f"[mcqa] best dev accuracy {m3['best_accuracy']:.3f} (step {m3['best_step']}); one PubMedQA epoch "
           f"({m3['train_rows']} questions) takes {steady:.2f}s of training steps ({epoch_s:.1f}s with compile and eval)\n"
@@ -134,9 +152,9 @@ def main(argv=None):
     # 8. the fine-tuned PubMedQA classifier, exported with its head (transformers' GPT2ForSequenceClassification)
     clf_dir = os.path.join(args.workdir, "hf_pubmedqa")
     convert.convert(f"orbax:{mc_dir}", f"hf:{clf_dir}")
-    dev = mcqa.load_pubmedqa(os.path.join(REPO, "data", "pubmedqa", "ori_pqal.json"), "dev")
+    dev = mcqa_data.load_pubmedqa(os.path.join(repo, "data", "pubmedqa", "ori_pqal.json"), "dev")
     ours, exported = mcqa.load_classifier(f"orbax:{mc_dir}"), mcqa.load_classifier(f"hf:{clf_dir}")
-    scores = [evaluate_mcqa.predict(c.model, c.params, mcqa.encode(dev, c.tok, "seqcls", mc.seq_len)) for c in (ours, exported)]
+    scores = [mcqa.predict(c.model, c.params, mcqa_data.encode(dev, c.tok, "seqcls", mc.seq_len)) for c in (ours, exported)]
     diff4 = float(np.abs(scores[0] - scores[1]).max())
     print(f"[export] orbax:{os.path.relpath(mc_dir)} (best) -> {os.path.relpath(clf_dir)} "
           f"({json.load(open(os.path.join(clf_dir, 'config.json')))['architectures'][0]}, labels "

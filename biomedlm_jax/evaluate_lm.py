@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 import jax
 import numpy as np
 
-from biomedlm_jax import losses, readers
+from biomedlm_jax import losses, readers, scoring
 from biomedlm_jax import tokenizer as tokenizer_lib
 from biomedlm_jax.model import GPT
 
@@ -53,36 +53,28 @@ def evaluate(model: GPT, params, tok, docs: Iterable[tuple[str, str]], seq_len: 
     if eos_id is None:
         raise ValueError(f"the tokenizer has no {tokenizer_lib.EOS_TOKEN} token to start documents with")
     totals = {"documents": 0, "tokens": 0, "bytes": 0}
-    nll = 0.0
-    rows: list[tuple[list[int], list[int]]] = []
 
-    def flush():
-        nonlocal nll
-        inputs = np.zeros((batch_size, seq_len), np.int32)
-        targets = np.zeros((batch_size, seq_len), np.int32)
-        weights = np.zeros((batch_size, seq_len), np.float32)
-        for i, (x, y) in enumerate(rows):
-            inputs[i, : len(x)], targets[i, : len(y)], weights[i, : len(y)] = x, y, 1.0
+    def rows():
+        for _, text in docs:
+            ids = tok.encode(text).ids
+            if not ids:
+                continue
+            totals["documents"] += 1
+            totals["tokens"] += len(ids)
+            totals["bytes"] += len(text.encode("utf-8"))
+            for x, y in document_windows(ids, eos_id, seq_len):
+                inputs, targets, weights = (np.zeros(seq_len, np.int32), np.zeros(seq_len, np.int32),
+                                            np.zeros(seq_len, np.float32))
+                inputs[: len(x)], targets[: len(y)], weights[: len(y)] = x, y, 1.0
+                yield inputs, targets, weights
+
+    nll = 0.0  # padded rows have zero weight
+    for (inputs, targets, weights), _ in scoring.batches(rows(), batch_size):
         nll += float(jax.device_get(_nll_sum(model, params, inputs, targets, weights))[0])
-        rows.clear()
-
-    for _, text in docs:
-        ids = tok.encode(text).ids
-        if not ids:
-            continue
-        totals["documents"] += 1
-        totals["tokens"] += len(ids)
-        totals["bytes"] += len(text.encode("utf-8"))
-        for window in document_windows(ids, eos_id, seq_len):
-            rows.append(window)
-            if len(rows) == batch_size:
-                flush()
-    if rows:
-        flush()
     if not totals["tokens"]:
         raise ValueError("no document had any tokens to score")
     loss = nll / totals["tokens"]
-    return dict(totals, loss=loss, perplexity=math.exp(min(loss, 50.0)),
+    return dict(totals, loss=loss, perplexity=losses.perplexity(loss),
                 bits_per_byte=nll / math.log(2) / totals["bytes"])
 
 

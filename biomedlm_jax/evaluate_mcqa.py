@@ -8,7 +8,8 @@
 
 `--tasks` takes `name=PATH` for a file or folder in that task's format, or BioMedLM's processed
 `*_hf` JSON lines (`PATH:SPLIT` selects a PubMedQA / MMLU split). A bare name uses the file shipped
-with this repository; only PubMedQA has one (`DEFAULT_EVAL`).
+in the repository's data/ folder (`--data_dir`, default ./data); only PubMedQA has one (`SHIPPED`).
+`--dtype=float32` scores a bf16-trained run in fp32 (to compare it with an fp32 export, say).
 
 There are two modes:
 
@@ -38,55 +39,29 @@ from typing import Optional
 import jax
 import numpy as np
 
-from biomedlm_jax import mcqa
+from biomedlm_jax import mcqa, mcqa_data
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_EVAL = {  # only files shipped in this repository; other tasks need name=PATH
-    "pubmedqa": os.path.join(REPO, "data", "pubmedqa", "ori_pqal.json") + ":test",
-}
+# Tasks whose file ships in the repository's data/ folder (--data_dir): other tasks need name=PATH.
+SHIPPED = {"pubmedqa": os.path.join("pubmedqa", "ori_pqal.json") + ":test"}
 HF_SEQ_LEN = 512  # an HF classifier carries no sequence length: BioMedLM's published MedQA command used 512
 
 
-def parse_tasks(spec: str) -> dict:
+def parse_tasks(spec: str, data_dir: str = "data") -> dict:
+    """{task: PATH[:SPLIT]} from "task[=PATH],..."; a shipped task without a path reads it from `data_dir`."""
     out = {}
     for part in [p for p in spec.split(",") if p.strip()]:
         name, _, path = part.partition("=")
         name = name.strip()
-        if name not in mcqa.REGISTRY:
-            raise SystemExit(f"--tasks: unknown task {name!r}; choose from {sorted(mcqa.REGISTRY)}")
-        path = path or DEFAULT_EVAL.get(name, "")
+        if name not in mcqa_data.REGISTRY:
+            raise SystemExit(f"--tasks: unknown task {name!r}; choose from {sorted(mcqa_data.REGISTRY)}")
+        if not path and name in SHIPPED and os.path.exists(os.path.join(data_dir, SHIPPED[name].split(":")[0])):
+            path = os.path.join(data_dir, SHIPPED[name])
         if not path:
-            raise SystemExit(f"--tasks: {name} has no file shipped with this repository; pass {name}=PATH with PATH "
-                             f"the {mcqa.REGISTRY[name].files}")
+            where = f"not in --data_dir={data_dir}" if name in SHIPPED else "not shipped with this repository"
+            raise SystemExit(f"--tasks: {name}'s file is {where}; pass {name}=PATH with PATH the "
+                             f"{mcqa_data.REGISTRY[name].files}")
         out[name] = path
     return out
-
-
-def predict(model, params, enc: mcqa.Encoded, batch_size: int = 16) -> np.ndarray:
-    """Scores (N, K or labels), batched and jitted. With several devices the batch is split across them
-    (data parallel: params replicated, each device scores its share of the questions)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    n_dev = mesh.devices.size
-    batch_size = -(-batch_size // n_dev) * n_dev
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    rows = NamedSharding(mesh, PartitionSpec("data"))
-
-    @jax.jit
-    def scores(params, ids, mask):
-        return model.apply({"params": params}, ids, mask)
-
-    out = []
-    for i in range(0, len(enc.labels), batch_size):
-        ids, mask = enc.ids[i: i + batch_size], enc.mask[i: i + batch_size]
-        pad = batch_size - len(ids)
-        if pad:  # one compiled shape for every batch
-            ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
-            mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
-        ids, mask = jax.device_put(ids, rows), jax.device_put(mask, rows)
-        out.append(np.asarray(scores(params, ids, mask))[: batch_size - pad])
-    return np.concatenate(out)
 
 
 def results_table(results: dict) -> str:
@@ -99,7 +74,7 @@ def results_table(results: dict) -> str:
         lines.append(f"| {name} | {os.path.basename(r['path'])} | {r['items']} | {100 * r['accuracy']:.1f} | "
                      f"{100 * r['majority']:.1f} | {'' if paper is None else f'{paper:.1f}'} |")
         for subject, s in r.get("subjects", {}).items():
-            paper = mcqa.PAPER_MMLU_MEDICAL_GENETICS if subject == "medical_genetics" else None
+            paper = mcqa_data.PAPER_MMLU_MEDICAL_GENETICS if subject == "medical_genetics" else None
             lines.append(f"| &nbsp;&nbsp;{subject} | | {s['items']} | {100 * s['accuracy']:.1f} | "
                          f"{100 * s['majority']:.1f} | {'' if paper is None else f'{paper:.1f}'} |")
     return "\n".join(lines)
@@ -120,21 +95,24 @@ def _head_columns(head: dict, spec):
 
 def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[str] = None, zero_shot: bool = False,
              max_items: int = 0, seq_len: int = 0, batch_size: int = 16, progress: bool = True,
-             zero_shot_reduce: str = "mean", predictions: Optional[str] = None) -> dict:
+             zero_shot_reduce: str = "mean", predictions: Optional[str] = None, dtype: Optional[str] = None) -> dict:
+    """Accuracy per task of a fine-tuned classifier (or, `zero_shot`, of an LM's option likelihoods).
+    `dtype`: compute and weight dtype (default: the checkpoint's), e.g. float32 to compare a bf16-trained
+    run with an fp32 export."""
     from tqdm import tqdm
 
     if zero_shot:
         from biomedlm_jax import convert
 
-        lm, lm_params, tok = convert.load(init_from or f"orbax:{workdir}", remat_policy="none")
+        lm, lm_params, tok = convert.load_for_inference(init_from or f"orbax:{workdir}", dtype)
     else:
-        clf = mcqa.load_classifier(init_from or f"orbax:{workdir}")
+        clf = mcqa.load_classifier(init_from or f"orbax:{workdir}", dtype=dtype)
         head, tok = clf.head, clf.tok
         seq_len = seq_len or head["seq_len"] or min(HF_SEQ_LEN, clf.model.config.n_positions)
     results, rows = {}, []
     for name, path in tqdm(list(tasks.items()), disable=not progress, desc="tasks"):
-        spec = mcqa.REGISTRY[name]
-        items = mcqa.load_task_file(name, path)[: max_items or None]
+        spec = mcqa_data.REGISTRY[name]
+        items = mcqa_data.load_task_file(name, path)[: max_items or None]
         entry = {"path": path, "paper": spec.paper}
         columns, why = (None, None) if zero_shot else _head_columns(head, spec)
         if why:
@@ -145,15 +123,15 @@ def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[
             scores = mcqa.zero_shot_scores(lm, lm_params, tok, items, reduce=zero_shot_reduce,
                                            max_len=min(lm.config.n_positions, 1024), batch_size=batch_size)
         else:
-            enc = mcqa.encode(items, tok, spec.head, seq_len, truncation=head["truncation"],
+            enc = mcqa_data.encode(items, tok, spec.head, seq_len, truncation=head["truncation"],
                               append_eos=head["append_eos"], pad_id=head["pad_id"])
-            scores = predict(clf.model, clf.params, enc, batch_size)
+            scores = mcqa.predict(clf.model, clf.params, enc, batch_size)
             if columns is not None:
                 scores = scores[:, columns]
             entry["truncated"] = enc.truncated
         scores = np.asarray(scores)
         labels = np.asarray([i.answer for i in items])
-        entry.update(items=len(items), accuracy=mcqa.accuracy(scores, labels), majority=mcqa.majority_baseline(items, items),
+        entry.update(items=len(items), accuracy=mcqa_data.accuracy(scores, labels), majority=mcqa_data.majority_baseline(items, items),
                      predictions={i.id: int(p) for i, p in zip(items, scores.argmax(-1))})
         rows += [{"task": name, "id": i.id, "logits": [float(x) for x in s], "pred": int(s.argmax()), "label": i.answer}
                  for i, s in zip(items, scores)]
@@ -162,8 +140,8 @@ def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[
             for subject in sorted({i.subject for i in items}):
                 sel = [n for n, i in enumerate(items) if i.subject == subject]
                 sub = [items[n] for n in sel]
-                entry["subjects"][subject] = {"items": len(sel), "accuracy": mcqa.accuracy(np.asarray(scores)[sel], labels[sel]),
-                                              "majority": mcqa.majority_baseline(sub, sub)}
+                entry["subjects"][subject] = {"items": len(sel), "accuracy": mcqa_data.accuracy(np.asarray(scores)[sel], labels[sel]),
+                                              "majority": mcqa_data.majority_baseline(sub, sub)}
         results[name] = entry
     if predictions and jax.process_index() == 0:
         with open(predictions, "w", encoding="utf-8") as f:
@@ -185,15 +163,19 @@ def main(argv=None) -> int:
     p.add_argument("--seq_len", type=int, default=0,
                    help=f"default: the fine-tuning run's; {HF_SEQ_LEN} for an HF classifier")
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--dtype", default=None, help="compute and weight dtype, e.g. float32 or bfloat16 (default: the "
+                   "checkpoint's)")
+    p.add_argument("--data_dir", default="data", help="where a task's shipped file is read from when --tasks gives "
+                   "no path (the repository's data/ folder)")
     p.add_argument("--out", default="mcqa_results.json")
     p.add_argument("--predictions", default=None, help="write per-item logits and predictions to this JSONL file")
     args = p.parse_args(argv)
-    tasks = parse_tasks(args.tasks)
+    tasks = parse_tasks(args.tasks, args.data_dir)
     try:
         results = evaluate(tasks, workdir=args.workdir, init_from=args.init_from, zero_shot=args.zero_shot,
                            max_items=args.max_items, seq_len=args.seq_len, batch_size=args.batch_size,
                            progress=sys.stderr.isatty(), zero_shot_reduce=args.zero_shot_reduce,
-                           predictions=args.predictions)
+                           predictions=args.predictions, dtype=args.dtype)
     except (ValueError, FileNotFoundError) as e:  # NotAClassifier, DataError, CheckpointError, a stale head
         print(f"evaluate_mcqa: error: {e}", file=sys.stderr)
         return 1

@@ -34,6 +34,7 @@ from safetensors.numpy import save_file
 
 from biomedlm_jax import paths
 from biomedlm_jax import tokenizer as tokenizer_lib
+from biomedlm_jax.errors import CheckpointError
 from biomedlm_jax.model import ACTIVATIONS, GPT, GPTConfig
 
 CONFIG_NAME = "config.json"
@@ -46,10 +47,6 @@ _IGNORED = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
 # GPT2ForMultipleChoice / GPT2ForSequenceClassification name theirs `classifier`, transformers' `score`.
 HEAD_TENSORS = ("classifier.weight", "classifier.bias", "score.weight", "score.bias")
 HEAD_ARCHITECTURES = {"GPT2ForMultipleChoice": "choice", "GPT2ForSequenceClassification": "seqcls"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and tensor."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,7 +219,7 @@ def unstack_layers(params: dict, n_layer: int) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _weight_files(path: str) -> list[str]:
+def weight_files(path: str) -> list[str]:
     path = paths.downloaded(path)  # safetensors reads local files: a gs:// checkpoint is copied once
     single, index = os.path.join(path, WEIGHTS_NAME), os.path.join(path, INDEX_NAME)
     if os.path.exists(single):
@@ -250,7 +247,7 @@ def _weight_files(path: str) -> list[str]:
 
 def _read_tensors(path: str) -> Iterator[tuple[str, str, Callable[[], np.ndarray]]]:
     """Yields (file, tensor name, lazy loader) for every tensor in the checkpoint's safetensors files."""
-    for file in _weight_files(path):
+    for file in weight_files(path):
         try:
             handle = safe_open(file, framework="numpy")
         except Exception as e:  # safetensors raises SafetensorError for truncated/garbage files

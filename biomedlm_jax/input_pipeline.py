@@ -29,10 +29,9 @@ import numpy as np
 from biomedlm_jax import paths as paths_lib
 from biomedlm_jax import readers
 from biomedlm_jax import tokenizer as tokenizer_lib
-
+from biomedlm_jax.errors import DataError
 
 # Reading lives in readers.py; re-exported here because the pipeline is where users look for it.
-DataError = readers.DataError
 expand_files = readers.expand_files
 read_documents = readers.read_documents
 read_jsonl = readers.read_jsonl
@@ -44,7 +43,8 @@ read_jsonl = readers.read_jsonl
 
 
 def in_eval_split(doc_id: str, fraction: float) -> bool:
-    """Deterministic held-out split by a hash of the document id (stable across runs and machines)."""
+    """Deterministic held-out split by a hash of the document id (stable across runs and machines): the
+    one split formula, also behind MCQA's seeded dev carve (`mcqa_data.seeded_split`)."""
     return (zlib.crc32(doc_id.encode("utf-8")) % 10_000) < fraction * 10_000
 
 
@@ -298,7 +298,7 @@ class BatchIterator:
     Each `next()` returns {"inputs", "targets"} int32 arrays of shape (grad_accum, rows_per_process, T)
     with this process's rows of the global batch at the current position, then advances the
     position by `global_batch` rows. `local_rows` is the range of micro-batch rows this process owns
-    (see `train.process_batch_rows`); by default the whole micro-batch.
+    (see `train_state.process_batch_rows`); by default the whole micro-batch.
     """
 
     def __init__(self, rows: np.ndarray, global_batch: int, *, seed: int = 0, shuffle: bool = True,

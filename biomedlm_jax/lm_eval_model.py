@@ -39,10 +39,14 @@ from jax.sharding import PartitionSpec as P
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from tqdm import tqdm
 
-from biomedlm_jax import checkpoint, convert, generate, sharding
+from biomedlm_jax import checkpoint, convert, generate, sharding, sources
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
@@ -50,8 +54,8 @@ _TRACES = {"loglikelihood": 0}  # bumped each time the scoring function is trace
 
 
 def _tokenizer_config(init_from: str) -> dict:
-    kind, _, path = init_from.partition(":")
-    folder = path if kind == "hf" else checkpoint.tokenizer_dir(path)
+    src = sources.parse(init_from)
+    folder = src.path if src.kind == "hf" else checkpoint.tokenizer_dir(src.path)
     f = os.path.join(folder, "tokenizer_config.json")
     if not os.path.exists(f):
         return {}

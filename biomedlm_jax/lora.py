@@ -12,9 +12,13 @@ Everything else is frozen: it gets no gradient and no optimizer state, and may b
 
 `merge` folds the adapters into the kernels (W + alpha/r * A B) and drops them, giving a plain GPT
 whose forward equals the adapted one: what `load_model`, `convert`, evaluation and generation use.
+
+This module is the adapter math and PEFT's file format; it reads no checkpoint. Where a LoRA run's
+frozen base comes from (its reference, sha256 check and reload) is checkpoint.py's business.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -22,6 +26,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from biomedlm_jax import errors, paths
 
 ADAPTERS = ("lora_a", "lora_b")
 
@@ -102,76 +109,6 @@ def merge(params: dict, cfg, stacked: Optional[bool] = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The frozen base of a LoRA run: checkpoints hold only the trainable params and a reference to the base
-# ----------------------------------------------------------------------------------------------------
-
-
-def base_reference(init_from: str, vocab: Optional[int]) -> Optional[dict]:
-    """{"init_from", "step", "sha256", "vocab"} of a LoRA run's base (`init_from` = hf:DIR or
-    orbax:WORKDIR), or None for a random base (then checkpoints keep every weight). sha256 covers the
-    weight files: the safetensors of an HF directory, or every file of the orbax step's state."""
-    if not init_from:
-        return None
-    kind, path = init_from.split(":", 1)
-    step = None
-    if kind == "orbax":
-        from biomedlm_jax import checkpoint
-
-        step = checkpoint.latest_step(path)
-    return {"init_from": init_from, "step": step, "sha256": base_sha256(init_from, step), "vocab": vocab}
-
-
-def base_sha256(init_from: str, step: Optional[int] = None) -> str:
-    import hashlib
-
-    from biomedlm_jax import hf, paths
-
-    kind, path = init_from.split(":", 1)
-    if kind == "hf":
-        files = [(os.path.basename(f), f) for f in hf._weight_files(path)]
-    else:
-        from biomedlm_jax import checkpoint
-
-        root = paths.join(path, checkpoint.CHECKPOINT_DIR, str(step), "state")
-        files = paths.files_under(root)
-    h = hashlib.sha256()
-    for name, f in sorted(files):
-        h.update(name.encode() + b"\0")
-        with paths.Path(f).open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def check_base(ref: dict, where: str) -> None:
-    """Error naming the base when its weights are not the ones the run started from."""
-    from biomedlm_jax import hf
-
-    now = base_sha256(ref["init_from"], ref.get("step"))
-    if now != ref["sha256"]:
-        base = ref["init_from"] + ("" if ref.get("step") is None else f" (step {ref['step']})")
-        raise hf.CheckpointError(
-            f"{where}: the LoRA run's base {base} changed under it (sha256 {ref['sha256'][:16]}... when the run "
-            f"started, {now[:16]}... now); its adapters only mean something on the base they were trained on")
-
-
-def load_base(ref: dict, cfg) -> dict:
-    """The frozen base's params (numpy, a plain GPT with `cfg`'s layout and vocabulary: rows the task
-    added are filled as at the run's start; they are trainable, so the checkpoint overrides them)."""
-    from biomedlm_jax import checkpoint, hf
-    from biomedlm_jax.model import resize_embeddings
-
-    kind, path = ref["init_from"].split(":", 1)
-    plain = cfg.replace(lora_rank=0, vocab_size=ref.get("vocab") or cfg.vocab_size)
-    if kind == "hf":
-        params = hf.load_params_numpy(path, plain, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
-    else:
-        _, params = checkpoint.load_model(path, step=ref.get("step"), scan_layers=cfg.scan_layers)
-        params = jax.device_get(params)
-    return resize_embeddings(params, cfg.vocab_size)
-
-
-# ----------------------------------------------------------------------------------------------------
 # HF PEFT interchange: adapter_config.json + adapter_model.safetensors for transformers' GPT2LMHeadModel
 # ----------------------------------------------------------------------------------------------------
 
@@ -211,28 +148,20 @@ def to_peft(params: dict, cfg) -> dict[str, np.ndarray]:
 def read_peft(path: str, cfg) -> dict:
     """Adapters of a PEFT LoRA directory for GPT-2 as {flattened flax path: array} (unstacked, our
     shapes). Its rank, alpha and target modules must be the run's (`cfg.lora_*`); errors name the file."""
-    import json
-
-    from safetensors.numpy import load_file
-
-    from biomedlm_jax import hf, paths
-
     local = paths.downloaded(path)
-    import os
-
     cfg_file, weights = os.path.join(local, PEFT_CONFIG), os.path.join(local, PEFT_WEIGHTS)
     for f in (cfg_file, weights):
         if not os.path.exists(f):
             raise FileNotFoundError(f"{paths.join(path, os.path.basename(f))} not found: not a PEFT adapter directory")
     pc = json.loads(open(cfg_file, encoding="utf-8").read())
     if pc.get("peft_type") != "LORA":
-        raise hf.CheckpointError(f"{cfg_file}: peft_type {pc.get('peft_type')!r}; only LORA adapters are read")
+        raise errors.CheckpointError(f"{cfg_file}: peft_type {pc.get('peft_type')!r}; only LORA adapters are read")
     for key, ours in (("r", cfg.lora_rank), ("lora_alpha", cfg.lora_alpha)):
         if float(pc.get(key, -1)) != float(ours):
-            raise hf.CheckpointError(f"{cfg_file}: {key}={pc.get(key)} but the run has lora {key}={ours}; set "
+            raise errors.CheckpointError(f"{cfg_file}: {key}={pc.get(key)} but the run has lora {key}={ours}; set "
                                      f"--config.lora.{'rank' if key == 'r' else 'alpha'}={pc.get(key)}")
     if pc.get("use_rslora") or pc.get("use_dora") or pc.get("rank_pattern") or pc.get("alpha_pattern"):
-        raise hf.CheckpointError(f"{cfg_file}: rsLoRA / DoRA / per-module ranks are not supported")
+        raise errors.CheckpointError(f"{cfg_file}: rsLoRA / DoRA / per-module ranks are not supported")
     tensors = load_file(weights)
     C, H, hd, F, r = cfg.d_model, cfg.n_head, cfg.head_dim, cfg.ffn_dim, cfg.lora_rank
     shapes = {"qkv": ((C,), (3, H, hd)), "attn_out": ((H, hd), (C,)), "mlp_in": ((C,), (F,)), "mlp_out": ((F,), (C,))}
@@ -243,11 +172,11 @@ def read_peft(path: str, cfg) -> dict:
             names = [f"base_model.model.transformer.h.{i}.{module}.lora_{x}.weight" for x in "AB"]
             missing = [n for n in names if n not in tensors]
             if missing:
-                raise hf.CheckpointError(f"{weights}: {missing[0]} missing (the run adapts {','.join(cfg.lora_targets)})")
+                raise errors.CheckpointError(f"{weights}: {missing[0]} missing (the run adapts {','.join(cfg.lora_targets)})")
             a, b = tensors[names[0]], tensors[names[1]]
             in_shape, out_shape = shapes[t]
             if a.shape != (r, int(np.prod(in_shape))) or b.shape != (int(np.prod(out_shape)), r):
-                raise hf.CheckpointError(f"{weights}: {names[0]} / {names[1]} have shapes {a.shape} / {b.shape}, the "
+                raise errors.CheckpointError(f"{weights}: {names[0]} / {names[1]} have shapes {a.shape} / {b.shape}, the "
                                          f"model expects {(r, int(np.prod(in_shape)))} / {(int(np.prod(out_shape)), r)}")
             key = (f"h_{i}",) + path_
             out[key + ("lora_a",)] = a.T.reshape(in_shape + (r,)).astype(np.float32)
@@ -255,19 +184,12 @@ def read_peft(path: str, cfg) -> dict:
             used.update(names)
     extra = sorted(set(tensors) - used)
     if extra:
-        raise hf.CheckpointError(f"{weights}: {extra[0]} is not an adapter of the run's targets ({len(extra)} unused)")
+        raise errors.CheckpointError(f"{weights}: {extra[0]} is not an adapter of the run's targets ({len(extra)} unused)")
     return out
 
 
 def save_peft(out_dir: str, params: dict, cfg, base: str = "") -> None:
     """Write `params`' adapters (unstacked) as a PEFT directory (local or gs://)."""
-    import json
-    import os
-
-    from safetensors.numpy import save_file
-
-    from biomedlm_jax import paths
-
     with paths.staged(out_dir) as local:
         save_file(to_peft(params, cfg), os.path.join(local, PEFT_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(local, PEFT_CONFIG), "w", encoding="utf-8") as f:

@@ -1,6 +1,7 @@
 """Language-model losses, always in fp32 (logits may arrive in bf16 from a bf16 model)."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import jax
@@ -51,3 +52,8 @@ def chunked_token_nll_sum(hidden, head: Callable, targets, weights: Optional[jnp
     if rest:
         total = total + piece_nll(hidden[:, n * chunk :], targets[:, n * chunk :], weights[:, n * chunk :])
     return total, weights.sum()
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), with the NLL clamped at 50 so a diverged run reports a huge number, not inf/overflow."""
+    return math.exp(min(float(mean_nll), 50.0))

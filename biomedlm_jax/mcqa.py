@@ -1,462 +1,51 @@
-"""Multiple-choice QA as BioMedLM fine-tuned it: task loaders, its inputs token for token, the two heads.
+"""Multiple-choice QA models as BioMedLM fine-tuned them: the two heads, fine-tuned classifiers in
+and out, the zero-shot scorer, and the trainer task.
 
-BioMedLM's `finetune/` scripts (github stanford-crfm/BioMedLM) use two heads. Both read the final
-hidden state of the **last real token** of right-padded input (the last non-`[PAD]` position):
+The data side (items, task loaders, BioMedLM's token rows, token for token) is `mcqa_data`; this
+module adds the models. Both heads read the final hidden state of the **last real token** of
+right-padded input (the last non-`[PAD]` position), as BioMedLM's `finetune/` scripts do:
 
-  * `choice` (MedQA, MedMCQA, MMLU), as `finetune/mc/run_multiple_choice.py` with its
-    GPT2ForMultipleChoice. The tokenizer gains `[PAD]`, `[CLS]`, `[SEP]` (special, in that order) and
-    the embedding (and so the tied LM head) is resized. Each option is the tokenizer pair
-    (`sent1 + "[SEP]"`, `f"{sent2} {ending}" + "[SEP]"`). BioMedLM's `preprocess_medqa.py` puts the
-    question in `sent1` and leaves `sent2` empty, so an option reads `question[SEP] option[SEP]`.
-    `Linear(d_model, 1)` with bias gives one score per option; softmax over the options.
-  * `seqcls` (PubMedQA yes/no/maybe, BioASQ yes/no), as `finetune/seqcls/run_seqcls_gpt.py` with its
-    GPT2ForSequenceClassification. The tokenizer gains `[PAD]` (special) and then
-    `<|CONTEXT|> <|QUESTION1|> <|QUESTION2|> <|ANSWER|>` (plain added tokens, unused in the text).
-    The input is the pair (context, question): the question is its own sequence, so it has no leading
-    space. No EOS by default (BioMedLM's published command leaves `gpt2_append_eos_tok` off); with
-    `append_eos` the EOS goes where BioMedLM puts it (after the text, or over the last token of a
-    full row). `Linear(d_model, num_labels, bias=False)` scores the labels, sorted alphabetically.
+  * `choice` (MedQA, MedMCQA, MMLU): `Linear(d_model, 1)` with bias gives one score per option;
+    softmax over the options (its GPT2ForMultipleChoice).
+  * `seqcls` (PubMedQA, BioASQ): `Linear(d_model, num_labels, bias=False)` scores the labels, sorted
+    alphabetically (its GPT2ForSequenceClassification).
 
-Truncation (`truncation`): "biomedlm" is what `tokenizer(first, second, truncation=True,
-max_length=L)` does, `longest_first` from the right (the end of the longer segment goes first),
-done by the `tokenizers` library itself. "left" cuts the first segment (context / question) from the
-left so the second (question / option) survives whole. Either way truncated items are counted.
-
-Loaders return `MCQItem`s whose fields map onto BioMedLM's processed records (`*_hf` JSON lines):
-choice `sent1` = question (with any context before it), `sent2` = header, `ending<i>` = options;
-seqcls `sentence1` = question, `sentence2` = context. Those files themselves load too
-(`load_biomedlm_hf`; `load_task_file` detects them by their keys). Bad input raises `DataError`
-naming the file and line or record. `zero_shot_scores` needs no head: it scores each option by its
-token log-likelihood after a prompt, for evaluating a pretrained LM.
+`load_classifier` reads a fine-tuned classifier from an HF directory (BioMedLM's or transformers'
+layout) or an MCQA workdir. `zero_shot_scores` needs no head: it scores each option by its token
+log-likelihood after a prompt, for evaluating a pretrained LM.
 """
 from __future__ import annotations
 
-import collections
-import csv
 import dataclasses
-import glob
-import json
-import os
-import zlib
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biomedlm_jax import hf, paths, readers
+from biomedlm_jax import (
+    checkpoint,
+    errors,
+    hf,
+    lora,
+    mcqa_data,
+    paths,
+    scoring,
+    sources,
+)
 from biomedlm_jax import tokenizer as tokenizer_lib
-from biomedlm_jax.model import GPT, GPTConfig, resize_embeddings  # noqa: F401 (mcqa.resize_embeddings)
-
-DataError = readers.DataError
-LETTERS = "ABCDEFGHIJ"
-PAD, CLS, SEP = "[PAD]", "[CLS]", "[SEP]"
-# The tokens BioMedLM's scripts add, in their order: (special tokens, plain added tokens) per head.
-TASK_TOKENS = {
-    "choice": ((PAD, CLS, SEP), ()),  # run_multiple_choice.py
-    "seqcls": ((PAD,), ("<|CONTEXT|>", "<|QUESTION1|>", "<|QUESTION2|>", "<|ANSWER|>")),  # run_seqcls_gpt.py
-}
-TRUNCATIONS = ("biomedlm", "left")
-LAYOUT = "biomedlm-v1"  # recorded in checkpoint meta: the input layout a head was trained on
-
-
-@dataclasses.dataclass(frozen=True)
-class MCQItem:
-    id: str
-    question: str
-    options: tuple
-    answer: int
-    context: str = ""
-    subject: str = ""
-    header: str = ""  # choice head: BioMedLM's `sent2`, written before each option
-    where: str = dataclasses.field(default="", compare=False)  # file:line (or record) for error messages
-
-
-def _check(item: MCQItem, where: str, n_options: Optional[int]) -> MCQItem:
-    if not item.question.strip():
-        raise DataError(f"{where}: empty question")
-    if n_options is not None and len(item.options) != n_options:
-        raise DataError(f"{where}: {len(item.options)} options, expected {n_options}")
-    if not 0 <= item.answer < len(item.options):
-        raise DataError(f"{where}: answer {item.answer} is out of range for {len(item.options)} options")
-    return item if item.where else dataclasses.replace(item, where=where)
-
-
-def check_option_counts(items: Sequence[MCQItem]) -> int:
-    """The number of options every item has (the most common count); an item with another count is a
-    DataError naming its file and line. Training, head evaluation and zero-shot all call this."""
-    if not items:
-        return 0
-    k = collections.Counter(len(i.options) for i in items).most_common(1)[0][0]
-    for i in items:
-        if len(i.options) != k:
-            raise DataError(f"{i.where or 'item ' + i.id}: {len(i.options)} options, but the other items have {k}; "
-                            "every question in a batch needs the same number of options")
-    return k
-
-
-def _letter(value, n: int, where: str) -> int:
-    if isinstance(value, str) and len(value) == 1 and value.upper() in LETTERS[:n]:
-        return LETTERS.index(value.upper())
-    raise DataError(f"{where}: answer {value!r} is not one of {list(LETTERS[:n])}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loaders (one per task)
-# ----------------------------------------------------------------------------------------------------
-
-
-def load_medmcqa(path: str) -> list[MCQItem]:
-    """MedMCQA in any of three layouts: the original release (opa..opd, cop 1-4), the re-export
-    (choices ["A. ...", ...], answer 0-3), and the subset with ids (options {A..D}, answer_idx letter)."""
-    out = []
-    for lineno, r in readers.json_lines(path):
-        where = f"{path}:{lineno}"
-        try:
-            if "opa" in r:
-                options = tuple(str(r[k]) for k in ("opa", "opb", "opc", "opd"))
-                cop = int(r["cop"])
-                if not 1 <= cop <= 4:
-                    raise DataError(f"{where}: cop {cop} is out of range 1-4")
-                answer, qid = cop - 1, str(r.get("id", lineno))
-            elif "choices" in r:
-                options = tuple(c[3:] if len(c) > 2 and c[1:3] == ". " and c[0] in LETTERS else c for c in r["choices"])
-                answer, qid = int(r["answer"]), str(r.get("id", lineno))
-            elif "options" in r:
-                options = tuple(r["options"][k] for k in sorted(r["options"]))
-                answer, qid = _letter(r["answer_idx"], len(options), where), str(r.get("realidx", lineno))
-            else:
-                raise DataError(f"{where}: not a MedMCQA record (no opa..opd, choices or options)")
-            item = MCQItem(qid, str(r["question"]), options, answer, where=where)
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"{where}: bad MedMCQA record ({type(e).__name__}: {e})") from e
-        out.append(_check(item, where, 4))
-    return out
-
-
-def load_medqa(path: str) -> list[MCQItem]:
-    """MedQA-USMLE `phrases_no_exclude_{train,dev,test}.jsonl`: question, options {A..D}, answer_idx."""
-    out = []
-    for lineno, r in readers.json_lines(path):
-        where = f"{path}:{lineno}"
-        try:
-            options = tuple(r["options"][k] for k in sorted(r["options"]))
-            item = MCQItem(f"{os.path.basename(path)}:{lineno}", str(r["question"]), options,
-                           _letter(r["answer_idx"], len(options), where), where=where)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise DataError(f"{where}: bad MedQA record ({type(e).__name__}: {e})") from e
-        out.append(_check(item, where, None))
-    return out
-
-
-PUBMEDQA_LABELS = ("maybe", "no", "yes")  # sorted alphabetically, as BioMedLM's seqcls head
-
-
-def load_pubmedqa(path: str, split: str = "all", test_ids_path: Optional[str] = None, seed: int = 0,
-                  dev_size: int = 50) -> list[MCQItem]:
-    """PubMedQA PQA-L (`ori_pqal.json`). split: all | test (the PMIDs in `test_ground_truth.json`) |
-    train / dev (the other 500: a seeded, label-stratified 450/50 split, as BLURB's fold-0 split sizes).
-    Question and context are built as BioMedLM's `preprocess_blurb_seqcls.py` builds them: the
-    stripped question, and the non-empty stripped CONTEXTS joined by single spaces."""
-    data = readers.read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected an object keyed by PMID")
-    items = []
-    for pmid, r in data.items():
-        where = f"{path}: record {pmid}"
-        try:
-            label = str(r["final_decision"]).lower()
-            if label not in PUBMEDQA_LABELS:
-                raise DataError(f"{where}: final_decision {label!r} is not yes/no/maybe")
-            context = " ".join(c.strip() for c in r["CONTEXTS"] if c.strip())
-            item = MCQItem(pmid, str(r["QUESTION"]).strip(), PUBMEDQA_LABELS, PUBMEDQA_LABELS.index(label),
-                           context=context, where=where)
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{where}: bad PubMedQA record ({type(e).__name__}: {e})") from e
-        items.append(_check(item, where, 3))
-    if split == "all":
-        return items
-    test_ids_path = test_ids_path or os.path.join(os.path.dirname(path), "test_ground_truth.json")
-    test_ids = set(readers.read_json(test_ids_path))
-    if split == "test":
-        return [i for i in items if i.id in test_ids]
-    rest = [i for i in items if i.id not in test_ids]
-    # label-stratified quotas summing to dev_size (largest remainder)
-    counts = [sum(i.answer == label for i in rest) for label in range(3)]
-    exact = [dev_size * c / max(len(rest), 1) for c in counts]
-    quota = [int(e) for e in exact]
-    for label in sorted(range(3), key=lambda l: exact[l] - quota[l], reverse=True)[: dev_size - sum(quota)]:
-        quota[label] += 1
-    dev_ids = set()
-    rng = np.random.default_rng(seed)
-    for label in range(3):
-        ids = sorted(i.id for i in rest if i.answer == label)
-        dev_ids |= set(rng.permutation(ids)[: quota[label]].tolist())
-    if split not in ("train", "dev"):
-        raise ValueError(f"split={split!r}: choose all, train, dev or test")
-    return [i for i in rest if (i.id in dev_ids) == (split == "dev")]
-
-
-BIOASQ_LABELS = ("no", "yes")
-
-
-def load_bioasq(path: str) -> list[MCQItem]:
-    """BioASQ task-b JSON: the `yesno` questions; context = the snippets' text."""
-    data = readers.read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise DataError(f"{path}: expected {{\"questions\": [...]}} (BioASQ task-b format)")
-    out = []
-    for i, q in enumerate(data["questions"]):
-        if q.get("type") != "yesno":
-            continue
-        where = f"{path}: questions[{i}] (id {q.get('id', '?')})"
-        answer = q.get("exact_answer")
-        answer = answer[0] if isinstance(answer, list) and answer else answer
-        if not isinstance(answer, str) or answer.strip().lower() not in BIOASQ_LABELS:
-            raise DataError(f"{where}: exact_answer {q.get('exact_answer')!r} is not yes/no")
-        context = " ".join(s.get("text", "") for s in q.get("snippets", []))
-        item = MCQItem(str(q.get("id", i)), str(q.get("body", "")), BIOASQ_LABELS,
-                       BIOASQ_LABELS.index(answer.strip().lower()), context=context)
-        out.append(_check(item, where, 2))
-    return out
-
-
-MMLU_MEDICAL = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
-                "professional_medicine")
-
-
-def load_mmlu(path: str, split: str = "test") -> list[MCQItem]:
-    """MMLU CSVs: a file, or a folder holding `<subject>_<split>.csv` (searched recursively, medical
-    subjects only). Both the final release (header, 0-based answer) and the original (no header,
-    answer letter) layouts are read."""
-    if os.path.isdir(path):
-        files = sorted(f for s in MMLU_MEDICAL for f in glob.glob(os.path.join(path, "**", f"{s}_{split}.csv"), recursive=True))
-        if not files:
-            raise DataError(f"{path}: no MMLU medical <subject>_{split}.csv files")
-    else:
-        files = [path]
-    out = []
-    for f in files:
-        subject = os.path.basename(f).rsplit("_", 1)[0]
-        with open(f, encoding="utf-8", newline="") as fh:
-            for lineno, row in enumerate(csv.reader(fh), 1):
-                if lineno == 1 and row[:1] == ["question"]:
-                    continue  # header of the final release
-                where = f"{f}:{lineno}"
-                if len(row) != 6:
-                    raise DataError(f"{where}: {len(row)} columns, expected question + 4 options + answer")
-                ans = row[5].strip()
-                answer = int(ans) if ans.isdigit() else _letter(ans, 4, where)
-                out.append(_check(MCQItem(f"{subject}:{lineno}", row[0], tuple(row[1:5]), answer, subject=subject,
-                                          where=where), where, 4))
-    return out
-
-
-def _label_index(value, where: str) -> int:
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
-        raise DataError(f"{where}: label {value!r} is not an option index")
-    return int(value)
-
-
-def load_biomedlm_hf(path: str, head: str, labels: Sequence[str] = ()) -> list[MCQItem]:
-    """BioMedLM's processed JSON-lines files, as its preprocessing scripts write them:
-    multiple choice `{"id", "sent1", "sent2", "ending0".."endingN", "label"}` (label: option index) and
-    sequence classification `{"id", "sentence1", "sentence2", "label"}` (label: one of `labels`;
-    `{"sentence", "label"}` for single sentences). Ids are the records' own, else `file:line`."""
-    out = []
-    for lineno, r in readers.json_lines(path):
-        where = f"{path}:{lineno}"
-        qid = str(r.get("id", f"{os.path.basename(path)}:{lineno}"))
-        if head == "choice":
-            if "sent1" not in r or "ending0" not in r or "label" not in r:
-                raise DataError(f"{where}: not a BioMedLM multiple-choice record (needs sent1, sent2, ending0.., "
-                                f"label); found keys {sorted(r)}")
-            endings = []
-            while f"ending{len(endings)}" in r:
-                endings.append(str(r[f"ending{len(endings)}"]))
-            item = MCQItem(qid, str(r["sent1"]), tuple(endings), _label_index(r["label"], where),
-                           header=str(r.get("sent2") or ""), where=where)
-        else:
-            if "label" not in r or not ("sentence1" in r or "sentence" in r):
-                raise DataError(f"{where}: not a BioMedLM sequence-classification record (needs sentence1, "
-                                f"sentence2, label); found keys {sorted(r)}")
-            label = str(r["label"]).strip()
-            if label not in labels:
-                raise DataError(f"{where}: label {r['label']!r} is not one of {list(labels)}")
-            question = r["sentence1"] if "sentence1" in r else r["sentence"]
-            item = MCQItem(qid, str(question), tuple(labels), list(labels).index(label),
-                           context=str(r.get("sentence2") or ""), where=where)
-        out.append(_check(item, where, None))
-    return out
-
-
-def biomedlm_hf_head(path: str) -> Optional[str]:
-    """"choice" / "seqcls" when `path` is one of BioMedLM's processed JSON-lines files (judged by the
-    first record's keys), else None."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                return None
-            if not isinstance(record, dict):
-                return None
-            if "sent1" in record or "ending0" in record:
-                return "choice"
-            if "sentence1" in record or ("sentence" in record and "label" in record):
-                return "seqcls"
-            return None
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    head: str  # choice | seqcls
-    loader: Callable
-    labels: tuple = ()  # seqcls label names (sorted alphabetically)
-    paper: Optional[float] = None  # BioMedLM's reported accuracy
-    files: str = ""  # which files the task reads and where to get them (for errors when none is given)
-
-
-REGISTRY = {
-    "medmcqa": TaskSpec("medmcqa", "choice", load_medmcqa, paper=57.3, files=(
-        "MedMCQA train.json / dev.json (https://github.com/medmcqa/medmcqa)")),
-    "medqa": TaskSpec("medqa", "choice", load_medqa, paper=50.3, files=(
-        "MedQA-USMLE data_clean/questions/US/4_options/phrases_no_exclude_{train,dev,test}.jsonl "
-        "(https://github.com/jind11/MedQA), or BioMedLM's medqa_usmle_hf/{train,dev,test}.json")),
-    "pubmedqa": TaskSpec("pubmedqa", "seqcls", load_pubmedqa, PUBMEDQA_LABELS, paper=74.4, files=(
-        "PubMedQA ori_pqal.json[:train|dev|test] (shipped in data/pubmedqa; https://github.com/pubmedqa/pubmedqa), "
-        "or BioMedLM's pubmedqa_hf/{train,dev,test}.json")),
-    "bioasq": TaskSpec("bioasq", "seqcls", load_bioasq, BIOASQ_LABELS, paper=95.7, files=(
-        "BioASQ task-b JSON (licence-restricted: register at http://bioasq.org), or BioMedLM's bioasq_hf/*.json")),
-    "mmlu_medical": TaskSpec("mmlu_medical", "choice", load_mmlu, paper=None, files=(  # medical genetics: 69.0
-        "MMLU CSVs, a file or a folder[:test|dev|val] (https://github.com/hendrycks/test)")),
-}
-PAPER_MMLU_MEDICAL_GENETICS = 69.0
-
-
-def seeded_split(items: Sequence[MCQItem], dev_fraction: float, seed: int) -> dict:
-    """{"train", "dev"} by a seeded hash of the item id (for data that ships only dev/test splits)."""
-    def is_dev(i):
-        return zlib.crc32(f"{seed}:{i.id}".encode()) % 10_000 < dev_fraction * 10_000
-    return {"train": [i for i in items if not is_dev(i)], "dev": [i for i in items if is_dev(i)]}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokens, embeddings and BioMedLM's inputs
-# ----------------------------------------------------------------------------------------------------
-
-
-def add_task_tokens(tok, head: str) -> dict:
-    """Add the tokens BioMedLM's script for `head` adds (`TASK_TOKENS`), in its order, to `tok` in place.
-    Tokens already present keep their ids (a resumed run, or a fine-tuned checkpoint's tokenizer), as
-    BioMedLM's scripts add nothing to a tokenizer that has a pad token. Returns {token: id}."""
-    from tokenizers import AddedToken
-
-    special, plain = TASK_TOKENS[head]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    tok.add_tokens([t for t in plain if tok.token_to_id(t) is None])
-    return {t: tok.token_to_id(t) for t in special + plain}
-
-
-def segments(item: MCQItem, head: str) -> list[tuple[str, str]]:
-    """The (first, second) texts BioMedLM's script passes to `tokenizer(first, second)`: one pair per
-    option for the choice head, one pair for seqcls."""
-    if head == "choice":
-        sent1 = " ".join(s for s in (item.context, item.question) if s)
-        return [(sent1 + SEP, f"{item.header} {option}" + SEP) for option in item.options]
-    return [(item.context, item.question)]
-
-
-@dataclasses.dataclass
-class Encoded:
-    ids: np.ndarray  # (N, K, T) int32, right-padded with [PAD]
-    mask: np.ndarray  # (N, K, T) bool
-    labels: np.ndarray  # (N,) int32
-    truncated: int = 0  # items with at least one row cut to fit
-
-    @property
-    def rows(self) -> dict:
-        return {"ids": self.ids, "mask": self.mask, "labels": self.labels}
-
-    def fingerprint(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256(self.ids.tobytes())
-        h.update(self.labels.tobytes())
-        return h.hexdigest()[:16]
-
-
-def _left_cut(first: list, second: list, max_len: int) -> list:
-    """Drop the start of `first` so `second` fits whole (or, longer than the row, keeps its end)."""
-    if len(second) >= max_len:
-        return second[len(second) - max_len:]
-    room = max_len - len(second)
-    return first[max(len(first) - room, 0):] + second
-
-
-def token_rows(items: Sequence[MCQItem], tok, head: str, max_len: int, truncation: str = "biomedlm",
-               append_eos: bool = False) -> tuple[list[list[list[int]]], int]:
-    """Per item, its rows of token ids (one per option, or one), and the number of items truncated.
-    The pair is encoded by the `tokenizers` library, as `transformers` calls it in BioMedLM's scripts;
-    "biomedlm" truncation is that library's `longest_first` from the right."""
-    from tokenizers import Tokenizer
-
-    if truncation not in TRUNCATIONS:
-        raise ValueError(f"truncation={truncation!r}: choose one of {TRUNCATIONS}")
-    pairs = [p for item in items for p in segments(item, head)]
-    enc = Tokenizer.from_str(tok.to_str())  # a copy: truncation settings stay off the caller's tokenizer
-    enc.no_padding()
-    enc.no_truncation()
-    full = enc.encode_batch(pairs)
-    if truncation == "biomedlm":
-        enc.enable_truncation(max_len, strategy="longest_first", direction="right")
-        rows = [e.ids for e in enc.encode_batch(pairs)]
-    else:
-        rows = [_left_cut([i for i, t in zip(e.ids, e.type_ids) if t == 0],
-                          [i for i, t in zip(e.ids, e.type_ids) if t != 0], max_len) for e in full]
-    if append_eos:  # run_seqcls_gpt.py's gpt2_append_eos_tok: EOS after the text, or over the last token
-        eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
-        rows = [r + [eos] if len(r) < max_len else r[:-1] + [eos] for r in rows]
-    out, truncated, n = [], 0, 0
-    for item in items:
-        k = len(item.options) if head == "choice" else 1
-        out.append(rows[n: n + k])
-        truncated += any(len(e.ids) > max_len for e in full[n: n + k])
-        n += k
-    return out, truncated
-
-
-def encode(items: Sequence[MCQItem], tok, head: str, max_len: int, *, truncation: str = "biomedlm",
-           append_eos: bool = False, pad_id: Optional[int] = None) -> Encoded:
-    """Token arrays (N, K, max_len) for either head, right-padded with `[PAD]` (or `pad_id`; see the
-    module docstring). `tok` must hold the head's tokens (`add_task_tokens`)."""
-    pad = tok.token_to_id(PAD) if pad_id is None else pad_id
-    if pad is None:
-        raise ValueError("the tokenizer has no [PAD] token; call mcqa.add_task_tokens(tok, head) first")
-    if head == "choice" and tok.token_to_id(SEP) is None:
-        raise ValueError("the tokenizer has no [SEP] token; call mcqa.add_task_tokens(tok, \"choice\") first")
-    if head == "choice" and append_eos:
-        raise ValueError("append_eos applies to the seqcls head only (BioMedLM's gpt2_append_eos_tok)")
-    k = check_option_counts(items) if head == "choice" else 1
-    rows, truncated = token_rows(items, tok, head, max_len, truncation, append_eos)
-    ids = np.full((len(items), k, max_len), pad, np.int32)
-    mask = np.zeros((len(items), k, max_len), bool)
-    for n, item_rows in enumerate(rows):
-        for j, seq in enumerate(item_rows):
-            ids[n, j, : len(seq)] = seq
-            mask[n, j, : len(seq)] = True
-    labels = np.asarray([i.answer for i in items], np.int32)
-    return Encoded(ids, mask, labels, truncated)
-
+from biomedlm_jax.mcqa_data import (
+    LAYOUT,
+    PAD,
+    REGISTRY,
+    SEP,
+    TRUNCATIONS,
+    Encoded,
+    MCQItem,
+)
+from biomedlm_jax.model import GPT, GPTConfig
+from biomedlm_jax.tasks import Task
 
 # ----------------------------------------------------------------------------------------------------
 # The model with a head
@@ -516,7 +105,7 @@ class Classifier:
     head: dict  # head, labels (or None), num_labels, seq_len (None: the caller's), truncation, append_eos, pad_id
 
 
-class NotAClassifier(hf.CheckpointError):
+class NotAClassifier(errors.CheckpointError):
     """A checkpoint without a classifier head (a plain language model)."""
 
 
@@ -524,9 +113,8 @@ def load_classifier(spec: str, step: Optional[int] = None, dtype: Optional[str] 
     """A fine-tuned classifier from "hf:DIR" (BioMedLM's fine-tuned GPT2ForMultipleChoice /
     GPT2ForSequenceClassification, or transformers' GPT2ForSequenceClassification) or
     "orbax:WORKDIR" (a finetune_mcqa run: WORKDIR/best unless `step`, then that step)."""
-    from biomedlm_jax import checkpoint
-
-    kind, _, path = spec.partition(":")
+    src = sources.parse(spec, "init_from")
+    kind, path = src.kind, src.path
     overrides = {"remat_policy": "none", **({"dtype": dtype, "param_dtype": dtype} if dtype else {})}
     if kind == "hf":
         cfg = hf.load_config(path, **overrides)
@@ -538,17 +126,15 @@ def load_classifier(spec: str, step: Optional[int] = None, dtype: Optional[str] 
             raise FileNotFoundError(f"{path}: no tokenizer files next to the classifier")
         pad = tok.token_to_id(PAD) if tok.token_to_id(PAD) is not None else h.pad_token_id
         if pad is None:
-            raise hf.CheckpointError(f"{path}: neither a [PAD] token in the tokenizer nor pad_token_id in config.json")
+            raise errors.CheckpointError(f"{path}: neither a [PAD] token in the tokenizer nor pad_token_id in config.json")
         if h.kind == "choice" and tok.token_to_id(SEP) is None:
-            raise hf.CheckpointError(f"{path}: a multiple-choice classifier whose tokenizer has no [SEP] token")
+            raise errors.CheckpointError(f"{path}: a multiple-choice classifier whose tokenizer has no [SEP] token")
         backbone = hf.load_params_numpy(path, cfg, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
         n = h.kernel.shape[1] if h.kind == "seqcls" else 1
         head = {"head": h.kind, "labels": list(h.labels) if h.labels else None, "num_labels": n, "seq_len": None,
                 "truncation": "biomedlm", "append_eos": False, "pad_id": int(pad), "task": None}
         params = jax.tree.map(jnp.asarray, {"transformer": backbone, "score": h.params()})
         return Classifier(MCQAModel(cfg, h.kind, n), params, tok, head)
-    if kind != "orbax" or not path:
-        raise ValueError(f"{spec!r}: expected hf:DIR or orbax:WORKDIR")
     best = paths.join(path, checkpoint.BEST_DIR)
     src = best if step is None and checkpoint.latest_step(best) is not None else path
     if step is None:  # the newest step that restores (a damaged one is moved aside), else the error
@@ -557,38 +143,27 @@ def load_classifier(spec: str, step: Optional[int] = None, dtype: Optional[str] 
 
 
 def _load_orbax_classifier(path: str, src: str, step: int, overrides: dict) -> Classifier:
-    from biomedlm_jax import checkpoint
-
     step, meta = checkpoint.read_meta(src, step)
     if "mcqa" not in meta:
         raise NotAClassifier(f"{src}: not an MCQA checkpoint (no head); score it with --zero_shot")
     head = dict(meta["mcqa"])
-    if head.get("layout") != LAYOUT:
-        raise hf.CheckpointError(f"{src}: this head was fine-tuned on the inputs of an earlier biomedlm_jax (before "
-                         f"BioMedLM's own layout, {LAYOUT}); its scores would not mean anything on today's inputs. "
-                         "Fine-tune it again.")
+    check_layout(head, src)
     cfg = GPTConfig(**meta["model"]).replace(**overrides)
     model = MCQAModel(cfg, head["head"], head["num_labels"])
     ids = jnp.ones((1, 1, 8), jnp.int32)
     abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]))
     if meta.get("lora_base"):  # a LoRA run's step: the frozen weights come from its base
-        params = checkpoint.restore_lora_run(checkpoint._reader(src), step, meta, cfg, checkpoint.place(abstract),
+        params = checkpoint.restore_lora_run(checkpoint.reader(src), step, meta, cfg, checkpoint.place(abstract),
                                              f"{src}/checkpoints/{step}")
     else:
-        params = checkpoint.restore_params(checkpoint._reader(src), step, checkpoint.place(abstract))
+        params = checkpoint.restore_params(checkpoint.reader(src), step, checkpoint.place(abstract))
     if cfg.lora_rank:  # a LoRA run: adapters folded into the backbone's weights
-        from biomedlm_jax import lora
-
         params = dict(params, transformer=lora.merge(params["transformer"], cfg))
         model = MCQAModel(cfg.replace(lora_rank=0), head["head"], head["num_labels"])
     tok_dir = checkpoint.tokenizer_dir(src) if paths.isdir(checkpoint.tokenizer_dir(src)) else checkpoint.tokenizer_dir(path)
     tok = tokenizer_lib.load_tokenizer(tok_dir)
     head.update(pad_id=tok.token_to_id(PAD), step=step, source=src)
     return Classifier(model, params, tok, head)
-
-
-def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
-    return float((np.asarray(scores).argmax(-1) == np.asarray(labels)).mean()) if len(labels) else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -599,7 +174,7 @@ def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 def zero_shot_scores(model: GPT, params, tok, items: Sequence[MCQItem], template: str = "{context}{question}\nAnswer:",
                      reduce: str = "mean", max_len: int = 512, batch_size: int = 16) -> np.ndarray:
     """(N, K) scores: each option's mean (or summed) token log-likelihood after the prompt."""
-    k = check_option_counts(items)
+    k = mcqa_data.check_option_counts(items)
     seqs, spans = [], []
     for item in items:
         ctx = f"{item.context}\n" if item.context else ""
@@ -610,119 +185,113 @@ def zero_shot_scores(model: GPT, params, tok, items: Sequence[MCQItem], template
             s = (p + o)[-max_len:]
             seqs.append(s)
             spans.append((len(s) - min(len(o), len(s) - 1), len(s)))
-    T = max(len(s) for s in seqs)
-    T = -(-T // 64) * 64
-    ids = np.zeros((len(seqs), T), np.int32)
-    w = np.zeros((len(seqs), T - 1), np.float32)
-    for n, (s, (a, b)) in enumerate(zip(seqs, spans)):
-        ids[n, : len(s)] = s
-        w[n, a - 1: b - 1] = 1.0
+    T = -(-max(len(s) for s in seqs) // 64) * 64
+
+    def row(s, span):
+        ids, w = np.zeros(T, np.int32), np.zeros(T - 1, np.float32)
+        ids[: len(s)] = s
+        w[span[0] - 1: span[1] - 1] = 1.0
+        return ids, w
 
     @jax.jit
-    def score(params, ids, w):
+    def score(ids, w):
         logits = model.apply({"params": params}, ids)[:, :-1]
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
         tok_lp = jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
         total = (tok_lp * w).sum(-1)
         return total / jnp.maximum(w.sum(-1), 1.0) if reduce == "mean" else total
 
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        chunk_ids, chunk_w = ids[i: i + batch_size], w[i: i + batch_size]
-        pad = batch_size - len(chunk_ids)
-        if pad:
-            chunk_ids = np.concatenate([chunk_ids, np.zeros((pad, T), np.int32)])
-            chunk_w = np.concatenate([chunk_w, np.zeros((pad, T - 1), np.float32)])
-        out.append(np.asarray(score(params, chunk_ids, chunk_w))[: batch_size - pad])
-    return np.concatenate(out).reshape(len(items), k)
+    return scoring.score(score, (row(s, span) for s, span in zip(seqs, spans)), batch_size).reshape(len(items), k)
+
+
+def predict(model, params, enc: Encoded, batch_size: int = 16) -> np.ndarray:
+    """A classifier's scores (N, K or labels), batched and jitted. With several devices the batch is
+    split across them (data parallel: params replicated, each device scores its share of the questions)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    scores = jax.jit(lambda params, ids, mask: model.apply({"params": params}, ids, mask))
+    return scoring.score(lambda ids, mask: scores(params, jax.device_put(ids, rows), jax.device_put(mask, rows)),
+                         zip(enc.ids, enc.mask), batch_size, fill="last")
+
+
+def check_layout(head: dict, where: str) -> None:
+    """A stored head (checkpoint meta["mcqa"]) must have been trained on today's inputs (`LAYOUT`)."""
+    if head.get("layout") != LAYOUT:
+        raise errors.CheckpointError(
+            f"{where}: this head was fine-tuned on the inputs of an earlier biomedlm_jax (before BioMedLM's own "
+            f"layout, {LAYOUT}); its scores would not mean anything on today's inputs. Fine-tune it again, or "
+            "convert it to hf: and start from its backbone with a fresh head")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Task files and the trainer task
+# The trainer task
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_task_file(task: str, spec: str, key: str = "") -> list[MCQItem]:
-    """Items of `task` from "PATH" or "PATH:SPLIT" (PubMedQA: train/dev/test/all; MMLU: the CSV split
-    name when PATH is a folder, e.g. test, dev, val). BioMedLM's processed `*_hf` JSON-lines files are
-    recognised by their keys and read as they are. `key` names the setting the path came from, for
-    the error when no path is given."""
-    if task not in REGISTRY:
-        raise ValueError(f"unknown MCQA task {task!r}; choose from {sorted(REGISTRY)}")
-    if not spec:
-        raise FileNotFoundError(f"{task}: no data file given{f' ({key} is empty)' if key else ''}; pass the path to "
-                                f"{REGISTRY[task].files}")
-    path, split = spec, None
-    if ":" in os.path.basename(spec):
-        path, split = spec.rsplit(":", 1)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{task}: {path} does not exist{f' ({key})' if key else ''}; {task} reads "
-                                f"{REGISTRY[task].files}")
-    hf_head = biomedlm_hf_head(path)
-    if hf_head is not None:
-        if hf_head != REGISTRY[task].head:
-            raise DataError(f"{path}: BioMedLM {hf_head} records do not fit the {task} task's {REGISTRY[task].head} head")
-        return load_biomedlm_hf(path, hf_head, REGISTRY[task].labels)
-    if task == "pubmedqa":
-        return load_pubmedqa(path, split or "all")
-    if task == "mmlu_medical":
-        return load_mmlu(path, split or "test")
-    return REGISTRY[task].loader(path)
+class MCQATask(Task):
+    """The trainer task (see tasks.Task) for a multiple-choice / classification head.
 
-
-def majority_baseline(train_items: Sequence[MCQItem], eval_items: Sequence[MCQItem]) -> float:
-    """Accuracy of always answering the most frequent training answer (option index / label)."""
-    if not eval_items:
-        return float("nan")
-    ref = train_items or eval_items
-    counts = np.bincount([i.answer for i in ref], minlength=max(len(i.options) for i in ref))
-    return float(np.mean([i.answer == int(counts.argmax()) for i in eval_items]))
-
-
-class MCQATask:
-    """The trainer task (see train.LMTask) for a multiple-choice / classification head."""
+    `n_options`: the number of options per item; by default the training items' (read on first use),
+    so `k` is the same whatever is called first."""
 
     backbone = "transformer"
     best_metric = "accuracy"
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, n_options: Optional[int] = None):
+        super().__init__(config)
         d = config.data
         self.spec = REGISTRY[d.mcqa_task] if d.mcqa_task in REGISTRY else None
         if self.spec is None:
             raise ValueError(f"data.mcqa_task={d.mcqa_task!r}; choose from {sorted(REGISTRY)}")
         self.head = self.spec.head
         self.num_labels = len(self.spec.labels) if self.head == "seqcls" else 1
-        self.k = 1
+        self._n_options = n_options
+        self._splits = None
         if d.truncation not in TRUNCATIONS:
             raise ValueError(f"data.truncation={d.truncation!r}: choose one of {TRUNCATIONS}")
         if d.append_eos and self.head == "choice":
             raise ValueError(f"data.append_eos applies to the seqcls head only; {self.spec.name} uses the choice head")
 
+    @property
+    def k(self) -> int:
+        """Rows per item: the options of a choice item, 1 for seqcls."""
+        if self.head != "choice":
+            return 1
+        if self._n_options is None:
+            self._n_options = mcqa_data.check_option_counts(self.items()["train"])
+        return self._n_options
+
     def prepare(self, tok, cfg: GPTConfig):
-        add_task_tokens(tok, self.head)  # idempotent: a resumed run's tokenizer already has them
+        mcqa_data.add_task_tokens(tok, self.head)  # idempotent: a resumed run's tokenizer already has them
         return tok, cfg.replace(vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
 
     def model(self, cfg: GPTConfig):
         return MCQAModel(cfg, self.head, self.num_labels)
 
     def example_inputs(self):
-        shape = (1, self.k, self.config.seq_len)
+        shape = (1, 1, self.config.seq_len)  # the params' shapes do not depend on the options
         return jnp.ones(shape, jnp.int32), jnp.ones(shape, bool)
 
     def tokens_per_example(self) -> int:
         return self.k * self.config.seq_len
 
     def items(self) -> dict:
-        d = self.config.data
-        train = load_task_file(d.mcqa_task, d.train, "data.train")
-        if d.carve_dev_fraction:
-            split = seeded_split(train, d.carve_dev_fraction, self.config.seed)
-            train, dev = split["train"], split["dev"]
-        else:
-            dev = load_task_file(d.mcqa_task, d.dev, "data.dev") if d.dev else []
-        extra = self.extra_train_items(train)
-        return {"train": train + extra, "dev": dev, "n_extra": len(extra)}
+        """{"train", "dev", "n_extra"}: the task's items (read once)."""
+        if self._splits is None:
+            d = self.config.data
+            train = mcqa_data.load_task_file(d.mcqa_task, d.train, "data.train")
+            if d.carve_dev_fraction:
+                split = mcqa_data.seeded_split(train, d.carve_dev_fraction, self.config.seed)
+                train, dev = split["train"], split["dev"]
+            else:
+                dev = mcqa_data.load_task_file(d.mcqa_task, d.dev, "data.dev") if d.dev else []
+            extra = self.extra_train_items(train)
+            self._splits = {"train": train + extra, "dev": dev, "n_extra": len(extra)}
+        return self._splits
 
     def extra_train_items(self, train: Sequence[MCQItem]) -> list[MCQItem]:
         """Items of `data.extra_train` ("task=PATH[:SPLIT]", comma-separated), added to training only:
@@ -741,37 +310,36 @@ class MCQATask:
             if (other.head, other.labels) != (self.head, self.spec.labels):
                 raise ValueError(f"data.extra_train: {task} ({other.head} head, labels {other.labels}) cannot train "
                                  f"the {self.spec.name} {self.head} head (labels {self.spec.labels})")
-            items = load_task_file(task, spec, "data.extra_train")
+            items = mcqa_data.load_task_file(task, spec, "data.extra_train")
             bad = next((i for i in items if self.head == "choice" and {len(i.options)} != want), None)
             if bad is not None:
-                raise DataError(f"{bad.where or spec}: {len(bad.options)} options; {self.spec.name} items have "
-                                f"{sorted(want)}")
+                raise errors.DataError(f"{bad.where or spec}: {len(bad.options)} options; {self.spec.name} items have "
+                                       f"{sorted(want)}")
             out.extend(items)
         return out
 
     def encode(self, items, tok) -> Encoded:
         d = self.config.data
-        return encode(items, tok, self.head, self.config.seq_len, truncation=d.truncation, append_eos=d.append_eos)
+        return mcqa_data.encode(items, tok, self.head, self.config.seq_len, truncation=d.truncation,
+                                append_eos=d.append_eos)
 
     def load_data(self, tok):
         splits = self.items()
         train, dev = self.encode(splits["train"], tok), self.encode(splits["dev"], tok)
-        self.k = train.ids.shape[1]
-        if splits["dev"] and dev.ids.shape[1] != self.k:
-            raise DataError(f"{self.config.data.dev or self.config.data.train}: dev items have {dev.ids.shape[1]} options, "
-                            f"training items {self.k}")
+        if splits["dev"] and dev.ids.shape[1] != train.ids.shape[1]:
+            raise errors.DataError(f"{self.config.data.dev or self.config.data.train}: dev items have {dev.ids.shape[1]} "
+                                   f"options, training items {train.ids.shape[1]}")
         extra = f" (incl. {splits['n_extra']} from data.extra_train)" if splits["n_extra"] else ""
         print(f"[mcqa] {self.spec.name} ({self.head} head): {len(splits['train'])} train{extra} / {len(splits['dev'])} dev "
               f"items; truncated ({self.config.data.truncation}) {train.truncated} train / {dev.truncated} dev items "
               f"(rows of {self.config.seq_len} tokens); dev majority baseline "
-              f"{majority_baseline(splits['train'], splits['dev']):.3f}", flush=True)
+              f"{mcqa_data.majority_baseline(splits['train'], splits['dev']):.3f}", flush=True)
         return train, dev
 
     def eval_batches(self, eval_data, micro, local_rows):
         from biomedlm_jax import input_pipeline
 
         return input_pipeline.eval_batches(eval_data.rows, micro, local_rows, self.config.eval_batches)
-
     def loss(self, model, params, mb, rng, deterministic: bool):
         scores = model.apply({"params": params}, mb["ids"], mb["mask"], deterministic=deterministic,
                              rngs={"dropout": rng})
@@ -789,14 +357,12 @@ class MCQATask:
         return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
                 "count": sums["count"]}
 
-    def initial_head(self, kind: str, path: str, cfg: GPTConfig) -> Optional[dict]:
+    def initial_head(self, source, cfg: GPTConfig) -> Optional[dict]:
         """{"score": head params} when `init_from` is a fine-tuned classifier of this head (BioMedLM's or
         transformers' HF layout, or an MCQA workdir's latest step), in this task's label order; None
         for a plain LM (the head then keeps its random init)."""
-        from biomedlm_jax import checkpoint
-
-        where = f"init_from={kind}:{path}"
-        if kind == "hf":
+        where, path = f"init_from={source}", source.path
+        if source.kind == "hf":
             h = hf.read_classifier_head(path, cfg, dtype=np.dtype(jnp.dtype(cfg.param_dtype)))
             if h is None:
                 return None
@@ -806,15 +372,13 @@ class MCQATask:
             if "mcqa" not in meta:
                 return None
             m = meta["mcqa"]
-            if m.get("layout") != LAYOUT:
-                raise ValueError(f"{where}: its head was trained on the inputs of an earlier biomedlm_jax (before "
-                                 f"{LAYOUT}); start from its backbone with a fresh head by converting it to hf first")
+            check_layout(m, where)
             got, labels = m["head"], m.get("labels") if m["head"] == "seqcls" else None
             dt = jnp.dtype(meta["model"].get("param_dtype", "float32"))
             shapes = {"kernel": jax.ShapeDtypeStruct((meta["model"]["d_model"], m["num_labels"]), dt)}
             if got == "choice":
                 shapes["bias"] = jax.ShapeDtypeStruct((1,), dt)
-            score = jax.device_get(checkpoint.restore_params(checkpoint._reader(path), step,
+            score = jax.device_get(checkpoint.restore_params(checkpoint.reader(path), step,
                                                              {"score": checkpoint.place(shapes)})["score"])
         if got != self.head:
             raise ValueError(f"{where} is a {got} classifier; the {self.spec.name} task trains a {self.head} head")
@@ -823,20 +387,9 @@ class MCQATask:
             score = {"kernel": np.asarray(score["kernel"])[:, perm]}
         return {"score": {k: np.asarray(v, np.dtype(jnp.dtype(cfg.param_dtype))) for k, v in score.items()}}
 
-    def adapt_backbone(self, params_np, cfg: GPTConfig):
-        return resize_embeddings(params_np, cfg.vocab_size)
-
     def meta(self) -> dict:
         d = self.config.data
         return {"backbone": self.backbone, "mcqa": {
             "task": self.spec.name, "head": self.head, "num_labels": self.num_labels, "labels": list(self.spec.labels),
             "seq_len": self.config.seq_len, "append_eos": d.append_eos, "truncation": d.truncation, "layout": LAYOUT}}
 
-
-def _register() -> None:
-    from biomedlm_jax import train
-
-    train.register_task("mcqa", MCQATask)
-
-
-_register()

@@ -102,7 +102,9 @@ class MetricsWriter:
             return
         paths.makedirs(workdir)
         if tensorboard:
-            from tensorboardX import SummaryWriter  # lazy: TensorBoard is only needed for logging
+            from tensorboardX import (
+                SummaryWriter,  # lazy: TensorBoard is only needed for logging
+            )
 
             if self._remote:
                 import tempfile

@@ -587,20 +587,18 @@ def init_params(model: GPT, rng: jax.Array, batch: int = 1, seq: int = 8):
     return nn.unbox(model.init(rng, ids)["params"])
 
 
-def resize_embeddings(params: dict, new_vocab: int, backbone: Optional[str] = None) -> dict:
+def resize_embeddings(params: dict, new_vocab: int) -> dict:
     """Grow `wte` to `new_vocab` rows for added tokens (MCQA's [PAD]/[SEP], seq2seq's <|startoftext|>).
     Old rows are unchanged; new rows are their mean (transformers' resize_token_embeddings default).
     The LM head is tied to `wte`, so it grows consistently. Returns new params (the same when already
     `new_vocab` rows)."""
-    tree = params[backbone] if backbone else params
-    wte = np.asarray(tree["wte"]["embedding"])
+    wte = np.asarray(params["wte"]["embedding"])
     if new_vocab == wte.shape[0]:
         return params
     if new_vocab < wte.shape[0]:
         raise ValueError(f"cannot shrink the vocabulary from {wte.shape[0]} to {new_vocab}")
     extra = np.repeat(wte.mean(0, keepdims=True), new_vocab - wte.shape[0], axis=0)
-    new = dict(tree, wte={"embedding": jnp.asarray(np.concatenate([wte, extra]).astype(wte.dtype))})
-    return dict(params, **{backbone: new}) if backbone else new
+    return dict(params, wte={"embedding": jnp.asarray(np.concatenate([wte, extra]).astype(wte.dtype))})
 
 
 def transposed_head(params, cfg: GPTConfig):
@@ -618,7 +616,3 @@ def init_cache(cfg: GPTConfig, batch: int, max_len: int, dtype=None):
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     shape = (batch * cfg.n_head, max_len, cfg.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
-
-
-def param_count(params) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(params))

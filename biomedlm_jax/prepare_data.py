@@ -40,8 +40,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from biomedlm_jax import errors, paths, readers
 from biomedlm_jax import input_pipeline as ip
-from biomedlm_jax import paths, readers
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "validation")
@@ -139,7 +139,7 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
         splits = {s: w.close() for s, w in writers.items()}
         if not splits["train"]["rows"]:
             # Nothing is written: an empty dataset would only fail later, in the trainer.
-            raise ip.DataError(
+            raise errors.DataError(
                 f"{', '.join(files)}: no training row of {seq_len + 1} tokens ({stats.documents} documents read, "
                 f"{writers['train'].packer.tokens_seen} training tokens; read stats {stats.as_dict()}). Check the inputs, "
                 "their --format, or use a smaller --seq_len."
@@ -191,7 +191,7 @@ def pubmedqa_ids(path: str) -> list[str]:
     """PubMedQA's JSON (ori_pqal.json, test_ground_truth.json, ...) is keyed by PMID."""
     data = readers.read_json(path)
     if not isinstance(data, dict):
-        raise ip.DataError(f"{path}: expected a JSON object keyed by PMID")
+        raise errors.DataError(f"{path}: expected a JSON object keyed by PMID")
     return [str(k) for k in data]
 
 
@@ -199,7 +199,7 @@ def bioasq_ids(path: str) -> dict[str, list[str]]:
     """{question id: [PMIDs of its documents and snippets]} from a BioASQ JSON file."""
     data = readers.read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise ip.DataError(f"{path}: expected {{\"questions\": [...]}} (BioASQ format)")
+        raise errors.DataError(f"{path}: expected {{\"questions\": [...]}} (BioASQ format)")
     out = {}
     for i, q in enumerate(data["questions"]):
         urls = list(q.get("documents", [])) + [s.get("document", "") for s in q.get("snippets", [])]
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
         m = prepare(args.input.split(","), args.tokenizer, args.out, seq_len=args.seq_len,
                     eval_fraction=args.eval_fraction, rows_per_shard=args.rows_per_shard, on_error=args.on_error,
                     fmt=args.format, overwrite=args.overwrite)
-    except (readers.DataError, FileExistsError, FileNotFoundError) as e:
+    except (errors.DataError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = m["read_stats"]

@@ -21,9 +21,7 @@ import os
 import xml.etree.ElementTree as ET
 from typing import Iterable, Iterator, Optional, Sequence
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line (or record)."""
+from biomedlm_jax.errors import DataError
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """Seq2seq (prompt -> answer) fine-tuning data and evaluation, for the shared trainer.
 
-Fine-tuning is the pretraining loop with another data source (`config.data.task = "seq2seq"`):
+Fine-tuning is the pretraining loop with another task (`Seq2SeqTask`, which `finetune_seq2seq` passes):
 each example becomes one row, right-padded to `seq_len + 1`, with per-target weights that are 1 on
 answer tokens (and the EOS) and 0 on the prompt and padding. The trainer's loss is
 sum(weights * nll) / sum(weights), so prompt tokens contribute nothing. Two row layouts
@@ -40,10 +40,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from biomedlm_jax import paths, readers, train
+from biomedlm_jax import paths, readers
 from biomedlm_jax import tokenizer as tokenizer_lib
-
-DataError = readers.DataError
+from biomedlm_jax.errors import DataError
+from biomedlm_jax.tasks import LMTask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +330,7 @@ def load_train_eval(data_cfg, seq_len: int, tok) -> tuple[Seq2SeqRows, Seq2SeqRo
 # ----------------------------------------------------------------------------------------------------
 
 
-class Seq2SeqTask(train.LMTask):
+class Seq2SeqTask(LMTask):
     """The trainer task for prompt -> answer rows (loss on the answer tokens only): LMTask's loss on
     this module's rows; BioMedLM's layout adds its tokens to the tokenizer first."""
 
@@ -343,8 +343,6 @@ class Seq2SeqTask(train.LMTask):
     def load_data(self, tok):
         return load_train_eval(self.config.data, self.config.seq_len, tok)
 
-
-train.register_task("seq2seq", Seq2SeqTask)
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:

@@ -13,7 +13,7 @@ twice in a spec (which Flax would silently drop). Training configs may override 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -98,22 +98,3 @@ def values(boxed):
 def fit_shardings(abstract, shardings):
     """`fit_sharding` over a pytree of abstract arrays (anything with .shape) and their shardings."""
     return jax.tree.map(lambda a, s: fit_sharding(a.shape, s), abstract, shardings)
-
-
-def sharded_init(model: nn.Module, rng, example_input, mesh: Mesh, rules=DEFAULT_RULES, method: Optional[str] = None):
-    """Initialise params directly into sharded memory. Returns (params, shardings), both plain pytrees.
-
-    `jax.eval_shape` gives the logical names without allocating anything; `jax.jit(init,
-    out_shardings=...)` then materialises each shard on its device, so a 2.7B model never sits
-    unsharded on one device.
-    """
-
-    def init(key):
-        return model.init(key, example_input)["params"]
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init, rng)
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-        shardings = fit_shardings(values(abstract), shardings)
-        params = jax.jit(init, out_shardings=shardings)(rng)
-    return nn.unbox(params), shardings

@@ -15,7 +15,15 @@ import os
 import tempfile
 from typing import Iterable, Optional, Sequence
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from biomedlm_jax import paths
 

@@ -69,6 +69,21 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
 
 
+def sharded_init(model, ids, mesh, rules=None):
+    """Params created directly in sharded memory, the trainer's way (train_state.param_shardings, then
+    a jitted init with those out_shardings); the key is PRNGKey(0)."""
+    import flax.linen as nn
+    import jax
+
+    from biomedlm_jax import sharding, train_state
+
+    rules = rules or sharding.DEFAULT_RULES
+    _, shardings = train_state.param_shardings(model, mesh, rules, (ids,))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        init = jax.jit(lambda k: nn.unbox(model.init(k, ids)["params"]), out_shardings=shardings)
+        return init(jax.random.PRNGKey(0)), shardings
+
+
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
     """The first 300 shipped abstracts: enough rows for a few steps, quick to tokenize."""

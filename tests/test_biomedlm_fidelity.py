@@ -11,17 +11,17 @@ The reference side re-runs BioMedLM's preprocessing (github stanford-crfm/BioMed
     truncation=True, max_length=L)` after adding [PAD], [CLS], [SEP].
 
 BioMedLM published no preprocessing for MedMCQA and MMLU; they get MedQA's (question in sent1).
-Our side is `mcqa.load_task_file` + `mcqa.encode` with the defaults. Rows are short, so truncation
+Our side is `mcqa_data.load_task_file` + `mcqa_data.encode` with the defaults. Rows are short, so truncation
 happens in most items.
 """
 import json
 
 import numpy as np
 import pytest
-
-from biomedlm_jax import mcqa
-from biomedlm_jax import tokenizer as T
 from conftest import REPO, SEQCLS_EXTRA, biomedlm_hf_tokenizer, gpt2_hf_files
+
+from biomedlm_jax import mcqa_data
+from biomedlm_jax import tokenizer as T
 
 SHARED = REPO.parent / "shared" / "data"
 PUBMEDQA = REPO / "data" / "pubmedqa" / "ori_pqal.json"
@@ -51,7 +51,7 @@ hf_tokenizer = biomedlm_hf_tokenizer
 
 def our_tokenizer(path, head):
     tok = T.load_tokenizer(path)
-    mcqa.add_task_tokens(tok, head)
+    mcqa_data.add_task_tokens(tok, head)
     return tok
 
 
@@ -131,25 +131,25 @@ def test_pubmedqa_inputs_equal_biomedlm(tokenizer_dir, tmp_path):
     records = pubmedqa_records(PUBMEDQA, N)
     ref_ids, ref_labels, label_list = seqcls_reference(ref_tok, records, max_len)
     tok = our_tokenizer(tokenizer_dir, "seqcls")
-    assert tuple(label_list) == mcqa.PUBMEDQA_LABELS
+    assert tuple(label_list) == mcqa_data.PUBMEDQA_LABELS
     assert [tok.token_to_id(t) for t in ["[PAD]"] + SEQCLS_EXTRA] == ref_tok.convert_tokens_to_ids(["[PAD]"] + SEQCLS_EXTRA)
     assert tok.get_vocab_size() == len(ref_tok)
-    items = mcqa.load_task_file("pubmedqa", str(PUBMEDQA))[:N]
-    enc = mcqa.encode(items, tok, "seqcls", max_len)
+    items = mcqa_data.load_task_file("pubmedqa", str(PUBMEDQA))[:N]
+    enc = mcqa_data.encode(items, tok, "seqcls", max_len)
     np.testing.assert_array_equal(enc.ids[:, 0], ref_ids)
     np.testing.assert_array_equal(enc.labels, ref_labels)
     assert np.array_equal(enc.mask[:, 0], ref_ids != ref_tok.pad_token_id)
     assert 0 < enc.truncated < N or enc.truncated == N  # counted
     assert enc.truncated == sum(len(ref_tok(r["sentence2"], r["sentence1"])["input_ids"]) > max_len for r in records)
     # BioMedLM's processed file (pubmedqa_hf/*.json) loads as it is and encodes the same
-    hf_items = mcqa.load_task_file("pubmedqa", write_jsonl(tmp_path / "test.json", records))
+    hf_items = mcqa_data.load_task_file("pubmedqa", write_jsonl(tmp_path / "test.json", records))
     assert [i.id for i in hf_items] == [r["id"] for r in records]
-    np.testing.assert_array_equal(mcqa.encode(hf_items, tok, "seqcls", max_len).ids, enc.ids)
+    np.testing.assert_array_equal(mcqa_data.encode(hf_items, tok, "seqcls", max_len).ids, enc.ids)
     # gpt2_append_eos_tok=1: EOS after the text, or over the last token of a full row
     eos_ids, _, _ = seqcls_reference(ref_tok, records, max_len, append_eos=True)
-    np.testing.assert_array_equal(mcqa.encode(items, tok, "seqcls", max_len, append_eos=True).ids[:, 0], eos_ids)
+    np.testing.assert_array_equal(mcqa_data.encode(items, tok, "seqcls", max_len, append_eos=True).ids[:, 0], eos_ids)
     short = [i for i, r in enumerate(records) if len(ref_tok(r["sentence2"], r["sentence1"])["input_ids"]) < 400]
-    np.testing.assert_array_equal(mcqa.encode([items[i] for i in short], tok, "seqcls", 400, append_eos=True).ids[:, 0],
+    np.testing.assert_array_equal(mcqa_data.encode([items[i] for i in short], tok, "seqcls", 400, append_eos=True).ids[:, 0],
                                   seqcls_reference(ref_tok, [records[i] for i in short], 400, append_eos=True)[0])
 
 
@@ -164,33 +164,33 @@ def test_choice_inputs_equal_biomedlm(tokenizer_dir, tmp_path, task, path, max_l
     tok = our_tokenizer(tokenizer_dir, "choice")
     assert [tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]")] == ref_tok.convert_tokens_to_ids(["[PAD]", "[CLS]", "[SEP]"])
     if task == "mmlu_medical":
-        items = [i for f in sorted(path.glob("*_test.csv")) for i in mcqa.load_mmlu(str(f))[: N // 6 + 1]][:N]
+        items = [i for f in sorted(path.glob("*_test.csv")) for i in mcqa_data.load_mmlu(str(f))[: N // 6 + 1]][:N]
     else:
-        items = mcqa.load_task_file(task, str(path))[:N]
-    enc = mcqa.encode(items, tok, "choice", max_len)
+        items = mcqa_data.load_task_file(task, str(path))[:N]
+    enc = mcqa_data.encode(items, tok, "choice", max_len)
     np.testing.assert_array_equal(enc.ids, ref_ids)
     np.testing.assert_array_equal(enc.labels, ref_labels)
     full = [len(ref_tok(r["sent1"] + "[SEP]", f" {r[f'ending{j}']}[SEP]")["input_ids"]) for r in records for j in range(4)]
     assert 0 < enc.truncated <= N and enc.truncated == sum(max(full[4 * i: 4 * i + 4]) > max_len for i in range(N))
-    hf_items = mcqa.load_task_file(task, write_jsonl(tmp_path / "test.json", records))
-    np.testing.assert_array_equal(mcqa.encode(hf_items, tok, "choice", max_len).ids, enc.ids)
+    hf_items = mcqa_data.load_task_file(task, write_jsonl(tmp_path / "test.json", records))
+    np.testing.assert_array_equal(mcqa_data.encode(hf_items, tok, "choice", max_len).ids, enc.ids)
 
 
 def test_left_truncation_keeps_question_and_option():
     tok = our_tokenizer(str(REPO / "data" / "gpt2_tokenizer"), "seqcls")
-    items = mcqa.load_pubmedqa(str(PUBMEDQA))[:50]
-    enc = mcqa.encode(items, tok, "seqcls", 64, truncation="left")
+    items = mcqa_data.load_pubmedqa(str(PUBMEDQA))[:50]
+    enc = mcqa_data.encode(items, tok, "seqcls", 64, truncation="left")
     for item, row in zip(items, enc.ids[:, 0]):
         question = tok.encode(item.question).ids
         assert list(row[64 - len(question):]) == question  # the question survives whole, at the end
     assert enc.truncated == 50
     ctok = our_tokenizer(str(REPO / "data" / "gpt2_tokenizer"), "choice")
-    item = mcqa.MCQItem("1", "A long question " * 20 + "?", ("yes", "no"), 0)
-    enc = mcqa.encode([item], ctok, "choice", 16, truncation="left")
+    item = mcqa_data.MCQItem("1", "A long question " * 20 + "?", ("yes", "no"), 0)
+    enc = mcqa_data.encode([item], ctok, "choice", 16, truncation="left")
     sep = ctok.token_to_id("[SEP]")
     assert list(enc.ids[0, 0, -3:]) == [sep] + tok.encode(" yes").ids + [sep] and enc.truncated == 1  # q[SEP] yes[SEP]
     with pytest.raises(ValueError, match="truncation='right'"):
-        mcqa.encode([item], ctok, "choice", 16, truncation="right")
+        mcqa_data.encode([item], ctok, "choice", 16, truncation="right")
 
 
 def test_transformers_tokenizer_state_is_ignored(tmp_path):

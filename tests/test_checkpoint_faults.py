@@ -8,10 +8,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import REPO
+from test_train import final_params, finish, make_config, start_two_processes
 
 from biomedlm_jax import checkpoint, train
-from conftest import REPO
-from test_train import final_params, make_config
 
 
 def corrupt(workdir, step):
@@ -40,10 +40,12 @@ def test_damaged_latest_step_falls_back_and_finishes_bit_identically(tmp_path, s
     corrupt(run, 4)
     r = verify(run)
     assert r.returncode == 1 and "step 2: ok" in r.stdout and "step 4: bad (ValueError: DATA_LOSS" in r.stdout
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
     capfd.readouterr()
     s = train.train_and_evaluate(c, str(run), devices=jax.devices()[:1])
     err = capfd.readouterr().err
     assert s["start_step"] == 2 and s["step"] == 6
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-2000:]  # one line, not a crash dump
     line = next(x for x in err.splitlines() if x.startswith("[checkpoint] step 4"))
     assert "does not restore (ValueError: DATA_LOSS" in line and "moved it to" in line
     (moved,) = os.listdir(run / checkpoint.QUARANTINE_DIR)  # kept, not deleted, and never "latest" again
@@ -105,3 +107,21 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(tmp_path, 
         checkpoint.load_model(str(fs / "run"))  # the previous checkpoint is intact
     finally:
         subprocess.run(["umount", "--lazy", str(fs)])  # the failed save may still hold files open
+
+
+@pytest.mark.slow
+def test_two_processes_fall_back_together_past_a_damaged_step(tmp_path, small_corpus):
+    """Both processes fail to restore the damaged step 4, agree on it, process 0 alone moves it aside, and
+    both resume from step 2 to the end; the run's output has the one-line report, no tracebacks."""
+    workdir = tmp_path / "mp"
+    run = dict(eval_every_steps=100, checkpoint_every_steps=2, keep_checkpoints=3)
+    finish(start_two_processes(workdir, small_corpus, num_train_steps=4, **run))
+    corrupt(workdir, 4)
+    outputs = []
+    done = finish(start_two_processes(workdir, small_corpus, num_train_steps=6, **run), outputs=outputs)
+    assert all(d["start_step"] == "2" and d["step"] == "6" for d in done), done
+    (moved,) = os.listdir(workdir / checkpoint.QUARANTINE_DIR)  # moved once, by process 0
+    assert moved.startswith("4-") and "CRC-32C" in (workdir / checkpoint.QUARANTINE_DIR / moved / "REASON.txt").read_text()
+    assert checkpoint.latest_step(str(workdir)) == 6
+    for out in outputs:
+        assert "[checkpoint] restored step 2" in out and "Traceback" not in out, out[-3000:]

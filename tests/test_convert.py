@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, make_hf_model, torch_logits
 
-from biomedlm_jax import checkpoint, convert, hf
+from biomedlm_jax import checkpoint, convert, errors, hf
 from biomedlm_jax import model as M
 from biomedlm_jax.tokenizer import load_tokenizer
 
@@ -105,5 +105,5 @@ def test_restoring_into_another_shape_names_the_tensor(tmp_path):
     cfg = M.get_config("tiny", vocab_size=64, n_positions=16)
     params = M.init_params(M.GPT(cfg), jax.random.PRNGKey(0))
     save_training_state(tmp_path / "run", cfg.replace(d_ff=100), params, 1)  # meta disagrees with weights
-    with pytest.raises(hf.CheckpointError, match=r"\['h_0'\]\['mlp'\]\['c_fc'\]\['bias'\] has shape \(256,\) on disk, the model expects \(100,\)"):
+    with pytest.raises(errors.CheckpointError, match=r"\['h_0'\]\['mlp'\]\['c_fc'\]\['bias'\] has shape \(256,\) on disk, the model expects \(100,\)"):
         checkpoint.load_model(str(tmp_path / "run"))

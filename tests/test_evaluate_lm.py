@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import REPO
 
 from biomedlm_jax import evaluate_lm, hf
 from biomedlm_jax import model as M
 from biomedlm_jax import tokenizer as T
-from conftest import REPO
 
 GPT2 = str(REPO / "data" / "gpt2_tokenizer")
 DOCS = [("a", "Metformin lowers hepatic glucose output in type 2 diabetes."),

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_hf_model, sharded_init
 
-from biomedlm_jax import generate as G
 from biomedlm_jax import convert, hf, sharding
+from biomedlm_jax import generate as G
 from biomedlm_jax import model as M
-from conftest import make_hf_model
 
 V = 211  # small vocab; eos = last id, as GPT-2 / BioMedLM
 
@@ -125,7 +125,7 @@ def test_sharded_params_and_bf16():
     cfg = G.SamplingConfig(max_new_tokens=6, temperature=0.0)
     want = G.generate(model, params, prompts, jax.random.PRNGKey(0), cfg, bucket=8)
     mesh = sharding.make_mesh((2, 2, 2))
-    sparams, _ = sharding.sharded_init(model, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), mesh)
+    sparams, _ = sharded_init(model, jnp.zeros((1, 8), jnp.int32), mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         got = G.generate(model, sparams, prompts, jax.random.PRNGKey(0), cfg, bucket=8)
     assert got == want
@@ -145,8 +145,9 @@ def test_stops_at_eos_and_pads_finished_rows():
 
 
 def test_cli_batch_jsonl_and_streaming_prompt(hf_pair, tmp_path):
-    from biomedlm_jax import tokenizer as T
     from conftest import REPO
+
+    from biomedlm_jax import tokenizer as T
 
     _, model, params = hf_pair
     gpt2 = T.load_tokenizer(str(REPO / "data" / "gpt2_tokenizer"))

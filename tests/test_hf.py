@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import make_hf_model, torch_logits
 
-from biomedlm_jax import hf
+from biomedlm_jax import errors, hf
 from biomedlm_jax import model as M
 
 # Small configs that together exercise every math-changing GPT2Config field.
@@ -175,13 +175,13 @@ def test_missing_directory_and_config(tmp_path, good_ckpt):
 
 def test_invalid_json_config(good_ckpt):
     (good_ckpt / "config.json").write_text('{"model_type": "gpt2",\n "n_embd": }')
-    with pytest.raises(hf.CheckpointError, match=r"config.json: invalid JSON at line 2"):
+    with pytest.raises(errors.CheckpointError, match=r"config.json: invalid JSON at line 2"):
         hf.load_pretrained(str(good_ckpt))
 
 
 def test_not_a_gpt2_config(good_ckpt):
     edit_config(good_ckpt, model_type="llama")
-    with pytest.raises(hf.CheckpointError, match="model_type='llama' is not a GPT-2 config"):
+    with pytest.raises(errors.CheckpointError, match="model_type='llama' is not a GPT-2 config"):
         hf.load_pretrained(str(good_ckpt))
 
 
@@ -196,50 +196,50 @@ def test_not_a_gpt2_config(good_ckpt):
 )
 def test_math_changing_fields_are_refused_not_ignored(good_ckpt, changes, message):
     edit_config(good_ckpt, **changes)
-    with pytest.raises(hf.CheckpointError, match=message):
+    with pytest.raises(errors.CheckpointError, match=message):
         hf.load_pretrained(str(good_ckpt))
 
 
 def test_wrong_shape_names_file_and_tensor(good_ckpt):
     edit_config(good_ckpt, n_inner=100)  # weights have 4*48 = 192
-    with pytest.raises(hf.CheckpointError, match=r"model.safetensors: tensor transformer.h.0.mlp.c_fc.(weight|bias) has shape \((48, )?192,?\), config.json implies"):
+    with pytest.raises(errors.CheckpointError, match=r"model.safetensors: tensor transformer.h.0.mlp.c_fc.(weight|bias) has shape \((48, )?192,?\), config.json implies"):
         hf.load_pretrained(str(good_ckpt))
 
 
 def test_missing_and_unexpected_tensors(good_ckpt):
     edit_tensors(good_ckpt, lambda t: t.pop("transformer.h.1.ln_2.bias"))
-    with pytest.raises(hf.CheckpointError, match=r"1 tensor\(s\) missing.*h.1.ln_2.bias"):
+    with pytest.raises(errors.CheckpointError, match=r"1 tensor\(s\) missing.*h.1.ln_2.bias"):
         hf.load_pretrained(str(good_ckpt))
     edit_tensors(good_ckpt, lambda t: t.update({"transformer.h.1.ln_2.bias": np.zeros(48, np.float32),
                                                 "transformer.h.2.ln_1.weight": np.ones(48, np.float32)}))
-    with pytest.raises(hf.CheckpointError, match=r"unexpected tensor transformer.h.2.ln_1.weight.*n_layer=2"):
+    with pytest.raises(errors.CheckpointError, match=r"unexpected tensor transformer.h.2.ln_1.weight.*n_layer=2"):
         hf.load_pretrained(str(good_ckpt))
 
 
 def test_untied_lm_head_is_refused(good_ckpt):
     edit_tensors(good_ckpt, lambda t: t.update({"lm_head.weight": np.zeros((211, 48), np.float32)}))
-    with pytest.raises(hf.CheckpointError, match="lm_head.weight differs from wte.weight"):
+    with pytest.raises(errors.CheckpointError, match="lm_head.weight differs from wte.weight"):
         hf.load_pretrained(str(good_ckpt))
 
 
 def test_pickle_checkpoints_are_never_loaded(good_ckpt):
     os.remove(good_ckpt / "model.safetensors")
     (good_ckpt / "pytorch_model.bin").write_bytes(b"not even a pickle")
-    with pytest.raises(hf.CheckpointError, match="pytorch_model.bin.*Convert.*safe_serialization"):
+    with pytest.raises(errors.CheckpointError, match="pytorch_model.bin.*Convert.*safe_serialization"):
         hf.load_pretrained(str(good_ckpt))
 
 
 def test_corrupt_safetensors_and_broken_index(good_ckpt, tmp_path):
     data = (good_ckpt / "model.safetensors").read_bytes()
     (good_ckpt / "model.safetensors").write_bytes(data[:100])
-    with pytest.raises(hf.CheckpointError, match="model.safetensors: not a readable safetensors file"):
+    with pytest.raises(errors.CheckpointError, match="model.safetensors: not a readable safetensors file"):
         hf.load_pretrained(str(good_ckpt))
 
     sharded = tmp_path / "sharded"
     shutil.copytree(good_ckpt, sharded)
     os.remove(sharded / "model.safetensors")
     (sharded / hf.INDEX_NAME).write_text(json.dumps({"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}))
-    with pytest.raises(hf.CheckpointError, match=r"index.json: shard file\(s\) \['model-00001-of-00002.safetensors'\]"):
+    with pytest.raises(errors.CheckpointError, match=r"index.json: shard file\(s\) \['model-00001-of-00002.safetensors'\]"):
         hf.load_pretrained(str(sharded))
 
 
@@ -249,10 +249,10 @@ def test_corrupt_safetensors_and_broken_index(good_ckpt, tmp_path):
 
 
 def test_tokenizers_load_from_every_layout(tmp_path):
+    from conftest import REPO
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
     from biomedlm_jax import tokenizer as tok_lib
-    from conftest import REPO
 
     gpt2_dir = REPO / "data" / "gpt2_tokenizer"  # OpenAI encoder.json + vocab.bpe
     hf_layout = tmp_path / "hf_layout"
@@ -285,10 +285,10 @@ def test_tokenizers_load_from_every_layout(tmp_path):
 
 
 def test_save_pretrained_with_tokenizer_round_trips(tmp_path):
+    from conftest import REPO
     from transformers import AutoTokenizer
 
     from biomedlm_jax import tokenizer as tok_lib
-    from conftest import REPO
 
     tok = tok_lib.load_tokenizer(str(REPO / "data" / "gpt2_tokenizer"))
     model = M.GPT(M.get_config("tiny", n_positions=16))

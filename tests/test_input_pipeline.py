@@ -3,10 +3,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import REPO
 
+from biomedlm_jax import errors
 from biomedlm_jax import input_pipeline as ip
 from biomedlm_jax import tokenizer as tokenizer_lib
-from conftest import REPO
 
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
 
@@ -27,10 +28,10 @@ def test_reads_shipped_abstracts_with_ids():
 def test_bad_jsonl_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{"text": broken}\n', encoding="utf-8")
-    with pytest.raises(ip.DataError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(errors.DataError, match=r"bad.jsonl:2: not valid JSON"):
         list(ip.read_jsonl(str(p)))
     p.write_text('{"text": "ok"}\n\n{"body": "no text field"}\n', encoding="utf-8")
-    with pytest.raises(ip.DataError, match=r"bad.jsonl:3: expected an object with 'text'"):
+    with pytest.raises(errors.DataError, match=r"bad.jsonl:3: expected an object with 'text'"):
         list(ip.read_jsonl(str(p)))
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         ip.expand_files(str(tmp_path / "nothing-here*.jsonl"))
@@ -75,7 +76,7 @@ def test_restored_iterator_continues_exactly_across_epochs():
         got = next(b)
         np.testing.assert_array_equal(got["inputs"], w["inputs"])
         np.testing.assert_array_equal(got["targets"], w["targets"])
-    with pytest.raises(ip.DataError, match="training data changed"):
+    with pytest.raises(errors.DataError, match="training data changed"):
         ip.BatchIterator(rows[:12], 4, seed=7).restore(state)
 
 

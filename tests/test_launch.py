@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 
-
 from conftest import REPO
 
 LAUNCH = REPO / "launch"

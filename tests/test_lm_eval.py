@@ -71,9 +71,9 @@ def setup(tmp_path_factory):
     gpt2_hf_files(ckpt)
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
                                                             "eos_token": "<|endoftext|>", "model_max_length": 128}))
-    from biomedlm_jax import mcqa
+    from biomedlm_jax import mcqa_data
 
-    items = mcqa.load_pubmedqa(str(REPO / "data" / "pubmedqa" / "ori_pqal.json"), "test")[:12]
+    items = mcqa_data.load_pubmedqa(str(REPO / "data" / "pubmedqa" / "ori_pqal.json"), "test")[:12]
     data = root / "data"
     data.mkdir()
     with open(data / "mc.jsonl", "w") as f:
@@ -229,9 +229,9 @@ def test_offline_medical_tasks_use_the_builtin_prompts():
 
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
 def test_medical_suite_runs_end_to_end_with_limit(setup):
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import lm_eval
     from biomedlm_jax import lm_eval_model
 
     ckpt, _ = setup

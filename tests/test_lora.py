@@ -9,7 +9,7 @@ from conftest import REPO
 from test_mcqa import synthetic_items
 from test_train import make_config
 
-from biomedlm_jax import checkpoint, configlib, lora, train
+from biomedlm_jax import checkpoint, configlib, lora, mcqa, train
 from biomedlm_jax.mcqa import MCQAModel
 from biomedlm_jax.model import GPT, GPTConfig, get_config
 
@@ -27,7 +27,7 @@ def raw_params(workdir, model_cls=GPT, **model_kw):
     model = model_cls(cfg, **model_kw)
     args = (jnp.ones((1, 1, 8), jnp.int32), jnp.ones((1, 1, 8), bool)) if model_cls is MCQAModel else (jnp.ones((1, 8), jnp.int32),)
     abstract = checkpoint.place(jax.eval_shape(lambda: flax.linen.unbox(model.init(jax.random.PRNGKey(0), *args)["params"])))
-    reader = checkpoint._reader(str(workdir))
+    reader = checkpoint.reader(str(workdir))
     if meta.get("lora_base"):  # the step holds the trainable params; the frozen ones come from the base
         return cfg, checkpoint.restore_lora_run(reader, step, meta, cfg, abstract, str(workdir))
     return cfg, checkpoint.restore_params(reader, step, abstract)
@@ -107,7 +107,7 @@ def test_lora_resume_is_bit_identical_and_bf16_base_and_moments(tmp_path, small_
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # what is stored: the adapters (fp32) and their moments (bf16), and a reference to the base
-    reader = checkpoint._reader(str(tmp_path / "full"))
+    reader = checkpoint.reader(str(tmp_path / "full"))
     tree = reader.item_metadata(4)["state"]
     tree = getattr(tree, "tree", tree)
     dtypes = {"/".join(str(getattr(p, "key", p)) for p in path): str(m.dtype)
@@ -159,7 +159,7 @@ def test_lora_mcqa_trains_adapters_head_and_only_the_added_embedding_rows(tmp_pa
     c.eval_every_steps, c.checkpoint_every_steps, c.progress_bar, c.mesh_shape = 3, 3, False, (1, 1, 1)
     c.lora.rank = 4
     c.optimizer.weight_decay = 0.1  # decay must not move the frozen rows either
-    train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+    train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1], task=mcqa.MCQATask(c))
     base = flat(checkpoint.load_model(str(base_run))[1])
     meta = checkpoint.read_meta(str(tmp_path / "run"))[1]
     cfg, raw = raw_params(tmp_path / "run", MCQAModel, head=meta["mcqa"]["head"], num_labels=meta["mcqa"]["num_labels"])
@@ -175,8 +175,6 @@ def test_lora_mcqa_trains_adapters_head_and_only_the_added_embedding_rows(tmp_pa
             np.testing.assert_array_equal(v, base[k[len("transformer/"):]], err_msg=k)
     assert "score/kernel" in got
     # the classifier (best/ checkpoint) loads merged, and scores as the adapted model does
-    from biomedlm_jax import mcqa
-
     clf = mcqa.load_classifier(f"orbax:{tmp_path / 'run'}")
     assert clf.model.config.lora_rank == 0 and not any("lora" in k for k in flat(clf.params))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (2, 4, 24)))
@@ -188,10 +186,9 @@ def test_lora_mcqa_trains_adapters_head_and_only_the_added_embedding_rows(tmp_pa
 @pytest.mark.slow
 def test_peft_export_loads_in_torch_peft_with_our_logits_and_imports_back(tmp_path, small_corpus):
     torch = pytest.importorskip("torch")
+    from conftest import gpt2_hf_files, make_hf_model
     from peft import PeftModel
     from transformers import GPT2LMHeadModel
-
-    from conftest import gpt2_hf_files, make_hf_model
 
     base = tmp_path / "base"
     make_hf_model(base, n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)

@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from biomedlm_jax import checkpoint, configlib, hf, mcqa, train
-from biomedlm_jax import model as M
-from biomedlm_jax import tokenizer as T
 from conftest import REPO
+
+from biomedlm_jax import checkpoint, configlib, errors, hf, mcqa, mcqa_data, train
+from biomedlm_jax import model as M
+from biomedlm_jax import model as model_lib
+from biomedlm_jax import tokenizer as T
 
 SHARED = REPO.parent / "shared" / "data"
 PUBMEDQA = REPO / "data" / "pubmedqa" / "ori_pqal.json"
@@ -26,11 +27,11 @@ def answer_counts(items):
 
 
 def test_pubmedqa_counts_and_splits_match_source():
-    items = mcqa.load_pubmedqa(str(PUBMEDQA))
+    items = mcqa_data.load_pubmedqa(str(PUBMEDQA))
     assert len(items) == 1000 and answer_counts(items) == {"yes": 552, "no": 338, "maybe": 110}
-    test = mcqa.load_pubmedqa(str(PUBMEDQA), "test")
+    test = mcqa_data.load_pubmedqa(str(PUBMEDQA), "test")
     assert len(test) == 500 and answer_counts(test) == {"yes": 276, "no": 169, "maybe": 55}
-    train, dev = mcqa.load_pubmedqa(str(PUBMEDQA), "train"), mcqa.load_pubmedqa(str(PUBMEDQA), "dev")
+    train, dev = mcqa_data.load_pubmedqa(str(PUBMEDQA), "train"), mcqa_data.load_pubmedqa(str(PUBMEDQA), "dev")
     assert (len(train), len(dev)) == (450, 50)
     assert not {i.id for i in train} & {i.id for i in dev} and not {i.id for i in dev} & {i.id for i in test}
     assert items[0].options == ("maybe", "no", "yes") and items[0].context
@@ -38,16 +39,16 @@ def test_pubmedqa_counts_and_splits_match_source():
 
 @needs_shared
 def test_medmcqa_medqa_mmlu_counts_match_source():
-    a = mcqa.load_medmcqa(str(SHARED / "medmcqa" / "dev_4183.jsonl"))
+    a = mcqa_data.load_medmcqa(str(SHARED / "medmcqa" / "dev_4183.jsonl"))
     assert len(a) == 4183 and answer_counts(a) == {0: 1348, 1: 1085, 2: 925, 3: 825}
     assert a[0].options[0].startswith("Impulse through")  # "A. " prefix removed
-    b = mcqa.load_medmcqa(str(SHARED / "medmcqa" / "dev_subset2816_with_ids.jsonl"))
+    b = mcqa_data.load_medmcqa(str(SHARED / "medmcqa" / "dev_subset2816_with_ids.jsonl"))
     assert len(b) == 2816
-    q = mcqa.load_medqa(str(SHARED / "medqa_usmle" / "us_4options_test.jsonl"))
+    q = mcqa_data.load_medqa(str(SHARED / "medqa_usmle" / "us_4options_test.jsonl"))
     assert len(q) == 1273 and answer_counts(q) == {0: 353, 1: 309, 2: 346, 3: 265}
-    m = mcqa.load_mmlu(str(SHARED / "mmlu_medical" / "final_release_hf_format"), "test")
+    m = mcqa_data.load_mmlu(str(SHARED / "mmlu_medical" / "final_release_hf_format"), "test")
     assert len(m) == 1089 and collections.Counter(i.subject for i in m)["professional_medicine"] == 272
-    orig = mcqa.load_mmlu(str(SHARED / "mmlu_medical" / "hendrycks_test_2020-09"), "val")  # letter answers, no header
+    orig = mcqa_data.load_mmlu(str(SHARED / "mmlu_medical" / "hendrycks_test_2020-09"), "val")  # letter answers, no header
     assert len(orig) == 14 + 29 + 16 + 22 + 11 + 31
 
 
@@ -80,14 +81,14 @@ def test_extra_train_items_join_training_only(tmp_path):
         task_with("nosuchtask=x.json").items()
     five = tmp_path / "five.jsonl"
     five.write_text(json.dumps({"question": "Q?", "options": dict(zip("ABCDE", "vwxyz")), "answer_idx": "B"}) + "\n")
-    with pytest.raises(mcqa.DataError, match="five.jsonl:1: 5 options; medqa items have \\[4\\]"):
+    with pytest.raises(errors.DataError, match="five.jsonl:1: 5 options; medqa items have \\[4\\]"):
         task_with(f"medqa={five}").items()
 
 
 def test_original_medmcqa_layout_and_bioasq(tmp_path):
     p = tmp_path / "dev.json"
     p.write_text(json.dumps({"id": "u1", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 3}) + "\n")
-    (item,) = mcqa.load_medmcqa(str(p))
+    (item,) = mcqa_data.load_medmcqa(str(p))
     assert item.answer == 2 and item.options == ("a", "b", "c", "d") and item.id == "u1"
     b = tmp_path / "bioasq.json"
     b.write_text(json.dumps({"questions": [
@@ -96,7 +97,7 @@ def test_original_medmcqa_layout_and_bioasq(tmp_path):
         {"id": "2", "type": "factoid", "body": "Which gene?", "exact_answer": [["TP53"]]},
         {"id": "3", "type": "yesno", "body": "Is water a protein?", "exact_answer": "no", "snippets": []},
     ]}))
-    items = mcqa.load_bioasq(str(b))
+    items = mcqa_data.load_bioasq(str(b))
     assert [(i.id, i.options[i.answer]) for i in items] == [("1", "yes"), ("3", "no")]
     assert items[0].context == "TP53 encodes p53. p53 suppresses tumours."
 
@@ -111,25 +112,25 @@ def test_bad_records_name_file_and_line(tmp_path, record, message):
     p = tmp_path / "x.jsonl"
     good = {"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "B"}
     p.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
-    with pytest.raises(mcqa.DataError, match=rf"x.jsonl:2: .*{message}"):
-        mcqa.load_medmcqa(str(p))
+    with pytest.raises(errors.DataError, match=rf"x.jsonl:2: .*{message}"):
+        mcqa_data.load_medmcqa(str(p))
     p.write_text("not json\n")
-    with pytest.raises(mcqa.DataError, match=r"x.jsonl:1: not valid JSON"):
-        mcqa.load_medqa(str(p))
+    with pytest.raises(errors.DataError, match=r"x.jsonl:1: not valid JSON"):
+        mcqa_data.load_medqa(str(p))
 
 
 def test_out_of_range_answers_and_wrong_files(tmp_path):
     p = tmp_path / "dev.json"
     p.write_text(json.dumps({"question": "Q?", "choices": ["A. a", "B. b", "C. c", "D. d"], "answer": 4}) + "\n")
-    with pytest.raises(mcqa.DataError, match=r"dev.json:1: answer 4 is out of range"):
-        mcqa.load_medmcqa(str(p))
+    with pytest.raises(errors.DataError, match=r"dev.json:1: answer 4 is out of range"):
+        mcqa_data.load_medmcqa(str(p))
     csvf = tmp_path / "anatomy_test.csv"
     csvf.write_text("q,a,b,c\n")
-    with pytest.raises(mcqa.DataError, match=r"anatomy_test.csv:1: 4 columns"):
-        mcqa.load_mmlu(str(csvf))
-    with pytest.raises(mcqa.DataError, match=r"expected an object keyed by PMID"):
+    with pytest.raises(errors.DataError, match=r"anatomy_test.csv:1: 4 columns"):
+        mcqa_data.load_mmlu(str(csvf))
+    with pytest.raises(errors.DataError, match=r"expected an object keyed by PMID"):
         (tmp_path / "p.json").write_text("[1, 2]")
-        mcqa.load_pubmedqa(str(tmp_path / "p.json"))
+        mcqa_data.load_pubmedqa(str(tmp_path / "p.json"))
 
 
 def tiny_model(head, num_labels=1, vocab=97):
@@ -162,14 +163,14 @@ def test_heads_shapes_and_last_real_token():
 
 def test_added_tokens_resize_embeddings_and_survive_save_pretrained(tmp_path):
     tok = T.load_tokenizer(GPT2)
-    ids = mcqa.add_task_tokens(tok, "choice")
+    ids = mcqa_data.add_task_tokens(tok, "choice")
     assert list(ids.values()) == [50257, 50258, 50259] and tok.get_vocab_size() == 50260
-    assert mcqa.add_task_tokens(tok, "choice") == ids  # idempotent (resumed runs)
+    assert mcqa_data.add_task_tokens(tok, "choice") == ids  # idempotent (resumed runs)
     seq = T.load_tokenizer(GPT2)
-    assert list(mcqa.add_task_tokens(seq, "seqcls").values()) == list(range(50257, 50262))
+    assert list(mcqa_data.add_task_tokens(seq, "seqcls").values()) == list(range(50257, 50262))
     cfg = M.get_config("tiny", n_positions=32)
     params = M.init_params(M.GPT(cfg), jax.random.PRNGKey(0))
-    grown = mcqa.resize_embeddings(params, 50260)
+    grown = model_lib.resize_embeddings(params, 50260)
     old, new = np.asarray(params["wte"]["embedding"]), np.asarray(grown["wte"]["embedding"])
     np.testing.assert_array_equal(new[:50257], old)
     np.testing.assert_allclose(new[50257:], np.repeat(old.mean(0, keepdims=True), 3, 0), rtol=1e-6)
@@ -185,9 +186,9 @@ def test_added_tokens_resize_embeddings_and_survive_save_pretrained(tmp_path):
 
 def test_accuracy_and_majority_baseline_on_known_predictions():
     scores = np.array([[0.1, 0.9, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 5.0], [1.0, 3.0, 2.0]])
-    assert mcqa.accuracy(scores, np.array([1, 0, 1, 1])) == 0.75
-    items = [mcqa.MCQItem(str(i), "q", ("a", "b", "c"), a) for i, a in enumerate([1, 1, 2, 0])]
-    assert mcqa.majority_baseline(items, items) == 0.5
+    assert mcqa_data.accuracy(scores, np.array([1, 0, 1, 1])) == 0.75
+    items = [mcqa_data.MCQItem(str(i), "q", ("a", "b", "c"), a) for i, a in enumerate([1, 1, 2, 0])]
+    assert mcqa_data.majority_baseline(items, items) == 0.5
 
 
 def synthetic_items(path, n, seed):
@@ -213,7 +214,7 @@ def test_choice_head_learns_a_synthetic_task(tmp_path):
     c.data.tokenizer, c.data.train, c.data.dev, c.data.carve_dev_fraction = GPT2, str(tmp_path / "train.jsonl"), str(tmp_path / "dev.jsonl"), 0.0
     c.seq_len, c.global_batch_size, c.num_train_steps, c.learning_rate, c.warmup_steps = 24, 32, 600, 3e-3, 20
     c.eval_every_steps, c.checkpoint_every_steps, c.progress_bar, c.mesh_shape = 100, 600, False, (1, 1, 1)
-    s = train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+    s = train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1], task=mcqa.MCQATask(c))
     # Chance is 0.25. With these settings the best dev accuracy measured 0.945-0.995 over five
     # training-data seeds; which side of 0.95 seed 0 lands on moves with float summation order.
     assert s["best_accuracy"] >= 0.9, s
@@ -243,7 +244,7 @@ def test_finetune_pubmedqa_cli_best_checkpoint_and_eval_table(tmp_path):
     assert res["pubmedqa"]["items"] == 40 and 0 <= res["pubmedqa"]["accuracy"] <= 1
     assert "skipped" in res["medqa"]  # a seqcls head does not answer 4-option questions
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
-    test_ids = [i.id for i in mcqa.load_pubmedqa(str(PUBMEDQA), "test")[:40]]
+    test_ids = [i.id for i in mcqa_data.load_pubmedqa(str(PUBMEDQA), "test")[:40]]
     assert [r["id"] for r in rows] == test_ids and {r["task"] for r in rows} == {"pubmedqa"}  # PMIDs, in file order
     assert all(len(r["logits"]) == 3 and r["pred"] == int(np.argmax(r["logits"])) for r in rows)
     assert np.mean([r["pred"] == r["label"] for r in rows]) == pytest.approx(res["pubmedqa"]["accuracy"])
@@ -264,7 +265,7 @@ def test_zero_shot_prefers_the_continuation_the_lm_learned(tmp_path):
     train.train_and_evaluate(c, str(tmp_path / "lm"), devices=jax.devices()[:1])
     model, params = checkpoint.load_model(str(tmp_path / "lm"))
     tok = T.load_tokenizer(GPT2)
-    item = mcqa.MCQItem("1", "Aspirin irreversibly inhibits", ("thrombin receptors.", "cyclooxygenase enzymes.",
+    item = mcqa_data.MCQItem("1", "Aspirin irreversibly inhibits", ("thrombin receptors.", "cyclooxygenase enzymes.",
                                                                  "sodium channels."), 1)
     scores = mcqa.zero_shot_scores(model, params, tok, [item], template="{context}{question}", max_len=32)
     assert scores.shape == (1, 3) and int(scores.argmax()) == 1
@@ -276,14 +277,14 @@ def test_option_counts_are_checked_per_record_for_zero_shot_and_heads(tmp_path):
     four = {"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "B"}
     three = {"question": "Q3?", "options": {"A": "a", "B": "b", "C": "c"}, "answer_idx": "A"}
     p.write_text("".join(json.dumps(r) + "\n" for r in (four, three, four)))
-    items = mcqa.load_task_file("medqa", str(p))
+    items = mcqa_data.load_task_file("medqa", str(p))
     match = r"medqa.jsonl:2: 3 options, but the other items have 4"
-    with pytest.raises(mcqa.DataError, match=match):
+    with pytest.raises(errors.DataError, match=match):
         mcqa.zero_shot_scores(None, None, T.load_tokenizer(GPT2), items)
     tok = T.load_tokenizer(GPT2)
-    mcqa.add_task_tokens(tok, "choice")
-    with pytest.raises(mcqa.DataError, match=match):
-        mcqa.encode(items, tok, "choice", 32)
+    mcqa_data.add_task_tokens(tok, "choice")
+    with pytest.raises(errors.DataError, match=match):
+        mcqa_data.encode(items, tok, "choice", 32)
 
 
 def test_biomedlm_hf_files_load_and_bad_records_name_file_and_line(tmp_path):
@@ -292,10 +293,10 @@ def test_biomedlm_hf_files_load_and_bad_records_name_file_and_line(tmp_path):
         return str(tmp_path / name)
 
     mc = {"id": "train-00000", "sent1": "Which?", "sent2": "", "ending0": "a", "ending1": "b", "ending2": "c", "label": 2}
-    (item,) = mcqa.load_task_file("medmcqa", write("mc.json", mc))
+    (item,) = mcqa_data.load_task_file("medmcqa", write("mc.json", mc))
     assert (item.id, item.question, item.options, item.answer, item.header) == ("train-00000", "Which?", ("a", "b", "c"), 2, "")
     sc = {"id": "12345", "sentence1": "Is TP53 a tumour suppressor?", "sentence2": "TP53 encodes p53.", "label": "yes"}
-    (item,) = mcqa.load_task_file("bioasq", write("bioasq_hf.json", sc))  # BioASQ: hand-written records
+    (item,) = mcqa_data.load_task_file("bioasq", write("bioasq_hf.json", sc))  # BioASQ: hand-written records
     assert (item.id, item.context, item.options[item.answer]) == ("12345", "TP53 encodes p53.", "yes")
     cases = [
         ("medqa", [mc, {k: v for k, v in mc.items() if k != "label"}], r"bad.json:2: not a BioMedLM multiple-choice record"),
@@ -306,5 +307,5 @@ def test_biomedlm_hf_files_load_and_bad_records_name_file_and_line(tmp_path):
         ("medqa", [sc], r"BioMedLM seqcls records do not fit the medqa task's choice head"),
     ]
     for task, records, message in cases:
-        with pytest.raises(mcqa.DataError, match=message):
-            mcqa.load_task_file(task, write("bad.json", *records))
+        with pytest.raises(errors.DataError, match=message):
+            mcqa_data.load_task_file(task, write("bad.json", *records))

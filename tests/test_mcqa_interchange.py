@@ -13,9 +13,17 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-from biomedlm_jax import configlib, convert, evaluate_mcqa, mcqa, train
 from conftest import REPO, biomedlm_hf_tokenizer, gpt2_hf_files
+
+from biomedlm_jax import (
+    configlib,
+    convert,
+    errors,
+    evaluate_mcqa,
+    mcqa,
+    mcqa_data,
+    train,
+)
 
 PUBMEDQA = REPO / "data" / "pubmedqa" / "ori_pqal.json"
 GPT2_FILES = REPO / "data" / "gpt2_tokenizer"
@@ -85,13 +93,13 @@ def torch_logits(model, ids):
 
 
 def pubmedqa_items(n=12):
-    return mcqa.load_pubmedqa(str(PUBMEDQA), "test")[:n]
+    return mcqa_data.load_pubmedqa(str(PUBMEDQA), "test")[:n]
 
 
 def choice_items(n=10):
     words = ["aspirin", "insulin", "heparin", "warfarin", "statin", "metformin"]
     rng = np.random.default_rng(0)
-    return [mcqa.MCQItem(str(i), f"Which drug is number {i} in the list {' '.join(words)}?",
+    return [mcqa_data.MCQItem(str(i), f"Which drug is number {i} in the list {' '.join(words)}?",
                          tuple(rng.permutation(words)[:4].tolist()), int(rng.integers(4)), where=f"synthetic:{i}")
             for i in range(n)]
 
@@ -117,9 +125,9 @@ def test_biomedlm_seqcls_classifier_gives_its_logits_here(biomedlm_seqcls, tmp_p
     clf = mcqa.load_classifier(f"hf:{out}")
     assert clf.head["head"] == "seqcls" and clf.head["labels"] == ["maybe", "no", "yes"]
     assert clf.model.config.vocab_size == 50262  # GPT-2 + [PAD] + four added tokens
-    enc = mcqa.encode(items, clf.tok, "seqcls", 64)  # the saved tokenizer's padding state is ignored
+    enc = mcqa_data.encode(items, clf.tok, "seqcls", 64)  # the saved tokenizer's padding state is ignored
     np.testing.assert_array_equal(enc.ids[:, 0], ref_ids)
-    ours = evaluate_mcqa.predict(clf.model, clf.params, enc)
+    ours = mcqa.predict(clf.model, clf.params, enc)
     np.testing.assert_allclose(ours, torch_logits(model, ref_ids), atol=1e-4, rtol=1e-4)
     res = evaluate_mcqa.evaluate({"pubmedqa": f"{PUBMEDQA}:test"}, init_from=f"hf:{out}", max_items=12, seq_len=64,
                                  progress=False, predictions=str(tmp_path / "pred.jsonl"))
@@ -137,8 +145,8 @@ def test_finetune_continues_a_biomedlm_classifier(biomedlm_seqcls, tmp_path):
     c = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), "pubmedqa-tiny")
     c.init_from, c.seq_len, c.num_train_steps, c.eval_every_steps = f"hf:{out}", 64, 1, 1
     c.progress_bar, c.mesh_shape, c.model.variant = False, (1, 1, 1), ""
-    s = train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
-    dev = mcqa.load_pubmedqa(str(PUBMEDQA), "dev")
+    s = train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1], task=mcqa.MCQATask(c))
+    dev = mcqa_data.load_pubmedqa(str(PUBMEDQA), "dev")
     ids = tok([i.context for i in dev], [i.question for i in dev], padding="max_length", max_length=64,
               truncation=True)["input_ids"]
     logits = torch.tensor(torch_logits(model, ids))
@@ -165,7 +173,7 @@ def test_transformers_seqcls_with_its_own_label_order(tmp_path):
     import torch
 
     with torch.no_grad():
-        ref = model(ids).logits.numpy()[:, [labels.index(lab) for lab in mcqa.PUBMEDQA_LABELS]]
+        ref = model(ids).logits.numpy()[:, [labels.index(lab) for lab in mcqa_data.PUBMEDQA_LABELS]]
     evaluate_mcqa.evaluate({"pubmedqa": f"{PUBMEDQA}:test"}, init_from=f"hf:{tmp_path / 'clf'}", max_items=8,
                            seq_len=48, progress=False, predictions=str(tmp_path / "p.jsonl"))
     ours = [json.loads(line)["logits"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -186,10 +194,10 @@ def test_biomedlm_choice_classifier_gives_its_logits_here(tmp_path):
     ref_ids = np.asarray(flat).reshape(len(items), 4, 24)
     clf = mcqa.load_classifier(f"hf:{tmp_path / 'clf'}")
     assert clf.head["head"] == "choice"
-    enc = mcqa.encode(items, clf.tok, "choice", 24)
+    enc = mcqa_data.encode(items, clf.tok, "choice", 24)
     np.testing.assert_array_equal(enc.ids, ref_ids)
     assert enc.truncated > 0
-    np.testing.assert_allclose(evaluate_mcqa.predict(clf.model, clf.params, enc), torch_logits(model, ref_ids),
+    np.testing.assert_allclose(mcqa.predict(clf.model, clf.params, enc), torch_logits(model, ref_ids),
                                atol=1e-4, rtol=1e-4)
 
 
@@ -202,9 +210,8 @@ def test_plain_lm_is_not_a_classifier_and_bad_heads_are_named(tmp_path):
     cfg = json.loads((tmp_path / "lm" / "config.json").read_text())
     cfg["architectures"] = ["GPT2ForSequenceClassification"]
     (tmp_path / "lm" / "config.json").write_text(json.dumps(cfg))
-    from biomedlm_jax import hf
 
-    with pytest.raises(hf.CheckpointError, match="names a seqcls classifier but the weights hold no classifier.weight"):
+    with pytest.raises(errors.CheckpointError, match="names a seqcls classifier but the weights hold no classifier.weight"):
         mcqa.load_classifier(f"hf:{tmp_path / 'lm'}")
 
 
@@ -226,7 +233,7 @@ def test_exported_seqcls_head_loads_in_transformers_with_our_logits(tmp_path):
     convert.convert(f"orbax:{tmp_path / 'run'}", f"hf:{tmp_path / 'hf'}")
     clf = mcqa.load_classifier(f"orbax:{tmp_path / 'run'}")  # the best checkpoint, as convert used
     items = pubmedqa_items(10)
-    ours = evaluate_mcqa.predict(clf.model, clf.params, mcqa.encode(items, clf.tok, "seqcls", 32))
+    ours = mcqa.predict(clf.model, clf.params, mcqa_data.encode(items, clf.tok, "seqcls", 32))
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert model.config.id2label == {0: "maybe", 1: "no", 2: "yes"} and tok.pad_token == "[PAD]"
@@ -237,7 +244,7 @@ def test_exported_seqcls_head_loads_in_transformers_with_our_logits(tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
     # and back in: the export is itself a classifier we load
     back = mcqa.load_classifier(f"hf:{tmp_path / 'hf'}")
-    np.testing.assert_allclose(evaluate_mcqa.predict(back.model, back.params, mcqa.encode(items, back.tok, "seqcls", 32)),
+    np.testing.assert_allclose(mcqa.predict(back.model, back.params, mcqa_data.encode(items, back.tok, "seqcls", 32)),
                                ours, atol=1e-6)
 
 
@@ -265,7 +272,7 @@ def test_exported_choice_head_loads_with_biomedlm_class(tmp_path):
                [f" {o}{tok.sep_token}" for i in items for o in i.options], truncation=True, max_length=32,
                padding="max_length")["input_ids"]
     clf = mcqa.load_classifier(f"orbax:{tmp_path / 'run'}")
-    enc = mcqa.encode(items, clf.tok, "choice", 32)
+    enc = mcqa_data.encode(items, clf.tok, "choice", 32)
     np.testing.assert_array_equal(enc.ids, np.asarray(flat).reshape(6, 4, 32))
-    np.testing.assert_allclose(evaluate_mcqa.predict(clf.model, clf.params, enc), torch_logits(model.eval(), enc.ids),
+    np.testing.assert_allclose(mcqa.predict(clf.model, clf.params, enc), torch_logits(model.eval(), enc.ids),
                                atol=1e-4, rtol=1e-4)

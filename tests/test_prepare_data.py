@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-
-from biomedlm_jax import input_pipeline as ip
-from biomedlm_jax import prepare_data, readers, train
-from biomedlm_jax import tokenizer as tokenizer_lib
 from conftest import REPO
+
+from biomedlm_jax import errors, prepare_data, readers, train
+from biomedlm_jax import input_pipeline as ip
+from biomedlm_jax import tokenizer as tokenizer_lib
 
 FIXTURES = REPO / "tests" / "fixtures"
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
@@ -78,7 +78,7 @@ def test_existing_output_is_kept_and_failed_runs_leave_nothing(prepared, tmp_pat
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["read_stats"]["errors_skipped"] == 1
 
     # too little text for one training row: an error that says why, and no empty dataset left behind
-    with pytest.raises(ip.DataError, match=r"no training row of 1025 tokens \(1 documents read, \d+ training tokens"):
+    with pytest.raises(errors.DataError, match=r"no training row of 1025 tokens \(1 documents read, \d+ training tokens"):
         prepare_data.prepare([str(bad)], GPT2, str(tmp_path / "small"), on_error="skip", eval_fraction=0.0,
                              progress=False)
     assert not [p for p in os.listdir(tmp_path) if p.startswith("small")]
@@ -125,5 +125,5 @@ def test_pretraining_reads_a_prepared_corpus(prepared, tmp_path):
     s = train.train_and_evaluate(c, str(tmp_path / "run"))
     assert s["train_rows"] == ip.load_prepared(str(out), "train").info["rows"] and s["step"] == 3
     c.seq_len = 32
-    with pytest.raises(ip.DataError, match="fit seq_len=64, but the config has seq_len=32"):
+    with pytest.raises(errors.DataError, match="fit seq_len=64, but the config has seq_len=32"):
         train.train_and_evaluate(c, str(tmp_path / "run2"))

@@ -4,9 +4,9 @@ import pathlib
 import shutil
 
 import pytest
-
-from biomedlm_jax import readers
 from conftest import REPO
+
+from biomedlm_jax import errors, readers
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 SHARED = REPO.parent / "shared" / "data" / "pubmed_abstracts"
@@ -33,7 +33,7 @@ def test_malformed_xml_names_file_and_line_or_is_skipped(tmp_path):
     bad = tmp_path / "broken.xml"
     text = (FIXTURES / "pubmed_baseline_sample.xml").read_text(encoding="utf-8")
     bad.write_text(text.replace("<PMID Version=\"1\">10000002</PMID>", "<PMID>10000002</PMD>"), encoding="utf-8")
-    with pytest.raises(readers.DataError, match=r"broken.xml:20: malformed XML"):
+    with pytest.raises(errors.DataError, match=r"broken.xml:20: malformed XML"):
         list(readers.read_documents([str(bad)]))
     stats = readers.ReadStats()
     docs = list(readers.read_documents([str(bad)], stats, on_error="skip"))
@@ -54,7 +54,7 @@ def test_pubtator_and_bad_lines(tmp_path):
     p.write_text("111|t|A title\n111|a|An abstract.\n111\t0\t1\tA\tDisease\tD1\n\n222|t|Only title\n\n", encoding="utf-8")
     assert list(readers.read_documents([str(p)])) == [("111", "A title\nAn abstract."), ("222", "Only title")]
     p.write_text("111|t|A title\nthis line is garbage\n", encoding="utf-8")
-    with pytest.raises(readers.DataError, match=r"x.PubTator.txt:2: not a PubTator line"):
+    with pytest.raises(errors.DataError, match=r"x.PubTator.txt:2: not a PubTator line"):
         list(readers.read_documents([str(p)]))
 
 
@@ -83,5 +83,5 @@ def test_format_detection_and_unknown_files(tmp_path):
     assert readers.detect_format(str(FIXTURES / "pmc_jats_sample.xml")) == "jats"
     odd = tmp_path / "data.bin"
     odd.write_bytes(b"\x00\x01garbage")
-    with pytest.raises(readers.DataError, match="data.bin: cannot tell the format"):
+    with pytest.raises(errors.DataError, match="data.bin: cannot tell the format"):
         list(readers.read_documents([str(odd)]))

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 
-from biomedlm_jax import configlib, losses, metrics, seq2seq
+from biomedlm_jax import configlib, errors, losses, metrics, seq2seq
 from biomedlm_jax import model as M
 from biomedlm_jax import tokenizer as T
-from conftest import REPO
 
 SHARED_MEDQUAD = REPO.parent / "shared" / "data" / "medquad"
 GPT2 = str(REPO / "data" / "gpt2_tokenizer")
@@ -53,7 +53,7 @@ def test_empty_answers_are_skipped_and_counted_bad_xml_named(tmp_path):
     assert [(e.question, e.answer) for e in ex] == [("How is X treated?", "With rest.")]
     assert stats.empty_answers == {"10_MPlus_ADAM_QA": 1}
     (folder / "b.xml").write_text("<Document id='2'><QAPairs>\n<QAPair></Document>", encoding="utf-8")
-    with pytest.raises(seq2seq.DataError, match=r"b.xml:2: malformed XML"):
+    with pytest.raises(errors.DataError, match=r"b.xml:2: malformed XML"):
         seq2seq.read_medquad(str(tmp_path))
     stats = seq2seq.LoadStats()
     assert len(seq2seq.read_medquad(str(tmp_path), stats, on_error="skip")) == 1 and stats.errors_skipped == 1
@@ -63,13 +63,13 @@ def test_jsonl_and_textgen_loaders(tmp_path):
     p = tmp_path / "qa.jsonl"
     p.write_text('{"question": "Q1?", "answer": "A1.", "doc_id": "d1"}\n{"question": "Q2?"}\n{"question": "Q3?",\n',
                  encoding="utf-8")
-    with pytest.raises(seq2seq.DataError, match=r"qa.jsonl:2: expected .* got keys \['question'\]"):
+    with pytest.raises(errors.DataError, match=r"qa.jsonl:2: expected .* got keys \['question'\]"):
         seq2seq.read_qa_jsonl(str(p))
     stats = seq2seq.LoadStats()
     assert [e.doc_id for e in seq2seq.read_qa_jsonl(str(p), stats, on_error="skip")] == ["d1"]
     assert stats.errors_skipped == 2  # the record without an answer and the line that is not JSON
     p.write_text('{"question": "Q1?", "answer": "A1."}\n{"question": "Q3?",\n', encoding="utf-8")
-    with pytest.raises(seq2seq.DataError, match=r"qa.jsonl:2: not valid JSON"):
+    with pytest.raises(errors.DataError, match=r"qa.jsonl:2: not valid JSON"):
         seq2seq.read_qa_jsonl(str(p))
     (tmp_path / "train.source").write_text("long consumer question one\nquestion two\n")
     (tmp_path / "train.target").write_text("summary one\nsummary two\n")
@@ -78,7 +78,7 @@ def test_jsonl_and_textgen_loaders(tmp_path):
                                                     ("question two", "summary two")]
     (tmp_path / "val.source").write_text("a\nb\n")
     (tmp_path / "val.target").write_text("a\n")
-    with pytest.raises(seq2seq.DataError, match="val.source has 2 lines but .*val.target has 1"):
+    with pytest.raises(errors.DataError, match="val.source has 2 lines but .*val.target has 1"):
         seq2seq.read_textgen(str(tmp_path), "val")
 
 

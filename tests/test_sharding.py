@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import sharded_init
 from jax.sharding import PartitionSpec as P
 
 from biomedlm_jax import model as M
@@ -37,7 +38,7 @@ def test_sharded_init_and_forward_match_single_device(shape, scan):
     model = M.GPT(cfg)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (8, 16)))
     mesh = sharding.make_mesh(shape)
-    params, shardings = sharding.sharded_init(model, jax.random.PRNGKey(0), ids[:1], mesh)
+    params, shardings = sharded_init(model, ids[:1], mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids)
 

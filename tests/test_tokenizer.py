@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from biomedlm_jax import readers
 from biomedlm_jax import tokenizer as T
-from conftest import REPO
 
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
 GPT2 = REPO / "data" / "gpt2_tokenizer"

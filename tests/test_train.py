@@ -12,9 +12,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from biomedlm_jax import checkpoint, configlib, convert, hf, input_pipeline, metrics, sharding, train
 from conftest import REPO
+
+from biomedlm_jax import (
+    checkpoint,
+    configlib,
+    convert,
+    errors,
+    hf,
+    input_pipeline,
+    metrics,
+    sharding,
+    tasks,
+    train,
+    train_checkpoints,
+    train_state,
+)
 
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
 
@@ -124,11 +137,11 @@ def test_train_step_traces_once_under_chex(small_corpus):
     model = train.GPT(cfg)
     tx, _ = train.make_optimizer(c)
     mesh = sharding.make_mesh((2, 2, 2))
-    abstract, shardings = train.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
+    abstract, shardings = train_state.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
     step_fn = chex.assert_max_traces(train.make_train_step(model, tx, deterministic=True), n=1)
     with jax.set_mesh(mesh), train.nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        state, _ = train._initial_state(c, model, cfg, tx, abstract, shardings, train.LMTask(c))
-        jitted = jax.jit(step_fn, in_shardings=(shardings, train.batch_sharding(mesh, sharding.DEFAULT_RULES)),
+        state, _ = train_state.initial_state(c, model, cfg, tx, abstract, shardings, tasks.LMTask(c))
+        jitted = jax.jit(step_fn, in_shardings=(shardings, train_state.batch_sharding(mesh, sharding.DEFAULT_RULES)),
                          out_shardings=(shardings, None), donate_argnums=0)
         rng = np.random.default_rng(0)
         for _ in range(3):
@@ -236,9 +249,9 @@ def test_nonfinite_step_is_skipped_and_counted(small_corpus):
     model = train.GPT(cfg)
     tx, _ = train.make_optimizer(c)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    abstract, shardings = train.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
+    abstract, shardings = train_state.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
     with jax.set_mesh(mesh):
-        state, _ = train._initial_state(c, model, cfg, tx, abstract, shardings, train.LMTask(c))
+        state, _ = train_state.initial_state(c, model, cfg, tx, abstract, shardings, tasks.LMTask(c))
         step = jax.jit(train.make_train_step(model, tx, deterministic=True))
         ids = np.random.default_rng(0).integers(0, 1000, (1, 4, c.seq_len + 1)).astype(np.int32)
         good = {"inputs": ids[..., :-1], "targets": ids[..., 1:], "weights": np.ones((1, 4, c.seq_len), np.float32)}
@@ -302,9 +315,9 @@ def test_restore_onto_a_different_mesh(tmp_path, small_corpus):
     values = {}
     for shape in ((8, 1, 1), (1, 2, 4)):
         mesh = sharding.make_mesh(shape)
-        abstract, shardings = train.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
+        abstract, shardings = train_state.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
         mngr = checkpoint.manager(str(tmp_path))
-        state, meta = train.restore_checkpoint(mngr, str(tmp_path), 2, abstract)
+        state, meta = train_checkpoints.restore_checkpoint(mngr, str(tmp_path), 2, abstract)
         assert meta["data"]["position"] == 2 * c.global_batch_size
         jax.tree.map(lambda x, s: assert_sharding(x, s), state, shardings)
         values[shape] = jax.device_get(state)
@@ -320,13 +333,13 @@ def assert_sharding(x, s):
 
 def test_resume_into_other_model_shape_names_the_tensor(tmp_path, small_corpus):
     train.train_and_evaluate(make_config(small_corpus, num_train_steps=2), str(tmp_path))
-    with pytest.raises(hf.CheckpointError, match=r"params\[.*has shape"):
+    with pytest.raises(errors.CheckpointError, match=r"params\[.*has shape"):
         train.train_and_evaluate(make_config(small_corpus, num_train_steps=4, **{"model.d_model": 32}), str(tmp_path))
 
 
 def test_changed_data_is_detected_on_resume(tmp_path, small_corpus):
     train.train_and_evaluate(make_config(small_corpus, num_train_steps=2), str(tmp_path))
-    with pytest.raises(input_pipeline.DataError, match="training data changed|other data"):
+    with pytest.raises(errors.DataError, match="training data changed|other data"):
         train.train_and_evaluate(make_config(str(ABSTRACTS), num_train_steps=4), str(tmp_path))
 
 
@@ -382,9 +395,10 @@ def wait_for_train_rows(workdir, procs, n: int) -> None:
         time.sleep(0.2)
 
 
-def finish(procs, timeout=300) -> list[dict]:
-    """Wait for the processes; each must exit 0. Returns each one's `[done ...]` summary as strings."""
-    outs = []
+def finish(procs, timeout=300, outputs=None) -> list[dict]:
+    """Wait for the processes; each must exit 0. Returns each one's `[done ...]` summary as strings (and
+    appends each one's whole output to `outputs` when given)."""
+    outs = [] if outputs is None else outputs
     try:
         for p in procs:
             outs.append(p.communicate(timeout=timeout)[0])
@@ -476,5 +490,5 @@ def test_trainer_imports_no_task_module_and_names_a_missing_one():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
     c = load_config_module().get_config("tiny")
     c.data.task = "qa-from-mars"
-    with pytest.raises(ValueError, match="data.task='qa-from-mars' has no registered task"):
-        train.task_for(c)
+    with pytest.raises(ValueError, match="data.task='qa-from-mars'.*pass this config's task"):
+        tasks.for_config(c)

@@ -2,7 +2,7 @@
 `medqa_4options`, `medmcqa` and `mmlu_<subject>` tasks, on local copies of the data.
 
 Each task's `custom_dataset` reads the files named in the harness's `--metadata` JSON (keys below),
-through biomedlm_jax's own loaders (so every format `mcqa.py` reads works, BioMedLM's `*_hf` files
+through biomedlm_jax's own loaders (so every format `mcqa_data.py` reads works, BioMedLM's `*_hf` files
 included), and returns the fields the built-in prompt functions use:
 
 | task | metadata key | file | fields |
@@ -19,7 +19,7 @@ import os
 
 import datasets
 
-from biomedlm_jax import mcqa, readers
+from biomedlm_jax import errors, mcqa_data, readers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED_PUBMEDQA = os.path.join(REPO, "data", "pubmedqa", "ori_pqal.json")
@@ -45,7 +45,7 @@ def load_pubmedqa(**kwargs) -> datasets.DatasetDict:
 
     def rows(split):
         return [{"pubid": i.id, "QUESTION": data[i.id]["QUESTION"], "CONTEXTS": list(data[i.id]["CONTEXTS"]),
-                 "final_decision": data[i.id]["final_decision"]} for i in mcqa.load_pubmedqa(path, split)]
+                 "final_decision": data[i.id]["final_decision"]} for i in mcqa_data.load_pubmedqa(path, split)]
 
     return _dataset({"train": rows("train"), "validation": rows("dev"), "test": rows("test")})
 
@@ -60,9 +60,9 @@ def pubmedqa_doc_to_text(doc) -> str:  # lm_eval/tasks/pubmedqa/preprocess_pubme
 
 def _medqa_rows(path: str) -> list[dict]:
     out = []
-    for n, i in enumerate(mcqa.load_task_file("medqa", path)):
+    for n, i in enumerate(mcqa_data.load_task_file("medqa", path)):
         if len(i.options) != 4:
-            raise mcqa.DataError(f"{i.where}: {len(i.options)} options; medqa_4options needs 4")
+            raise errors.DataError(f"{i.where}: {len(i.options)} options; medqa_4options needs 4")
         out.append({"id": f"{n}", "sent1": i.question, "sent2": i.header,
                     **{f"ending{k}": o for k, o in enumerate(i.options)}, "label": i.answer})
     return out
@@ -90,7 +90,7 @@ def medqa_doc_to_target(doc) -> int:
 
 def _medmcqa_rows(path: str) -> list[dict]:
     return [{"id": i.id, "question": i.question, **dict(zip(("opa", "opb", "opc", "opd"), i.options)), "cop": i.answer}
-            for i in mcqa.load_task_file("medmcqa", path)]
+            for i in mcqa_data.load_task_file("medmcqa", path)]
 
 
 def load_medmcqa(**kwargs) -> datasets.DatasetDict:
@@ -119,7 +119,7 @@ def _mmlu(subject: str, kwargs: dict) -> datasets.DatasetDict:
         files = glob.glob(os.path.join(folder, "**", f"{subject}_{split}.csv"), recursive=True)
         if files:
             splits[split] = [{"question": i.question, "subject": subject, "choices": list(i.options), "answer": i.answer}
-                             for i in mcqa.load_mmlu(sorted(files)[0])]
+                             for i in mcqa_data.load_mmlu(sorted(files)[0])]
     if "test" not in splits:
         raise FileNotFoundError(f"{folder}: no {subject}_test.csv")
     return _dataset(splits)
