@@ -54,7 +54,6 @@ import numpy as np
 from biomedlm_jax import input_pipeline as ip
 
 
-
 def bench_pipeline(seq: int, batch: int, steps: int, prepared: str = "", impl: str = "numpy", seed: int = 0) -> dict:
     if prepared:
         rows = ip.load_prepared(prepared, "train").rows
@@ -312,7 +311,15 @@ def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, 
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from biomedlm_jax import configlib, mcqa, mcqa_data, sharding, tasks, train, train_state
+    from biomedlm_jax import (
+        configlib,
+        mcqa,
+        mcqa_data,
+        sharding,
+        tasks,
+        train,
+        train_state,
+    )
     from biomedlm_jax import model as model_lib
 
     if task not in MEMORY_TASKS:

@@ -57,9 +57,9 @@ def parse_tasks(spec: str, data_dir: str = "data") -> dict:
         if not path and name in SHIPPED and os.path.exists(os.path.join(data_dir, SHIPPED[name].split(":")[0])):
             path = os.path.join(data_dir, SHIPPED[name])
         if not path:
-            where = f"not in --data_dir={data_dir}" if name in SHIPPED else "not shipped with this repository"
-            raise SystemExit(f"--tasks: {name}'s file is {where}; pass {name}=PATH with PATH the "
-                             f"{mcqa_data.REGISTRY[name].files}")
+            why = (f"{name}'s shipped file is not in --data_dir={data_dir}" if name in SHIPPED
+                   else f"{name} has no file shipped with this repository")
+            raise SystemExit(f"--tasks: {why}; pass {name}=PATH with PATH the {mcqa_data.REGISTRY[name].files}")
         out[name] = path
     return out
 

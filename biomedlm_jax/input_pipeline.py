@@ -31,12 +31,6 @@ from biomedlm_jax import readers
 from biomedlm_jax import tokenizer as tokenizer_lib
 from biomedlm_jax.errors import DataError
 
-# Reading lives in readers.py; re-exported here because the pipeline is where users look for it.
-expand_files = readers.expand_files
-read_documents = readers.read_documents
-read_jsonl = readers.read_jsonl
-
-
 # ----------------------------------------------------------------------------------------------------
 # Splitting and packing
 # ----------------------------------------------------------------------------------------------------
@@ -260,10 +254,10 @@ def load_train_eval(data_cfg, seq_len: int, tok):
 
 
 def _load_raw(data_cfg, seq_len: int, tok) -> tuple[PackedRows, PackedRows]:
-    train_files = expand_files(data_cfg.train_files)
-    docs = list(read_documents(train_files))
+    train_files = readers.expand_files(data_cfg.train_files)
+    docs = list(readers.read_documents(train_files))
     if data_cfg.eval_files:
-        eval_docs = list(read_documents(expand_files(data_cfg.eval_files)))
+        eval_docs = list(readers.read_documents(readers.expand_files(data_cfg.eval_files)))
     else:
         eval_docs = [d for d in docs if in_eval_split(d[0], data_cfg.eval_fraction)]
         docs = [d for d in docs if not in_eval_split(d[0], data_cfg.eval_fraction)]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from biomedlm_jax import errors
+from biomedlm_jax import errors, readers
 from biomedlm_jax import input_pipeline as ip
 from biomedlm_jax import tokenizer as tokenizer_lib
 
@@ -18,7 +18,7 @@ def gpt2_tok():
 
 
 def test_reads_shipped_abstracts_with_ids():
-    docs = list(ip.read_documents(ip.expand_files(str(ABSTRACTS))))
+    docs = list(readers.read_documents(readers.expand_files(str(ABSTRACTS))))
     source = (REPO / "data" / "pubmed_abstracts" / "SOURCE.md").read_text()
     assert len(docs) == 1692 and "1,692 documents" in source
     assert all(doc_id.isdigit() for doc_id, _ in docs[:50])
@@ -29,12 +29,12 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{"text": broken}\n', encoding="utf-8")
     with pytest.raises(errors.DataError, match=r"bad.jsonl:2: not valid JSON"):
-        list(ip.read_jsonl(str(p)))
+        list(readers.read_jsonl(str(p)))
     p.write_text('{"text": "ok"}\n\n{"body": "no text field"}\n', encoding="utf-8")
     with pytest.raises(errors.DataError, match=r"bad.jsonl:3: expected an object with 'text'"):
-        list(ip.read_jsonl(str(p)))
+        list(readers.read_jsonl(str(p)))
     with pytest.raises(FileNotFoundError, match="nothing-here"):
-        ip.expand_files(str(tmp_path / "nothing-here*.jsonl"))
+        readers.expand_files(str(tmp_path / "nothing-here*.jsonl"))
 
 
 def test_packing_keeps_every_token_and_separates_documents(gpt2_tok):

@@ -202,8 +202,9 @@ def test_cli_runs_and_writes_the_harness_outputs(setup, tmp_path):
 SHARED = REPO.parent / "shared" / "data"
 
 
-def test_offline_medical_tasks_use_the_builtin_prompts():
+def test_offline_medical_tasks_use_the_builtin_prompts(monkeypatch):
     """Our local tasks render the same prompts as the harness's built-in tasks of the same name."""
+    monkeypatch.chdir(REPO)  # pubmedqa_local's default file is the checkout's data/pubmedqa copy
     from lm_eval.tasks.medmcqa import utils_medmcqa
     from lm_eval.tasks.medqa import preprocess_medqa
     from lm_eval.tasks.pubmedqa import preprocess_pubmedqa
@@ -228,7 +229,8 @@ def test_offline_medical_tasks_use_the_builtin_prompts():
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
-def test_medical_suite_runs_end_to_end_with_limit(setup):
+def test_medical_suite_runs_end_to_end_with_limit(setup, monkeypatch):
+    monkeypatch.chdir(REPO)  # pubmedqa_local reads the checkout's data/pubmedqa copy by default
     import lm_eval
     from lm_eval.tasks import TaskManager
 

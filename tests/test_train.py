@@ -8,6 +8,7 @@ import sys
 import time
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,7 @@ from biomedlm_jax import (
     train_checkpoints,
     train_state,
 )
+from biomedlm_jax import model as model_lib
 
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
 
@@ -134,12 +136,12 @@ def test_loss_goes_down_and_step_compiles_once(tmp_path, small_corpus):
 def test_train_step_traces_once_under_chex(small_corpus):
     c = make_config(small_corpus)
     cfg = train.model_config(c)
-    model = train.GPT(cfg)
+    model = model_lib.GPT(cfg)
     tx, _ = train.make_optimizer(c)
     mesh = sharding.make_mesh((2, 2, 2))
     abstract, shardings = train_state.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
     step_fn = chex.assert_max_traces(train.make_train_step(model, tx, deterministic=True), n=1)
-    with jax.set_mesh(mesh), train.nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         state, _ = train_state.initial_state(c, model, cfg, tx, abstract, shardings, tasks.LMTask(c))
         jitted = jax.jit(step_fn, in_shardings=(shardings, train_state.batch_sharding(mesh, sharding.DEFAULT_RULES)),
                          out_shardings=(shardings, None), donate_argnums=0)
@@ -246,7 +248,7 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path, small_corpus):
 def test_nonfinite_step_is_skipped_and_counted(small_corpus):
     c = make_config(small_corpus)
     cfg = train.model_config(c)
-    model = train.GPT(cfg)
+    model = model_lib.GPT(cfg)
     tx, _ = train.make_optimizer(c)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     abstract, shardings = train_state.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
@@ -310,7 +312,7 @@ def test_restore_onto_a_different_mesh(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=2, mesh_shape=(8, 1, 1))
     train.train_and_evaluate(c, str(tmp_path))
     cfg = train.model_config(c)
-    model = train.GPT(cfg)
+    model = model_lib.GPT(cfg)
     tx, _ = train.make_optimizer(c)
     values = {}
     for shape in ((8, 1, 1), (1, 2, 4)):

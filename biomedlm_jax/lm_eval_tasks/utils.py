@@ -7,7 +7,7 @@ included), and returns the fields the built-in prompt functions use:
 
 | task | metadata key | file | fields |
 |---|---|---|---|
-| pubmedqa_local | pubmedqa (default: the shipped data/pubmedqa/ori_pqal.json) | ori_pqal.json | QUESTION, CONTEXTS, final_decision |
+| pubmedqa_local | pubmedqa (default: ./data/pubmedqa/ori_pqal.json, the copy shipped in the checkout) | ori_pqal.json | QUESTION, CONTEXTS, final_decision |
 | medqa_4options_local | medqa (test), medqa_train (few-shot, optional) | phrases_no_exclude_*.jsonl | sent1, ending0-3, label |
 | medmcqa_local | medmcqa (dev = the harness's test split), medmcqa_train (optional) | MedMCQA JSON lines | question, opa-opd, cop (0-3) |
 | mmlu_<subject>_local | mmlu | an MMLU folder with <subject>_test.csv and <subject>_dev.csv | question, choices, answer |
@@ -21,8 +21,9 @@ import datasets
 
 from biomedlm_jax import errors, mcqa_data, readers
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHIPPED_PUBMEDQA = os.path.join(REPO, "data", "pubmedqa", "ori_pqal.json")
+# The copy shipped in the checkout's data/ folder, relative to the current directory (the harness run
+# from the checkout); anywhere else pass --metadata='{"pubmedqa": "PATH"}'.
+SHIPPED_PUBMEDQA = os.path.join("data", "pubmedqa", "ori_pqal.json")
 
 
 def _path(kwargs: dict, key: str, what: str) -> str:
@@ -41,6 +42,9 @@ def _dataset(splits: dict) -> datasets.DatasetDict:
 
 def load_pubmedqa(**kwargs) -> datasets.DatasetDict:
     path = kwargs.get("pubmedqa") or SHIPPED_PUBMEDQA
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: pass --metadata='{{\"pubmedqa\": \"PATH\"}}' with PATH PubMedQA's "
+                                "ori_pqal.json (run from the biomedlm-jax checkout, its data/pubmedqa copy is the default)")
     data = readers.read_json(path)
 
     def rows(split):
