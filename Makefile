@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-fast install install-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(VENV)/.installed
 # pytest exits non-zero (5) when it collects no tests, so an empty run fails too.
 test: $(VENV)/.installed-test
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# The developer loop (under 3 minutes on 2 cores): everything not marked slow. CI runs `make test`.
+test-fast: $(VENV)/.installed-test
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out *.egg-info

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 REQUIRED = {"kind", "impl", "model", "batch", "seq", "tokens_per_s"}  # the keys every row has, for collection
 
 
@@ -30,6 +32,7 @@ def test_pipeline_benchmark_does_not_import_tensorflow():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_generate_benchmark_rows_with_peer():
     rows = bench_rows("generate", "--model=tiny", "--batch=2", "--prompt=8", "--new=8", "--peer")
     assert [row["impl"] for row in rows] == ["ours", "hf-torch"]
@@ -38,6 +41,7 @@ def test_generate_benchmark_rows_with_peer():
     assert rows[0]["speedup_vs_hf"] > 0
 
 
+@pytest.mark.slow
 def test_train_benchmark_rows_with_peer():
     rows = bench_rows("train", "--model=tiny", "--batch=2", "--seq=16", "--steps=2", "--peer", "--peak_flops=1e11")
     assert [row["impl"] for row in rows] == ["ours", "hf-torch"]
@@ -47,6 +51,7 @@ def test_train_benchmark_rows_with_peer():
     assert 0 < ours["mfu"] and ours["flops_per_token"] > 0 and ours["speedup_vs_hf"] > 0 and ours["temp_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_train_benchmark_loss_chunk_reports_less_scratch_memory():
     """--loss_chunk trades the (batch, seq, vocab) logits for one chunk's: XLA's buffer assignment shrinks."""
     rows = {}
@@ -69,6 +74,7 @@ def test_tokenize_benchmark_row(tmp_path):
     assert row["tokens"] > 0 and row["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_memory_report_for_the_tiny_model_full_and_lora():
     """The real train step compiled for abstract inputs: LoRA (bf16 frozen base, moments only for the
     adapters, head and new embedding rows) needs fewer argument bytes than full fine-tuning."""
@@ -85,6 +91,7 @@ def test_memory_report_for_the_tiny_model_full_and_lora():
     assert lo["argument_bytes"] < full["argument_bytes"]
 
 
+@pytest.mark.slow
 def test_matrix_generate_rows_carry_the_decode_roofline_and_goals(tmp_path):
     """`bench matrix` rows: ours and the HF peer per row, appended to OUT/bench.jsonl; decode rows say
     the bytes one step must read and, given a bandwidth, the roofline and the fraction of it reached."""

@@ -31,6 +31,7 @@ def verify(workdir):
                           capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_damaged_latest_step_falls_back_and_finishes_bit_identically(tmp_path, small_corpus, capfd):
     c = make_config(small_corpus, num_train_steps=6, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
     train.train_and_evaluate(c, str(tmp_path / "full"), devices=jax.devices()[:1])
@@ -55,6 +56,7 @@ def test_damaged_latest_step_falls_back_and_finishes_bit_identically(tmp_path, s
     assert verify(run).returncode == 0
 
 
+@pytest.mark.slow
 def test_readers_fall_back_but_an_explicit_bad_step_is_an_error(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
     train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
@@ -73,6 +75,7 @@ def test_readers_fall_back_but_an_explicit_bad_step_is_an_error(tmp_path, small_
     assert (tmp_path / "hf" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_no_step_restores_stops_with_every_reason_and_never_starts_over(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
     train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
@@ -87,6 +90,7 @@ def test_no_step_restores_stops_with_every_reason_and_never_starts_over(tmp_path
         train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(tmp_path, small_corpus):
     """A tmpfs with room for one checkpoint: the second save fails with ENOSPC; the run stops at the next
     step with an error naming the step and the cause, and step 2 still restores."""

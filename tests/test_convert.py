@@ -22,6 +22,7 @@ def run_cli(*args):
                           cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
+@pytest.mark.slow
 def test_cli_round_trip_hf_orbax_hf(tmp_path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
@@ -46,6 +47,7 @@ def test_cli_round_trip_hf_orbax_hf(tmp_path):
     assert tok("thrombocytopenia")["input_ids"] == gpt2.encode("thrombocytopenia").ids
 
 
+@pytest.mark.slow
 def test_existing_outputs_are_never_overwritten(tmp_path):
     make_hf_model(tmp_path / "hf", **CFG)
     assert run_cli(f"--from=hf:{tmp_path / 'hf'}", f"--to=orbax:{tmp_path / 'run'}").returncode == 0
@@ -62,7 +64,7 @@ def test_existing_outputs_are_never_overwritten(tmp_path):
 
 def test_bad_locations(tmp_path):
     r = run_cli("--from=pt:/x", f"--to=hf:{tmp_path}")
-    assert r.returncode != 0 and "expected hf:DIR or orbax:DIR" in r.stderr
+    assert r.returncode != 0 and "expected hf:DIR or orbax:WORKDIR" in r.stderr
     r = run_cli(f"--from=orbax:{tmp_path / 'empty'}", f"--to=hf:{tmp_path / 'out'}")
     assert r.returncode == 1 and "not a biomedlm_jax workdir" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -78,6 +80,7 @@ def save_training_state(workdir, cfg, params, step):
     mngr.close()
 
 
+@pytest.mark.slow
 def test_training_workdir_latest_or_chosen_step(tmp_path):
     cfg = M.get_config("tiny", vocab_size=64, n_positions=16, scan_layers=True)
     model = M.GPT(cfg)

@@ -54,6 +54,7 @@ def direct_nll(model, params, tok, seq_len):
     return total, tokens, nbytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seq_len", [32, 7])  # 7: long documents span several windows
 def test_totals_equal_a_direct_forward_pass(setup, seq_len):
     model, params, tok = setup

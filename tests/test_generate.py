@@ -25,6 +25,7 @@ def tiny(scan=False, **kw):
     return model, M.init_params(model, jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_logits_equal_full_forward_every_step_left_padded(scan):
     model, params = tiny(scan)
@@ -74,6 +75,7 @@ def test_greedy_matches_transformers_generate(hf_pair, ngram):
         assert o == ref[0, len(p):].tolist()
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     model, params = tiny()
     prompts = [[5, 6, 7], [9]]
@@ -119,6 +121,7 @@ def test_one_compile_per_bucket(monkeypatch):
         G.generate(model, params, [list(range(1, 20))], jax.random.PRNGKey(0), cfg, bucket=16)
 
 
+@pytest.mark.slow
 def test_sharded_params_and_bf16():
     model, params = tiny(scan=True)
     prompts = [[3, 4, 5, 6], [7, 8]]
@@ -144,6 +147,7 @@ def test_stops_at_eos_and_pads_finished_rows():
     assert out[0] == first[: first.index(eos) + 1]
 
 
+@pytest.mark.slow
 def test_cli_batch_jsonl_and_streaming_prompt(hf_pair, tmp_path):
     from conftest import REPO
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 LAUNCH = REPO / "launch"
@@ -69,6 +70,7 @@ def test_gpu_bench_is_one_matrix_command_with_a_time_budget(tmp_path):
     assert r.returncode == 2 and "unknown argument --bogus" in r.stderr
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_the_matrix_at_small_scale(tmp_path):
     """The same script the GPU runs, at --scale=small on CPU: rows land in OUT/bench.jsonl, stderr in
     OUT/bench.log; with no time left every row is written as skipped instead of run."""

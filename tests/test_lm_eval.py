@@ -108,6 +108,7 @@ def by_doc(samples):
     return {s["doc_id"]: s for s in samples}
 
 
+@pytest.mark.slow
 def test_same_numbers_as_the_hf_backend(setup):
     ckpt, tasks = setup
     ours = run("biomedlm_jax", f"init_from=hf:{ckpt}", tasks, ["tiny_mc", "tiny_ppl", "tiny_gen"])
@@ -135,6 +136,7 @@ def test_same_numbers_as_the_hf_backend(setup):
         assert ours["results"]["tiny_ppl"][metric] == pytest.approx(theirs["results"]["tiny_ppl"][metric], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_same_numbers_with_a_short_max_length(setup):
     """max_length=16: contexts cut from the left, many rolling windows, 4 context tokens left for generation."""
     ckpt, tasks = setup
@@ -153,6 +155,7 @@ def test_same_numbers_with_a_short_max_length(setup):
     assert [a[d]["resps"][0][0] for d in sorted(a)] == [b[d]["resps"][0][0] for d in sorted(b)]
 
 
+@pytest.mark.slow
 def test_sampled_generation_is_seeded(setup):
     from lm_eval.api.instance import Instance
 
@@ -185,6 +188,7 @@ def test_requests_of_many_lengths_compile_a_few_shapes(setup):
     assert len(lengths) > 10 and lm_eval_model._TRACES["loglikelihood"] - before <= 4  # buckets of 32 up to 128
 
 
+@pytest.mark.slow
 def test_cli_runs_and_writes_the_harness_outputs(setup, tmp_path):
     ckpt, tasks = setup
     r = subprocess.run([sys.executable, "-m", "biomedlm_jax.lm_eval", f"--init_from=hf:{ckpt}", "--tasks=tiny_mc",
@@ -228,6 +232,7 @@ def test_offline_medical_tasks_use_the_builtin_prompts(monkeypatch):
         utils.load_medqa()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
 def test_medical_suite_runs_end_to_end_with_limit(setup, monkeypatch):
     monkeypatch.chdir(REPO)  # pubmedqa_local reads the checkout's data/pubmedqa copy by default
@@ -258,6 +263,7 @@ def test_medical_suite_runs_end_to_end_with_limit(setup, monkeypatch):
     assert prompt.count("\nAnswer:") == 3  # two solved dev questions, then the test question
 
 
+@pytest.mark.slow
 def test_sharded_mesh_gives_the_same_results(setup):
     """mesh_shape shards the weights (fsdp x tensor) for models that do not fit one device."""
     from lm_eval.api.instance import Instance

@@ -74,6 +74,7 @@ def lora_run(tmp_path_factory, small_corpus, base_run):
     return workdir, train.train_and_evaluate(lora_config(small_corpus, base_run), str(workdir), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_only_adapters_train_and_the_merged_export_equals_the_adapted_forward(lora_run, base_run):
     tmp_path, s = lora_run
     # rank 4 on c_attn (64 -> 3x64), attn c_proj (64 -> 64), c_fc (64 -> 256), mlp c_proj (256 -> 64), 2 layers
@@ -95,6 +96,7 @@ def test_only_adapters_train_and_the_merged_export_equals_the_adapted_forward(lo
                            adapted, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_resume_is_bit_identical_and_bf16_base_and_moments(tmp_path, small_corpus, base_run):
     over = {"lora.base_dtype": "bfloat16", "optimizer.mu_dtype": "bfloat16", "optimizer.nu_dtype": "bfloat16"}
     train.train_and_evaluate(lora_config(small_corpus, base_run, **over), str(tmp_path / "full"), devices=jax.devices()[:1])
@@ -122,6 +124,7 @@ def test_lora_resume_is_bit_identical_and_bf16_base_and_moments(tmp_path, small_
     assert moments and set(moments) == {"bfloat16"} and len(moments) == 2 * 2 * 4 * 2  # mu, nu x A, B x 4 x 2 layers
 
 
+@pytest.mark.slow
 def test_a_changed_base_is_refused(tmp_path, small_corpus, base_run):
     import shutil
 
@@ -141,6 +144,7 @@ def test_a_changed_base_is_refused(tmp_path, small_corpus, base_run):
         checkpoint.load_model(str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, small_corpus, base_run, lora_run):
     one_dir, one = lora_run
     mesh = train.train_and_evaluate(lora_config(small_corpus, base_run, mesh_shape=(2, 2, 2)), str(tmp_path / "mesh"))
@@ -150,6 +154,7 @@ def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, small_corpus, base_run
         np.testing.assert_allclose(a[k], b[k], atol=2e-6, rtol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_lora_mcqa_trains_adapters_head_and_only_the_added_embedding_rows(tmp_path, base_run):
     synthetic_items(tmp_path / "train.jsonl", 64, 0)
     synthetic_items(tmp_path / "dev.jsonl", 16, 1)

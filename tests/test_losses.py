@@ -20,6 +20,7 @@ def _head(emb):
     return lambda h: jnp.einsum("btc,vc->btv", h, emb)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 4, 5, 12, 20])  # 5: a shorter last piece; 20 > T
 @pytest.mark.parametrize("with_weights", [True, False])
 def test_chunked_loss_matches_full_logits(chunk, with_weights):

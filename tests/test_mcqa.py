@@ -141,6 +141,7 @@ def tiny_model(head, num_labels=1, vocab=97):
     return model, params
 
 
+@pytest.mark.slow
 def test_heads_shapes_and_last_real_token():
     model, params = tiny_model("choice")
     assert params["score"]["kernel"].shape == (64, 1) and params["score"]["bias"].shape == (1,)
@@ -226,6 +227,7 @@ def test_choice_head_learns_a_synthetic_task(tmp_path):
     assert "| medqa | dev.jsonl | 200 |" in evaluate_mcqa.results_table(res)
 
 
+@pytest.mark.slow
 def test_finetune_pubmedqa_cli_best_checkpoint_and_eval_table(tmp_path):
     r = subprocess.run([sys.executable, "-m", "biomedlm_jax.finetune_mcqa", f"--config={REPO}/configs/mcqa.py:pubmedqa-tiny",
                         f"--workdir={tmp_path}", f"--config.data.tokenizer={GPT2}", "--config.num_train_steps=6",
@@ -254,6 +256,7 @@ def test_finetune_pubmedqa_cli_best_checkpoint_and_eval_table(tmp_path):
     assert r.returncode != 0 and "medqa has no file shipped with this repository; pass medqa=PATH" in r.stderr
 
 
+@pytest.mark.slow
 def test_zero_shot_prefers_the_continuation_the_lm_learned(tmp_path):
     corpus = tmp_path / "c.jsonl"
     with open(corpus, "w") as f:

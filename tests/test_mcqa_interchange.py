@@ -137,6 +137,7 @@ def test_biomedlm_seqcls_classifier_gives_its_logits_here(biomedlm_seqcls, tmp_p
     assert res["pubmedqa"]["accuracy"] == pytest.approx(np.mean([r["pred"] == r["label"] for r in rows]))
 
 
+@pytest.mark.slow
 def test_finetune_continues_a_biomedlm_classifier(biomedlm_seqcls, tmp_path):
     """finetune_mcqa --config.init_from=hf:DIR starts from the classifier's head, not a fresh one."""
     import torch
@@ -225,6 +226,7 @@ def finetune(tmp_path, variant, data_file=None, *extra):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_exported_seqcls_head_loads_in_transformers_with_our_logits(tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -248,6 +250,36 @@ def test_exported_seqcls_head_loads_in_transformers_with_our_logits(tmp_path):
                                ours, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_bf16_trained_classifier_scores_in_fp32_like_its_export(tmp_path):
+    """evaluate_mcqa --dtype=float32: a run trained with bf16 compute is scored in fp32, and its logits are
+    then its fp32 HF export's (in its own bf16, they are not)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    finetune(tmp_path / "run", "pubmedqa-tiny", None, "--config.model.dtype=bfloat16")
+    convert.convert(f"orbax:{tmp_path / 'run'}", f"hf:{tmp_path / 'hf'}")
+    logits = {}
+    for dtype in ("float32", None):
+        pred = tmp_path / f"pred-{dtype}.jsonl"
+        r = subprocess.run([sys.executable, "-m", "biomedlm_jax.evaluate_mcqa", f"--workdir={tmp_path / 'run'}",
+                            f"--tasks=pubmedqa={PUBMEDQA}:test", "--max_items=12", "--seq_len=32",
+                            f"--predictions={pred}", f"--out={tmp_path / 'res.json'}"]
+                           + ([f"--dtype={dtype}"] if dtype else []), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        logits[dtype] = np.asarray([json.loads(line)["logits"] for line in pred.read_text().splitlines()])
+    items = mcqa_data.load_pubmedqa(str(PUBMEDQA), "test")[:12]
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    batch = tok([i.context for i in items], [i.question for i in items], truncation=True, max_length=32,
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(**batch).logits.numpy()
+    np.testing.assert_allclose(logits["float32"], theirs, atol=1e-4, rtol=1e-4)
+    assert np.abs(logits[None] - theirs).max() > 1e-4  # in the run's own bf16 compute they are not
+
+
+@pytest.mark.slow
 def test_exported_choice_head_loads_with_biomedlm_class(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, GPT2Config

@@ -63,6 +63,7 @@ def tiny():
     return model, M.init_params(model, jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 def test_forward_shapes_fp32_and_bf16(tiny):
     model, params = tiny
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (3, 20)))
@@ -91,6 +92,7 @@ def test_causality(tiny):
     assert not np.allclose(a[:, 15:], b[:, 15:])
 
 
+@pytest.mark.slow
 def test_padding_masks(tiny):
     """Right padding: real positions unaffected. Left padding + shifted positions == unpadded run."""
     model, params = tiny
@@ -115,6 +117,7 @@ def test_sequence_longer_than_context_is_an_error(tiny):
         model.apply({"params": params}, jnp.zeros((1, 33), jnp.int32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
 def test_scan_and_remat_match_plain_layers(remat):
     """scan_layers/remat change memory and compile time, never values or gradients."""
@@ -152,6 +155,7 @@ def test_dropout_active_only_in_training():
     assert not np.allclose(t1, a) and not np.allclose(t1, t2)
 
 
+@pytest.mark.slow
 def test_dropout_attention_path_matches_fused_attention():
     """The explicit attention used when attn dropout is on is the same math as jax.nn.dot_product_attention."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)

@@ -116,6 +116,7 @@ def test_audit_finds_pubmedqa_and_bioasq_items_in_the_corpus(tmp_path):
     assert "2 of" in r.stdout and "1 of 2 items" in r.stdout
 
 
+@pytest.mark.slow
 def test_pretraining_reads_a_prepared_corpus(prepared, tmp_path):
     out, _, _ = prepared
     from test_train import make_config

@@ -82,6 +82,7 @@ def test_jsonl_and_textgen_loaders(tmp_path):
         seq2seq.read_textgen(str(tmp_path), "val")
 
 
+@pytest.mark.slow
 def test_loss_is_on_answer_tokens_only(tok):
     ex = [seq2seq.Example("What causes anemia?", "Low iron. " * 3, "d"), seq2seq.Example("Short?", "Yes.", "e")]
     rows = seq2seq.build_rows(ex, tok, 40, "Question: {question}\nAnswer:", " ")
@@ -119,6 +120,7 @@ def test_long_answers_truncated_from_the_end_and_counted(tok):
     assert rows.prompts_truncated == 1 and rows.weights.sum() == len(tok.encode(" ok").ids) + 1
 
 
+@pytest.mark.slow
 def test_finetune_cli_end_to_end_with_rouge(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "biomedlm_jax.finetune_seq2seq", f"--config={REPO}/configs/seq2seq.py:tiny",
@@ -141,6 +143,7 @@ def test_rouge_l_matches_hand_computation():
     assert seq2seq.rouge_l(["the cat sat on the mat"], ["the cat lay on the mat"]) == pytest.approx(5 / 6)
 
 
+@pytest.mark.slow
 def test_packed_rows_give_the_same_loss_and_gradients_as_one_example_per_row(tok):
     ex = [seq2seq.Example(f"Question number {i}?", "Answer " * (i % 5 + 1) + f"end {i}.", str(i)) for i in range(9)]
     plain = seq2seq.build_rows(ex, tok, 63, "Question: {question}\nAnswer:", " ")
@@ -163,6 +166,7 @@ def test_packed_rows_give_the_same_loss_and_gradients_as_one_example_per_row(tok
     del chex_close
 
 
+@pytest.mark.slow
 def test_textgen_trains_in_biomedlm_layout_end_to_end(tmp_path):
     """textgen data defaults to BioMedLM's rows: the tokenizer gains [PAD] and <|startoftext|>, the
     vocabulary grows to hold them, and generation starts from `source <|startoftext|>`."""

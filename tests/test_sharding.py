@@ -32,7 +32,8 @@ def test_every_param_has_logical_axes():
     assert {n for x in leaves for n in x.names if n} <= rule_names
 
 
-@pytest.mark.parametrize("shape,scan", [((2, 2, 2), True), ((1, 8, 1), False), ((8, 1, 1), False)])
+@pytest.mark.parametrize("shape,scan", [pytest.param((2, 2, 2), True, marks=pytest.mark.slow),
+                                        pytest.param((1, 8, 1), False, marks=pytest.mark.slow), ((8, 1, 1), False)])
 def test_sharded_init_and_forward_match_single_device(shape, scan):
     cfg = M.get_config("tiny", vocab_size=64, n_positions=16, scan_layers=scan)
     model = M.GPT(cfg)

@@ -133,6 +133,7 @@ def test_loss_goes_down_and_step_compiles_once(tmp_path, small_corpus):
     assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_train_step_traces_once_under_chex(small_corpus):
     c = make_config(small_corpus)
     cfg = train.model_config(c)
@@ -154,6 +155,7 @@ def test_train_step_traces_once_under_chex(small_corpus):
     assert int(state["step"]) == 3
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=3, checkpoint_every_steps=3, mesh_shape=(2, 2, 2))
     train.train_and_evaluate(c, str(tmp_path / "mesh"))
@@ -165,6 +167,7 @@ def test_sharded_equals_single_device(tmp_path, small_corpus):
     chex.assert_trees_all_close(final_params(tmp_path / "mesh"), final_params(tmp_path / "one"), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_chunked_loss_trains_like_full_logits_on_a_mesh(tmp_path, small_corpus):
     """loss_chunk_size changes memory, not the math: same train/eval losses and params on a 2x2x2 mesh."""
     common = dict(num_train_steps=3, checkpoint_every_steps=3, eval_every_steps=3, mesh_shape=(2, 2, 2))
@@ -180,6 +183,7 @@ def test_chunked_loss_trains_like_full_logits_on_a_mesh(tmp_path, small_corpus):
         train.train_and_evaluate(make_config(small_corpus, loss_chunk_size=-1), str(tmp_path / "bad"))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_big_batch(tmp_path, small_corpus):
     # eps 1e-3 keeps Adam from amplifying float-rounding differences in near-zero gradients.
     common = dict(num_train_steps=2, checkpoint_every_steps=2, mesh_shape=(2, 1, 4), **{"optimizer.eps": 1e-3})
@@ -191,6 +195,7 @@ def test_gradient_accumulation_equals_big_batch(tmp_path, small_corpus):
     chex.assert_trees_all_close(final_params(tmp_path / "big"), final_params(tmp_path / "acc"), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=6, checkpoint_every_steps=4)
     handler_before = signal.getsignal(signal.SIGTERM)
@@ -245,6 +250,7 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path, small_corpus):
     assert full["step"] == resumed["step"] == 8
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_counted(small_corpus):
     c = make_config(small_corpus)
     cfg = train.model_config(c)
@@ -287,6 +293,7 @@ def nan_from_step_4(monkeypatch):
     monkeypatch.setattr(input_pipeline.BatchIterator, "__next__", poisoned)
 
 
+@pytest.mark.slow
 def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, small_corpus, nan_from_step_4):
     c = make_config(small_corpus, num_train_steps=20, checkpoint_every_steps=2, **{"optimizer.max_consecutive_nonfinite": 3})
     with pytest.raises(FloatingPointError, match="3 consecutive steps"):
@@ -298,6 +305,7 @@ def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, small_corpus, nan
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_params(tmp_path)))
 
 
+@pytest.mark.slow
 def test_nonfinite_stop_between_log_steps_names_the_step(tmp_path, small_corpus, nan_from_step_4):
     """Metrics reach the host every 4 steps here; the stop still names step 6, the third skip in a row."""
     c = make_config(small_corpus, num_train_steps=20, log_every_steps=4, checkpoint_every_steps=10,
@@ -308,6 +316,7 @@ def test_nonfinite_stop_between_log_steps_names_the_step(tmp_path, small_corpus,
     assert [r["step"] for r in metrics.read_metrics(str(tmp_path), "train")] == [4]
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=2, mesh_shape=(8, 1, 1))
     train.train_and_evaluate(c, str(tmp_path))
@@ -333,18 +342,21 @@ def assert_sharding(x, s):
     assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
 
 
+@pytest.mark.slow
 def test_resume_into_other_model_shape_names_the_tensor(tmp_path, small_corpus):
     train.train_and_evaluate(make_config(small_corpus, num_train_steps=2), str(tmp_path))
     with pytest.raises(errors.CheckpointError, match=r"params\[.*has shape"):
         train.train_and_evaluate(make_config(small_corpus, num_train_steps=4, **{"model.d_model": 32}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_changed_data_is_detected_on_resume(tmp_path, small_corpus):
     train.train_and_evaluate(make_config(small_corpus, num_train_steps=2), str(tmp_path))
     with pytest.raises(errors.DataError, match="training data changed|other data"):
         train.train_and_evaluate(make_config(str(ABSTRACTS), num_train_steps=4), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_init_from_hf_checkpoint(tmp_path, small_corpus):
     from conftest import make_hf_model
 
