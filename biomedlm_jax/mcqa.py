@@ -28,6 +28,7 @@ from biomedlm_jax import (
     checkpoint,
     errors,
     hf,
+    input_pipeline,
     lora,
     mcqa_data,
     paths,
@@ -337,9 +338,8 @@ class MCQATask(Task):
         return train, dev
 
     def eval_batches(self, eval_data, micro, local_rows):
-        from biomedlm_jax import input_pipeline
-
         return input_pipeline.eval_batches(eval_data.rows, micro, local_rows, self.config.eval_batches)
+
     def loss(self, model, params, mb, rng, deterministic: bool):
         scores = model.apply({"params": params}, mb["ids"], mb["mask"], deterministic=deterministic,
                              rngs={"dropout": rng})
