@@ -10,6 +10,8 @@ also used add_prefix_space=False), BPE model, ByteLevel decoder, and `<|endoftex
 """
 from __future__ import annotations
 
+import hashlib
+import heapq
 import json
 import os
 import tempfile
@@ -160,6 +162,23 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 28896, min_frequency: int 
         return byte_level_bpe(vocab_file, merges_file)
 
 
+def sample_documents(docs: Iterable[tuple[str, str]], n: int) -> list[tuple[str, str]]:
+    """The `n` documents whose ids hash lowest (blake2b of the id), in hash order: a deterministic sample
+    that depends only on which documents there are, not on their order, the files they are spread over
+    or the number of files. One pass over `docs`; memory holds at most `n` documents (a heap)."""
+    if n <= 0:
+        raise ValueError(f"sample size must be positive, got {n}")
+    heap: list[tuple[int, str, str]] = []  # (-hash, id, text): the root is the largest hash kept
+    for doc_id, text in docs:
+        h = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "big")
+        item = (-h, doc_id, text)
+        if len(heap) < n:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:  # a smaller hash (or the same hash and a smaller id) than the largest kept
+            heapq.heapreplace(heap, item)
+    return [(doc_id, text) for _, doc_id, text in sorted(heap, key=lambda x: (-x[0], x[1]))]
+
+
 def _word_pieces(tok: Tokenizer, word: str) -> list[str]:
     """How `word` splits in running text (preceded by a space, as GPT-2-style tokenizers see it)."""
     ids = tok.encode(" " + word).ids
@@ -218,6 +237,9 @@ def main(argv=None) -> int:
     t.add_argument("--min_frequency", type=int, default=2)
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--on_error", choices=("raise", "skip"), default="raise")
+    t.add_argument("--sample_docs", type=int, default=0,
+                   help="train on a deterministic sample of N documents (lowest id hashes), read in one pass "
+                        "holding at most N in memory (0 = every document)")
     c = sub.add_parser("compare", help="compare tokenizers on held-out text")
     c.add_argument("--tokenizer", action="append", required=True, help="DIR or NAME=DIR; give it twice or more")
     c.add_argument("--input", required=True, help="held-out documents (same formats as train)")
@@ -229,9 +251,12 @@ def main(argv=None) -> int:
     if args.cmd == "train":
         stats = readers.ReadStats()
         docs = readers.read_documents(readers.expand_files(args.input), stats, on_error=args.on_error)
+        if args.sample_docs:
+            docs = sample_documents(docs, args.sample_docs)
         tok = train_bpe((text for _, text in docs), args.vocab_size, args.min_frequency)
         save_tokenizer(tok, args.out)
-        print(f"trained on {stats.documents:,} documents ({stats.duplicates} duplicate ids, {stats.empty} empty, "
+        sampled = f"a sample of {len(docs):,} of " if args.sample_docs else ""
+        print(f"trained on {sampled}{stats.documents:,} documents ({stats.duplicates} duplicate ids, {stats.empty} empty, "
               f"{stats.errors_skipped} skipped): vocab {tok.get_vocab_size():,}, {EOS_TOKEN} = "
               f"{tok.token_to_id(EOS_TOKEN)}; wrote {args.out}")
         if tok.get_vocab_size() < args.vocab_size:

@@ -243,7 +243,9 @@ def initial_state(config, model, base_cfg: GPTConfig, tx, abstract, shardings, t
     backbone's params are then replaced by the checkpoint's (a task head and LoRA adapters keep their
     init, unless init_from has that head or `lora.from_peft` names adapters). With a LoRA `plan`, the
     optimizer state covers only the trainable params."""
-    plan = plan if plan is not None and plan.mask is not None else LoraPlan(model.config).bind(abstract["params"])
+    plan = plan or LoraPlan(model.config)
+    if plan.active and plan.mask is None:
+        plan = plan.bind(abstract["params"])
     rng = jax.random.PRNGKey(config.seed)
     init_key, rng = jax.random.split(rng)
     inputs = task.example_inputs()

@@ -92,3 +92,30 @@ def test_compare_cli_prints_table_and_writes_json(trained, tmp_path):
     # GPT-2 splits "thrombin" as th|rom|bin (the paper's example); pieces reassemble the word
     assert [p.strip() for p in b["terms"]["thrombin"]] == ["th", "rom", "bin"]
     assert "".join(a["terms"]["pharmacokinetics"]).strip() == "pharmacokinetics"
+
+
+def test_sample_is_the_lowest_id_hashes_whatever_the_file_order(tmp_path):
+    """`tokenizer train --sample_docs=N`: the same N documents (and so the same tokenizer) however the
+    corpus is ordered or split into files; they are the N ids that hash lowest."""
+    import hashlib
+
+    docs = list(readers.read_documents([str(ABSTRACTS)]))
+    sample = T.sample_documents(iter(docs), 100)
+    assert sample == T.sample_documents(reversed(docs), 100) and len({d for d, _ in sample}) == 100
+    key = {d: hashlib.blake2b(d.encode(), digest_size=8).digest() for d, _ in docs}
+    kept = {d for d, _ in sample}
+    assert max(key[d] for d in kept) < min(key[d] for d, _ in docs if d not in kept)
+    with pytest.raises(ValueError, match="sample size must be positive"):
+        T.sample_documents(iter(docs), 0)
+    lines = ABSTRACTS.read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "b.jsonl").write_text("".join(lines[:900]), encoding="utf-8")  # the corpus in two files,
+    (tmp_path / "a.jsonl").write_text("".join(reversed(lines[900:])), encoding="utf-8")  # in another order
+    outs = []
+    for i, spec in enumerate((str(ABSTRACTS), f"{tmp_path}/*.jsonl")):
+        out = tmp_path / f"tok{i}"
+        r = subprocess.run([sys.executable, "-m", "biomedlm_jax.tokenizer", "train", f"--input={spec}",
+                            "--vocab_size=2000", "--sample_docs=300", f"--out={out}"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0 and "trained on a sample of 300 of 1,692 documents" in r.stdout, r.stderr
+        outs.append([(out / f).read_text(encoding="utf-8") for f in ("vocab.json", "merges.txt")])
+    assert outs[0] == outs[1]
