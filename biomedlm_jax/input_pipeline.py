@@ -18,8 +18,10 @@ Nothing here imports TensorFlow; the model, trainer and generation run without i
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
-import io
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
@@ -144,17 +146,19 @@ def pack_documents(docs: Iterable[tuple[str, str]], tok, row_len: int, batch_siz
 
 MANIFEST = "manifest.json"
 PREPARED_FORMAT = "biomedlm_jax.prepared/1"
+REMOTE_CACHE_BYTES = 64 << 20  # recently read rows kept per prepared split on an object store
 
 
 class ShardedRows:
-    """Rows spread over memory-mapped .npy shards, indexed like one (N, row_len) array.
+    """Rows spread over .npy shards, indexed like one (N, row_len) array.
 
-    Only the rows a process asks for are read from disk, so each host of a pod touches only its part.
-    Shards on an object store (gs://...) cannot be memory-mapped: each is read whole into host memory
-    once. For a corpus larger than that, copy the prepared folder to local disk first."""
+    Only the rows a process asks for are read, so each host of a pod touches only its part: local
+    shards are memory-mapped; shards on an object store (gs://...) are `RemoteShard`s, read by byte
+    range with at most `cache_bytes` of recently read rows kept (split over the shards)."""
 
-    def __init__(self, paths: Sequence[str]):
-        self.shards = [_load_shard(p) for p in paths]
+    def __init__(self, paths: Sequence[str], cache_bytes: int = REMOTE_CACHE_BYTES):
+        per_shard = cache_bytes // max(len(paths), 1)
+        self.shards = [_load_shard(p, per_shard) for p in paths]
         widths = {s.shape[1] for s in self.shards}
         if len(widths) > 1:
             raise DataError(f"shards {list(paths)} have different row lengths {sorted(widths)}")
@@ -164,6 +168,15 @@ class ShardedRows:
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes fetched from remote shards so far (0 for local, memory-mapped ones)."""
+        return sum(getattr(s, "bytes_read", 0) for s in self.shards)
+
+    @property
+    def remote(self) -> bool:
+        return any(isinstance(s, RemoteShard) for s in self.shards)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -186,11 +199,81 @@ class ShardedRows:
         return out.reshape(idx.shape + (self.row_len,))
 
 
-def _load_shard(path: str) -> np.ndarray:
+def _load_shard(path: str, cache_bytes: int):
     if not paths_lib.is_remote(path):
         return np.load(path, mmap_mode="r")
-    with paths_lib.Path(path).open("rb") as f:
-        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+    return RemoteShard(path, cache_bytes)
+
+
+class RemoteShard:
+    """A 2-D .npy shard on an object store, read by rows through the path layer: its header once, then
+    byte ranges, each run of consecutive rows asked for in one read. Memory: the rows asked for, plus
+    an LRU cache of recently read rows of at most `cache_bytes` (eval batches, rows read again soon).
+    `bytes_read` counts what was fetched. One reader at a time (the batch iterator's)."""
+
+    def __init__(self, path: str, cache_bytes: int = 0):
+        self.path = path
+        self._f = paths_lib.Path(path).open("rb")
+        try:
+            version = np.lib.format.read_magic(self._f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(self._f)
+        except ValueError as e:
+            raise DataError(f"{path}: not a .npy file ({e})") from None
+        if fortran or len(shape) != 2 or dtype.hasobject:
+            raise DataError(f"{path}: expected a C-ordered 2-D array of token ids, found shape {shape} {dtype}")
+        self.shape, self.dtype = tuple(shape), dtype
+        self._offset = self._f.tell()
+        self._row_bytes = shape[1] * dtype.itemsize
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._cache_rows = cache_bytes // max(self._row_bytes, 1)
+        self._lock = threading.Lock()  # the batch iterator's read-ahead thread and the caller
+        self.bytes_read = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cached_bytes(self) -> int:
+        return len(self._cache) * self._row_bytes
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"{self.path}: row index out of range [0, {self.shape[0]})")
+        with self._lock:
+            return self._read(rows)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        fetched = {}
+        missing = sorted(set(rows.tolist()) - self._cache.keys())
+        start = 0
+        while start < len(missing):  # one read per run of consecutive rows
+            stop = start + 1
+            while stop < len(missing) and missing[stop] == missing[stop - 1] + 1:
+                stop += 1
+            first, n = missing[start], stop - start
+            self._f.seek(self._offset + first * self._row_bytes)
+            data = self._f.read(n * self._row_bytes)
+            if len(data) != n * self._row_bytes:
+                raise DataError(f"{self.path}: truncated (rows {first}..{first + n - 1} of {self.shape[0]} not there)")
+            self.bytes_read += len(data)
+            block = np.frombuffer(data, self.dtype).reshape(n, self.shape[1])
+            fetched.update((first + i, block[i]) for i in range(n))
+            start = stop
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        for i, r in enumerate(rows.tolist()):
+            if r in fetched:
+                out[i] = fetched[r]
+            else:
+                out[i] = self._cache[r]
+                self._cache.move_to_end(r)
+        if self._cache_rows:
+            for r, row in fetched.items():
+                self._cache[r] = row.copy()
+            while len(self._cache) > self._cache_rows:
+                self._cache.popitem(last=False)
+        return out
 
 
 @dataclass
@@ -293,12 +376,16 @@ class BatchIterator:
     with this process's rows of the global batch at the current position, then advances the
     position by `global_batch` rows. `local_rows` is the range of micro-batch rows this process owns
     (see `train_state.process_batch_rows`); by default the whole micro-batch.
+
+    `read_ahead` (default: on for a corpus on an object store) builds the next batch in a background
+    thread while the caller works on this one, so remote reads overlap the train step. A batch is a
+    pure function of its position, so this changes nothing but timing; `restore` drops it.
     """
 
     def __init__(self, rows: np.ndarray, global_batch: int, *, seed: int = 0, shuffle: bool = True,
                  grad_accum: int = 1, local_rows: Optional[tuple[int, int]] = None, position: int = 0,
                  weights: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None,
-                 positions: Optional[np.ndarray] = None):
+                 positions: Optional[np.ndarray] = None, read_ahead: Optional[bool] = None):
         if global_batch % grad_accum:
             raise ValueError(f"global batch {global_batch} is not divisible by grad_accum_steps={grad_accum}")
         if num_rows(rows) == 0:
@@ -312,6 +399,11 @@ class BatchIterator:
         self.local_rows = local_rows or (0, self.micro)
         self.position = position
         self._perms: dict[int, np.ndarray] = {}
+        self._perms_lock = threading.Lock()
+        if read_ahead is None:
+            read_ahead = bool(getattr(rows, "remote", False))
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "batch-read-ahead") if read_ahead else None
+        self._ahead: Optional[tuple[int, concurrent.futures.Future]] = None
 
     def _row_index(self, positions: np.ndarray) -> np.ndarray:
         n = self.num_rows
@@ -319,12 +411,13 @@ class BatchIterator:
         if not self.shuffle:
             return offsets
         out = np.empty_like(positions)
-        for e in np.unique(epochs):
-            if e not in self._perms:
-                self._perms = {k: v for k, v in self._perms.items() if k >= e - 1}  # keep memory bounded
-                self._perms[e] = epoch_permutation(n, self.seed, int(e))
-            sel = epochs == e
-            out[sel] = self._perms[e][offsets[sel]]
+        with self._perms_lock:  # the read-ahead thread computes indices too
+            for e in np.unique(epochs):
+                if e not in self._perms:
+                    self._perms = {k: v for k, v in self._perms.items() if k >= e - 1}  # keep memory bounded
+                    self._perms[e] = epoch_permutation(n, self.seed, int(e))
+                sel = epochs == e
+                out[sel] = self._perms[e][offsets[sel]]
         return out
 
     def indices_at(self, position: int) -> np.ndarray:
@@ -354,8 +447,13 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict:
-        batch = self.batch_at(self.position)
+        if self._ahead is not None and self._ahead[0] == self.position:
+            batch = self._ahead[1].result()
+        else:
+            batch = self.batch_at(self.position)
         self.position += self.global_batch
+        if self._pool is not None:
+            self._ahead = (self.position, self._pool.submit(self.batch_at, self.position))
         return batch
 
     @property
@@ -372,6 +470,7 @@ class BatchIterator:
                 f"but this run has {self.num_rows} rows / seed {self.seed}: the training data changed"
             )
         self.position = int(state["position"])
+        self._ahead = None  # a batch read ahead for another position is dropped
 
 
 def eval_batches(rows: np.ndarray, batch: int, local_rows: Optional[tuple[int, int]] = None,

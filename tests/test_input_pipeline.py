@@ -121,3 +121,60 @@ def test_tf_dataset_yields_the_same_batches_and_resumes_by_position():
     resumed = list(ip.tf_dataset(it, num_batches=3).as_numpy_iterator())
     np.testing.assert_array_equal(resumed[0]["inputs"], want[3]["inputs"])
     np.testing.assert_array_equal(resumed[2]["targets"], want[5]["targets"])
+
+
+def test_remote_shard_reads_only_the_rows_asked_for_within_its_cache_bound(tmp_path):
+    """RemoteShard (how prepared shards on gs:// are read) through the path layer, here on a local file:
+    the rows of np.load, fetched by byte range; a batch's bytes are its own rows only; the cache stays
+    under its bound; a truncated shard names the file."""
+    data = np.random.default_rng(0).integers(0, 50257, (300, 33)).astype(np.uint16)
+    path = tmp_path / "shard.npy"
+    np.save(path, data)
+    shard = ip.RemoteShard(str(path), cache_bytes=50 * 33 * 2)  # 50 rows
+    assert len(shard) == 300 and shard.shape == (300, 33) and shard.dtype == np.uint16
+    idx = np.array([17, 3, 4, 5, 250, 4, 299, 0])
+    np.testing.assert_array_equal(shard[idx], data[idx])
+    assert shard.bytes_read == len(set(idx.tolist())) * 33 * 2  # duplicates read once
+    before = shard.bytes_read
+    np.testing.assert_array_equal(shard[[4, 5, 250]], data[[4, 5, 250]])  # from the cache
+    assert shard.bytes_read == before
+    for start in range(0, 300, 40):  # read everything once: the cache evicts, never exceeds its bound
+        np.testing.assert_array_equal(shard[np.arange(start, min(start + 40, 300))], data[start:start + 40])
+        assert shard.cached_bytes <= 50 * 33 * 2
+    with pytest.raises(IndexError):
+        shard[[300]]
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(errors.DataError, match=r"cut\.npy: truncated"):
+        ip.RemoteShard(str(cut))[[299]]
+
+
+def test_read_ahead_builds_the_next_batch_off_the_callers_thread_and_changes_nothing_else():
+    import threading
+
+    data = np.random.default_rng(1).integers(0, 1000, (97, 17)).astype(np.uint16)
+
+    class Rows:  # rows that record which thread reads them
+        shape, threads = data.shape, []
+
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, idx):
+            self.threads.append(threading.current_thread().name)
+            return data[idx]
+
+    rows = Rows()
+    plain = ip.BatchIterator(data, 8, seed=3, grad_accum=2, local_rows=(1, 3))
+    ahead = ip.BatchIterator(rows, 8, seed=3, grad_accum=2, local_rows=(1, 3), read_ahead=True)
+    for _ in range(20):  # crosses epochs
+        a, b = next(plain), next(ahead)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert rows.threads[0] == threading.current_thread().name
+    assert all(t.startswith("batch-read-ahead") for t in rows.threads[1:])
+    state = plain.state()
+    plain.restore(dict(state, position=40))
+    ahead.restore(dict(state, position=40))  # the batch read ahead for position 160 is dropped
+    for _ in range(3):
+        a, b = next(plain), next(ahead)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
