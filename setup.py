@@ -8,6 +8,7 @@ accelerator host pick an extra:
     pip install -e .[tpu]      # Cloud TPU VMs
     pip install -e .[eval]     # lm-evaluation-harness backend (python -m biomedlm_jax.lm_eval)
     pip install -e .[gcs]      # gs:// workdirs without TensorFlow (gcsfs for etils.epath)
+    pip install -e .[beam]     # prepare_data on Apache Beam (--runner=DirectRunner, DataflowRunner, ...)
     pip install -e .[test]     # pytest + torch (CPU) + transformers for parity tests (includes eval)
 """
 from setuptools import find_packages, setup
@@ -33,7 +34,7 @@ INSTALL_REQUIRES = [
     "nltk==3.10.4",  # rouge-score's stemmer
     "numpy==2.4.6",
     "ml_dtypes==0.6.0",
-    "protobuf==7.36.2",
+    "protobuf==6.33.6",  # Apache Beam (the [beam] extra) needs protobuf < 7; TF 2.21 takes >= 6.31.1
     "tensorstore==0.1.86",
 ]
 
@@ -55,6 +56,9 @@ EVAL_REQUIRES = [
 # (with TensorFlow installed, as in the default install, epath reads gs:// through tf.io.gfile).
 GCS_REQUIRES = ["gcsfs==2026.10.1"]
 
+# prepare_data on Apache Beam (DirectRunner/Prism locally; Dataflow, Flink, Spark on a cluster).
+BEAM_REQUIRES = ["apache-beam==2.77.0", "pyarrow==25.0.1"]
+
 EXTRAS_REQUIRE = {
     "cuda12": [f"jax[cuda12]=={JAX_VERSION}"],
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
@@ -68,11 +72,13 @@ EXTRAS_REQUIRE = {
         "gcp-storage-emulator==2026.7.19",  # a fake GCS server for tests/test_object_store.py
         "peft==0.21.2",  # tests/test_lora.py loads our exported adapters with PEFT
         *GCS_REQUIRES,
+        *BEAM_REQUIRES,
         *NOTEBOOK_REQUIRES,
         *EVAL_REQUIRES,
     ],
     "eval": EVAL_REQUIRES,
     "gcs": GCS_REQUIRES,
+    "beam": BEAM_REQUIRES,
     "notebooks": NOTEBOOK_REQUIRES,
 }
 

@@ -75,6 +75,21 @@ def write_text(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_bytes(path, data: bytes) -> None:
+    """Like `write_text`, for bytes: a local file appears whole (temporary name, then a rename)."""
+    if is_remote(path):
+        Path(path).write_bytes(data)
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_bytes(path) -> bytes:
+    return Path(path).read_bytes()
+
+
 def append_lines(path, lines: list[str]) -> None:
     """Add lines to a text file (created if missing). On an object store, which cannot append, the
     object is rewritten with the lines added: fine for small logs such as metrics.jsonl."""

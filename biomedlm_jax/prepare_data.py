@@ -28,7 +28,6 @@ shards give random access with numpy alone.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -38,136 +37,97 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-import numpy as np
-
 from biomedlm_jax import errors, paths, readers
+from biomedlm_jax import prepare_stages as stages
 from biomedlm_jax import input_pipeline as ip
-from biomedlm_jax import tokenizer as tokenizer_lib
 
-SPLITS = ("train", "validation")
+SPLITS = stages.SPLITS
 
 
-class _SplitWriter:
-    """Accumulates packed rows of one split and writes them as .npy shards of `rows_per_shard` rows."""
+def work_dir(out: str) -> str:
+    """Where a run keeps its tokenized input files until it finishes: a rerun after a kill resumes there."""
+    return f"{out.rstrip('/')}.work"
 
-    def __init__(self, out: str, split: str, packer: ip.Packer, rows_per_shard: int):
-        self.out, self.split, self.packer, self.rows_per_shard = out, split, packer, rows_per_shard
-        self.buffer: list[np.ndarray] = []
-        self.buffered = 0
-        self.rows = 0
-        self.shards: list[dict] = []
-        self.docs = open(os.path.join(out, f"{split}-docs.tsv"), "w", encoding="utf-8")
 
-    def add(self, docs: Sequence[tuple[str, str]]) -> None:
-        rows, starts = self.packer.pack(docs)
-        for doc_id, offset in starts:
-            self.docs.write(f"{doc_id}\t{offset // self.packer.row_len}\n")
-        if len(rows):
-            self.buffer.append(rows)
-            self.buffered += len(rows)
-        while self.buffered >= self.rows_per_shard:
-            self._write(self.rows_per_shard)
+def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int = 1024,
+             eval_fraction: float = 0.005, rows_per_shard: int = 65536, on_error: str = "raise",
+             fmt: str = "auto", batch_docs: int = 512) -> stages.Job:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r}: choose raise or skip")
+    files = readers.expand_files(list(inputs))
+    return stages.Job(files=tuple(os.path.abspath(f) for f in files), tokenizer=os.path.abspath(tokenizer_dir),
+                      work=work_dir(os.path.abspath(out)), seq_len=seq_len, eval_fraction=eval_fraction,
+                      rows_per_shard=rows_per_shard, fmt=fmt, on_error=on_error, batch_docs=batch_docs)
 
-    def _write(self, n: int) -> None:
-        allrows = np.concatenate(self.buffer)
-        shard, rest = allrows[:n], allrows[n:]
-        self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
-        name = f"{self.split}-{len(self.shards):05d}.npy"
-        np.save(os.path.join(self.out, name), shard)
-        self.shards.append({"file": name, "rows": int(len(shard)),
-                            "sha256": hashlib.sha256(np.ascontiguousarray(shard).tobytes()).hexdigest()})
-        self.rows += len(shard)
 
-    def close(self) -> dict:
-        if self.buffered:
-            self._write(self.buffered)
-        self.docs.close()
-        fingerprint = hashlib.sha256("".join(s["sha256"] for s in self.shards).encode()).hexdigest()[:16]
-        return {
-            "rows": self.rows,
-            "tokens": self.rows * self.packer.row_len,
-            "documents": self.packer.num_documents,
-            "dropped_tokens": self.packer.dropped_tokens,
-            "shards": self.shards,
-            "docs_index": f"{self.split}-docs.tsv",
-            "fingerprint": fingerprint,
-        }
+def run_local(job: stages.Job, progress: bool = True) -> tuple[dict, int]:
+    """The stages in one process, in order: (layout, number of input files tokenized, not reused)."""
+    t0, done = time.time(), 0
+    for i in range(len(job.files)):
+        done += stages.tokenize_file(job, i)
+        if progress:
+            print(f"\r[prepare] tokenized {i + 1}/{len(job.files)} files ({i + 1 - done} reused) "
+                  f"in {time.time() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    winners = stages.resolve_all(e for i in range(len(job.files)) for e in stages.record_events(job, i))
+    lay = stages.layout(job, [stages.plan_file(job, i, winners.get(i, [])) for i in range(len(job.files))])
+    stages.check_rows(job, lay)
+    for task in stages.shard_tasks(lay):
+        stages.write_shard(job, task, lay)
+    for i in range(len(job.files)):
+        stages.write_index(job, i, lay)
+    return lay, done
 
 
 def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int = 1024,
             eval_fraction: float = 0.005, rows_per_shard: int = 65536, on_error: str = "raise",
-            fmt: str = "auto", overwrite: bool = False, batch_docs: int = 512, progress: bool = True) -> dict:
+            fmt: str = "auto", overwrite: bool = False, batch_docs: int = 512, progress: bool = True,
+            beam_args: Optional[Sequence[str]] = None) -> dict:
     """Tokenize and pack `inputs` into `out` (a local folder or an object-store URL, gs://...); returns
-    the manifest."""
+    the manifest. With `beam_args` (Beam pipeline options, e.g. ["--runner=DirectRunner",
+    "--direct_num_workers=2"]) the stages run as an Apache Beam pipeline; the output is the same.
+
+    The tokenized input files are kept in `OUT.work/` until the output is complete, so a run that is
+    killed or fails resumes where it stopped; `OUT` itself appears only when complete."""
     if paths.is_remote(out):  # built in a local folder, then uploaded with the manifest last
         if paths.exists(out) and not overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
         with tempfile.TemporaryDirectory(prefix="biomedlm_jax-prepare-") as local:
             manifest = prepare(inputs, tokenizer_dir, os.path.join(local, "out"), seq_len=seq_len,
                                eval_fraction=eval_fraction, rows_per_shard=rows_per_shard, on_error=on_error,
-                               fmt=fmt, batch_docs=batch_docs, progress=progress)
+                               fmt=fmt, batch_docs=batch_docs, progress=progress, beam_args=beam_args)
             paths.rmtree(out)
             paths.upload(os.path.join(local, "out"), out)
         return manifest
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    files = readers.expand_files(list(inputs))
-    tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    job = make_job(inputs, tokenizer_dir, out, seq_len=seq_len, eval_fraction=eval_fraction,
+                   rows_per_shard=rows_per_shard, on_error=on_error, fmt=fmt, batch_docs=batch_docs)
+    t0 = time.time()
+    for stale in ("out", "plans", "shards", "index"):  # everything but the tokenized files is redone
+        shutil.rmtree(os.path.join(job.work, stale), ignore_errors=True)
     try:
-        writers = {s: _SplitWriter(tmp, s, ip.Packer(tok, seq_len + 1), rows_per_shard) for s in SPLITS}
-        stats = readers.ReadStats()
-        pending: dict[str, list] = {s: [] for s in SPLITS}
-        t0 = last = time.time()
-        for doc_id, text in readers.read_documents(files, stats, on_error=on_error, fmt=fmt):
-            split = "validation" if ip.in_eval_split(doc_id, eval_fraction) else "train"
-            pending[split].append((doc_id, text))
-            if len(pending[split]) >= batch_docs:
-                writers[split].add(pending[split])
-                pending[split] = []
-            if progress and time.time() - last > 5:
-                last = time.time()
-                print(f"\r[prepare] {stats.documents:,} documents, {stats.files}/{len(files)} files, "
-                      f"{writers['train'].packer.tokens_seen / max(last - t0, 1e-9):,.0f} tokens/s",
-                      end="", file=sys.stderr, flush=True)
-        for split in SPLITS:
-            if pending[split]:
-                writers[split].add(pending[split])
-        splits = {s: w.close() for s, w in writers.items()}
-        if not splits["train"]["rows"]:
-            # Nothing is written: an empty dataset would only fail later, in the trainer.
-            raise errors.DataError(
-                f"{', '.join(files)}: no training row of {seq_len + 1} tokens ({stats.documents} documents read, "
-                f"{writers['train'].packer.tokens_seen} training tokens; read stats {stats.as_dict()}). Check the inputs, "
-                "their --format, or use a smaller --seq_len."
-            )
-        manifest = {
-            "format": ip.PREPARED_FORMAT,
-            "seq_len": seq_len,
-            "row_len": seq_len + 1,
-            "dtype": np.dtype(writers["train"].packer.dtype).name,
-            "tokenizer": {"sha256": ip.tokenizer_sha256(tok), "vocab_size": tok.get_vocab_size(),
-                          "eos_id": tok.token_to_id(tokenizer_lib.EOS_TOKEN)},
-            "inputs": files,
-            "eval_fraction": eval_fraction,
-            "read_stats": stats.as_dict(),
-            "splits": splits,
-            "seconds": round(time.time() - t0, 1),
-        }
-        tokenizer_lib.save_tokenizer(tok, os.path.join(tmp, "tokenizer"))
-        with open(os.path.join(tmp, ip.MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if beam_args is not None:
+            from biomedlm_jax import prepare_beam  # needs the [beam] extra
+
+            lay, tokenized = prepare_beam.run(job, beam_args)
+        else:
+            lay, tokenized = run_local(job, progress)
+        stages.check_rows(job, lay)
+    except errors.DataError as e:
+        if "no training row" in str(e):  # complete but too small: nothing to resume
+            shutil.rmtree(job.work, ignore_errors=True)
         raise
+    manifest = stages.finish(job, lay, seconds=time.time() - t0)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(job.out, out)
+    shutil.rmtree(job.work, ignore_errors=True)
     if progress:
-        print(file=sys.stderr)
+        print(f"[prepare] {tokenized} of {len(job.files)} input files tokenized, "
+              f"{len(job.files) - tokenized} reused from an interrupted run", file=sys.stderr)
     return manifest
 
 
@@ -258,17 +218,24 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="auto", choices=("auto",) + readers.FORMATS)
     p.add_argument("--on_error", default="raise", choices=("raise", "skip"))
     p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--runner", default=None,
+                   help="run on Apache Beam with this runner (DirectRunner, DataflowRunner, FlinkRunner, ...); "
+                        "every other Beam pipeline option (--direct_num_workers=N, --project, ...) is passed through. "
+                        "Without --runner: one local process. Needs pip install -e .[beam]")
+    args, beam_args = p.parse_known_args(argv)
+    if beam_args and args.runner is None:
+        p.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam pipeline options need --runner)")
     try:
         m = prepare(args.input.split(","), args.tokenizer, args.out, seq_len=args.seq_len,
                     eval_fraction=args.eval_fraction, rows_per_shard=args.rows_per_shard, on_error=args.on_error,
-                    fmt=args.format, overwrite=args.overwrite)
+                    fmt=args.format, overwrite=args.overwrite,
+                    beam_args=None if args.runner is None else [f"--runner={args.runner}", *beam_args])
     except (errors.DataError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = m["read_stats"]
-    print(f"[prepare] {s['documents']:,} documents from {s['files']} files ({s['duplicates']} duplicate ids, "
-          f"{s['empty']} empty, {s['errors_skipped']} skipped, {s['non_utf8_lines']} non-UTF-8 lines) in {m['seconds']}s")
+    print(f"[prepare] {s['documents']:,} documents from {s['files']} files ({s['duplicates']} replaced by a later record, "
+          f"{s['deleted']} deleted, {s['empty']} empty, {s['errors_skipped']} skipped, {s['non_utf8_lines']} non-UTF-8 lines) in {m['seconds']}s")
     for split, info in m["splits"].items():
         print(f"[prepare] {split}: {info['documents']:,} documents -> {info['rows']:,} rows of {m['row_len']} tokens "
               f"in {len(info['shards'])} shards ({info['dropped_tokens']} tail tokens dropped)")

@@ -8,8 +8,10 @@ in the side index (see input_pipeline / prepare_data), never in the token stream
 
 Bad input raises `DataError` naming the file and line (or record). With `on_error="skip"`, the bad
 record is skipped and counted in `ReadStats` instead. For XML that means the rest of that file, since
-a parser cannot resynchronise after malformed XML. Empty documents, duplicate ids (the first copy is
-kept) and lines that are not valid UTF-8 (decoded with U+FFFD replacement characters) are counted.
+a parser cannot resynchronise after malformed XML; a truncated or corrupt `.gz` is named the same way.
+Empty documents, duplicate ids (`read_documents` keeps the first copy; `prepare_data` applies PubMed's
+update semantics instead: the latest record wins and `<DeleteCitation>` removes) and lines that are not
+valid UTF-8 (decoded with U+FFFD replacement characters) are counted.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import gzip
 import json
 import os
 import xml.etree.ElementTree as ET
+import zlib
 from typing import Iterable, Iterator, Optional, Sequence
 
 from biomedlm_jax.errors import DataError
@@ -28,7 +31,8 @@ from biomedlm_jax.errors import DataError
 class ReadStats:
     documents: int = 0  # yielded
     empty: int = 0  # no text after extraction
-    duplicates: int = 0  # id seen before (kept the first)
+    duplicates: int = 0  # records replaced by another record of the same id
+    deleted: int = 0  # ids removed by a PubMed <DeleteCitation> (prepare_data)
     errors_skipped: int = 0  # malformed records skipped with on_error="skip"
     non_utf8_lines: int = 0  # lines decoded with replacement characters
     files: int = 0
@@ -69,16 +73,44 @@ def _open_binary(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def _lines(path: str, stats: ReadStats) -> Iterator[tuple[int, str]]:
-    """(line number, text) with invalid UTF-8 replaced and counted."""
+# What a damaged gzip raises while it is read: cut short (EOFError), not gzip, or corrupt inside.
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _gzip_message(path: str, e: BaseException) -> str:
+    return f"{path}: truncated or corrupt gzip ({type(e).__name__}: {e})"
+
+
+def _lines(path: str, stats: ReadStats, on_error: str = "raise") -> Iterator[tuple[int, str]]:
+    """(line number, text) with invalid UTF-8 replaced and counted; a damaged gzip ends the file."""
+    lineno = 0
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
-                stats.non_utf8_lines += 1
-            yield lineno, line.rstrip("\r\n")
+        try:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    line = raw.decode("utf-8", errors="replace")
+                    stats.non_utf8_lines += 1
+                yield lineno, line.rstrip("\r\n")
+        except GZIP_ERRORS as e:
+            _fail(stats, on_error, _gzip_message(f"{path}:{lineno + 1}", e))
+
+
+def _head(path: str, n: int = 4096) -> bytes:
+    """Up to n first bytes, also of a gzip cut short (its damage is reported when the file is read)."""
+    out = b""
+    with _open_binary(path) as f:
+        try:
+            while len(out) < n:
+                chunk = f.read1(n - len(out)) if hasattr(f, "read1") else f.read(n - len(out))
+                if not chunk:
+                    break
+                out += chunk
+        except GZIP_ERRORS as e:
+            if not out:
+                raise DataError(_gzip_message(path, e)) from e
+    return out
 
 
 def detect_format(path: str) -> str:
@@ -89,8 +121,7 @@ def detect_format(path: str) -> str:
         return "jsonl"
     if name.endswith((".pubtator", ".PubTator.txt", ".pubtator.txt")):
         return "pubtator"
-    with _open_binary(path) as f:
-        head = f.read(4096).decode("utf-8", errors="replace")
+    head = _head(path).decode("utf-8", errors="replace")
     stripped = head.lstrip()
     if stripped.startswith("<") or name.endswith((".xml", ".nxml")):
         if "<PubmedArticleSet" in head or "<PubmedArticle" in head or "<MedlineCitation" in head:
@@ -143,7 +174,7 @@ def json_lines(path: str, stats: Optional[ReadStats] = None, on_error: str = "ra
     """(line number, object) per non-blank line of a JSONL file. A line that is not valid JSON, or not
     an object, is a DataError naming file:line, or skipped and counted with on_error="skip"."""
     stats = stats if stats is not None else ReadStats()
-    for lineno, line in _lines(path, stats):
+    for lineno, line in _lines(path, stats, on_error):
         if not line.strip():
             continue
         try:
@@ -186,7 +217,7 @@ def read_pubtator(path: str, stats: Optional[ReadStats] = None, on_error: str = 
     def flush():
         return (pmid, "\n".join(x for x in (title.strip(), abstract.strip()) if x)) if pmid is not None else None
 
-    for lineno, line in _lines(path, stats):
+    for lineno, line in _lines(path, stats, on_error):
         if not line.strip():
             doc = flush()
             if doc:
@@ -233,6 +264,8 @@ def _iterparse(path: str, tags: set, stats: ReadStats, on_error: str):
         except ET.ParseError as e:
             line = e.position[0] if getattr(e, "position", None) else "?"
             _fail(stats, on_error, f"{path}:{line}: malformed XML ({e})")
+        except GZIP_ERRORS as e:
+            _fail(stats, on_error, _gzip_message(path, e))
 
 
 def pubmed_article(citation) -> tuple[Optional[str], str]:
@@ -252,10 +285,18 @@ def pubmed_article(citation) -> tuple[Optional[str], str]:
     return (pmid.strip() if pmid else None), text
 
 
-def read_pubmed_xml(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
-    """PubMed baseline/update files: PubmedArticleSet/PubmedArticle/MedlineCitation (gzip or plain)."""
+def read_pubmed_xml(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise",
+                    deletions: bool = False) -> Iterator[tuple[str, Optional[str]]]:
+    """PubMed baseline/update files: PubmedArticleSet/PubmedArticle/MedlineCitation (gzip or plain).
+    With `deletions`, each PMID of an update file's `<DeleteCitation>` is yielded as (pmid, None)."""
     stats = stats if stats is not None else ReadStats()
-    for elem in _iterparse(path, {"MedlineCitation"}, stats, on_error):
+    for elem in _iterparse(path, {"MedlineCitation", "DeleteCitation"}, stats, on_error):
+        if elem.tag == "DeleteCitation":
+            pmids = [p.text.strip() for p in elem.findall("PMID") if p.text and p.text.strip()]
+            elem.clear()
+            if deletions:
+                yield from ((pmid, None) for pmid in pmids)
+            continue
         pmid, text = pubmed_article(elem)
         elem.clear()
         if pmid is None:
@@ -326,7 +367,7 @@ def read_text(path: str, stats: Optional[ReadStats] = None, on_error: str = "rai
     """Plain text: blank-line-separated documents."""
     stats = stats if stats is not None else ReadStats()
     buf, start = [], 1
-    for lineno, line in _lines(path, stats):
+    for lineno, line in _lines(path, stats, on_error):
         if line.strip():
             if not buf:
                 start = lineno
@@ -340,6 +381,17 @@ def read_text(path: str, stats: Optional[ReadStats] = None, on_error: str = "rai
 
 READERS = {"pubmed_xml": read_pubmed_xml, "pubtator": read_pubtator, "jsonl": read_jsonl, "jats": read_jats,
            "text": read_text}
+
+
+def read_records(path: str, stats: ReadStats, on_error: str = "raise", fmt: str = "auto"
+                 ) -> Iterator[tuple[str, Optional[str]]]:
+    """One file's records in order: (id, text), or (id, None) where a PubMed update deletes the id."""
+    kind = detect_format(path) if fmt == "auto" else fmt
+    if kind not in READERS:
+        raise ValueError(f"format {kind!r}: choose from {sorted(READERS)} or auto")
+    if kind == "pubmed_xml":
+        return read_pubmed_xml(path, stats, on_error, deletions=True)
+    return READERS[kind](path, stats, on_error)
 
 
 def read_documents(files: Iterable[str], stats: Optional[ReadStats] = None, on_error: str = "raise",

@@ -27,11 +27,24 @@ def prepared(tmp_path_factory):
     return out, manifest, inputs
 
 
+def latest_documents(files):
+    """PubMed's semantics, written the obvious way: the last record of an id wins, at its position;
+    a deletion removes the id; empty documents are dropped."""
+    last = {}
+    for f in files:
+        for pos, (doc_id, text) in enumerate(readers.read_records(f, readers.ReadStats())):
+            last.pop(doc_id, None)
+            last[doc_id] = text  # re-inserted: the id now sits at its latest record's position
+    return [(d, t) for d, t in last.items() if t is not None and t.strip()]
+
+
 def test_rows_equal_in_memory_packing_and_manifest_counts(prepared):
     out, m, inputs = prepared
     tok = tokenizer_lib.load_tokenizer(GPT2)
-    docs = list(readers.read_documents(inputs))
+    docs = latest_documents(inputs)
     assert m["read_stats"]["documents"] == len(docs) == 1692 + 3 + 1
+    # the fixture's PMID 10000001 comes twice: the revised (later) record is the one packed
+    assert m["read_stats"]["duplicates"] == 1 and dict(docs)["10000001"].startswith("A revised version")
     for split, want_val in (("train", False), ("validation", True)):
         want = ip.pack_documents([d for d in docs if ip.in_eval_split(d[0], 0.1) == want_val], tok, 65)
         got = ip.load_prepared(str(out), split)
