@@ -166,9 +166,9 @@ def resolve(doc_id: str, events: Iterable[tuple[int, int, int]]) -> tuple[int, t
     an earlier record))."""
     events = sorted(events)
     i, r, kind = events[-1]
-    kept = sum(1 for e in events if e[2] != DELETE)  # records of this id that are not deletions
-    replaced = kept - (0 if kind == DELETE else 1)
-    return i, (r, kind, replaced, int(kind == DELETE and kept > 0))
+    records = sum(1 for e in events if e[2] != DELETE)  # records of this id that are not deletions
+    # all but the last of them were replaced by a later one; a deletion at the end removes the last
+    return i, (r, kind, max(records - 1, 0), int(kind == DELETE and records > 0))
 
 
 def resolve_all(events: Iterable[tuple[str, tuple[int, int, int]]]) -> dict[int, list]:
