@@ -15,9 +15,8 @@ The graph:
       └──────────────(file, None)──────────────────┴─CoGroupByKey(file)─> plan_file
             plans ─ToList─> layout (a singleton side input)
             layout ─> shard tasks ─Reshuffle─> write_shard(layout)
-            plans ─> write_index(layout)
 
-The launcher then runs `prepare_stages.finish` (the manifest), as the local run does. Workers read
+The launcher then runs `prepare_stages.finish` (the doc-id index and the manifest), as the local run does. Workers read
 the inputs, the tokenizer and WORK by path: on a cluster these must be on storage every worker sees.
 """
 from __future__ import annotations
@@ -38,10 +37,6 @@ def _tokenize(i: int, job: stages.Job):
 def _plan(kv, job: stages.Job) -> dict:
     i, grouped = kv
     return stages.plan_file(job, i, grouped["winners"])
-
-
-def _write_index(plan: dict, job: stages.Job, lay: dict) -> None:
-    stages.write_index(job, plan["file"], lay)
 
 
 def pipeline_options(beam_args: Sequence[str]):
@@ -74,7 +69,6 @@ def run(job: stages.Job, beam_args: Sequence[str]) -> tuple[dict, int]:
     side = beam.pvalue.AsSingleton(lay)
     (lay | "shard tasks" >> beam.FlatMap(stages.shard_tasks) | "spread shards" >> beam.Reshuffle()
      | "write shards" >> beam.Map(lambda t, layout: stages.write_shard(job, t, layout), side))
-    plans | "write index" >> beam.Map(_write_index, job, side)
     result = p.run()
     result.wait_until_finish()
     counters = result.metrics().query(MetricsFilter().with_name("files_tokenized"))["counters"]

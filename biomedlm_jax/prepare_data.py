@@ -62,21 +62,19 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
 
 def run_local(job: stages.Job, progress: bool = True) -> tuple[dict, int]:
     """The stages in one process, in order: (layout, number of input files tokenized, not reused)."""
-    t0, done = time.time(), 0
+    t0 = last = time.time()
+    done = 0
     for i in range(len(job.files)):
         done += stages.tokenize_file(job, i)
-        if progress:
-            print(f"\r[prepare] tokenized {i + 1}/{len(job.files)} files ({i + 1 - done} reused) "
-                  f"in {time.time() - t0:.0f}s", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        if progress and (time.time() - last > 5 or i + 1 == len(job.files)):
+            last = time.time()
+            print(f"[prepare] tokenized {i + 1:,}/{len(job.files):,} files ({i + 1 - done:,} reused) "
+                  f"in {last - t0:.0f}s", file=sys.stderr, flush=True)
     winners = stages.resolve_all(e for i in range(len(job.files)) for e in stages.record_events(job, i))
     lay = stages.layout(job, [stages.plan_file(job, i, winners.get(i, [])) for i in range(len(job.files))])
     stages.check_rows(job, lay)
     for task in stages.shard_tasks(lay):
         stages.write_shard(job, task, lay)
-    for i in range(len(job.files)):
-        stages.write_index(job, i, lay)
     return lay, done
 
 

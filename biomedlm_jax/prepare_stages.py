@@ -17,9 +17,9 @@ number of workers. The local run calls them in loops; the Beam pipeline maps the
    of a split fill one contiguous token range. Prefix sums of the per-file totals give every file's
    start, and hence every document's offset, row and shard, without any other shared state.
 5. `write_shard(job, split, k, layout)` assembles rows [k·R, (k+1)·R) from the cached tokens of the
-   files that overlap it; `write_index(job, i, layout)` writes file i's part of the doc-id index.
-6. `finish(job)` gathers the shard records and counts into manifest.json, joins the index parts and
-   saves the tokenizer.
+   files that overlap it.
+6. `finish(job)` gathers the shard records and counts into manifest.json, writes the doc-id index of
+   each split (ids and token counts from the caches, offsets from the layout) and saves the tokenizer.
 
 This is why the output is identical on 1 or N workers and on any runner: every value written is a
 function of the inputs and settings alone (sorted events, prefix sums), never of which worker
@@ -214,26 +214,29 @@ def plan_file(job: Job, i: int, winners: Iterable[tuple[int, int, int, int]]) ->
     docs = {"train": int((~val_a).sum()), "validation": int(val_a.sum())}
     summary = {"file": i, "tokens": tokens, "docs": docs, "counts": counts}
     paths.makedirs(paths.join(job.work, "plans"))
-    _save_npz(plan_path(job, i), kept=kept_a, validation=val_a)
-    paths.write_text(plan_path(job, i)[:-len(".npz")] + ".json", json.dumps(summary))
+    _save_npz(plan_path(job, i), kept=kept_a, validation=val_a, summary=np.asarray(json.dumps(summary)))
     return summary
 
 
 def plan_summary(job: Job, i: int) -> dict:
     """What `plan_file` returned for file i, read back from WORK."""
-    return json.loads(paths.read_text(plan_path(job, i)[:-len(".npz")] + ".json"))
+    return json.loads(str(_load_npz(plan_path(job, i))["summary"]))
 
 
-def _split_tokens(job: Job, i: int, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _split_tokens(job: Job, i: int, split: str, with_tokens: bool = True
+                  ) -> tuple[list[str], np.ndarray, Optional[np.ndarray]]:
     """File i's surviving documents of `split` in order: (ids, token counts, their concatenated tokens)."""
     cache, plan = _load_npz(cache_path(job, i)), _load_npz(plan_path(job, i))
-    lengths, tokens = cache["lengths"], cache["tokens"]
+    lengths = cache["lengths"]
     sel = plan["kept"][plan["validation"] == (split == "validation")]
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
     ids = cache["ids"]
-    parts = [tokens[starts[r]:ends[r]] for r in sel.tolist()]
-    flat = np.concatenate(parts) if parts else tokens[:0]
+    flat = None
+    if with_tokens:
+        tokens = cache["tokens"]
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        parts = [tokens[starts[r]:ends[r]] for r in sel.tolist()]
+        flat = np.concatenate(parts) if parts else tokens[:0]
     return [str(ids[r]) for r in sel.tolist()], lengths[sel], flat
 
 
@@ -308,18 +311,14 @@ def write_shard(job: Job, task: tuple[str, int], lay: dict) -> dict:
     return meta
 
 
-def index_part(job: Job, split: str, i: int) -> str:
-    return paths.join(job.work, "index", f"{split}-{i:06d}.tsv")
-
-
-def write_index(job: Job, i: int, lay: dict) -> None:
-    """`doc id <TAB> first row` of file i's surviving documents, one part per split."""
-    paths.makedirs(paths.join(job.work, "index"))
-    for split in SPLITS:
-        ids, lengths, _ = _split_tokens(job, i, split)
-        offsets = lay[split]["starts"][i] + np.concatenate([[0], np.cumsum(lengths)[:-1]]) if ids else []
-        paths.write_text(index_part(job, split, i),
-                         "".join(f"{d}\t{int(o) // job.row_len}\n" for d, o in zip(ids, offsets)))
+def write_index(job: Job, split: str, lay: dict) -> None:
+    """`doc id <TAB> first row` of every surviving document of `split`, in order, into WORK/out."""
+    with paths.Path(paths.join(job.out, f"{split}-docs.tsv")).open("w") as f:
+        for i in range(len(job.files)):
+            ids, lengths, _ = _split_tokens(job, i, split, with_tokens=False)
+            if ids:
+                offsets = lay[split]["starts"][i] + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+                f.write("".join(f"{d}\t{int(o) // job.row_len}\n" for d, o in zip(ids, offsets)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -342,9 +341,7 @@ def finish(job: Job, lay: dict, seconds: Optional[float] = None) -> dict:
     for split in SPLITS:
         shards = [json.loads(paths.read_text(paths.join(job.work, "shards", f"{split}-{k:05d}.json")))
                   for k in range(lay[split]["shards"])]
-        with paths.Path(paths.join(job.out, f"{split}-docs.tsv")).open("w") as f:
-            for i in range(len(job.files)):
-                f.write(paths.read_text(index_part(job, split, i)))
+        write_index(job, split, lay)
         splits[split] = {
             "rows": lay[split]["rows"],
             "tokens": lay[split]["rows"] * job.row_len,
