@@ -86,10 +86,6 @@ def write_bytes(path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_bytes(path) -> bytes:
-    return Path(path).read_bytes()
-
-
 def append_lines(path, lines: list[str]) -> None:
     """Add lines to a text file (created if missing). On an object store, which cannot append, the
     object is rewritten with the lines added: fine for small logs such as metrics.jsonl."""

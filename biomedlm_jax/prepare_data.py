@@ -41,9 +41,6 @@ from biomedlm_jax import errors, paths, readers
 from biomedlm_jax import prepare_stages as stages
 from biomedlm_jax import input_pipeline as ip
 
-SPLITS = stages.SPLITS
-
-
 def work_dir(out: str) -> str:
     """Where a run keeps its tokenized input files until it finishes: a rerun after a kill resumes there."""
     return f"{out.rstrip('/')}.work"
@@ -72,7 +69,6 @@ def run_local(job: stages.Job, progress: bool = True) -> tuple[dict, int]:
                   f"in {last - t0:.0f}s", file=sys.stderr, flush=True)
     winners = stages.resolve_all(e for i in range(len(job.files)) for e in stages.record_events(job, i))
     lay = stages.layout(job, [stages.plan_file(job, i, winners.get(i, [])) for i in range(len(job.files))])
-    stages.check_rows(job, lay)
     for task in stages.shard_tasks(lay):
         stages.write_shard(job, task, lay)
     return lay, done
@@ -104,19 +100,19 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
     job = make_job(inputs, tokenizer_dir, out, seq_len=seq_len, eval_fraction=eval_fraction,
                    rows_per_shard=rows_per_shard, on_error=on_error, fmt=fmt, batch_docs=batch_docs)
     t0 = time.time()
-    for stale in ("out", "plans", "shards", "index"):  # everything but the tokenized files is redone
+    for stale in ("out", "plans", "shards"):  # everything but the tokenized files is redone
         shutil.rmtree(os.path.join(job.work, stale), ignore_errors=True)
-    try:
-        if beam_args is not None:
-            from biomedlm_jax import prepare_beam  # needs the [beam] extra
+    # A failure in here keeps OUT.work, so that a rerun resumes
+    if beam_args is not None:
+        from biomedlm_jax import prepare_beam  # needs the [beam] extra
 
-            lay, tokenized = prepare_beam.run(job, beam_args)
-        else:
-            lay, tokenized = run_local(job, progress)
+        lay, tokenized = prepare_beam.run(job, beam_args)
+    else:
+        lay, tokenized = run_local(job, progress)
+    try:
         stages.check_rows(job, lay)
-    except errors.DataError as e:
-        if "no training row" in str(e):  # complete but too small: nothing to resume
-            shutil.rmtree(job.work, ignore_errors=True)
+    except errors.DataError:  # complete but too small: nothing to resume
+        shutil.rmtree(job.work, ignore_errors=True)
         raise
     manifest = stages.finish(job, lay, seconds=time.time() - t0)
     if os.path.exists(out):

@@ -84,8 +84,11 @@ def _save_npz(path: str, **arrays) -> None:
     paths.write_bytes(path, buf.getvalue())
 
 
-def _load_npz(path: str):
-    return np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
+def _load_npz(path: str, *names: str) -> dict:
+    """The named arrays of an .npz in WORK, reading only those members (not a cache's tokens when the
+    caller wants its ids)."""
+    with paths.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
+        return {name: npz[name] for name in names}
 
 
 def cache_path(job: Job, i: int) -> str:
@@ -156,7 +159,7 @@ def tokenize_file(job: Job, i: int) -> bool:
 
 
 def record_events(job: Job, i: int) -> Iterator[tuple[str, tuple[int, int, int]]]:
-    cache = _load_npz(cache_path(job, i))
+    cache = _load_npz(cache_path(job, i), "ids", "kinds")
     for r, (doc_id, kind) in enumerate(zip(cache["ids"].tolist(), cache["kinds"].tolist())):
         yield doc_id, (i, r, kind)
 
@@ -194,7 +197,7 @@ def plan_path(job: Job, i: int) -> str:
 
 def plan_file(job: Job, i: int, winners: Iterable[tuple[int, int, int, int]]) -> dict:
     """Writes the plan of file i and returns {"file": i, "tokens": {split: n}, "counts": {...}}."""
-    cache = _load_npz(cache_path(job, i))
+    cache = _load_npz(cache_path(job, i), "ids", "lengths", "stats")
     ids, lengths = cache["ids"].tolist(), cache["lengths"]
     counts = json.loads(str(cache["stats"]))
     counts.update(documents=0, empty=0, duplicates=0, deleted=0)
@@ -209,8 +212,7 @@ def plan_file(job: Job, i: int, winners: Iterable[tuple[int, int, int, int]]) ->
             validation.append(ip.in_eval_split(ids[r], job.eval_fraction))
     kept_a, val_a = np.asarray(kept, np.int64), np.asarray(validation, bool)
     counts["documents"] = len(kept)
-    tokens = {"train": int(lengths[kept_a[~val_a]].sum()) if len(kept) else 0,
-              "validation": int(lengths[kept_a[val_a]].sum()) if len(kept) else 0}
+    tokens = {"train": int(lengths[kept_a[~val_a]].sum()), "validation": int(lengths[kept_a[val_a]].sum())}
     docs = {"train": int((~val_a).sum()), "validation": int(val_a.sum())}
     summary = {"file": i, "tokens": tokens, "docs": docs, "counts": counts}
     paths.makedirs(paths.join(job.work, "plans"))
@@ -220,16 +222,16 @@ def plan_file(job: Job, i: int, winners: Iterable[tuple[int, int, int, int]]) ->
 
 def plan_summary(job: Job, i: int) -> dict:
     """What `plan_file` returned for file i, read back from WORK."""
-    return json.loads(str(_load_npz(plan_path(job, i))["summary"]))
+    return json.loads(str(_load_npz(plan_path(job, i), "summary")["summary"]))
 
 
 def _split_tokens(job: Job, i: int, split: str, with_tokens: bool = True
                   ) -> tuple[list[str], np.ndarray, Optional[np.ndarray]]:
     """File i's surviving documents of `split` in order: (ids, token counts, their concatenated tokens)."""
-    cache, plan = _load_npz(cache_path(job, i)), _load_npz(plan_path(job, i))
-    lengths = cache["lengths"]
+    cache = _load_npz(cache_path(job, i), "ids", "lengths", *(["tokens"] if with_tokens else []))
+    plan = _load_npz(plan_path(job, i), "kept", "validation")
+    lengths, ids = cache["lengths"], cache["ids"]
     sel = plan["kept"][plan["validation"] == (split == "validation")]
-    ids = cache["ids"]
     flat = None
     if with_tokens:
         tokens = cache["tokens"]
@@ -279,6 +281,11 @@ def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:05d}.npy"
 
 
+def shard_meta_path(job: Job, split: str, k: int) -> str:
+    """Where `write_shard` leaves the shard's record (file, rows, sha256) for `finish`."""
+    return paths.join(job.work, "shards", f"{split}-{k:05d}.json")
+
+
 def write_shard(job: Job, task: tuple[str, int], lay: dict) -> dict:
     split, k = task
     info, R, L = lay[split], job.rows_per_shard, job.row_len
@@ -307,7 +314,7 @@ def write_shard(job: Job, task: tuple[str, int], lay: dict) -> dict:
     paths.write_bytes(paths.join(job.out, name), buf.getvalue())
     meta = {"file": name, "rows": int(last - first), "sha256": hashlib.sha256(rows.tobytes()).hexdigest()}
     paths.makedirs(paths.join(job.work, "shards"))
-    paths.write_text(paths.join(job.work, "shards", f"{split}-{k:05d}.json"), json.dumps(meta))
+    paths.write_text(shard_meta_path(job, split, k), json.dumps(meta))
     return meta
 
 
@@ -339,8 +346,7 @@ def finish(job: Job, lay: dict, seconds: Optional[float] = None) -> dict:
     tok = load_tokenizer(job.tokenizer)
     splits = {}
     for split in SPLITS:
-        shards = [json.loads(paths.read_text(paths.join(job.work, "shards", f"{split}-{k:05d}.json")))
-                  for k in range(lay[split]["shards"])]
+        shards = [json.loads(paths.read_text(shard_meta_path(job, split, k))) for k in range(lay[split]["shards"])]
         write_index(job, split, lay)
         splits[split] = {
             "rows": lay[split]["rows"],

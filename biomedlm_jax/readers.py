@@ -103,7 +103,7 @@ def _head(path: str, n: int = 4096) -> bytes:
     with _open_binary(path) as f:
         try:
             while len(out) < n:
-                chunk = f.read1(n - len(out)) if hasattr(f, "read1") else f.read(n - len(out))
+                chunk = f.read1(n - len(out))
                 if not chunk:
                     break
                 out += chunk
