@@ -135,12 +135,16 @@ def test_a_killed_run_resumes_without_redoing_finished_files(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(cmd + [f"--out={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cache = tmp_path / "out.work" / "files"
+
+    def finished() -> int:  # whole cache files; one being written has a temporary name
+        return len([f for f in os.listdir(cache) if f.endswith(".npz")]) if cache.exists() else 0
+
     deadline = time.time() + 120
-    while time.time() < deadline and not (cache.exists() and len(os.listdir(cache)) >= 2):
+    while time.time() < deadline and finished() < 2:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = len([f for f in os.listdir(cache) if f.endswith(".npz")])
+    finished = finished()
     assert 2 <= finished < len(files) and not out.exists()  # killed midway: no output that looks complete
 
     r = subprocess.run(cmd + [f"--out={out}"], capture_output=True, text=True, timeout=300)
