@@ -13,12 +13,12 @@ $(PY):
 # Stamps re-run the install when setup.py changes; a failed install fails the target.
 $(VENV)/.installed: setup.py | $(PY)
 	$(PIP) -e .
-	$(PY) -c "import jax, flax, optax, orbax.checkpoint, chex, ml_collections, tokenizers, safetensors, tensorflow, tensorflow_datasets, tensorboardX, tqdm"
+	$(PY) -c "import jax, flax, optax, orbax.checkpoint, chex, ml_collections, tokenizers, safetensors, tensorflow, tensorflow_datasets, tensorboardX, tqdm, qwix, gguf"
 	touch $@
 
 $(VENV)/.installed-test: setup.py $(VENV)/.installed
 	$(PIP) -e '.[test]'
-	$(PY) -c "import torch, transformers, pytest, lm_eval, accelerate, gcsfs, gcp_storage_emulator, peft, apache_beam"
+	$(PY) -c "import torch, transformers, pytest, lm_eval, accelerate, gcsfs, gcp_storage_emulator, peft, apache_beam, llama_cpp"
 	touch $@
 
 install: $(VENV)/.installed

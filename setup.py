@@ -36,6 +36,8 @@ INSTALL_REQUIRES = [
     "ml_dtypes==0.6.0",
     "protobuf==6.33.6",  # Apache Beam (the [beam] extra) needs protobuf < 7; TF 2.21 takes >= 6.31.1
     "tensorstore==0.1.86",
+    "qwix==0.1.8",  # int8 weight-only quantization (quantize.py, --quantize=int8)
+    "gguf==0.19.0",  # GGUF export for llama.cpp (gguf_export.py, convert --to=gguf:FILE)
 ]
 
 # Running the notebooks (and executing them in the tests).
@@ -71,6 +73,9 @@ EXTRAS_REQUIRE = {
         "accelerate==1.15.0",  # the harness's hf backend, the reference in tests/test_lm_eval.py
         "gcp-storage-emulator==2026.7.19",  # a fake GCS server for tests/test_object_store.py
         "peft==0.21.2",  # tests/test_lora.py loads our exported adapters with PEFT
+        # tests/test_gguf.py runs our GGUF files in llama.cpp; an sdist, built here from source (cmake + a
+        # C++ compiler, about 5 minutes on 2 cores)
+        "llama-cpp-python==0.3.36",
         *GCS_REQUIRES,
         *BEAM_REQUIRES,
         *NOTEBOOK_REQUIRES,

@@ -147,7 +147,7 @@ def prefill(model: GPT, params, ids, mask, max_len: int):
     cache = init_cache(model.config, B, max_len)
     kv_mask = jnp.zeros((B, max_len), bool).at[:, :P].set(mask)
     logits, cache = model.apply({"params": params}, ids, kv_mask, positions_from_mask(mask), cache, 0,
-                                method=GPT.decode)
+                                method="decode")
     return logits[:, -1], cache, kv_mask, transposed_head(params, model.config)
 
 
@@ -186,7 +186,7 @@ def _decode_loop(model: GPT, params, ids, mask, last_logits, cache, kv_mask, hea
             io_callback(_to_sink, None, step, tok, done, ordered=True)
         done = done | (tok == eos)
         logits, cache = model.apply({"params": params}, tok[:, None], kv_mask, pos[:, None], cache, cur, head,
-                                    method=GPT.decode)
+                                    method="decode")
         return step + 1, tokens, kv_mask, cache, logits[:, 0], done, pos + 1, rng
 
     state = (jnp.int32(0), tokens, kv_mask, cache, last_logits, jnp.zeros((B,), bool), next_pos, rng)

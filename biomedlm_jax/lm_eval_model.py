@@ -169,10 +169,10 @@ class JaxLM(TemplateLM):
         from biomedlm_jax.model import GPT
 
         _TRACES["loglikelihood"] += 1
-        hidden = self.model.apply({"params": params}, ids, method=GPT.hidden_states)
+        hidden = self.model.apply({"params": params}, ids, method="hidden_states")
         pos = jnp.minimum(starts[:, None] + jnp.arange(targets.shape[1])[None], ids.shape[1] - 1)
         hidden = jnp.take_along_axis(hidden, pos[..., None], axis=1)
-        logits = self.model.apply({"params": params}, hidden, method=GPT.logits).astype(jnp.float32)  # (B, C, V)
+        logits = self.model.apply({"params": params}, hidden, method="logits").astype(jnp.float32)  # (B, C, V)
         logz = jax.nn.logsumexp(logits, axis=-1)
         tok_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logz
         greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | (weights == 0), axis=-1)

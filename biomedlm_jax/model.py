@@ -219,8 +219,8 @@ class LayerNorm(nn.Module):
 
 
 def project(x, kernel, n: int):
-    """`tensordot(x, kernel)` over x's last n axes and kernel's first n, computed as one 2-D matmul:
-    x as (rows, inputs) against kernel as (inputs, *outputs).
+    """`tensordot(x, kernel)` (as a `lax.dot_general`, which Qwix intercepts) over x's last n axes and kernel's first n, computed as one 2-D matmul:
+    x as (rows, *inputs) against kernel as (*inputs, *outputs).
 
     Same products and the same autodiff, but XLA:CPU lays out the backward pass better. The weight
     gradient contracts the batch * length rows, the major axis of both x and the output gradient g.
@@ -232,8 +232,11 @@ def project(x, kernel, n: int):
     merged with an unsharded one (batch with length, or heads with head_dim, keep the sharded axis
     major)."""
     lead, ins, outs = x.shape[: x.ndim - n], x.shape[x.ndim - n:], kernel.shape[n:]
-    i = int(np.prod(ins))
-    y = jnp.tensordot(x.reshape(-1, i), kernel.reshape(i, *outs), axes=1)
+    # The kernel is used as stored (no reshape): Qwix's PTQ (quantize.py) finds it as the parameter
+    # and stores its int8 copy in this shape, with the parameter's logical axes. XLA merges the
+    # contracted axes (minor in both operands) into one without a copy.
+    dims = ((tuple(range(1, n + 1)), tuple(range(n))), ((), ()))
+    y = jax.lax.dot_general(x.reshape(-1, *ins), kernel, dims)
     return y.reshape(*lead, *outs)
 
 
@@ -290,7 +293,10 @@ class Projection(nn.Module):
         bias = self.param(
             "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes), tuple(self.out_shape), cfg.param_dtype
         )
-        y = project(x.astype(cfg.dtype), kernel.astype(cfg.dtype), len(self.in_shape))
+        # promote_dtype rather than astype: under Qwix PTQ the kernel is an int8 array that Qwix's
+        # interception of promote_dtype leaves as it is (quantize.py).
+        xc, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=cfg.dtype)
+        y = project(xc, kernel, len(self.in_shape))
         if self.lora_target is not None and cfg.lora_on(self.lora_target):
             y = y + self._lora(x, deterministic)
         return y + bias.astype(cfg.dtype)
@@ -325,8 +331,11 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, attention_mask, layer_idx, deterministic: bool, cache=None, cache_index=None):
         """cache: optional {"k", "v"} of (B * H, S_max, hd) for incremental decoding. The new keys/values
-        are written at slots [cache_index, cache_index + T); queries attend to cache slots <= their own
-        absolute position that `attention_mask` (then (B, S_max)) marks real. Returns (y, new cache)."""
+        are written at slots [cache_index, cache_index + T); with `attention_mask` (B, S_max) queries
+        attend to cache slots <= their own absolute slot that the mask marks real; with (B, T, S_max) to
+        exactly the slots it marks (the engine's ring-buffer cache, where slot order is not token
+        order: learned positions are added to the input, so attention needs no slot order). Returns
+        (y, new cache)."""
         cfg = self.config
         # x: (B, T, C)
         C, H, hd = cfg.d_model, cfg.n_head, cfg.head_dim
@@ -363,9 +372,12 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], vh.astype(cache["v"].dtype), cache_index, axis=1)
             new_cache = {"k": k, "v": v}
             S = k.shape[1]
-            q_pos = cache_index + jnp.arange(T)  # (T,)
-            causal = jnp.arange(S)[None, :] <= q_pos[:, None]  # (T, S)
-            mask = causal[None, None] & attention_mask[:, None, None, :].astype(bool)  # (B, 1, T, S)
+            if attention_mask.ndim == 3:  # (B, T, S) per query: the caller's whole mask, causality included
+                mask = attention_mask[:, None].astype(bool)  # (B, 1, T, S)
+            else:  # (B, S): causal by absolute cache slot
+                q_pos = cache_index + jnp.arange(T)  # (T,)
+                causal = jnp.arange(S)[None, :] <= q_pos[:, None]  # (T, S)
+                mask = causal[None, None] & attention_mask[:, None, None, :].astype(bool)  # (B, 1, T, S)
             scores = jnp.einsum("ntd,nsd->nts", qh, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
             scores = scores.reshape(B, H, T, S)
             probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)  # fp32
@@ -539,7 +551,8 @@ class GPT(nn.Module):
         """Incremental forward for generation: (fp32 logits (B, T, V), new cache).
 
         input_ids / position_ids: (B, T), the tokens at cache slots [cache_index, cache_index + T).
-        kv_mask: (B, S_max) True for cache slots holding real tokens (left padding is False).
+        kv_mask: (B, S_max) True for cache slots holding real tokens (left padding is False), causal by
+        slot; or (B, T, S_max), each query's visible slots (no causality implied; see `Attention`).
         cache: from `init_cache`: {"k", "v"} of (n_layer, B * H, S_max, hd) with scan_layers, else a list
         of per-layer {"k", "v"} of (B * H, S_max, hd). Deterministic (no dropout).
         head: optional `transposed_head(params)`, computed once per generation (see `logits`).
@@ -567,6 +580,9 @@ class GPT(nn.Module):
         if head is None:
             emb = self.wte.embedding.astype(self.config.dtype)
             logits = tied_head(h, emb)
+        elif hasattr(head, "qvalue"):  # int8 (C, V) with (1, V) scales (quantize.quantized_head): dequantize after
+            logits = jnp.einsum("btc,cv->btv", h, head.qvalue.astype(self.config.dtype),
+                                preferred_element_type=jnp.float32) * head.scale.astype(jnp.float32)
         else:
             logits = jnp.einsum("btc,cv->btv", h, head.astype(self.config.dtype), preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
@@ -602,7 +618,10 @@ def resize_embeddings(params: dict, new_vocab: int) -> dict:
 
 
 def transposed_head(params, cfg: GPTConfig):
-    """(C, V) tied-head weights in the compute dtype, for `GPT.decode(..., head=)`."""
+    """(C, V) tied-head weights in the compute dtype, for `GPT.decode(..., head=)`; for int8 params
+    (quantize.py) their int8 head, a Qwix QArray stored under "lm_head_int8"."""
+    if "lm_head_int8" in params:
+        return params["lm_head_int8"]
     return params["wte"]["embedding"].T.astype(cfg.dtype)
 
 

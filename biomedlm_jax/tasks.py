@@ -108,10 +108,10 @@ class LMTask(Task):
         if not chunk:
             logits = model.apply({"params": params}, mb["inputs"], **kw)
             return losses.token_nll_sum(logits, mb["targets"], mb.get("weights"))
-        hidden = model.apply({"params": params}, mb["inputs"], method=GPT.hidden_states, **kw)
+        hidden = model.apply({"params": params}, mb["inputs"], method="hidden_states", **kw)
 
         def head(h):
-            return model.apply({"params": params}, h, method=GPT.logits)
+            return model.apply({"params": params}, h, method="logits")
 
         return losses.chunked_token_nll_sum(hidden, head, mb["targets"], mb.get("weights"), chunk)
 

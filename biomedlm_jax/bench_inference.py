@@ -1,0 +1,245 @@
+"""Inference benchmarks: continuous batching on mixed-length answers, and quantized decoding.
+
+    python -m biomedlm_jax.bench_inference engine --model=bench-cpu --questions=256 --slots=16 --max_new=256 \
+        [--medquad=data/medquad --tokenizer=data/gpt2_tokenizer --steps_per_sync=8 --peer]
+    python -m biomedlm_jax.bench_inference decode --model=bench-cpu --batch=1 --prompt=128 --new=128 \
+        [--quantize=int8 --gguf=F16,Q8_0 --bandwidth=B]
+
+`engine` generates answers for the first `--questions` MedQuAD questions (prompt "Question: ...\nAnswer:")
+with each request's budget set to its reference answer's token count (at most `--max_new`): the
+lengths a model that stops where the reference stops would produce. A random-init model never emits
+EOS on cue, so budgets stand in for natural stopping. Three ways, at the same batch width:
+  * `engine`: `engine.Engine` with `--slots` slots, a finished slot refilled at once;
+  * `static`: `generate.generate` on consecutive batches of `--slots` questions, each batch decoding
+    to its longest budget (today's batching before the engine), rows then cut to their budgets;
+  * `hf-static` (`--peer`): transformers' `generate` on the same batches and weights.
+`tokens_per_s` counts only the tokens requests asked for (useful tokens); `slot_steps` is decode
+steps × batch width, the work each way paid for.
+
+`decode` times batch-`--batch` greedy decoding of exactly `--new` tokens (as `bench generate`) for
+fp32 and, with `--quantize=int8`, for Qwix int8 weights (`quantize.py`), with bytes per step
+(`bench.decode_roofline` on the weights as stored) and the fraction of this host's measured memory
+bandwidth (`measure_bandwidth`, or `--bandwidth`). `--gguf=F16,Q8_0` also exports the weights to
+GGUF (`gguf_export.py`) and times llama.cpp (llama-cpp-python) at batch 1 on the same prompt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Optional
+
+import numpy as np
+
+
+def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """This host's streaming read bandwidth (bytes/s): the best of `repeats` jitted sums over an
+    fp32 array of `mbytes` MB, a reduction that reads each byte once and writes nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
+    f = jax.jit(lambda a: a.sum())
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return x.size * 4 / best
+
+
+def medquad_requests(medquad: str, tokenizer: str, questions: int, max_new: int, vocab: int):
+    """(prompts, budgets): MedQuAD questions as "Question: ...\\nAnswer:" ids (mod `vocab`) and their
+    reference answers' token counts, at most max_new."""
+    from biomedlm_jax import seq2seq
+    from biomedlm_jax import tokenizer as tokenizer_lib
+
+    tok = tokenizer_lib.load_tokenizer(tokenizer)
+    examples = seq2seq.read_medquad(medquad)[:questions]
+    if len(examples) < questions:
+        raise SystemExit(f"{medquad}: {len(examples)} question-answer pairs, fewer than --questions={questions}")
+    prompts = [[t % vocab for t in tok.encode(f"Question: {e.question}\nAnswer:").ids] for e in examples]
+    budgets = [max(1, min(max_new, len(tok.encode(" " + e.answer).ids))) for e in examples]
+    return prompts, budgets
+
+
+def _tiny_model(variant: str, n_positions: int, vocab: int = 0, seed: int = 0):
+    import jax
+
+    from biomedlm_jax import model as model_lib
+
+    cfg = model_lib.get_config(variant, n_positions=max(model_lib.VARIANTS[variant].get("n_positions", 1024),
+                                                        n_positions), **({"vocab_size": vocab} if vocab else {}))
+    model = model_lib.GPT(cfg)
+    return model, model_lib.init_params(model, jax.random.PRNGKey(seed))
+
+
+def bench_engine(variant: str, questions: int, slots: int, max_new: int, medquad: str, tokenizer: str,
+                 steps_per_sync: int = 8, peer: bool = False, vocab: int = 0) -> list[dict]:
+    import jax
+
+    from biomedlm_jax import engine, generate
+
+    from biomedlm_jax import model as model_lib
+
+    V = vocab or model_lib.VARIANTS[variant]["vocab_size"]
+    prompts, budgets = medquad_requests(medquad, tokenizer, questions, max_new, V)
+    longest = max(len(p) for p in prompts)
+    model, params = _tiny_model(variant, longest + max_new, vocab)
+    cfg = generate.SamplingConfig(max_new_tokens=max_new, temperature=0.0)
+    useful = sum(budgets)
+    base = {"kind": "engine", "model": variant, "vocab": model.config.vocab_size, "questions": questions,
+            "batch": slots, "max_new": max_new, "useful_tokens": useful, "device": jax.devices()[0].device_kind,
+            "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
+            "budget_mean": float(np.mean(budgets)), "budget_max": int(max(budgets))}
+
+    eng = engine.Engine(model, params, cfg, slots=slots, max_prompt_len=longest, steps_per_sync=steps_per_sync)
+    reqs = [engine.Request(p, b) for p, b in zip(prompts, budgets)]
+    eng.run(reqs[: 2 * slots])  # compile every prompt bucket used below and the decode loop
+    t0 = time.perf_counter()
+    outs = eng.run(reqs)
+    dt_engine = time.perf_counter() - t0
+    assert [len(o) for o in outs] == budgets
+    rows = [dict(base, impl="ours-engine", steps_per_sync=steps_per_sync, seconds=dt_engine,
+                 tokens_per_s=useful / dt_engine)]
+
+    batches = [list(range(i, min(i + slots, questions))) for i in range(0, questions, slots)]
+    for b in batches[:2]:  # compile (each batch's prompt bucket and budget)
+        generate.generate(model, params, [prompts[n] for n in b], jax.random.PRNGKey(0),
+                          generate.SamplingConfig(max_new_tokens=max(budgets[n] for n in b), temperature=0.0))
+    t0, steps = time.perf_counter(), 0
+    static_outs = {}
+    for b in batches:
+        new = max(budgets[n] for n in b)
+        steps += new
+        gen = generate.generate(model, params, [prompts[n] for n in b], jax.random.PRNGKey(0),
+                                generate.SamplingConfig(max_new_tokens=new, temperature=0.0))
+        static_outs.update({n: g[: budgets[n]] for n, g in zip(b, gen)})
+    dt_static = time.perf_counter() - t0
+    rows.append(dict(base, impl="ours-static", seconds=dt_static, tokens_per_s=useful / dt_static,
+                     slot_steps=steps * slots))
+    rows[0]["identical_to_static"] = all(static_outs[n] == outs[n] for n in range(questions))
+    rows[0]["speedup_vs_static"] = dt_static / dt_engine
+
+    if peer:
+        import torch
+
+        from biomedlm_jax import bench
+
+        tm = bench.hf_peer_model(model, params, "float32", "cpu")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b in batches:
+                new = max(budgets[n] for n in b)
+                P = max(len(prompts[n]) for n in b)
+                ids = torch.zeros((len(b), P), dtype=torch.long)
+                mask = torch.zeros((len(b), P), dtype=torch.long)
+                for j, n in enumerate(b):  # left padding, as generate wants for decoder-only models
+                    ids[j, P - len(prompts[n]):] = torch.tensor(prompts[n])
+                    mask[j, P - len(prompts[n]):] = 1
+                tm.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                            pad_token_id=0)
+        dt_hf = time.perf_counter() - t0
+        rows.append(dict(base, impl="hf-static", seconds=dt_hf, tokens_per_s=useful / dt_hf, torch=torch.__version__))
+        rows[0]["speedup_vs_hf"] = dt_hf / dt_engine
+    return rows
+
+
+def _time_generate(model, params, prompts, new: int, repeats: int = 3) -> float:
+    import jax
+
+    from biomedlm_jax import generate
+
+    scfg = generate.SamplingConfig(max_new_tokens=new, temperature=0.0)
+    generate.generate(model, params, prompts, jax.random.PRNGKey(0), scfg)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate.generate(model, params, prompts, jax.random.PRNGKey(0), scfg)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_decode(variant: str, batch: int, prompt: int, new: int, quantize: str = "", gguf: str = "",
+                 bandwidth: float = 0.0, vocab: int = 0, repeats: int = 3, out_dir: str = "") -> list[dict]:
+    import jax
+
+    from biomedlm_jax import bench
+
+    model, params = _tiny_model(variant, prompt + new, vocab)
+    cfg = model.config
+    bandwidth = bandwidth or measure_bandwidth()
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).tolist()
+    base = {"kind": "decode", "model": variant, "vocab": cfg.vocab_size, "batch": batch, "prompt": prompt, "new": new,
+            "device": jax.devices()[0].device_kind, "host_cpu": bench._host_cpu(), "bandwidth_bytes_per_s": bandwidth}
+
+    def row(impl, dt, weights_params, **extra):
+        roof = bench.decode_roofline(weights_params, cfg, batch, prompt, new, bandwidth)
+        tps = batch * new / dt
+        return dict(base, impl=impl, tokens_per_s=tps, ms_per_step=1e3 * dt / new, **roof,
+                    roofline_fraction=tps / roof["roofline_tokens_per_s"], **extra)
+
+    rows = [row("ours-fp32", _time_generate(model, params, prompts, new, repeats), params)]
+    if quantize:
+        from biomedlm_jax import quantize as quant_lib
+
+        qmodel, qparams = quant_lib.quantize(model, params, quantize)
+        rows.append(row(f"ours-{quantize}", _time_generate(qmodel, qparams, prompts, new, repeats),
+                        quant_lib.storage_params(qparams)))
+    if gguf:
+        import tempfile
+
+        from biomedlm_jax import gguf_export
+
+        folder = out_dir or tempfile.mkdtemp(prefix="bench_gguf_")
+        for ftype in gguf.split(","):
+            path = os.path.join(folder, f"{variant}-{ftype}.gguf")
+            gguf_export.write_gguf(model.config, params, None, path, ftype)
+            if batch != 1:
+                continue
+            dt = gguf_export.time_llama_cpp(path, prompts[0], new, repeats)
+            rows.append(dict(base, impl=f"llama.cpp-{ftype}", tokens_per_s=new / dt, ms_per_step=1e3 * dt / new,
+                             file_bytes=os.path.getsize(path),
+                             roofline_fraction=(new / dt) * os.path.getsize(path) / bandwidth))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m biomedlm_jax.bench_inference")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    en = sub.add_parser("engine", help="continuous batching vs static batches on MedQuAD's mixed lengths")
+    en.add_argument("--model", default="bench-cpu")
+    en.add_argument("--vocab", type=int, default=0)
+    en.add_argument("--questions", type=int, default=256)
+    en.add_argument("--slots", type=int, default=16, help="batch width (engine slots = static batch size)")
+    en.add_argument("--max_new", type=int, default=256)
+    en.add_argument("--steps_per_sync", type=int, default=8)
+    en.add_argument("--medquad", default=os.path.join("data", "medquad"), help="MedQuAD XML folder")
+    en.add_argument("--tokenizer", default=os.path.join("data", "gpt2_tokenizer"))
+    en.add_argument("--peer", action="store_true", help="also time transformers' generate on the same batches")
+    de = sub.add_parser("decode", help="greedy decode tokens/s: fp32, int8, llama.cpp GGUF")
+    de.add_argument("--model", default="bench-cpu")
+    de.add_argument("--vocab", type=int, default=0)
+    de.add_argument("--batch", type=int, default=1)
+    de.add_argument("--prompt", type=int, default=128)
+    de.add_argument("--new", type=int, default=128)
+    de.add_argument("--quantize", default="", help="int8: also time Qwix int8 weights")
+    de.add_argument("--gguf", default="", help="comma list of GGUF types (F16,Q8_0) to time in llama.cpp (batch 1)")
+    de.add_argument("--bandwidth", type=float, default=0.0, help="memory bytes/s (default: measured here)")
+    de.add_argument("--out", default="", help="folder for the GGUF files (default: a temporary one)")
+    args = p.parse_args(argv)
+    if args.cmd == "engine":
+        rows = bench_engine(args.model, args.questions, args.slots, args.max_new, args.medquad, args.tokenizer,
+                            args.steps_per_sync, args.peer, args.vocab)
+    else:
+        rows = bench_decode(args.model, args.batch, args.prompt, args.new, args.quantize, args.gguf, args.bandwidth,
+                            args.vocab, out_dir=args.out)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
