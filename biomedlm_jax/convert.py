@@ -3,12 +3,17 @@
     python -m biomedlm_jax.convert --from=hf:DIR --to=orbax:WORKDIR
     python -m biomedlm_jax.convert --from=orbax:WORKDIR --to=hf:DIR [--step=N] [--dtype=bfloat16]
     python -m biomedlm_jax.convert --from=orbax:LORA_WORKDIR --to=peft:DIR
+    python -m biomedlm_jax.convert --from=hf:DIR|orbax:WORKDIR --to=gguf:FILE.gguf [--gguf_type=F16|Q8_0|F32]
 
 A LoRA run (config `lora.rank` > 0) exports to hf: with its adapters merged into the weights (a plain
 GPT2LMHeadModel, or the classifier below), and to peft: as an HF PEFT adapter (adapter_config.json +
 adapter_model.safetensors, GPT-2 module names) that `peft.PeftModel.from_pretrained(
 GPT2LMHeadModel.from_pretrained(BASE), DIR)` loads. PEFT export covers LM runs on the base's own
 vocabulary; a run that added tokens or a task head (MCQA, seq2seq's BioMedLM layout) exports merged.
+
+gguf:FILE writes a llama.cpp file (GPT-2 architecture, the run's own tokenizer; gguf_export.py), F16 by
+default or Q8_0; LoRA adapters are merged first. A classifier (an MCQA workdir) is refused: its head
+has no place in llama.cpp's graph.
 
 `orbax:WORKDIR` is a training workdir (the latest complete checkpoint is used unless --step) or the
 output of a previous hf->orbax conversion. Tokenizer files travel with the weights both ways
@@ -38,7 +43,7 @@ def parse_location(spec: str, flag: str) -> tuple[str, str]:
     """(kind, path) of a --from / --to value (sources.parse; --to also takes peft:DIR); exits with the
     parser's message on anything else."""
     try:
-        src = sources.parse(spec, flag, ("hf", "orbax", "peft") if flag == "--to" else sources.KINDS)
+        src = sources.parse(spec, flag, ("hf", "orbax", "peft", "gguf") if flag == "--to" else sources.KINDS)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     return src.kind, src.path
@@ -115,10 +120,33 @@ def export_peft(src: str, dst_path: str, step=None, overwrite=False) -> str:
     return dst_path
 
 
-def convert(src: str, dst: str, *, step=None, dtype=None, overwrite=False, max_shard_size="5GB") -> str:
+def export_gguf(src: str, dst_path: str, step=None, gguf_type: str = "F16", overwrite=False) -> str:
+    """An LM checkpoint as a llama.cpp GGUF file (see gguf_export.py)."""
+    from biomedlm_jax import gguf_export
+
+    if gguf_type.upper() not in gguf_export.TYPES:
+        raise ValueError(f"--gguf_type={gguf_type}: choose from {', '.join(gguf_export.TYPES)}")
+    if paths.exists(dst_path) and not overwrite:
+        raise FileExistsError(f"{dst_path} already exists; pass --overwrite to replace it")
+    if paths.is_remote(dst_path):
+        raise ValueError(f"--to=gguf:{dst_path}: write GGUF files to a local path")
+    clf = _mcqa_classifier(src, step)
+    if clf is not None:
+        raise ValueError(f"--from={src} is an MCQA classifier ({clf.head['head']} head): llama.cpp's GPT-2 graph has only "
+                         "the tied LM head, so the classifier cannot travel in GGUF; export it with --to=hf:DIR")
+    model, params, tok = load(src, step=step, scan_layers=False)
+    if tok is None:
+        raise ValueError(f"{src}: no tokenizer files next to the checkpoint; GGUF carries the tokenizer")
+    return gguf_export.write_gguf(model.config, params, tok, dst_path, gguf_type)
+
+
+def convert(src: str, dst: str, *, step=None, dtype=None, overwrite=False, max_shard_size="5GB",
+            gguf_type: str = "F16") -> str:
     dst_kind, dst_path = parse_location(dst, "--to")
     if dst_kind == "peft":
         return export_peft(src, dst_path, step, overwrite)
+    if dst_kind == "gguf":
+        return export_gguf(src, dst_path, step, gguf_type, overwrite)
     if dst_kind == "hf" and paths.exists(paths.join(dst_path, hf.CONFIG_NAME)) and not overwrite:
         raise FileExistsError(f"{dst_path} already holds an HF checkpoint; pass --overwrite to replace it")
     clf = _mcqa_classifier(src, step) if dst_kind == "hf" else None
@@ -142,15 +170,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="src", required=True, help="hf:DIR or orbax:WORKDIR")
-    p.add_argument("--to", dest="dst", required=True, help="hf:DIR, orbax:WORKDIR, or peft:DIR (a LoRA run's adapters)")
+    p.add_argument("--to", dest="dst", required=True, help="hf:DIR, orbax:WORKDIR, peft:DIR (a LoRA run's adapters) or gguf:FILE (llama.cpp)")
     p.add_argument("--step", type=int, default=None, help="orbax step to read/write (default: latest / 0)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="storage dtype")
     p.add_argument("--max_shard_size", default="5GB", help="HF output: shard safetensors above this size")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing HF output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing HF output directory or GGUF file")
+    p.add_argument("--gguf_type", default="F16", help="gguf: output: F16 (default), Q8_0 or F32")
     args = p.parse_args(argv)
     try:
         out = convert(args.src, args.dst, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
-                      max_shard_size=args.max_shard_size)
+                      max_shard_size=args.max_shard_size, gguf_type=args.gguf_type)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 1

@@ -33,4 +33,4 @@ def parse_optional(spec: str, flag: str = "init_from", kinds: tuple = KINDS):
     return parse(spec, flag, kinds) if spec else None
 
 
-_PLACEHOLDER = {"hf": "DIR", "orbax": "WORKDIR", "peft": "DIR"}
+_PLACEHOLDER = {"hf": "DIR", "orbax": "WORKDIR", "peft": "DIR", "gguf": "FILE"}

@@ -1,0 +1,155 @@
+"""GGUF export (convert --to=gguf:FILE) run in llama.cpp through llama-cpp-python: same logits, same
+greedy tokens, the run's own tokenizer, and clear refusals."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO
+
+from biomedlm_jax import convert, generate, gguf_export, seq2seq
+from biomedlm_jax import model as M
+from biomedlm_jax import tokenizer as T
+
+GPT2 = str(REPO / "data" / "gpt2_tokenizer")
+TEXT = "Metformin is first-line therapy for type 2 diabetes mellitus (T2DM); 500 mg twice daily."
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return T.load_tokenizer(GPT2)
+
+
+def greedy(model, params, prompt, new, eos=None):
+    cfg = generate.SamplingConfig(max_new_tokens=new, temperature=0.0, eos_id=eos)
+    return generate.generate(model, params, [prompt], jax.random.PRNGKey(0), cfg)[0]
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(scale_attn_by_inverse_layer_idx=True, scan_layers=True),
+                                     dict(scale_attn_weights=False, n_head=2)])
+def test_llama_cpp_logits_match_ours(tmp_path, tok, variant):
+    """F32 and F16 files give our logits at every position (BioMedLM's 1/(layer+1) attention scaling
+    and unscaled attention folded into q); Q8_0 agrees on the top token at >= 90% of positions."""
+    cfg = M.get_config("tiny", **variant)
+    model = M.GPT(cfg)
+    params = M.init_params(model, jax.random.PRNGKey(1))
+    ids = tok.encode(TEXT).ids
+    ids = ids + greedy(model, params, ids, 24)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray([ids])))[0]
+    for ftype, atol in (("F32", 1e-3), ("F16", 5e-3), ("Q8_0", None)):
+        path = gguf_export.write_gguf(cfg, params, tok, str(tmp_path / f"m-{ftype}.gguf"), ftype)
+        theirs = gguf_export.llama_logits(gguf_export.load_llama(path, n_ctx=len(ids), logits_all=True), ids)
+        assert theirs.shape == ours.shape
+        if atol is not None:
+            np.testing.assert_allclose(theirs, ours, atol=atol, err_msg=ftype)
+        else:
+            agree = (theirs.argmax(-1) == ours.argmax(-1)).mean()
+            assert agree >= 0.9, agree
+
+
+def test_tokenizer_travels_with_the_file(tmp_path, tok):
+    """llama.cpp tokenizes with the file's own vocabulary and merges like `tokenizers` does (no
+    fingerprinting), keeps added tokens whole, and pads the vocabulary to the embedding's rows."""
+    import gguf
+
+    tok = T.load_tokenizer(GPT2)
+    seq2seq.add_layout_tokens(tok)  # [PAD] 50257, <|startoftext|> 50258, as BioMedLM's fine-tuning adds
+    cfg = M.get_config("tiny", vocab_size=50304)  # padded past the tokenizer's 50259
+    model = M.GPT(cfg)
+    path = gguf_export.write_gguf(cfg, M.init_params(model, jax.random.PRNGKey(0)), tok, str(tmp_path / "m.gguf"))
+    llm = gguf_export.load_llama(path, n_ctx=256)
+    texts = [TEXT, "  Two  spaces\tand\nnewlines\n\n", "Ünïcödé: β-lactamase, 37 °C, IL-6→STAT3 🧬",
+             "Question: what is BRCA1?<|startoftext|>It is a gene.<|endoftext|>"]
+    for text in texts:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == tok.encode(text).ids, text
+        assert llm.detokenize(tok.encode(text).ids, special=True).decode("utf-8") == text
+    assert llm.n_vocab() == 50304 and llm.token_eos() == 50256
+    reader = gguf.GGUFReader(path)
+    field = reader.fields["tokenizer.ggml.padding_token_id"]
+    assert int(field.parts[field.data[0]][0]) == 50257
+    types = reader.fields["tokenizer.ggml.token_type"]
+    kinds = [int(types.parts[i][0]) for i in types.data]
+    assert kinds[50256] == kinds[50257] == kinds[50258] == gguf.TokenType.CONTROL
+    assert kinds[50259:] == [gguf.TokenType.UNUSED] * (50304 - 50259) and kinds[0] == gguf.TokenType.NORMAL
+
+
+def test_refusals_name_the_problem(tmp_path, tok):
+    from conftest import make_hf_model
+
+    cfg = M.get_config("tiny", activation="relu")
+    model = M.GPT(cfg)
+    with pytest.raises(gguf_export.GGUFExportError, match="activation='relu'.*tanh-GELU"):
+        gguf_export.write_gguf(cfg, M.init_params(model, jax.random.PRNGKey(0)), tok, str(tmp_path / "x.gguf"))
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    make_hf_model(tmp_path / "hf", n_layer=2, n_embd=64, n_head=4, n_positions=64)
+    T.save_tokenizer(tok, str(tmp_path / "hf"))
+    out = tmp_path / "m.gguf"
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.convert", f"--from=hf:{tmp_path / 'hf'}", f"--to=gguf:{out}",
+                        "--gguf_type=Q8_0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and out.exists(), r.stderr[-2000:]
+    for args, message in (([], "already exists; pass --overwrite"), (["--gguf_type=Q4_K"], "choose from F32, F16, Q8_0")):
+        r = subprocess.run([sys.executable, "-m", "biomedlm_jax.convert", f"--from=hf:{tmp_path / 'hf'}",
+                            f"--to=gguf:{out}"] + args, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and message in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_finetuned_biomedlm_style_model_generates_the_same_tokens_in_llama_cpp(tmp_path):
+    """The acceptance case: a model fine-tuned here in BioMedLM's layout (its added [PAD] and
+    <|startoftext|>, a vocabulary grown to 50259, 1/(layer+1) attention scaling) exported with
+    `convert --to=gguf:` generates our greedy tokens in llama.cpp at F16; Q8_0 keeps the top token
+    at >= 95% of positions. An MCQA classifier is refused."""
+    data = tmp_path / "data"
+    data.mkdir()
+    ex = seq2seq.read_medquad(str(REPO / "data" / "medquad"))
+    for split, part in (("train", ex[:64]), ("val", ex[64:72])):
+        (data / f"{split}.source").write_text("".join(e.question + "\n" for e in part), encoding="utf-8")
+        (data / f"{split}.target").write_text("".join(e.answer + "\n" for e in part), encoding="utf-8")
+    run = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "biomedlm_jax.finetune_seq2seq", f"--config={REPO}/configs/seq2seq.py:tiny",
+         f"--workdir={run}", f"--config.data.tokenizer={GPT2}", "--config.data.format=textgen",
+         f"--config.data.path={data}", "--config.num_train_steps=40", "--config.eval_every_steps=40",
+         "--config.checkpoint_every_steps=40", "--config.data.generate_examples=0",
+         "--config.data.max_source_length=48", "--config.model.scale_attn_by_inverse_layer_idx=true",
+         "--config.progress_bar=false"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = {}
+    for ftype in ("F16", "Q8_0"):
+        files[ftype] = tmp_path / f"run-{ftype}.gguf"
+        r = subprocess.run([sys.executable, "-m", "biomedlm_jax.convert", f"--from=orbax:{run}",
+                            f"--to=gguf:{files[ftype]}", f"--gguf_type={ftype}"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    model, params, tok = convert.load(f"orbax:{run}")
+    assert model.config.vocab_size == 50259 and model.config.scale_attn_by_inverse_layer_idx
+    eos = tok.token_to_id(T.EOS_TOKEN)
+    f16 = gguf_export.load_llama(str(files["F16"]), n_ctx=128)
+    q8 = gguf_export.load_llama(str(files["Q8_0"]), n_ctx=128, logits_all=True)
+    agree = []
+    for e in ex[64:72]:
+        prompt = tok.encode(e.question).ids[:48] + [tok.token_to_id("<|startoftext|>")]
+        assert f16.tokenize((e.question[:200] + "<|startoftext|>").encode(), add_bos=False, special=True)[-1] == prompt[-1]
+        ours = greedy(model, params, prompt, 32, eos)
+        theirs, _ = gguf_export.llama_greedy(f16, prompt, 32, eos)
+        assert theirs == ours, (e.question, tok.decode(ours), tok.decode(theirs))
+        ids = prompt + ours
+        ref = np.asarray(model.apply({"params": params}, jnp.asarray([ids])))[0]
+        agree.append(gguf_export.llama_logits(q8, ids).argmax(-1) == ref.argmax(-1))
+    share = np.concatenate(agree).mean()
+    print(json.dumps({"q8_0_top1_agreement": float(share), "positions": int(np.concatenate(agree).size)}))
+    assert share >= 0.95, share
+
+    clf = tmp_path / "clf"
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.finetune_mcqa", f"--config={REPO}/configs/mcqa.py:pubmedqa-tiny",
+                        f"--workdir={clf}", f"--config.data.tokenizer={GPT2}", "--config.num_train_steps=2",
+                        "--config.eval_every_steps=2", "--config.progress_bar=false", "--config.seq_len=32"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.convert", f"--from=orbax:{clf}", f"--to=gguf:{tmp_path / 'c.gguf'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "MCQA classifier (seqcls head)" in r.stderr and "--to=hf:DIR" in r.stderr, r.stderr
+    assert not (tmp_path / "c.gguf").exists()
