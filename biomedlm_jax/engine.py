@@ -137,6 +137,13 @@ def _decode_steps(model: GPT, params, head, state, cfg: SamplingConfig, n_steps:
     return state, toks, emitted
 
 
+# Module-level jits with the model and sampling config static: every Engine on the same model shares
+# their compiled programs (the lm-eval backend builds one per generation-kwargs group).
+_generate_steps = jax.jit(_decode_steps, static_argnames=("model", "cfg", "n_steps"), donate_argnames=("state",))
+_free_slot = jax.jit(lambda state, slot: dict(state, active=state["active"].at[slot].set(False)), donate_argnums=(0,))
+_head = jax.jit(transposed_head, static_argnums=1)
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def _prefill(model: GPT, params, ids, mask):
     """Left-padded prompts (n, P) through the model: (last logits (n, V), their (n * H, P, hd) cache)."""
@@ -145,6 +152,7 @@ def _prefill(model: GPT, params, ids, mask):
     return logits[:, -1], cache
 
 
+@functools.partial(jax.jit, static_argnames=("n_head",), donate_argnums=(0,))
 def _insert(state, prefix_cache, prefix_mask, prefix_logits, row, prompt_row, length, budget, key, slot,
             n_head: int):
     """Write row `row` of a prefilled batch into `slot`: its P cache columns end just before column t
@@ -199,12 +207,7 @@ class Engine:
         self.max_prompt_len = max_prompt_len
         self.cache_len = -(-max_prompt_len // bucket) * bucket + cfg.max_new_tokens
         self.history_len = max_prompt_len + cfg.max_new_tokens
-        self.head = jax.jit(transposed_head, static_argnums=1)(params, model.config)
-        self._generate = jax.jit(functools.partial(_decode_steps, model, cfg=cfg, n_steps=steps_per_sync),
-                                 donate_argnums=(2,))
-        self._insert = jax.jit(functools.partial(_insert, n_head=model.config.n_head), donate_argnums=(0,))
-        self._free = jax.jit(lambda state, slot: dict(state, active=state["active"].at[slot].set(False)),
-                             donate_argnums=(0,))
+        self.head = _head(params, model.config)
 
     # --- the engine API ------------------------------------------------------------------------------
 
@@ -249,16 +252,17 @@ class Engine:
         key = jax.random.PRNGKey(0) if key is None else key
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
-        return self._insert(state, prefix.cache, prefix.mask, prefix.logits, jnp.int32(row), jnp.asarray(hist),
-                            jnp.int32(prefix.lengths[row]), jnp.int32(budget), key, jnp.int32(slot))
+        return _insert(state, prefix.cache, prefix.mask, prefix.logits, jnp.int32(row), jnp.asarray(hist),
+                       jnp.int32(prefix.lengths[row]), jnp.int32(budget), key, jnp.int32(slot),
+                       n_head=self.model.config.n_head)
 
     def generate(self, state: dict):
         """Up to `steps_per_sync` steps for all slots: (state, tokens (n, B), emitted (n, B))."""
-        return self._generate(self.params, self.head, state)
+        return _generate_steps(self.model, self.params, self.head, state, cfg=self.cfg, n_steps=self.steps_per_sync)
 
     def free(self, state: dict, slot: int) -> dict:
         """End the request in `slot` now (a stop string, a cancelled request)."""
-        return self._free(state, jnp.int32(slot))
+        return _free_slot(state, jnp.int32(slot))
 
     # --- scheduling --------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Language-model evaluation of a checkpoint on documents: loss, perplexity and bits per byte.
 
     python -m biomedlm_jax.evaluate_lm --init_from=hf:DIR|orbax:WORKDIR --input=GLOBS
-        [--format=auto] [--seq_len=0] [--batch_size=8] [--max_docs=0] [--dtype=bfloat16] [--out=FILE.json]
+        [--format=auto] [--seq_len=0] [--batch_size=8] [--max_docs=0] [--dtype=bfloat16] [--quantize=int8] [--out=FILE.json]
 
 Each document is scored on its own: `<|endoftext|>` first (GPT-2's document separator, so the first
 real token is predicted too), then the document's tokens, cut into windows of `seq_len` predictions
@@ -89,15 +89,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_docs", type=int, default=0, help="score only the first N documents (0 = all)")
     p.add_argument("--dtype", default=None, help="compute and weight dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--quantize", default="none", help="int8: Qwix int8 weight-only quantization (default none)")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)
+    from biomedlm_jax import quantize
+
+    try:
+        quantize.check_mode(args.quantize)
+    except ValueError as e:
+        p.error(str(e))
     model, params, tok = convert.load_for_inference(args.init_from, args.dtype)
+    model, params = quantize.quantize(model, params, args.quantize)
     stats = readers.ReadStats()
     docs = readers.read_documents(readers.expand_files(args.input), stats, fmt=args.format)
     if args.max_docs:
         docs = (d for _, d in zip(range(args.max_docs), docs))
     result = evaluate(model, params, tok, docs, args.seq_len, args.batch_size)
-    result.update(init_from=args.init_from, input=args.input, seq_len=args.seq_len or model.config.n_positions,
+    result.update(init_from=args.init_from, input=args.input, quantize=args.quantize, seq_len=args.seq_len or model.config.n_positions,
                   read_stats=stats.as_dict())
     print(f"{result['documents']:,} documents, {result['tokens']:,} tokens, {result['bytes']:,} bytes: loss "
           f"{result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "

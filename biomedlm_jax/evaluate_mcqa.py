@@ -95,18 +95,24 @@ def _head_columns(head: dict, spec):
 
 def evaluate(tasks: dict, *, workdir: Optional[str] = None, init_from: Optional[str] = None, zero_shot: bool = False,
              max_items: int = 0, seq_len: int = 0, batch_size: int = 16, progress: bool = True,
-             zero_shot_reduce: str = "mean", predictions: Optional[str] = None, dtype: Optional[str] = None) -> dict:
+             zero_shot_reduce: str = "mean", predictions: Optional[str] = None, dtype: Optional[str] = None,
+             quantize: Optional[str] = None) -> dict:
     """Accuracy per task of a fine-tuned classifier (or, `zero_shot`, of an LM's option likelihoods).
     `dtype`: compute and weight dtype (default: the checkpoint's), e.g. float32 to compare a bf16-trained
-    run with an fp32 export."""
+    run with an fp32 export. `quantize`: "int8" scores with Qwix int8 weights (quantize.py)."""
     from tqdm import tqdm
+
+    from biomedlm_jax import quantize as quant_lib
+
+    quant_lib.check_mode(quantize)
 
     if zero_shot:
         from biomedlm_jax import convert
 
         lm, lm_params, tok = convert.load_for_inference(init_from or f"orbax:{workdir}", dtype)
+        lm, lm_params = quant_lib.quantize(lm, lm_params, quantize)
     else:
-        clf = mcqa.load_classifier(init_from or f"orbax:{workdir}", dtype=dtype)
+        clf = quant_lib.quantize_classifier(mcqa.load_classifier(init_from or f"orbax:{workdir}", dtype=dtype), quantize)
         head, tok = clf.head, clf.tok
         seq_len = seq_len or head["seq_len"] or min(HF_SEQ_LEN, clf.model.config.n_positions)
     results, rows = {}, []
@@ -167,6 +173,7 @@ def main(argv=None) -> int:
                    "checkpoint's)")
     p.add_argument("--data_dir", default="data", help="where a task's shipped file is read from when --tasks gives "
                    "no path (the repository's data/ folder)")
+    p.add_argument("--quantize", default="none", help="int8: Qwix int8 weight-only quantization (default none)")
     p.add_argument("--out", default="mcqa_results.json")
     p.add_argument("--predictions", default=None, help="write per-item logits and predictions to this JSONL file")
     args = p.parse_args(argv)
@@ -175,7 +182,7 @@ def main(argv=None) -> int:
         results = evaluate(tasks, workdir=args.workdir, init_from=args.init_from, zero_shot=args.zero_shot,
                            max_items=args.max_items, seq_len=args.seq_len, batch_size=args.batch_size,
                            progress=sys.stderr.isatty(), zero_shot_reduce=args.zero_shot_reduce,
-                           predictions=args.predictions, dtype=args.dtype)
+                           predictions=args.predictions, dtype=args.dtype, quantize=args.quantize)
     except (ValueError, FileNotFoundError) as e:  # NotAClassifier, DataError, CheckpointError, a stale head
         print(f"evaluate_mcqa: error: {e}", file=sys.stderr)
         return 1

@@ -4,6 +4,12 @@
         [--max_new_tokens=64 --temperature=0.7 --top_k=50 --top_p=0.95 --seed=0 --no_repeat_ngram_size=6]
     python -m biomedlm_jax.generate --init_from=... --interactive
     python -m biomedlm_jax.generate --init_from=... --input=prompts.jsonl --output=out.jsonl [--batch_size=16]
+    ... [--quantize=int8]   # int8 weights (quantize.py), any of the three modes
+
+`--input` runs the continuous-batching engine (engine.py) with `--batch_size` slots: a finished
+answer's slot takes the next prompt at once, and completions are written in input order as they
+finish. Greedy outputs are the same as `generate()` gives; sampled ones use one key per output row
+(fold_in(seed, row)), so they do not depend on the batch a prompt lands in.
 
 How it works (`generate`):
   * prompts are left-padded to a bucket length (a multiple of `bucket`), so different prompt lengths
@@ -252,13 +258,21 @@ def main(argv=None) -> int:
     p.add_argument("--num_return_sequences", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="compute and weight dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--quantize", default="none", help="int8: Qwix int8 weight-only quantization (default none)")
     args = p.parse_args(argv)
     if sum(x is not None and x is not False for x in (args.prompt, args.input, args.interactive or None)) != 1:
         p.error("give exactly one of --prompt, --input or --interactive")
     if args.input and not args.output:
         p.error("--input needs --output")
 
+    from biomedlm_jax import quantize
+
+    try:
+        quantize.check_mode(args.quantize)
+    except ValueError as e:
+        p.error(str(e))
     model, params, tok = convert.load_for_inference(args.init_from, args.dtype)
+    model, params = quantize.quantize(model, params, args.quantize)
     eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.no_repeat_ngram_size,
                          eos_id=eos, pad_id=eos if eos is not None else 0)
@@ -310,16 +324,32 @@ def main(argv=None) -> int:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise SystemExit(f"{args.input}:{lineno}: expected a JSON object with a 'prompt' ({e})")
             records.append(rec)
+    from biomedlm_jax import engine
+
+    n_ret = args.num_return_sequences
+    prompts = [tok.encode(r["prompt"]).ids or [eos] for r in records]
+    longest = max((len(q) for q in prompts), default=1)
+    if longest + cfg.max_new_tokens > model.config.n_positions:
+        raise SystemExit(f"{args.input}: a prompt of {longest} tokens + --max_new_tokens={cfg.max_new_tokens} exceeds "
+                         f"the model's n_positions={model.config.n_positions}")
+    requests = [engine.Request(q, key=jax.random.fold_in(rng, i * n_ret + j)) for i, q in enumerate(prompts)
+                for j in range(n_ret)]
+    done: dict = {}
     with open(args.output, "w", encoding="utf-8") as out:
-        for start in range(0, len(records), args.batch_size):
-            chunk = records[start: start + args.batch_size]
-            prompts = [tok.encode(r["prompt"]).ids or [eos] for r in chunk]
-            gen = generate(model, params, prompts, jax.random.fold_in(rng, start), cfg,
-                           num_return_sequences=args.num_return_sequences)
-            for j, rec in enumerate(chunk):
-                outs = gen[j * args.num_return_sequences:(j + 1) * args.num_return_sequences]
-                texts = [tok.decode([t for t in o if t != eos]) for o in outs]
-                out.write(json.dumps(dict(rec, completion=texts[0] if len(texts) == 1 else texts), ensure_ascii=False) + "\n")
+        written = [0]
+
+        def on_done(n, ids):  # write each record as soon as it and every record before it are done
+            done[n] = tok.decode([t for t in ids if t != eos])
+            while all((written[0] * n_ret + j) in done for j in range(n_ret)) and written[0] < len(records):
+                texts = [done.pop(written[0] * n_ret + j) for j in range(n_ret)]
+                rec = records[written[0]]
+                out.write(json.dumps(dict(rec, completion=texts[0] if n_ret == 1 else texts), ensure_ascii=False) + "\n")
+                out.flush()
+                written[0] += 1
+
+        if requests:
+            eng = engine.Engine(model, params, cfg, slots=min(args.batch_size, len(requests)), max_prompt_len=longest)
+            eng.run(requests, rng, on_done=on_done)
     print(f"wrote {len(records)} completions to {args.output}")
     return 0
 

@@ -17,11 +17,14 @@ Parity with the harness's `hf` backend is the point, so every step that decides 
     the prefix token and `max_length`, window sums added up;
   * `generate_until`: the harness's gen-kwargs normalisation and stop handling, contexts cut from
     the left to `max_length - max_gen_toks`, greedy (or sampled with `do_sample`/`temperature`/`top_k`/
-    `top_p`) on our KV-cache generator, EOS stops a row, special tokens dropped when decoding, the text
-    cut at the first stop string.
+    `top_p`, one key per request) on the continuous-batching engine (engine.py, `batch_size` slots):
+    EOS or a stop string frees a request's slot for the next one, special tokens are dropped when
+    decoding, the text is cut at the first stop string.
 
-Requests are sorted by length and run in batches of `batch_size` rows padded to a multiple of
-`bucket` tokens, so a task compiles a handful of shapes, not one per request. Batches are split over
+`quantize=int8` scores and generates with Qwix int8 weights (quantize.py).
+
+Scoring requests are sorted by length and run in batches of `batch_size` rows padded to a multiple
+of `bucket` tokens, so a task compiles a handful of shapes, not one per request. Batches are split over
 all local devices (data parallel). `mesh_shape="1,-1,1"` (data, fsdp, tensor) shards the weights as
 the trainer does, for models that do not fit one device.
 """
@@ -46,7 +49,7 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from biomedlm_jax import checkpoint, convert, generate, sharding, sources
+from biomedlm_jax import checkpoint, convert, engine, generate, sharding, sources
 from biomedlm_jax import tokenizer as tokenizer_lib
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
@@ -84,8 +87,11 @@ class JaxLM(TemplateLM):
 
     def __init__(self, init_from: str, dtype: str = "float32", batch_size=16, max_batch_size=None,
                  max_length: Optional[int] = None, max_gen_toks: int = 256, bucket: int = 64,
-                 mesh_shape: Optional[str] = None, seed: int = 0, **kwargs):
+                 mesh_shape: Optional[str] = None, seed: int = 0, quantize: str = "none", **kwargs):
+        from biomedlm_jax import quantize as quant_lib
+
         super().__init__()
+        quant_lib.check_mode(quantize, "quantize")
         self.model, self.params, self.tok = convert.load_for_inference(init_from, None if dtype == "float32" else dtype)
         cfg = _tokenizer_config(init_from)
         eos = _token_name(cfg.get("eos_token")) or tokenizer_lib.EOS_TOKEN
@@ -107,6 +113,9 @@ class JaxLM(TemplateLM):
         bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
         self._batch_size = -(-bs // ways) * ways  # a multiple of the batch shards
         self.params = self._place(self.params)
+        if quant_lib.check_mode(quantize, "quantize"):  # int8 copies of the placed kernels keep their shardings
+            self.model, self.params = quant_lib.quantize(self.model, self.params, quantize)
+            self._param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
         self._rows = NamedSharding(self.mesh, P(("data", "fsdp")))
         self._ll = jax.jit(self._ll_sums, out_shardings=NamedSharding(self.mesh, P()),
                            in_shardings=(self._param_shardings,) + (self._rows,) * 5)
@@ -256,21 +265,24 @@ class JaxLM(TemplateLM):
                 max_new_tokens=max_gen, temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
                 top_k=int(kwargs.get("top_k") or 0) if sample else 0, top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
                 eos_id=self.eot_token_id, pad_id=self.eot_token_id)
-            contexts = {n: self.tok_encode(requests[n].args[0], left_truncate_len=max_ctx) for n in members}
-            order = sorted(members, key=lambda n: -len(contexts[n]))
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start: start + self.batch_size]
-                prompts = [contexts[n] for n in chunk]
-                prompts += [prompts[-1]] * (self.batch_size - len(prompts))  # one batch shape per bucket
-                rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), start)
-                with jax.set_mesh(self.mesh):
-                    gen = generate.generate(self.model, self.params, prompts, rng, cfg, bucket=self.bucket)
-                for n, toks in zip(chunk, gen):
-                    if toks and toks[-1] == self.eot_token_id:
-                        toks = toks[:-1]
-                    text = postprocess_generated_text(generation=self.tok_decode(toks), stop=until, think_end_token=None)
-                    out[n] = text
-                    self.cache_hook.add_partial("generate_until", requests[n].args, text)
-                    pbar.update(1)
+            contexts = {n: self.tok_encode(requests[n].args[0], left_truncate_len=max_ctx) or [self.prefix_token_id]
+                        for n in members}
+            longest = max(len(c) for c in contexts.values())
+            eng = engine.Engine(self.model, self.params, cfg, slots=self.batch_size, max_prompt_len=longest,
+                                bucket=self.bucket, detokenize=self.tok_decode)
+            key = jax.random.PRNGKey(self.seed)
+            reqs = [engine.Request(contexts[n], stop=tuple(until), key=jax.random.fold_in(key, n)) for n in members]
+
+            def done(i, toks, members=members, until=until):
+                n = members[i]
+                if toks and toks[-1] == self.eot_token_id:
+                    toks = toks[:-1]
+                text = postprocess_generated_text(generation=self.tok_decode(toks), stop=until, think_end_token=None)
+                out[n] = text
+                self.cache_hook.add_partial("generate_until", requests[n].args, text)
+                pbar.update(1)
+
+            with jax.set_mesh(self.mesh):
+                eng.run(reqs, key, on_done=done)
         pbar.close()
         return out

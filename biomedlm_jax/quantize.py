@@ -53,8 +53,9 @@ def _rules(mode: str):
     import qwix
 
     # Every dot_general whose rhs is a parameter: per-output-channel int8 weights. act_qtype stays
-    # None, so activations are not quantized (weight-only).
-    return [qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.int8)]
+    # None, so activations are not quantized (weight-only). An MCQA classifier's score head (a few
+    # thousand weights that decide the answer) stays float.
+    return [qwix.QuantizationRule(module_path=r"(?!score).*", weight_qtype=jnp.int8)]
 
 
 def quantize_model(model, mode: str = "int8"):
@@ -66,12 +67,13 @@ def quantize_model(model, mode: str = "int8"):
     return qwix.quantize_model(model, qwix.PtqProvider(_rules(mode)), methods=methods)
 
 
-def quantize_params(qmodel, params, example_ids=None):
-    """Float params -> params of `qmodel` (`quantize_model(model)`): int8 kernels, the rest as given."""
+def quantize_params(qmodel, params, example_args=None):
+    """Float params -> params of `qmodel` (`quantize_model(model)`): int8 kernels, the rest as given.
+    example_args: inputs to trace `qmodel.init` with (default: one (1, 8) row of token ids)."""
     import qwix
 
-    ids = jnp.zeros((1, 8), jnp.int32) if example_ids is None else example_ids
-    abstract = jax.eval_shape(lambda: qmodel.init(jax.random.PRNGKey(0), ids))["params"]
+    args = (jnp.zeros((1, 8), jnp.int32),) if example_args is None else example_args
+    abstract = jax.eval_shape(lambda: qmodel.init(jax.random.PRNGKey(0), *args))["params"]
     # The abstract tree (no memory) says how to quantize each kernel; the float tree supplies values.
     return qwix.quantize_params(params, abstract)
 
@@ -87,6 +89,17 @@ def quantize(model, params, mode: Optional[str] = "int8"):
     qmodel = quantize_model(model, mode)
     qparams = dict(quantize_params(qmodel, params), **{HEAD_KEY: quantized_head(params["wte"]["embedding"])})
     return qmodel, qparams
+
+
+def quantize_classifier(clf, mode: Optional[str] = "int8"):
+    """An mcqa.Classifier with an int8 backbone (its score head float); unchanged for mode none."""
+    import dataclasses
+
+    if check_mode(mode) is None:
+        return clf
+    qmodel = quantize_model(clf.model, mode)
+    ids = jnp.zeros((1, 1, 8), jnp.int32)
+    return dataclasses.replace(clf, model=qmodel, params=quantize_params(qmodel, clf.params, (ids, ids > -1)))
 
 
 def quantized_head(wte):

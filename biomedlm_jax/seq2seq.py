@@ -359,7 +359,7 @@ def evaluate_generation(config, workdir: str, split: str = "dev") -> dict:
     checkpoint; write `workdir/generations_<split>.jsonl`; return {"rougeL", "examples"}."""
     import jax
 
-    from biomedlm_jax import checkpoint, generate
+    from biomedlm_jax import checkpoint, engine, generate
 
     d = config.data
     examples = load_splits(d)[split][: d.generate_examples]
@@ -373,9 +373,9 @@ def evaluate_generation(config, workdir: str, split: str = "dev") -> dict:
     prompts = [prompt_ids(tok, d, e)[-(model.config.n_positions - budget):] for e in examples]
     cfg = generate.SamplingConfig(max_new_tokens=budget, temperature=0.0, no_repeat_ngram_size=d.no_repeat_ngram_size,
                                   eos_id=eos, pad_id=pad)
-    outs = []
-    for i in range(0, len(prompts), 16):
-        outs += generate.generate(model, params, prompts[i: i + 16], jax.random.PRNGKey(0), cfg)
+    # continuous batching: a short answer's slot takes the next question (greedy: the same tokens as
+    # static batches of generate.generate)
+    outs = engine.generate_all(model, params, prompts, cfg, slots=16)
     preds = [tok.decode([t for t in o if t != eos]).strip() for o in outs]
     score = rouge_l(preds, [e.answer for e in examples])
     if jax.process_index() == 0:

@@ -1,0 +1,129 @@
+"""The continuous-batching engine: the same tokens as `generate.generate` for each prompt alone,
+whatever the slot count, refills, budgets, EOS, n-gram bans or stop strings; the JetStream-style API."""
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from biomedlm_jax import engine as E
+from biomedlm_jax import generate as G
+from biomedlm_jax import model as M
+
+V = 211
+
+
+def tiny(scan=False, **kw):
+    cfg = M.get_config("tiny", vocab_size=V, n_positions=96, scan_layers=scan, **kw)
+    model = M.GPT(cfg)
+    return model, M.init_params(model, jax.random.PRNGKey(0))
+
+
+def prompts_of(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, V - 1, int(rng.integers(1, 40))).tolist() for _ in range(n)]
+
+
+def alone(model, params, prompt, cfg, budget=None):
+    cfg = cfg if budget is None else G.SamplingConfig(**{**cfg.__dict__, "max_new_tokens": budget})
+    return G.generate(model, params, [prompt], jax.random.PRNGKey(0), cfg)[0]
+
+
+@pytest.mark.parametrize("scan,ngram", [(False, 0), (True, 3)])
+def test_greedy_outputs_equal_generate_alone_with_refills_budgets_and_eos(scan, ngram):
+    model, params = tiny(scan)
+    prompts = prompts_of(11)
+    probe = G.SamplingConfig(max_new_tokens=20, temperature=0.0, no_repeat_ngram_size=ngram)
+    eos = alone(model, params, prompts[0], probe)[5]  # a token greedy decoding does produce
+    cfg = G.SamplingConfig(max_new_tokens=20, temperature=0.0, no_repeat_ngram_size=ngram, eos_id=eos, pad_id=0)
+    budgets = [20, 3, 17, 1, 20, 9, 0, 14, 20, 2, 6]
+    outs = E.generate_all(model, params, prompts, cfg, slots=3, steps_per_sync=4, bucket=16, max_new_tokens=budgets)
+    for p, b, o in zip(prompts, budgets, outs):
+        assert o == (alone(model, params, p, cfg, b) if b else []), (p, b)
+    assert any(o and o[-1] == eos and len(o) < b for o, b in zip(outs, budgets))  # EOS ended some early
+
+
+def test_sampled_outputs_do_not_depend_on_slot_count_or_neighbours():
+    model, params = tiny()
+    prompts = prompts_of(6, seed=1)
+    cfg = G.SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=20)
+    keys = [jax.random.PRNGKey(100 + i) for i in range(len(prompts))]
+    runs = []
+    for slots in (1, 4):
+        eng = E.Engine(model, params, cfg, slots=slots, max_prompt_len=40)
+        runs.append(eng.run([E.Request(p, key=k) for p, k in zip(prompts, keys)]))
+    assert runs[0] == runs[1]
+    eng = E.Engine(model, params, cfg, slots=4, max_prompt_len=40)
+    alone_first = eng.run([E.Request(prompts[0], key=keys[0])])[0]
+    assert alone_first == runs[0][0]
+    assert len({tuple(r) for r in runs[0]}) > 1  # and they are samples, not one repeated answer
+
+
+def test_stop_strings_free_the_slot_and_keep_the_greedy_prefix():
+    model, params = tiny()
+    prompt = prompts_of(1, seed=2)[0]
+    cfg = G.SamplingConfig(max_new_tokens=30, temperature=0.0)
+    full = alone(model, params, prompt, cfg)
+    detok = lambda ids: " ".join(f"t{t}" for t in ids)  # noqa: E731 - a stand-in tokenizer: one word per id
+    stop = f"t{full[6]}"
+    first_hit = next(i for i in range(len(full)) if stop in detok(full[: i + 1]))
+    eng = E.Engine(model, params, cfg, slots=2, max_prompt_len=40, steps_per_sync=4, detokenize=detok)
+    out = eng.run([E.Request(prompt, stop=(stop,)), E.Request(prompt)])
+    assert out[1] == full
+    # stops within the sync window after the stop string appears; what it kept is the greedy prefix
+    assert first_hit < len(out[0]) <= first_hit + 4 and out[0] == full[: len(out[0])]
+    with pytest.raises(ValueError, match="stop strings but the engine has no detokenize"):
+        E.Engine(model, params, cfg, slots=1, max_prompt_len=40).run([E.Request(prompt, stop=("x",))])
+
+
+def test_prefill_insert_generate_by_hand():
+    """The engine API: prefill a batch, insert rows into chosen slots, step, free."""
+    model, params = tiny()
+    cfg = G.SamplingConfig(max_new_tokens=12, temperature=0.0)
+    eng = E.Engine(model, params, cfg, slots=4, max_prompt_len=40, steps_per_sync=12)
+    a, b = prompts_of(2, seed=3)
+    state = eng.init_state()
+    prefix = eng.prefill([a, b])
+    assert prefix.lengths == (len(a), len(b)) and prefix.logits.shape == (2, V)
+    state = eng.insert(prefix, state, slot=2, prompt=a, row=0)
+    state = eng.insert(prefix, state, slot=0, prompt=b, row=1, max_new_tokens=5)
+    state, toks, emitted = eng.generate(state)
+    toks, emitted = np.asarray(toks), np.asarray(emitted)
+    assert toks[emitted[:, 2], 2].tolist() == alone(model, params, a, cfg)
+    assert toks[emitted[:, 0], 0].tolist() == alone(model, params, b, cfg, 5)
+    assert not emitted[:, 1].any() and not emitted[:, 3].any()
+    assert not np.asarray(state["active"]).any()
+    with pytest.raises(ValueError, match="exceeds the engine's max_prompt_len=40"):
+        eng.prefill([[1] * 41])
+    with pytest.raises(ValueError, match="exceeds n_positions=96"):
+        E.Engine(model, params, G.SamplingConfig(max_new_tokens=60), max_prompt_len=40)
+
+
+@pytest.mark.slow
+def test_generate_input_writes_engine_completions_in_order(tmp_path):
+    """generate --input: one completion per line in input order, equal to generate() on each prompt."""
+    from conftest import REPO
+
+    from biomedlm_jax import hf
+    from biomedlm_jax import tokenizer as T
+
+    gpt2 = T.load_tokenizer(str(REPO / "data" / "gpt2_tokenizer"))
+    cfg = M.get_config("tiny", vocab_size=50257)
+    model = M.GPT(cfg)
+    params = M.init_params(model, jax.random.PRNGKey(2))
+    hf.save_pretrained(model, params, str(tmp_path / "ckpt"), tokenizer=gpt2)
+    texts = ["Metformin is", "The patient presented with a three-day history of fever, cough and", "BRCA1", "Aspirin"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": t, "n": i}) + "\n" for i, t in enumerate(texts)))
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.generate", f"--init_from=hf:{tmp_path / 'ckpt'}",
+                        f"--input={tmp_path / 'in.jsonl'}", f"--output={tmp_path / 'out.jsonl'}", "--batch_size=2",
+                        "--max_new_tokens=9", "--temperature=0", "--quantize=none"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["n"] for row in rows] == [0, 1, 2, 3]
+    scfg = G.SamplingConfig(max_new_tokens=9, temperature=0.0, eos_id=50256)
+    for row, text in zip(rows, texts):
+        want = alone(model, params, gpt2.encode(text).ids, scfg)
+        assert row["completion"] == gpt2.decode([t for t in want if t != 50256])
