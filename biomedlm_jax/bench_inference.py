@@ -21,6 +21,16 @@ fp32 and, with `--quantize=int8`, for Qwix int8 weights (`quantize.py`), with by
 (`bench.decode_roofline` on the weights as stored) and the fraction of this host's measured memory
 bandwidth (`measure_bandwidth`, or `--bandwidth`). `--gguf=F16,Q8_0` also exports the weights to
 GGUF (`gguf_export.py`) and times llama.cpp (llama-cpp-python) at batch 1 on the same prompt.
+
+`quality` measures what int8 costs: bits per byte and perplexity on documents (`evaluate_lm.evaluate`)
+for a checkpoint (`--init_from`, with `--held_out=F` keeping only the documents its pretraining held
+out, by the PMID-hash split of input_pipeline.in_eval_split) or a random-init `--model`; and, with
+`--classifier=orbax:WORKDIR --tasks=...`, an MCQA classifier's largest logit change and accuracy
+change (`evaluate_mcqa.evaluate`), fp32 against `--quantize=int8` on the same items.
+
+    python -m biomedlm_jax.bench_inference quality --init_from=orbax:demo_out/pretrain --held_out=0.1 \
+        --input=data/pubmed_abstracts/abstracts.jsonl [--classifier=orbax:demo_out/mcqa --tasks=pubmedqa]
+    python -m biomedlm_jax.bench_inference quality --model=gpt2-small --input=... --max_docs=100
 """
 from __future__ import annotations
 
@@ -187,7 +197,7 @@ def bench_decode(variant: str, batch: int, prompt: int, new: int, quantize: str 
 
         qmodel, qparams = quant_lib.quantize(model, params, quantize)
         rows.append(row(f"ours-{quantize}", _time_generate(qmodel, qparams, prompts, new, repeats),
-                        quant_lib.storage_params(qparams)))
+                        quant_lib.decode_read_params(qparams)))
     if gguf:
         import tempfile
 
@@ -203,6 +213,61 @@ def bench_decode(variant: str, batch: int, prompt: int, new: int, quantize: str 
             rows.append(dict(base, impl=f"llama.cpp-{ftype}", tokens_per_s=new / dt, ms_per_step=1e3 * dt / new,
                              file_bytes=os.path.getsize(path),
                              roofline_fraction=(new / dt) * os.path.getsize(path) / bandwidth))
+    return rows
+
+
+def bench_quality(input_glob: str, init_from: str = "", variant: str = "gpt2-small", held_out: float = 0.0,
+                  max_docs: int = 0, seq_len: int = 0, classifier: str = "", tasks: str = "", data_dir: str = "data",
+                  tokenizer: str = "", mode: str = "int8") -> list[dict]:
+
+    import jax
+
+    from biomedlm_jax import convert, evaluate_lm, input_pipeline, quantize, readers
+    from biomedlm_jax import tokenizer as tokenizer_lib
+
+    if init_from:
+        model, params, tok = convert.load_for_inference(init_from)
+        name = init_from
+    else:
+        model, params = _tiny_model(variant, 0)
+        tok = tokenizer_lib.load_tokenizer(tokenizer or os.path.join("data", "gpt2_tokenizer"))
+        name = f"random-init {variant}"
+    docs = list(readers.read_documents(readers.expand_files(input_glob)))
+    if held_out:
+        docs = [d for d in docs if input_pipeline.in_eval_split(d[0], held_out)]
+    docs = docs[: max_docs or None]
+    base = {"kind": "quality", "model": name, "params": int(sum(x.size for x in jax.tree.leaves(params))),
+            "documents": len(docs), "held_out_fraction": held_out, "quantize": mode}
+    qmodel, qparams = quantize.quantize(model, params, mode)
+    fp = evaluate_lm.evaluate(model, params, tok, iter(docs), seq_len)
+    q = evaluate_lm.evaluate(qmodel, qparams, tok, iter(docs), seq_len)
+    rows = [dict(base, metric="lm", tokens=fp["tokens"], bits_per_byte_fp32=fp["bits_per_byte"],
+                 bits_per_byte_int8=q["bits_per_byte"], bits_per_byte_delta=q["bits_per_byte"] - fp["bits_per_byte"],
+                 perplexity_fp32=fp["perplexity"], perplexity_int8=q["perplexity"],
+                 perplexity_rel_change=q["perplexity"] / fp["perplexity"] - 1)]
+    if classifier:
+        import tempfile
+
+        from biomedlm_jax import evaluate_mcqa
+
+        task_map = evaluate_mcqa.parse_tasks(tasks, data_dir)
+        kind, path = classifier.split(":", 1)
+        logits, acc = {}, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for m in ("none", mode):
+                pred = os.path.join(tmp, f"{m}.jsonl")
+                res = evaluate_mcqa.evaluate(task_map, workdir=path if kind == "orbax" else None,
+                                             init_from=None if kind == "orbax" else classifier, progress=False,
+                                             predictions=pred, quantize=m)
+                acc[m] = {t: r.get("accuracy") for t, r in res.items()}
+                with open(pred, encoding="utf-8") as f:
+                    logits[m] = [json.loads(line) for line in f]
+        a = np.asarray([r["logits"] for r in logits["none"]])
+        b = np.asarray([r["logits"] for r in logits[mode]])
+        preds_same = float(np.mean(a.argmax(-1) == b.argmax(-1)))
+        rows.append(dict(base, metric="mcqa", model=classifier, items=len(a), max_abs_logit_delta=float(np.abs(a - b).max()),
+                         mean_abs_logit_delta=float(np.abs(a - b).mean()), logit_scale=float(np.abs(a).mean()),
+                         same_prediction=preds_same, accuracy_fp32=acc["none"], accuracy_int8=acc[mode]))
     return rows
 
 
@@ -229,8 +294,22 @@ def main(argv=None) -> int:
     de.add_argument("--gguf", default="", help="comma list of GGUF types (F16,Q8_0) to time in llama.cpp (batch 1)")
     de.add_argument("--bandwidth", type=float, default=0.0, help="memory bytes/s (default: measured here)")
     de.add_argument("--out", default="", help="folder for the GGUF files (default: a temporary one)")
+    qu = sub.add_parser("quality", help="what int8 costs: bits/byte and perplexity, MCQA logits and accuracy")
+    qu.add_argument("--input", default=os.path.join("data", "pubmed_abstracts", "abstracts.jsonl"))
+    qu.add_argument("--init_from", default="", help="hf:DIR or orbax:WORKDIR (default: a random-init --model)")
+    qu.add_argument("--model", default="gpt2-small")
+    qu.add_argument("--tokenizer", default="", help="for --model (default data/gpt2_tokenizer)")
+    qu.add_argument("--held_out", type=float, default=0.0, help="keep only this PMID-hash held-out fraction")
+    qu.add_argument("--max_docs", type=int, default=0)
+    qu.add_argument("--seq_len", type=int, default=0)
+    qu.add_argument("--classifier", default="", help="an MCQA classifier (orbax:WORKDIR or hf:DIR)")
+    qu.add_argument("--tasks", default="pubmedqa")
+    qu.add_argument("--data_dir", default="data")
     args = p.parse_args(argv)
-    if args.cmd == "engine":
+    if args.cmd == "quality":
+        rows = bench_quality(args.input, args.init_from, args.model, args.held_out, args.max_docs, args.seq_len,
+                             args.classifier, args.tasks, args.data_dir, args.tokenizer)
+    elif args.cmd == "engine":
         rows = bench_engine(args.model, args.questions, args.slots, args.max_new, args.medquad, args.tokenizer,
                             args.steps_per_sync, args.peer, args.vocab)
     else:

@@ -82,10 +82,17 @@ def quantize(model, params, mode: Optional[str] = "int8"):
     """(qmodel, qparams) for a GPT and its float params; (model, params) when mode is None/"none".
 
     qmodel is a subclass of the model's class (Qwix's wrapper), so `.config` and jit-static use are
-    as before. qparams holds the int8 kernels and, under `HEAD_KEY`, the int8 tied head that
+    as before; a scan_layers model comes back unscanned (its config says so). qparams holds the int8 kernels and, under `HEAD_KEY`, the int8 tied head that
     `model.transposed_head` hands to the decode loop."""
     if check_mode(mode) is None:
         return model, params
+    if model.config.scan_layers:
+        # Qwix picks a kernel's scale axes per layer, so a stacked (n_layer, ...) kernel would share
+        # scales across layers: quantize the unstacked model (one block per layer, same math).
+        from biomedlm_jax import hf
+
+        params = hf.unstack_layers(params, model.config.n_layer)
+        model = type(model)(model.config.replace(scan_layers=False))
     qmodel = quantize_model(model, mode)
     qparams = dict(quantize_params(qmodel, params), **{HEAD_KEY: quantized_head(params["wte"]["embedding"])})
     return qmodel, qparams
@@ -97,9 +104,15 @@ def quantize_classifier(clf, mode: Optional[str] = "int8"):
 
     if check_mode(mode) is None:
         return clf
-    qmodel = quantize_model(clf.model, mode)
+    model, params = clf.model, clf.params
+    if model.config.scan_layers:  # as in `quantize`: per-layer scales need the unstacked layers
+        from biomedlm_jax import hf
+
+        params = dict(params, transformer=hf.unstack_layers(params["transformer"], model.config.n_layer))
+        model = model.clone(config=model.config.replace(scan_layers=False))
+    qmodel = quantize_model(model, mode)
     ids = jnp.zeros((1, 1, 8), jnp.int32)
-    return dataclasses.replace(clf, model=qmodel, params=quantize_params(qmodel, clf.params, (ids, ids > -1)))
+    return dataclasses.replace(clf, model=qmodel, params=quantize_params(qmodel, params, (ids, ids > -1)))
 
 
 def quantized_head(wte):
