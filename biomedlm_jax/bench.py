@@ -392,12 +392,20 @@ _GEN27 = dict(_B27, prompt=128, new=256, peer=True, peer_repeats=1)
 _T355 = dict(variant="gpt2-medium", vocab=28896, batch=16, seq=1024, dtype="bfloat16", attention_impl="cudnn", steps=10)
 _T27 = dict(_B27, batch=8, seq=1024, scan_layers=True, remat="dots_with_no_batch_dims_saveable",
             attention_impl="cudnn", steps=8)
+# The engine rows read MedQuAD's shipped sample and GPT-2's tokenizer from the checkout (data/).
+_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+_MEDQUAD, _GPT2_TOK = os.path.join(_DATA, "medquad"), os.path.join(_DATA, "gpt2_tokenizer")
 MATRIX = {
     "gpu": [
         ("generate-2.7b-b1", "generate", dict(_GEN27, batch=1), 100,
          {"roofline_fraction": 0.6, "tokens_per_s": 550, "speedup_vs_hf": 15}),
         ("generate-2.7b-b32", "generate", dict(_GEN27, batch=32), 100, {"tokens_per_s": 5000, "speedup_vs_hf": 10}),
         ("train-355m-b16", "train", dict(_T355, peer=True), 90, {"mfu": 0.5}),
+        ("engine-2.7b-s32", "engine", dict(variant="biomedlm-2.7b", dtype="bfloat16", questions=256, slots=32, max_new=256,
+                                           medquad=_MEDQUAD, tokenizer=_GPT2_TOK, peer=True), 150,
+         {"speedup_vs_static": 1.2}),
+        ("decode-2.7b-b1-int8", "decode", dict(variant="biomedlm-2.7b", dtype="bfloat16", batch=1, prompt=128, new=256,
+                                               quantize="int8"), 60, {}),
         ("train-2.7b-b8", "train", _T27, 80, {"mfu": 0.5}),
         ("train-355m-b16-remat", "train", dict(_T355, remat="dots_with_no_batch_dims_saveable"), 50, {"mfu": 0.5}),
         ("train-2.7b-b8-chunk", "train", dict(_T27, loss_chunk=256), 60, {"mfu": 0.5}),
@@ -416,6 +424,10 @@ MATRIX = {
         ("generate-tiny-b4", "generate", dict(variant="tiny", batch=4, prompt=8, new=8, peer=True, peer_repeats=1), 30,
          {"speedup_vs_hf": 0.0}),
         ("train-tiny-b2", "train", dict(variant="tiny", batch=2, seq=16, steps=2, peer=True), 30, {"mfu": 0.0}),
+        ("engine-tiny-s4", "engine", dict(variant="tiny", questions=12, slots=4, max_new=8, medquad=_MEDQUAD,
+                                          tokenizer=_GPT2_TOK, peer=True), 30, {"speedup_vs_static": 0.0}),
+        ("decode-tiny-b1-int8", "decode", dict(variant="tiny", batch=1, prompt=8, new=8, quantize="int8", repeats=1),
+         30, {}),
         ("train-tiny-b2-scan", "train", dict(variant="tiny", batch=2, seq=16, steps=2, scan_layers=True,
                                               remat="dots_with_no_batch_dims_saveable", loss_chunk=8), 30, {"mfu": 0.0}),
     ],
@@ -494,7 +506,7 @@ def bench_matrix(out_dir: str, scale: str = "gpu", budget_s: float = 450.0, only
     for name, kind, kwargs, seconds, goal in MATRIX[scale]:
         if prefixes and not any(name.startswith(p) for p in prefixes):
             continue
-        stub = {"name": name, "kind": kind, "impl": "ours", "model": kwargs["variant"], "batch": kwargs["batch"],
+        stub = {"name": name, "kind": kind, "impl": "ours", "model": kwargs["variant"], "batch": kwargs.get("batch", kwargs.get("slots")),
                 "seq": kwargs.get("seq", kwargs.get("prompt", 0) + kwargs.get("new", 0)), "tokens_per_s": None}
         elapsed = time.perf_counter() - start
         if elapsed + seconds > budget_s:
@@ -504,6 +516,13 @@ def bench_matrix(out_dir: str, scale: str = "gpu", budget_s: float = 450.0, only
         try:  # a row's arguments are the bench function's own keyword arguments
             if kind == "generate":
                 rows = bench_generate(**kwargs, bandwidth=bandwidth)
+            elif kind in ("engine", "decode"):
+                from biomedlm_jax import bench_inference
+
+                if kind == "engine":
+                    rows = bench_inference.bench_engine(**kwargs)
+                else:
+                    rows = bench_inference.bench_decode(**kwargs, bandwidth=bandwidth)
             else:
                 rows = bench_train(**kwargs, peak_flops=peak_flops)
         except Exception as e:  # noqa: BLE001 - recorded, and the next row runs
@@ -512,7 +531,7 @@ def bench_matrix(out_dir: str, scale: str = "gpu", budget_s: float = 450.0, only
             wall = time.perf_counter() - t0
             for row in rows:
                 row = dict(row, name=name, row_wall_s=round(wall, 1))
-                if row["impl"] == "ours":
+                if row["impl"] in ("ours", "ours-engine") or (kind == "decode" and row["impl"].startswith("ours-int")):
                     row.update(goal=goal, goal_met=goal_met(row, goal))
                 emit(row)
         gc.collect()

@@ -75,19 +75,23 @@ def medquad_requests(medquad: str, tokenizer: str, questions: int, max_new: int,
     return prompts, budgets
 
 
-def _tiny_model(variant: str, n_positions: int, vocab: int = 0, seed: int = 0):
+def _tiny_model(variant: str, n_positions: int, vocab: int = 0, seed: int = 0, dtype: str = "float32"):
+    """A random-init model of `variant` with weights stored and computed in `dtype` (as
+    convert.load_for_inference loads a checkpoint for decoding)."""
     import jax
 
     from biomedlm_jax import model as model_lib
 
     cfg = model_lib.get_config(variant, n_positions=max(model_lib.VARIANTS[variant].get("n_positions", 1024),
-                                                        n_positions), **({"vocab_size": vocab} if vocab else {}))
+                                                        n_positions), dtype=dtype, param_dtype=dtype,
+                               **({"vocab_size": vocab} if vocab else {}))
     model = model_lib.GPT(cfg)
     return model, model_lib.init_params(model, jax.random.PRNGKey(seed))
 
 
 def bench_engine(variant: str, questions: int, slots: int, max_new: int, medquad: str, tokenizer: str,
-                 steps_per_sync: int = 8, peer: bool = False, vocab: int = 0) -> list[dict]:
+                 steps_per_sync: int = 8, peer: bool = False, vocab: int = 0, dtype: str = "float32",
+                 quantize: str = "") -> list[dict]:
     import jax
 
     from biomedlm_jax import engine, generate
@@ -97,10 +101,16 @@ def bench_engine(variant: str, questions: int, slots: int, max_new: int, medquad
     V = vocab or model_lib.VARIANTS[variant]["vocab_size"]
     prompts, budgets = medquad_requests(medquad, tokenizer, questions, max_new, V)
     longest = max(len(p) for p in prompts)
-    model, params = _tiny_model(variant, longest + max_new, vocab)
+    model, params = _tiny_model(variant, longest + max_new, vocab, dtype=dtype)
+    fmodel, fparams = model, params  # the HF peer gets the float weights
+    if quantize:
+        from biomedlm_jax import quantize as quant_lib
+
+        model, params = quant_lib.quantize(model, params, quantize)
     cfg = generate.SamplingConfig(max_new_tokens=max_new, temperature=0.0)
     useful = sum(budgets)
     base = {"kind": "engine", "model": variant, "vocab": model.config.vocab_size, "questions": questions,
+            "dtype": dtype, "quantize": quantize or "none",
             "batch": slots, "max_new": max_new, "useful_tokens": useful, "device": jax.devices()[0].device_kind,
             "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
             "budget_mean": float(np.mean(budgets)), "budget_max": int(max(budgets))}
@@ -138,16 +148,17 @@ def bench_engine(variant: str, questions: int, slots: int, max_new: int, medquad
 
         from biomedlm_jax import bench
 
-        tm = bench.hf_peer_model(model, params, "float32", "cpu")
+        device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+        tm = bench.hf_peer_model(fmodel, fparams, dtype, device)
         t0 = time.perf_counter()
         with torch.no_grad():
             for b in batches:
                 new = max(budgets[n] for n in b)
                 P = max(len(prompts[n]) for n in b)
-                ids = torch.zeros((len(b), P), dtype=torch.long)
-                mask = torch.zeros((len(b), P), dtype=torch.long)
+                ids = torch.zeros((len(b), P), dtype=torch.long, device=device)
+                mask = torch.zeros((len(b), P), dtype=torch.long, device=device)
                 for j, n in enumerate(b):  # left padding, as generate wants for decoder-only models
-                    ids[j, P - len(prompts[n]):] = torch.tensor(prompts[n])
+                    ids[j, P - len(prompts[n]):] = torch.tensor(prompts[n], device=device)
                     mask[j, P - len(prompts[n]):] = 1
                 tm.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                             pad_token_id=0)
@@ -173,17 +184,22 @@ def _time_generate(model, params, prompts, new: int, repeats: int = 3) -> float:
 
 
 def bench_decode(variant: str, batch: int, prompt: int, new: int, quantize: str = "", gguf: str = "",
-                 bandwidth: float = 0.0, vocab: int = 0, repeats: int = 3, out_dir: str = "") -> list[dict]:
+                 bandwidth: float = 0.0, vocab: int = 0, repeats: int = 3, out_dir: str = "",
+                 dtype: str = "float32") -> list[dict]:
     import jax
 
     from biomedlm_jax import bench
 
-    model, params = _tiny_model(variant, prompt + new, vocab)
+    model, params = _tiny_model(variant, prompt + new, vocab, dtype=dtype)
     cfg = model.config
-    bandwidth = bandwidth or measure_bandwidth()
+    from biomedlm_jax import metrics
+
+    # the device table where it knows the chip (GPUs, TPUs); this host measured otherwise (CPUs)
+    bandwidth = bandwidth or metrics.peak_bandwidth_per_device(jax.devices()[0]) or measure_bandwidth()
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).tolist()
     base = {"kind": "decode", "model": variant, "vocab": cfg.vocab_size, "batch": batch, "prompt": prompt, "new": new,
-            "device": jax.devices()[0].device_kind, "host_cpu": bench._host_cpu(), "bandwidth_bytes_per_s": bandwidth}
+            "device": jax.devices()[0].device_kind, "host_cpu": bench._host_cpu(), "bandwidth_bytes_per_s": bandwidth,
+            "dtype": dtype}
 
     def row(impl, dt, weights_params, **extra):
         roof = bench.decode_roofline(weights_params, cfg, batch, prompt, new, bandwidth)
@@ -191,7 +207,8 @@ def bench_decode(variant: str, batch: int, prompt: int, new: int, quantize: str 
         return dict(base, impl=impl, tokens_per_s=tps, ms_per_step=1e3 * dt / new, **roof,
                     roofline_fraction=tps / roof["roofline_tokens_per_s"], **extra)
 
-    rows = [row("ours-fp32", _time_generate(model, params, prompts, new, repeats), params)]
+    rows = [row(f"ours-{'fp32' if dtype == 'float32' else dtype}", _time_generate(model, params, prompts, new, repeats),
+                params)]
     if quantize:
         from biomedlm_jax import quantize as quant_lib
 

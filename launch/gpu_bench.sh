@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark matrix (issue 18) as one command that fits a lent GPU's time: one Python process
 # runs every row of `bench.MATRIX["gpu"]` in priority order (2.7B decoding at batch 1 and 32 against HF
-# generate, 355M training against HF, 2.7B training, then two variants), appends each JSON row to
+# generate, 355M training against HF, continuous batching and int8 decoding of 2.7B, 2.7B training, then
+# two variants), appends each JSON row to
 # OUT/bench.jsonl as soon as it is measured, and skips rows that no longer fit --budget_s (default
 # 450 s, so with start-up the command stays under 8 minutes). Its stderr goes to OUT/bench.log.
 #
-#   launch/gpu_bench.sh [--dry_run] [--out=DIR] [--budget_s=S] [--scale=gpu|cpu|small] [train|generate|all]
+#   launch/gpu_bench.sh [--dry_run] [--out=DIR] [--budget_s=S] [--scale=gpu|cpu|small] [train|generate|engine|decode|all]
 #
 # PY selects the python that has the package importable (default python3). --scale=small runs the same
 # rows with tiny shapes (the CPU test of this script); --scale=cpu is docs/benchmarks.md's CPU table.
@@ -24,7 +25,7 @@ for arg in "$@"; do
     --out=*) OUT="${arg#--out=}" ;;
     --budget_s=*) BUDGET="${arg#--budget_s=}" ;;
     --scale=*) SCALE="${arg#--scale=}" ;;
-    train|generate) ONLY="$arg" ;;
+    train|generate|engine|decode) ONLY="$arg" ;;
     all) ONLY="" ;;
     *) echo "gpu_bench.sh: unknown argument $arg" >&2; exit 2 ;;
   esac

@@ -149,3 +149,20 @@ def test_bandwidth_table_tells_the_h100_pcie_from_the_sxm():
     assert metrics.peak_bandwidth_per_device(kind("NVIDIA H200")) == 4.8e12
     assert metrics.peak_bandwidth_per_device(kind("cpu")) is None
     assert metrics.peak_flops_per_device(kind("NVIDIA H200")) == 989e12
+
+
+@pytest.mark.slow
+def test_matrix_engine_and_int8_rows_at_small_scale(tmp_path):
+    """The GPU matrix's continuous-batching and int8 rows, at tiny shapes on CPU: the engine row says
+    its outputs equal static batching's and its speed-ups; the int8 row its bytes per step."""
+    rows = bench_rows("matrix", f"--out={tmp_path}", "--scale=small", "--only=engine,decode", "--bandwidth=2e10")
+    assert [(row["name"], row["impl"]) for row in rows] == [
+        ("engine-tiny-s4", "ours-engine"), ("engine-tiny-s4", "ours-static"), ("engine-tiny-s4", "hf-static"),
+        ("decode-tiny-b1-int8", "ours-fp32"), ("decode-tiny-b1-int8", "ours-int8")]
+    engine, fp32, int8 = rows[0], rows[3], rows[4]
+    assert engine["identical_to_static"] is True and engine["speedup_vs_static"] > 0 and engine["speedup_vs_hf"] > 0
+    assert engine["goal_met"] is (engine["speedup_vs_static"] >= 0.0)
+    assert 0 < engine["useful_tokens"] <= rows[1]["slot_steps"]  # static batches pay for idle rows
+    # int8 kernels and head: a quarter of the fp32 bytes, plus the scales and the float biases/norms
+    assert int8["weight_bytes"] < 0.3 * fp32["weight_bytes"] and int8["tokens_per_s"] > 0
+    assert int8["roofline_fraction"] == int8["tokens_per_s"] / int8["roofline_tokens_per_s"]

@@ -88,7 +88,7 @@ def test_gpu_bench_runs_the_matrix_at_small_scale(tmp_path):
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(l) for l in (out2 / "bench.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(row["skipped"].startswith("budget") and row["tokens_per_s"] is None for row in rows)
+    assert len(rows) == 6 and all(row["skipped"].startswith("budget") and row["tokens_per_s"] is None for row in rows)
 
 
 def test_shellcheck_is_clean():
