@@ -52,6 +52,8 @@ from typing import Optional
 import numpy as np
 
 from biomedlm_jax import input_pipeline as ip
+from biomedlm_jax import metrics
+from biomedlm_jax.bench_inference import decode_roofline, hf_peer_model
 
 
 def bench_pipeline(seq: int, batch: int, steps: int, prepared: str = "", impl: str = "numpy", seed: int = 0) -> dict:
@@ -95,39 +97,6 @@ def bench_tokenize(inputs: str, tokenizer: str, seq: int = 1024) -> dict:
     return {"kind": "tokenize", "impl": "tokenizers", "model": None, "batch": None, "seq": seq,
             "documents": len(docs), "tokens": packed.num_tokens,
             "tokens_per_s": packed.num_tokens / dt, "seconds": dt}
-
-
-def hf_peer_model(model, params, dtype: str, device: str):
-    """transformers' GPT2LMHeadModel holding the same weights as `params`, built in memory (no files:
-    a 2.7B export would write 5-11 GB), in `dtype` on `device`."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from biomedlm_jax import hf
-
-    cfg = model.config
-    state = {k: torch.from_numpy(v) for k, v in hf.params_to_hf(params, cfg, np.float32).items()}
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    tm = GPT2LMHeadModel.from_pretrained(None, config=GPT2Config(**hf.config_to_hf(cfg)), state_dict=state,
-                                         dtype=torch_dtype)
-    return tm.to(device).eval()
-
-
-def decode_roofline(params, cfg, batch: int, prompt: int, new: int, bandwidth: Optional[float]) -> dict:
-    """The memory-bandwidth bound of greedy decoding: each step reads every weight once (the position
-    table only one row) and the filled part of every layer's K and V cache, on average prompt +
-    (new + 1) / 2 slots. Returns bytes per step and, when the bandwidth is known, the bound in tokens/s."""
-    import jax
-
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    weights = sum(x.size * np.dtype(x.dtype).itemsize for path, x in flat if "wpe" not in jax.tree_util.keystr(path))
-    itemsize = np.dtype(cfg.dtype).itemsize
-    kv = 2 * cfg.n_layer * batch * (prompt + (new + 1) / 2) * cfg.d_model * itemsize
-    row = {"bytes_per_step": int(weights + kv), "weight_bytes": int(weights), "kv_bytes_per_step": int(kv),
-           "hbm_bytes_per_s": bandwidth}
-    if bandwidth:
-        row["roofline_tokens_per_s"] = batch * bandwidth / (weights + kv)
-    return row
 
 
 def bench_generate(variant: str, batch: int, prompt: int, new: int, peer: bool = False, dtype: str = "float32",
@@ -392,9 +361,8 @@ _GEN27 = dict(_B27, prompt=128, new=256, peer=True, peer_repeats=1)
 _T355 = dict(variant="gpt2-medium", vocab=28896, batch=16, seq=1024, dtype="bfloat16", attention_impl="cudnn", steps=10)
 _T27 = dict(_B27, batch=8, seq=1024, scan_layers=True, remat="dots_with_no_batch_dims_saveable",
             attention_impl="cudnn", steps=8)
-# The engine rows read MedQuAD's shipped sample and GPT-2's tokenizer from the checkout (data/).
-_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-_MEDQUAD, _GPT2_TOK = os.path.join(_DATA, "medquad"), os.path.join(_DATA, "gpt2_tokenizer")
+# The engine rows read MedQuAD's shipped sample and GPT-2's tokenizer, relative to `matrix --data_dir`.
+_MEDQUAD, _GPT2_TOK = "medquad", "gpt2_tokenizer"
 MATRIX = {
     "gpu": [
         ("generate-2.7b-b1", "generate", dict(_GEN27, batch=1), 100,
@@ -443,28 +411,13 @@ def goal_met(row: dict, goal: dict) -> Optional[bool]:
     return all(values[k] >= bound for k, bound in goal.items())
 
 
-def _host_cpu() -> Optional[str]:
-    """The host CPU's model name, its core count and the vector extensions that decide CPU results
-    (XLA:CPU and torch pick kernels by them), e.g. "Intel(R) Xeon(R) Processor, 2 cores, avx512f avx512_bf16"."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info = f.read()
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{fields.get('model name', '?')}, {os.cpu_count()} cores, {' '.join(wanted) or 'no avx2'}"
-
-
 def _environment() -> dict:
     import datetime
 
     import jax
 
     env = {"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-           "date": datetime.date.today().isoformat(), "host_cpu": _host_cpu()}
+           "date": datetime.date.today().isoformat(), "host_cpu": metrics.host_cpu()}
     try:
         import torch
         import transformers
@@ -476,7 +429,7 @@ def _environment() -> dict:
 
 
 def bench_matrix(out_dir: str, scale: str = "gpu", budget_s: float = 450.0, only: str = "",
-                 peak_flops: float = 0.0, bandwidth: float = 0.0) -> list[dict]:
+                 peak_flops: float = 0.0, bandwidth: float = 0.0, data_dir: str = "data") -> list[dict]:
     """Run MATRIX[scale] in this process, one row after another, appending each JSON row to
     `out_dir/bench.jsonl` as soon as it is measured (a run killed at its time limit keeps what it
     measured). A row that fails (out of memory, say) is written with its error and the next one runs;
@@ -520,7 +473,8 @@ def bench_matrix(out_dir: str, scale: str = "gpu", budget_s: float = 450.0, only
                 from biomedlm_jax import bench_inference
 
                 if kind == "engine":
-                    rows = bench_inference.bench_engine(**kwargs)
+                    rows = bench_inference.bench_engine(**dict(kwargs, medquad=os.path.join(data_dir, kwargs["medquad"]),
+                                                               tokenizer=os.path.join(data_dir, kwargs["tokenizer"])))
                 else:
                     rows = bench_inference.bench_decode(**kwargs, bandwidth=bandwidth)
             else:
@@ -602,9 +556,10 @@ def main(argv=None) -> int:
     mx.add_argument("--only", default="", help="comma list of row-name prefixes (default: every row)")
     mx.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU (default: table)")
     mx.add_argument("--bandwidth", type=float, default=0.0, help="memory bytes/s for the decode roofline (default: table)")
+    mx.add_argument("--data_dir", default="data", help="the engine rows' MedQuAD sample and tokenizer (the checkout's data/)")
     args = p.parse_args(argv)
     if args.cmd == "matrix":
-        bench_matrix(args.out, args.scale, args.budget_s, args.only, args.peak_flops, args.bandwidth)
+        bench_matrix(args.out, args.scale, args.budget_s, args.only, args.peak_flops, args.bandwidth, args.data_dir)
         return 0
     if args.cmd == "memory":
         rows = [bench_memory(args.model, args.task, args.seq, args.batch, args.lora_rank, args.mesh, args.dtype,

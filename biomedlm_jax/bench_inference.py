@@ -18,7 +18,7 @@ steps × batch width, the work each way paid for.
 
 `decode` times batch-`--batch` greedy decoding of exactly `--new` tokens (as `bench generate`) for
 fp32 and, with `--quantize=int8`, for Qwix int8 weights (`quantize.py`), with bytes per step
-(`bench.decode_roofline` on the weights as stored) and the fraction of this host's measured memory
+(`decode_roofline` on the weights as stored) and the fraction of this host's measured memory
 bandwidth (`measure_bandwidth`, or `--bandwidth`). `--gguf=F16,Q8_0` also exports the weights to
 GGUF (`gguf_export.py`) and times llama.cpp (llama-cpp-python) at batch 1 on the same prompt.
 
@@ -41,6 +41,39 @@ import time
 from typing import Optional
 
 import numpy as np
+
+
+def hf_peer_model(model, params, dtype: str, device: str):
+    """transformers' GPT2LMHeadModel holding the same weights as `params`, built in memory (no files:
+    a 2.7B export would write 5-11 GB), in `dtype` on `device`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from biomedlm_jax import hf
+
+    cfg = model.config
+    state = {k: torch.from_numpy(v) for k, v in hf.params_to_hf(params, cfg, np.float32).items()}
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tm = GPT2LMHeadModel.from_pretrained(None, config=GPT2Config(**hf.config_to_hf(cfg)), state_dict=state,
+                                         dtype=torch_dtype)
+    return tm.to(device).eval()
+
+
+def decode_roofline(params, cfg, batch: int, prompt: int, new: int, bandwidth: Optional[float]) -> dict:
+    """The memory-bandwidth bound of greedy decoding: each step reads every weight once (the position
+    table only one row) and the filled part of every layer's K and V cache, on average prompt +
+    (new + 1) / 2 slots. Returns bytes per step and, when the bandwidth is known, the bound in tokens/s."""
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    weights = sum(x.size * np.dtype(x.dtype).itemsize for path, x in flat if "wpe" not in jax.tree_util.keystr(path))
+    itemsize = np.dtype(cfg.dtype).itemsize
+    kv = 2 * cfg.n_layer * batch * (prompt + (new + 1) / 2) * cfg.d_model * itemsize
+    row = {"bytes_per_step": int(weights + kv), "weight_bytes": int(weights), "kv_bytes_per_step": int(kv),
+           "hbm_bytes_per_s": bandwidth}
+    if bandwidth:
+        row["roofline_tokens_per_s"] = batch * bandwidth / (weights + kv)
+    return row
 
 
 def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
@@ -146,10 +179,9 @@ def bench_engine(variant: str, questions: int, slots: int, max_new: int, medquad
     if peer:
         import torch
 
-        from biomedlm_jax import bench
 
         device = "cuda" if jax.default_backend() == "gpu" else "cpu"
-        tm = bench.hf_peer_model(fmodel, fparams, dtype, device)
+        tm = hf_peer_model(fmodel, fparams, dtype, device)
         t0 = time.perf_counter()
         with torch.no_grad():
             for b in batches:
@@ -188,7 +220,6 @@ def bench_decode(variant: str, batch: int, prompt: int, new: int, quantize: str 
                  dtype: str = "float32") -> list[dict]:
     import jax
 
-    from biomedlm_jax import bench
 
     model, params = _tiny_model(variant, prompt + new, vocab, dtype=dtype)
     cfg = model.config
@@ -198,11 +229,11 @@ def bench_decode(variant: str, batch: int, prompt: int, new: int, quantize: str 
     bandwidth = bandwidth or metrics.peak_bandwidth_per_device(jax.devices()[0]) or measure_bandwidth()
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)).tolist()
     base = {"kind": "decode", "model": variant, "vocab": cfg.vocab_size, "batch": batch, "prompt": prompt, "new": new,
-            "device": jax.devices()[0].device_kind, "host_cpu": bench._host_cpu(), "bandwidth_bytes_per_s": bandwidth,
+            "device": jax.devices()[0].device_kind, "host_cpu": metrics.host_cpu(), "bandwidth_bytes_per_s": bandwidth,
             "dtype": dtype}
 
     def row(impl, dt, weights_params, **extra):
-        roof = bench.decode_roofline(weights_params, cfg, batch, prompt, new, bandwidth)
+        roof = decode_roofline(weights_params, cfg, batch, prompt, new, bandwidth)
         tps = batch * new / dt
         return dict(base, impl=impl, tokens_per_s=tps, ms_per_step=1e3 * dt / new, **roof,
                     roofline_fraction=tps / roof["roofline_tokens_per_s"], **extra)

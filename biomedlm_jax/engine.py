@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biomedlm_jax.generate import SamplingConfig, ban_repeated_ngrams, greedy, left_pad, positions_from_mask, \
+from biomedlm_jax.sampling import SamplingConfig, ban_repeated_ngrams, greedy, left_pad, positions_from_mask, \
     top_k_filter, top_p_filter
 from biomedlm_jax.model import GPT, init_cache, transposed_head
 

@@ -175,8 +175,6 @@ class JaxLM(TemplateLM):
         of the weighted positions before `last`, and the full log-softmax and argmax at `last` (the final
         continuation position), so requests that differ only in their last token share a row (e.g.
         one-token answers to one question)."""
-        from biomedlm_jax.model import GPT
-
         _TRACES["loglikelihood"] += 1
         hidden = self.model.apply({"params": params}, ids, method="hidden_states")
         pos = jnp.minimum(starts[:, None] + jnp.arange(targets.shape[1])[None], ids.shape[1] - 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Optional
 
 import jax
@@ -146,3 +147,18 @@ def read_metrics(workdir: str, split: Optional[str] = None) -> list[dict]:
             if split is None or row.get("split") == split:
                 rows.append(row)
     return rows
+
+
+def host_cpu() -> Optional[str]:
+    """The host CPU's model name, its core count and the vector extensions that decide CPU results
+    (XLA:CPU and torch pick kernels by them), e.g. "Intel(R) Xeon(R) Processor, 2 cores, avx512f avx512_bf16"."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{fields.get('model name', '?')}, {os.cpu_count()} cores, {' '.join(wanted) or 'no avx2'}"

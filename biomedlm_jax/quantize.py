@@ -131,7 +131,7 @@ def is_quantized(params) -> bool:
 
 
 def decode_read_params(params):
-    """What one decode step reads of a quantized param tree, for `bench.decode_roofline`: everything
+    """What one decode step reads of a quantized param tree, for `bench_inference.decode_roofline`: everything
     but the float token embedding, of which a step gathers one row per sequence (its head is the
     int8 copy under HEAD_KEY). A float tree is returned as it is (its embedding is the head)."""
     if HEAD_KEY not in params:
