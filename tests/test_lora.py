@@ -150,8 +150,11 @@ def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, small_corpus, base_run
     mesh = train.train_and_evaluate(lora_config(small_corpus, base_run, mesh_shape=(2, 2, 2)), str(tmp_path / "mesh"))
     assert one["train_loss"] == pytest.approx(mesh["train_loss"], rel=1e-5)
     a, b = flat(raw_params(one_dir)[1]), flat(raw_params(tmp_path / "mesh")[1])
+    # The mesh reduces each gradient in another fp32 order. Adam divides by sqrt(nu), so an element whose
+    # gradient is near zero can move ~1e-3 of a step (lr 3e-3) differently (seen: 3.7e-6 on one of 1,024
+    # elements). A sharding bug moves whole tensors by O(lr): atol 3e-5 is 1% of one step.
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], atol=2e-6, rtol=1e-5, err_msg=k)
+        np.testing.assert_allclose(a[k], b[k], atol=3e-5, rtol=1e-5, err_msg=k)
 
 
 @pytest.mark.slow
