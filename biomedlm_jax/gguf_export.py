@@ -60,15 +60,17 @@ def _bytes_to_unicode() -> list[str]:
 def tokenizer_metadata(tok, vocab_size: int) -> dict:
     """{"tokens", "types", "merges", "eos", "pad"} for a byte-level BPE `tokenizers.Tokenizer`, the
     token list padded with UNUSED placeholders to `vocab_size`. tok=None gives a placeholder vocabulary
-    (the 256 byte symbols, then unused tokens, no merges) for benchmarking random-init models."""
+    for benchmarking random-init models: the 256 byte symbols, one merge ("Ġ t" -> "Ġt": llama.cpp
+    refuses a BPE vocabulary without merges), then unused tokens."""
     import gguf
 
     T = gguf.TokenType
     if tok is None:
-        alphabet = _bytes_to_unicode()
-        tokens = (alphabet + [f"[UNUSED{i}]" for i in range(max(0, vocab_size - 256))])[:vocab_size]
-        types = [T.NORMAL] * min(256, vocab_size) + [T.UNUSED] * max(0, vocab_size - 256)
-        return {"tokens": tokens, "types": types, "merges": [], "eos": None, "pad": None}
+        if vocab_size < 257:
+            raise GGUFExportError(f"a placeholder vocabulary needs >= 257 rows (256 bytes + one merge); the model has {vocab_size}")
+        tokens = _bytes_to_unicode() + ["Ġt"] + [f"[UNUSED{i}]" for i in range(vocab_size - 257)]
+        types = [T.NORMAL] * 257 + [T.UNUSED] * (vocab_size - 257)
+        return {"tokens": tokens, "types": types, "merges": ["Ġ t"], "eos": None, "pad": None}
     spec = json.loads(tok.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
@@ -93,6 +95,8 @@ def tokenizer_metadata(tok, vocab_size: int) -> dict:
     tokens += [f"[UNUSED{i}]" for i in range(n, vocab_size)]
     types += [T.UNUSED] * (vocab_size - n)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        raise GGUFExportError("the tokenizer has no BPE merges; llama.cpp refuses a GPT-2 vocabulary without them")
     pad = next((tok.token_to_id(p) for p in ("[PAD]", "<|pad|>") if tok.token_to_id(p) is not None), None)
     return {"tokens": tokens, "types": types, "merges": merges, "eos": tok.token_to_id(tokenizer_lib.EOS_TOKEN),
             "pad": pad}

@@ -76,6 +76,21 @@ def test_tokenizer_travels_with_the_file(tmp_path, tok):
     assert kinds[50259:] == [gguf.TokenType.UNUSED] * (50304 - 50259) and kinds[0] == gguf.TokenType.NORMAL
 
 
+def test_placeholder_vocabulary_file_loads_and_decodes_like_ours(tmp_path):
+    """`bench_inference decode --gguf` exports random-init models with no tokenizer: llama.cpp must load
+    that file (it refuses a BPE vocabulary without merges) and decode our greedy tokens."""
+    cfg = M.get_config("tiny", vocab_size=1000)
+    model = M.GPT(cfg)
+    params = M.init_params(model, jax.random.PRNGKey(2))
+    path = gguf_export.write_gguf(cfg, params, None, str(tmp_path / "p.gguf"), "F32")
+    llm = gguf_export.load_llama(path, n_ctx=64)
+    assert llm.n_vocab() == 1000
+    prompt = [5, 99, 700, 12]
+    assert gguf_export.llama_greedy(llm, prompt, 16)[0] == greedy(model, params, prompt, 16)
+    with pytest.raises(gguf_export.GGUFExportError, match="needs >= 257 rows"):
+        gguf_export.tokenizer_metadata(None, 200)
+
+
 def test_refusals_name_the_problem(tmp_path, tok):
     from conftest import make_hf_model
 
