@@ -6,7 +6,8 @@
 
 Our flags: `--init_from=hf:DIR|orbax:WORKDIR` (required), `--dtype` (float32 | bfloat16 | float16),
 `--max_length` (default: the model's n_positions), `--mesh_shape=data,fsdp,tensor` (shard the
-weights, e.g. `1,-1,1`), `--max_gen_toks`, `--bucket`. Every other flag is the harness's own
+weights, e.g. `1,-1,1`), `--max_gen_toks`, `--bucket`, `--quantize=int8` (Qwix int8 weights for scoring
+and generation, quantize.py). Every other flag is the harness's own
 (`--tasks`, `--num_fewshot`, `--limit`, `--batch_size`, `--log_samples`, `--output_path`,
 `--gen_kwargs`, `--metadata`, ...): they are handed to its `run` command with `--model=biomedlm_jax`,
 so it writes its usual results and per-sample files. The offline medical tasks shipped in
@@ -31,6 +32,7 @@ def build_argv(argv: list[str]) -> list[str]:
     p.add_argument("--mesh_shape", default=None, help="data,fsdp,tensor (e.g. 1,-1,1 shards the weights)")
     p.add_argument("--max_gen_toks", type=int, default=256)
     p.add_argument("--bucket", type=int, default=64, help="pad request lengths to a multiple of this")
+    p.add_argument("--quantize", default="none", help="int8: Qwix int8 weight-only quantization (default none)")
     ours, rest = p.parse_known_args(argv)
     if any(a == "--model" or a.startswith("--model=") or a.startswith("--model_args") for a in rest):
         p.error("--model / --model_args are set by this command; use --init_from, --dtype, ...")
@@ -38,6 +40,14 @@ def build_argv(argv: list[str]) -> list[str]:
                   f"bucket={ours.bucket}"]
     if ours.max_length:
         model_args.append(f"max_length={ours.max_length}")
+    if ours.quantize not in ("", "none"):
+        from biomedlm_jax import quantize
+
+        try:
+            quantize.check_mode(ours.quantize)
+        except ValueError as e:
+            p.error(str(e))
+        model_args.append(f"quantize={ours.quantize}")
     if ours.mesh_shape:
         model_args.append(f"mesh_shape={ours.mesh_shape.replace(',', ' ')}")
     out = ["lm-eval", "run", "--model", "biomedlm_jax", "--model_args", ",".join(model_args)]
