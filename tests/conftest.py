@@ -97,3 +97,14 @@ def small_corpus(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def textgen_files(folder, train, val):
+    """BioMedLM's textgen layout in `folder`: {train,val}.source / .target, one question / answer a line,
+    from seq2seq examples (e.g. seq2seq.read_medquad's). Returns the folder."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", train), ("val", val)):
+        (folder / f"{split}.source").write_text("".join(e.question + "\n" for e in part), encoding="utf-8")
+        (folder / f"{split}.target").write_text("".join(e.answer + "\n" for e in part), encoding="utf-8")
+    return folder

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, textgen_files
 
 from biomedlm_jax import convert, generate, gguf_export, seq2seq
 from biomedlm_jax import model as M
@@ -117,12 +117,8 @@ def test_a_finetuned_biomedlm_style_model_generates_the_same_tokens_in_llama_cpp
     <|startoftext|>, a vocabulary grown to 50259, 1/(layer+1) attention scaling) exported with
     `convert --to=gguf:` generates our greedy tokens in llama.cpp at F16; Q8_0 keeps the top token
     at >= 95% of positions. An MCQA classifier is refused."""
-    data = tmp_path / "data"
-    data.mkdir()
     ex = seq2seq.read_medquad(str(REPO / "data" / "medquad"))
-    for split, part in (("train", ex[:64]), ("val", ex[64:72])):
-        (data / f"{split}.source").write_text("".join(e.question + "\n" for e in part), encoding="utf-8")
-        (data / f"{split}.target").write_text("".join(e.answer + "\n" for e in part), encoding="utf-8")
+    data = textgen_files(tmp_path / "data", ex[:64], ex[64:72])
     run = tmp_path / "run"
     r = subprocess.run(
         [sys.executable, "-m", "biomedlm_jax.finetune_seq2seq", f"--config={REPO}/configs/seq2seq.py:tiny",

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, textgen_files
 
 from biomedlm_jax import configlib, errors, losses, metrics, seq2seq
 from biomedlm_jax import model as M
@@ -170,12 +170,8 @@ def test_packed_rows_give_the_same_loss_and_gradients_as_one_example_per_row(tok
 def test_textgen_trains_in_biomedlm_layout_end_to_end(tmp_path):
     """textgen data defaults to BioMedLM's rows: the tokenizer gains [PAD] and <|startoftext|>, the
     vocabulary grows to hold them, and generation starts from `source <|startoftext|>`."""
-    data = tmp_path / "data"
-    data.mkdir()
     ex = seq2seq.read_medquad(str(REPO / "data" / "medquad"))
-    for split, part in (("train", ex[:40]), ("val", ex[40:48])):
-        (data / f"{split}.source").write_text("".join(e.question + "\n" for e in part), encoding="utf-8")
-        (data / f"{split}.target").write_text("".join(e.answer + "\n" for e in part), encoding="utf-8")
+    data = textgen_files(tmp_path / "data", ex[:40], ex[40:48])
     r = subprocess.run(
         [sys.executable, "-m", "biomedlm_jax.finetune_seq2seq", f"--config={REPO}/configs/seq2seq.py:tiny",
          f"--workdir={tmp_path / 'run'}", f"--config.data.tokenizer={GPT2}", "--config.data.format=textgen",
