@@ -28,8 +28,9 @@ demo: $(VENV)/.installed
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m biomedlm_jax.demo
 
 # pytest exits non-zero (5) when it collects no tests, so an empty run fails too.
+# --durations: CI's log names the slowest tests, the ones to look at when the suite grows.
 test: $(VENV)/.installed-test
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 # The developer loop (under 3 minutes on 2 cores): everything not marked slow. CI runs `make test`.
 test-fast: $(VENV)/.installed-test

@@ -14,7 +14,8 @@ MODULES = {
     "tqdm": "tqdm", "numpy": "numpy", "ml_dtypes": "ml_dtypes", "protobuf": "google.protobuf",
     "tensorstore": "tensorstore", "pytest": "pytest", "torch": "torch", "transformers": "transformers",
     "lm-eval": "lm_eval", "datasets": "datasets", "accelerate": "accelerate", "gcsfs": "gcsfs",
-    "gcp-storage-emulator": "gcp_storage_emulator", "peft": "peft",
+    "gcp-storage-emulator": "gcp_storage_emulator", "peft": "peft", "qwix": "qwix", "gguf": "gguf",
+    "llama-cpp-python": "llama_cpp", "apache-beam": "apache_beam", "pyarrow": "pyarrow",
 }
 
 
