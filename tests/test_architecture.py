@@ -2,6 +2,7 @@
 downward or sideways, no import loops (top-level or inside functions), no private names across
 modules, and no library code that finds files through the source checkout."""
 import ast
+import gc
 import re
 
 from conftest import REPO
@@ -12,9 +13,18 @@ PKG = REPO / "biomedlm_jax"
 def modules() -> dict:
     """{module name (without the package prefix): parsed file}."""
     out = {}
-    for f in sorted(PKG.rglob("*.py")):
-        name = ".".join(f.relative_to(PKG).with_suffix("").parts)
-        out[name.removesuffix(".__init__") if name != "__init__" else ""] = ast.parse(f.read_text(encoding="utf-8"))
+    # With the garbage collector off while parsing: a finalizer run by a collection inside ast.parse
+    # can parse too (on Python 3.11 a logged traceback does, e.g. an asyncio task's "exception was never
+    # retrieved" left by an earlier test in this process), and CPython 3.11.7 then fails the outer parse
+    # with "SystemError: AST constructor recursion depth mismatch".
+    gc.collect()
+    gc.disable()
+    try:
+        for f in sorted(PKG.rglob("*.py")):
+            name = ".".join(f.relative_to(PKG).with_suffix("").parts)
+            out[name.removesuffix(".__init__") if name != "__init__" else ""] = ast.parse(f.read_text(encoding="utf-8"))
+    finally:
+        gc.enable()
     return out
 
 

@@ -12,7 +12,7 @@ MODULES = {
     "tensorflow-datasets": "tensorflow_datasets",
     "importlib_resources": "importlib_resources", "safetensors": "safetensors", "tensorboardX": "tensorboardX",
     "tqdm": "tqdm", "numpy": "numpy", "ml_dtypes": "ml_dtypes", "protobuf": "google.protobuf",
-    "tensorstore": "tensorstore", "pytest": "pytest", "torch": "torch", "transformers": "transformers",
+    "tensorstore": "tensorstore", "pytest": "pytest", "pytest-xdist": "xdist", "torch": "torch", "transformers": "transformers",
     "lm-eval": "lm_eval", "datasets": "datasets", "accelerate": "accelerate", "gcsfs": "gcsfs",
     "gcp-storage-emulator": "gcp_storage_emulator", "peft": "peft", "qwix": "qwix", "gguf": "gguf",
     "llama-cpp-python": "llama_cpp", "apache-beam": "apache_beam", "pyarrow": "pyarrow",
