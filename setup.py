@@ -66,7 +66,7 @@ EXTRAS_REQUIRE = {
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     "test": [
         "pytest==9.2.0",
-        "pytest-xdist==3.8.0",  # make test runs the suite on 2 workers (TEST_WORKERS)
+        "pytest-xdist==3.8.0",  # make test TEST_WORKERS=N: the suite on N processes (opt-in, see README)
         # Pinned: an unpinned `torch` pulls a multi-GB CUDA build. 2.13.0 is the CPU build.
         "torch==2.13.0",
         "transformers==5.24.0",

@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # in a subprocess (which inherits these variables). JAX's persistent cache, keyed by the program and
 # the compile options, lets a later compile load the executable instead; trace counts (chex) and
 # results are unchanged. A fresh folder per run, removed at exit; set JAX_COMPILATION_CACHE_DIR to keep one.
-# Under pytest-xdist (make test) the controller sets it before starting the workers, so they share it.
+# Under pytest-xdist (make test TEST_WORKERS=N) the controller sets it before starting the workers, so they share it.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="biomedlm_jax_test_xla_cache_")
     atexit.register(shutil.rmtree, _cache, True)
