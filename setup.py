@@ -97,7 +97,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["biomedlm_jax", "biomedlm_jax.*"]),
-    package_data={"biomedlm_jax": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*_yaml"]},
+    package_data={"biomedlm_jax.evaluation": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*_yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     license="Apache-2.0",

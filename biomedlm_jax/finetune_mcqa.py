@@ -7,16 +7,14 @@ Logs train loss and dev accuracy. The latest checkpoints (for resuming) are kept
 `WORKDIR/checkpoints`, and the best one by dev accuracy in `WORKDIR/best`. `evaluate_mcqa` reads the
 best one by default.
 """
-from biomedlm_jax import cli
+from biomedlm_jax.training import cli
 
 
-def finetune(config, workdir: str) -> dict:
-    from biomedlm_jax import mcqa, train
+def _entry():
+    from biomedlm_jax.tasks import mcqa
 
-    if config.data.task != "mcqa":
-        raise ValueError(f"config.data.task={config.data.task!r}: this entry point needs an MCQA config")
-    return train.train_and_evaluate(config, workdir, task=mcqa.MCQATask(config))
+    return mcqa.finetune
 
 
 if __name__ == "__main__":
-    cli.run(lambda: finetune)
+    cli.run(_entry)

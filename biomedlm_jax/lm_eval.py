@@ -7,7 +7,7 @@
 Our flags: `--init_from=hf:DIR|orbax:WORKDIR` (required), `--dtype` (float32 | bfloat16 | float16),
 `--max_length` (default: the model's n_positions), `--mesh_shape=data,fsdp,tensor` (shard the
 weights, e.g. `1,-1,1`), `--max_gen_toks`, `--bucket`, `--quantize=int8` (Qwix int8 weights for scoring
-and generation, quantize.py). Every other flag is the harness's own
+and generation, models/quantize.py). Every other flag is the harness's own
 (`--tasks`, `--num_fewshot`, `--limit`, `--batch_size`, `--log_samples`, `--output_path`,
 `--gen_kwargs`, `--metadata`, ...): they are handed to its `run` command with `--model=biomedlm_jax`,
 so it writes its usual results and per-sample files. The offline medical tasks shipped in
@@ -22,7 +22,7 @@ import sys
 
 def build_argv(argv: list[str]) -> list[str]:
     """Our flags -> the harness's `run` command line (with `--model=biomedlm_jax`)."""
-    from biomedlm_jax.lm_eval_model import TASKS_DIR
+    from biomedlm_jax.evaluation.harness import TASKS_DIR
 
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.lm_eval", description=__doc__.split("\n")[0],
                                 add_help=True)
@@ -41,7 +41,7 @@ def build_argv(argv: list[str]) -> list[str]:
     if ours.max_length:
         model_args.append(f"max_length={ours.max_length}")
     if ours.quantize not in ("", "none"):
-        from biomedlm_jax import quantize
+        from biomedlm_jax.models import quantize
 
         try:
             quantize.check_mode(ours.quantize)
@@ -59,7 +59,7 @@ def build_argv(argv: list[str]) -> list[str]:
 def main(argv=None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
-    importlib.import_module("biomedlm_jax.lm_eval_model")  # registers the biomedlm_jax model
+    importlib.import_module("biomedlm_jax.evaluation.harness")  # registers the biomedlm_jax model
 
     sys.argv = build_argv(list(sys.argv[1:] if argv is None else argv))
     cli_evaluate()

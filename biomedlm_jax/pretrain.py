@@ -6,13 +6,13 @@
 Multi-process: on SLURM or a multi-host TPU slice the process group is found from the environment;
 elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.
 """
-from biomedlm_jax import cli
+from biomedlm_jax.training import cli
 
 
 def _entry():
-    from biomedlm_jax import train
+    from biomedlm_jax.training import trainer
 
-    return train.train_and_evaluate
+    return trainer.train_and_evaluate
 
 
 if __name__ == "__main__":

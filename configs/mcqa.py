@@ -48,7 +48,7 @@ Where these defaults still differ from BioMedLM's published commands, and why:
 
 LoRA variants (`TASK-lora`, e.g. `medqa-lora`, `pubmedqa-tiny-lora`; not in BioMedLM, which fine-tuned
 every weight): rank 16 adapters (alpha 32, dropout 0.05) on all four projections, the frozen base in
-bfloat16, and the head plus the added tokens' embedding rows trained (biomedlm_jax/lora.py). Learning
+bfloat16, and the head plus the added tokens' embedding rows trained (biomedlm_jax/models/lora.py). Learning
 rate 2e-4, the usual tenfold of full fine-tuning's for LoRA; 4 questions per micro-batch
 (grad_accum_steps 8 for the batch of 32, sized for one device: with N devices use 8 / N) and full
 remat. `python -m biomedlm_jax.bench memory` reports what a variant needs (docs/finetuning_memory.md).
@@ -59,7 +59,7 @@ Full fine-tuning on one 40 GB GPU: `--config.optimizer.mu_dtype=bfloat16
 """
 import os
 
-from biomedlm_jax import configlib
+from biomedlm_jax.training import configlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBMEDQA = os.path.join(REPO, "data", "pubmedqa", "ori_pqal.json")

@@ -8,7 +8,7 @@ Variants
                  "Training Details") and the paper (Bolton et al. 2024, arXiv:2403.18421):
                  32 layers x 2560, 20 heads, vocab 28,896, sequence 1024, global batch 1024 sequences,
                  300B tokens (= 286,102 steps of 1,048,576 tokens, ~8.7 passes over 34.6B tokens),
-                 Decoupled AdamW (Composer semantics, see optim.py) with lr 1.6e-4 and weight decay
+                 Decoupled AdamW (Composer semantics, see training/optim.py) with lr 1.6e-4 and weight decay
                  1.6e-5, bf16 compute with fp32 params and optimizer state, FSDP.
                  Not published, so chosen here: b1/b2/eps 0.9/0.95/1e-8, linear warmup over 1% of the
                  steps, cosine decay to 10% of the peak, global-norm clipping at 1.0, no dropout.
@@ -20,7 +20,7 @@ locked, so a misspelled key is an error. `model` fields left None come from `mod
 """
 import os
 
-from biomedlm_jax import configlib
+from biomedlm_jax.training import configlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_ABSTRACTS = os.path.join(REPO, "data", "pubmed_abstracts", "abstracts.jsonl")

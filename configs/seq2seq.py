@@ -27,7 +27,7 @@ and a "Question: ... Answer:" prompt lets the plain pretrained LM answer before 
 """
 import os
 
-from biomedlm_jax import configlib
+from biomedlm_jax.training import configlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEDQUAD_SAMPLE = os.path.join(REPO, "data", "medquad")

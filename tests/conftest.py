@@ -91,10 +91,11 @@ def sharded_init(model, ids, mesh, rules=None):
     import flax.linen as nn
     import jax
 
-    from biomedlm_jax import sharding, train_state
+    from biomedlm_jax.models import sharding
+    from biomedlm_jax.training import state
 
     rules = rules or sharding.DEFAULT_RULES
-    _, shardings = train_state.param_shardings(model, mesh, rules, (ids,))
+    _, shardings = state.param_shardings(model, mesh, rules, (ids,))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         init = jax.jit(lambda k: nn.unbox(model.init(k, ids)["params"]), out_shardings=shardings)
         return init(jax.random.PRNGKey(0)), shardings

@@ -26,7 +26,8 @@ def test_pipeline_benchmark_prints_a_json_row():
 
 
 def test_pipeline_benchmark_does_not_import_tensorflow():
-    code = ("import sys; from biomedlm_jax import bench, train, input_pipeline; bench.bench_pipeline(32, 2, 3); "
+    code = ("import sys; import biomedlm_jax.bench, biomedlm_jax.training.trainer, biomedlm_jax.data.input_pipeline; "
+            "from biomedlm_jax.benchmarks import speed; speed.bench_pipeline(32, 2, 3); "
             "assert 'tensorflow' not in sys.modules, 'TF imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -112,36 +113,36 @@ def test_matrix_generate_rows_carry_the_decode_roofline_and_goals(tmp_path):
 
 
 def test_goal_check_needs_every_bound_and_a_measured_value():
-    from biomedlm_jax import bench
+    from biomedlm_jax.benchmarks import matrix
 
     goal = {"tokens_per_s": 550, "roofline_fraction": 0.6}
-    assert bench.goal_met({"tokens_per_s": 600, "roofline_fraction": 0.61}, goal) is True
-    assert bench.goal_met({"tokens_per_s": 600, "roofline_fraction": 0.59}, goal) is False  # one bound missed
-    assert bench.goal_met({"tokens_per_s": 549.9, "roofline_fraction": 0.9}, goal) is False
-    assert bench.goal_met({"tokens_per_s": 600}, goal) is None  # not measured: unknown, not met
-    assert bench.goal_met({"tokens_per_s": 600, "roofline_fraction": None}, goal) is None
+    assert matrix.goal_met({"tokens_per_s": 600, "roofline_fraction": 0.61}, goal) is True
+    assert matrix.goal_met({"tokens_per_s": 600, "roofline_fraction": 0.59}, goal) is False  # one bound missed
+    assert matrix.goal_met({"tokens_per_s": 549.9, "roofline_fraction": 0.9}, goal) is False
+    assert matrix.goal_met({"tokens_per_s": 600}, goal) is None  # not measured: unknown, not met
+    assert matrix.goal_met({"tokens_per_s": 600, "roofline_fraction": None}, goal) is None
 
 
 def test_decode_roofline_counts_weights_once_and_the_filled_cache():
     import jax
 
-    from biomedlm_jax import bench
-    from biomedlm_jax import model as model_lib
+    from biomedlm_jax.benchmarks import speed
+    from biomedlm_jax.models import gpt_config
 
-    cfg = model_lib.get_config("tiny", dtype="bfloat16")
+    cfg = gpt_config.get_config("tiny", dtype="bfloat16")
     params = {"wte": {"embedding": jax.ShapeDtypeStruct((10, 64), "bfloat16")},
               "wpe": {"embedding": jax.ShapeDtypeStruct((128, 64), "bfloat16")}}
-    roof = bench.decode_roofline(params, cfg, batch=2, prompt=4, new=3, bandwidth=1e9)
+    roof = speed.decode_roofline(params, cfg, batch=2, prompt=4, new=3, bandwidth=1e9)
     assert roof["weight_bytes"] == 10 * 64 * 2  # wpe left out
     assert roof["kv_bytes_per_step"] == 2 * cfg.n_layer * 2 * (4 + 2) * 64 * 2  # K and V, 6 slots on average
     assert roof["roofline_tokens_per_s"] == 2 * 1e9 / roof["bytes_per_step"]
-    assert "roofline_tokens_per_s" not in bench.decode_roofline(params, cfg, 2, 4, 3, None)
+    assert "roofline_tokens_per_s" not in speed.decode_roofline(params, cfg, 2, 4, 3, None)
 
 
 def test_bandwidth_table_tells_the_h100_pcie_from_the_sxm():
     from types import SimpleNamespace
 
-    from biomedlm_jax import metrics
+    from biomedlm_jax.training import metrics
 
     kind = lambda k: SimpleNamespace(device_kind=k)  # noqa: E731
     assert metrics.peak_bandwidth_per_device(kind("NVIDIA H100 PCIe")) == 2.0e12

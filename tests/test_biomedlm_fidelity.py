@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from conftest import REPO, SEQCLS_EXTRA, biomedlm_hf_tokenizer, gpt2_hf_files
 
-from biomedlm_jax import mcqa_data
-from biomedlm_jax import tokenizer as T
+from biomedlm_jax.data import tokenizer as T
+from biomedlm_jax.tasks import mcqa_data
 
 SHARED = REPO.parent / "shared" / "data"
 PUBMEDQA = REPO / "data" / "pubmedqa" / "ori_pqal.json"
@@ -212,7 +212,7 @@ def test_textgen_rows_equal_biomedlm(tmp_path):
     """finetune_for_summarization.py + sum_dataset.py (LineByLineSumTextDataset, stream mode): the tokenizer
     gains [PAD] and <|startoftext|>; row = src[:max_source] + [bos] + tgt[:max_target] + [eos]; labels are
     -100 up to and including the bos; the collator pads with [PAD]."""
-    from biomedlm_jax import seq2seq
+    from biomedlm_jax.tasks import seq2seq
 
     examples = seq2seq.read_medquad(str(REPO / "data" / "medquad"))[:N]
     (tmp_path / "train.source").write_text("".join(e.question + "\n" for e in examples), encoding="utf-8")

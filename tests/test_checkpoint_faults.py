@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO
 from test_train import final_params, finish, make_config, start_two_processes
 
-from biomedlm_jax import checkpoint, train
+from biomedlm_jax.formats import checkpoint
+from biomedlm_jax.training import trainer
 
 
 def corrupt(workdir, step):
@@ -34,16 +35,16 @@ def verify(workdir):
 @pytest.mark.slow
 def test_damaged_latest_step_falls_back_and_finishes_bit_identically(tmp_path, small_corpus, capfd):
     c = make_config(small_corpus, num_train_steps=6, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
-    train.train_and_evaluate(c, str(tmp_path / "full"), devices=jax.devices()[:1])
+    trainer.train_and_evaluate(c, str(tmp_path / "full"), devices=jax.devices()[:1])
     run = tmp_path / "run"
     c4 = make_config(small_corpus, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
-    train.train_and_evaluate(c4, str(run), devices=jax.devices()[:1])
+    trainer.train_and_evaluate(c4, str(run), devices=jax.devices()[:1])
     corrupt(run, 4)
     r = verify(run)
     assert r.returncode == 1 and "step 2: ok" in r.stdout and "step 4: bad (ValueError: DATA_LOSS" in r.stdout
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     capfd.readouterr()
-    s = train.train_and_evaluate(c, str(run), devices=jax.devices()[:1])
+    s = trainer.train_and_evaluate(c, str(run), devices=jax.devices()[:1])
     err = capfd.readouterr().err
     assert s["start_step"] == 2 and s["step"] == 6
     assert "Traceback" not in err and "Event loop is closed" not in err, err[-2000:]  # one line, not a crash dump
@@ -59,7 +60,7 @@ def test_damaged_latest_step_falls_back_and_finishes_bit_identically(tmp_path, s
 @pytest.mark.slow
 def test_readers_fall_back_but_an_explicit_bad_step_is_an_error(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
-    train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    trainer.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     good = final_params(tmp_path)  # step 4
     corrupt(tmp_path, 4)
     with pytest.raises(Exception, match="DATA_LOSS"):
@@ -69,7 +70,7 @@ def test_readers_fall_back_but_an_explicit_bad_step_is_an_error(tmp_path, small_
     assert checkpoint.latest_step(str(tmp_path)) == 2
     with pytest.raises(AssertionError):
         jax.tree.map(np.testing.assert_array_equal, good, jax.device_get(params))
-    from biomedlm_jax import convert
+    from biomedlm_jax.workflows import convert
 
     convert.convert(f"orbax:{tmp_path}", f"hf:{tmp_path / 'hf'}")  # convert picks the same fallback
     assert (tmp_path / "hf" / "model.safetensors").exists()
@@ -78,16 +79,16 @@ def test_readers_fall_back_but_an_explicit_bad_step_is_an_error(tmp_path, small_
 @pytest.mark.slow
 def test_no_step_restores_stops_with_every_reason_and_never_starts_over(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3, mesh_shape=(1, 1, 1))
-    train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+    trainer.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     corrupt(tmp_path, 2)
     corrupt(tmp_path, 4)
     c.num_train_steps = 6
     with pytest.raises(checkpoint.NoGoodCheckpoint, match=r"no checkpoint restores \(step 4: ValueError: DATA_LOSS.*; "
                                                           r"step 2: ValueError: DATA_LOSS"):
-        train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+        trainer.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     assert sorted(n.split("-")[0] for n in os.listdir(tmp_path / checkpoint.QUARANTINE_DIR)) == ["2", "4"]
     with pytest.raises(checkpoint.NoGoodCheckpoint, match="refusing to start from scratch"):
-        train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+        trainer.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
 
 
 @pytest.mark.slow
@@ -103,8 +104,8 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(tmp_path, 
         with pytest.raises(checkpoint.CheckpointSaveError,
                            match=r"saving step 4 to .* failed \(.*No space left on device.*\); the last complete "
                                  r"checkpoint is step 2\. Training stopped"):
-            train.train_and_evaluate(c, str(fs / "run"), devices=jax.devices()[:1])
-        from biomedlm_jax import metrics
+            trainer.train_and_evaluate(c, str(fs / "run"), devices=jax.devices()[:1])
+        from biomedlm_jax.training import metrics
 
         assert max(r["step"] for r in metrics.read_metrics(str(fs / "run"), "train")) <= 6  # did not train on
         assert checkpoint.latest_step(str(fs / "run")) == 2

@@ -1,7 +1,7 @@
 """docs/configs.md is generated from the config files and must match them; every key is documented."""
 from conftest import REPO
 
-from biomedlm_jax import configdoc
+from biomedlm_jax.training import configdoc
 
 
 def test_config_reference_is_current_and_complete():

@@ -10,9 +10,12 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, make_hf_model, torch_logits
 
-from biomedlm_jax import checkpoint, convert, errors, hf
-from biomedlm_jax import model as M
-from biomedlm_jax.tokenizer import load_tokenizer
+from biomedlm_jax.core import errors
+from biomedlm_jax.data.tokenizer import load_tokenizer
+from biomedlm_jax.formats import checkpoint, hf
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt_config
+from biomedlm_jax.workflows import convert
 
 CFG = dict(vocab_size=50257, n_positions=16, n_embd=32, n_layer=2, n_head=4, scale_attn_by_inverse_layer_idx=True)
 
@@ -82,7 +85,7 @@ def save_training_state(workdir, cfg, params, step):
 
 @pytest.mark.slow
 def test_training_workdir_latest_or_chosen_step(tmp_path):
-    cfg = M.get_config("tiny", vocab_size=64, n_positions=16, scan_layers=True)
+    cfg = gpt_config.get_config("tiny", vocab_size=64, n_positions=16, scan_layers=True)
     model = M.GPT(cfg)
     p3, p7 = (M.init_params(model, jax.random.PRNGKey(s)) for s in (3, 7))
     save_training_state(tmp_path / "run", cfg, p3, 3)
@@ -105,7 +108,7 @@ def test_training_workdir_latest_or_chosen_step(tmp_path):
 
 
 def test_restoring_into_another_shape_names_the_tensor(tmp_path):
-    cfg = M.get_config("tiny", vocab_size=64, n_positions=16)
+    cfg = gpt_config.get_config("tiny", vocab_size=64, n_positions=16)
     params = M.init_params(M.GPT(cfg), jax.random.PRNGKey(0))
     save_training_state(tmp_path / "run", cfg.replace(d_ff=100), params, 1)  # meta disagrees with weights
     with pytest.raises(errors.CheckpointError, match=r"\['h_0'\]\['mlp'\]\['c_fc'\]\['bias'\] has shape \(256,\) on disk, the model expects \(100,\)"):

@@ -8,15 +8,17 @@ import jax
 import numpy as np
 import pytest
 
-from biomedlm_jax import engine as E
-from biomedlm_jax import generate as G
-from biomedlm_jax import model as M
+from biomedlm_jax.inference import engine as E
+from biomedlm_jax.inference import generate as G
+from biomedlm_jax.inference import sampling
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt_config
 
 V = 211
 
 
 def tiny(scan=False, **kw):
-    cfg = M.get_config("tiny", vocab_size=V, n_positions=96, scan_layers=scan, **kw)
+    cfg = gpt_config.get_config("tiny", vocab_size=V, n_positions=96, scan_layers=scan, **kw)
     model = M.GPT(cfg)
     return model, M.init_params(model, jax.random.PRNGKey(0))
 
@@ -27,7 +29,7 @@ def prompts_of(n, seed=0):
 
 
 def alone(model, params, prompt, cfg, budget=None):
-    cfg = cfg if budget is None else G.SamplingConfig(**{**cfg.__dict__, "max_new_tokens": budget})
+    cfg = cfg if budget is None else sampling.SamplingConfig(**{**cfg.__dict__, "max_new_tokens": budget})
     return G.generate(model, params, [prompt], jax.random.PRNGKey(0), cfg)[0]
 
 
@@ -35,9 +37,9 @@ def alone(model, params, prompt, cfg, budget=None):
 def test_greedy_outputs_equal_generate_alone_with_refills_budgets_and_eos(scan, ngram):
     model, params = tiny(scan)
     prompts = prompts_of(11)
-    probe = G.SamplingConfig(max_new_tokens=20, temperature=0.0, no_repeat_ngram_size=ngram)
+    probe = sampling.SamplingConfig(max_new_tokens=20, temperature=0.0, no_repeat_ngram_size=ngram)
     eos = alone(model, params, prompts[0], probe)[5]  # a token greedy decoding does produce
-    cfg = G.SamplingConfig(max_new_tokens=20, temperature=0.0, no_repeat_ngram_size=ngram, eos_id=eos, pad_id=0)
+    cfg = sampling.SamplingConfig(max_new_tokens=20, temperature=0.0, no_repeat_ngram_size=ngram, eos_id=eos, pad_id=0)
     budgets = [20, 3, 17, 1, 20, 9, 0, 14, 20, 2, 6]
     outs = E.generate_all(model, params, prompts, cfg, slots=3, steps_per_sync=4, bucket=16, max_new_tokens=budgets)
     for p, b, o in zip(prompts, budgets, outs):
@@ -48,7 +50,7 @@ def test_greedy_outputs_equal_generate_alone_with_refills_budgets_and_eos(scan, 
 def test_sampled_outputs_do_not_depend_on_slot_count_or_neighbours():
     model, params = tiny()
     prompts = prompts_of(6, seed=1)
-    cfg = G.SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=20)
+    cfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=20)
     keys = [jax.random.PRNGKey(100 + i) for i in range(len(prompts))]
     runs = []
     for slots in (1, 4):
@@ -64,7 +66,7 @@ def test_sampled_outputs_do_not_depend_on_slot_count_or_neighbours():
 def test_stop_strings_free_the_slot_and_keep_the_greedy_prefix():
     model, params = tiny()
     prompt = prompts_of(1, seed=2)[0]
-    cfg = G.SamplingConfig(max_new_tokens=30, temperature=0.0)
+    cfg = sampling.SamplingConfig(max_new_tokens=30, temperature=0.0)
     full = alone(model, params, prompt, cfg)
     detok = lambda ids: " ".join(f"t{t}" for t in ids)  # noqa: E731 - a stand-in tokenizer: one word per id
     stop = f"t{full[6]}"
@@ -81,7 +83,7 @@ def test_stop_strings_free_the_slot_and_keep_the_greedy_prefix():
 def test_prefill_insert_generate_by_hand():
     """The engine API: prefill a batch, insert rows into chosen slots, step, free."""
     model, params = tiny()
-    cfg = G.SamplingConfig(max_new_tokens=12, temperature=0.0)
+    cfg = sampling.SamplingConfig(max_new_tokens=12, temperature=0.0)
     eng = E.Engine(model, params, cfg, slots=4, max_prompt_len=40, steps_per_sync=12)
     a, b = prompts_of(2, seed=3)
     state = eng.init_state()
@@ -98,7 +100,7 @@ def test_prefill_insert_generate_by_hand():
     with pytest.raises(ValueError, match="exceeds the engine's max_prompt_len=40"):
         eng.prefill([[1] * 41])
     with pytest.raises(ValueError, match="exceeds n_positions=96"):
-        E.Engine(model, params, G.SamplingConfig(max_new_tokens=60), max_prompt_len=40)
+        E.Engine(model, params, sampling.SamplingConfig(max_new_tokens=60), max_prompt_len=40)
 
 
 @pytest.mark.slow
@@ -106,11 +108,11 @@ def test_generate_input_writes_engine_completions_in_order(tmp_path):
     """generate --input: one completion per line in input order, equal to generate() on each prompt."""
     from conftest import REPO
 
-    from biomedlm_jax import hf
-    from biomedlm_jax import tokenizer as T
+    from biomedlm_jax.data import tokenizer as T
+    from biomedlm_jax.formats import hf
 
     gpt2 = T.load_tokenizer(str(REPO / "data" / "gpt2_tokenizer"))
-    cfg = M.get_config("tiny", vocab_size=50257)
+    cfg = gpt_config.get_config("tiny", vocab_size=50257)
     model = M.GPT(cfg)
     params = M.init_params(model, jax.random.PRNGKey(2))
     hf.save_pretrained(model, params, str(tmp_path / "ckpt"), tokenizer=gpt2)
@@ -123,7 +125,7 @@ def test_generate_input_writes_engine_completions_in_order(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [row["n"] for row in rows] == [0, 1, 2, 3]
-    scfg = G.SamplingConfig(max_new_tokens=9, temperature=0.0, eos_id=50256)
+    scfg = sampling.SamplingConfig(max_new_tokens=9, temperature=0.0, eos_id=50256)
     for row, text in zip(rows, texts):
         want = alone(model, params, gpt2.encode(text).ids, scfg)
         assert row["completion"] == gpt2.decode([t for t in want if t != 50256])

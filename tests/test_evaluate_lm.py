@@ -10,9 +10,11 @@ import optax
 import pytest
 from conftest import REPO
 
-from biomedlm_jax import evaluate_lm, hf
-from biomedlm_jax import model as M
-from biomedlm_jax import tokenizer as T
+from biomedlm_jax.data import tokenizer as T
+from biomedlm_jax.evaluation import perplexity
+from biomedlm_jax.formats import hf
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt_config
 
 GPT2 = str(REPO / "data" / "gpt2_tokenizer")
 DOCS = [("a", "Metformin lowers hepatic glucose output in type 2 diabetes."),
@@ -23,14 +25,14 @@ DOCS = [("a", "Metformin lowers hepatic glucose output in type 2 diabetes."),
 @pytest.fixture(scope="module")
 def setup():
     tok = T.load_tokenizer(GPT2)
-    model = M.GPT(M.get_config("tiny", n_positions=32))
+    model = M.GPT(gpt_config.get_config("tiny", n_positions=32))
     params = M.init_params(model, jax.random.PRNGKey(0))
     return model, params, tok
 
 
 def test_windows_predict_every_token_once():
     ids = list(range(10, 33))  # 23 tokens
-    windows = list(evaluate_lm.document_windows(ids, eos_id=0, seq_len=8))
+    windows = list(perplexity.document_windows(ids, eos_id=0, seq_len=8))
     assert [len(x) for x, _ in windows] == [8, 8, 7]
     assert windows[0][0][0] == 0  # the first real token is predicted from <|endoftext|>
     assert sum((y for _, y in windows), []) == ids
@@ -58,14 +60,14 @@ def direct_nll(model, params, tok, seq_len):
 @pytest.mark.parametrize("seq_len", [32, 7])  # 7: long documents span several windows
 def test_totals_equal_a_direct_forward_pass(setup, seq_len):
     model, params, tok = setup
-    got = evaluate_lm.evaluate(model, params, tok, DOCS, seq_len=seq_len, batch_size=3)
+    got = perplexity.evaluate(model, params, tok, DOCS, seq_len=seq_len, batch_size=3)
     total, tokens, nbytes = direct_nll(model, params, tok, seq_len)
     assert (got["documents"], got["tokens"], got["bytes"]) == (2, tokens, nbytes)
     np.testing.assert_allclose(got["loss"] * tokens, total, rtol=1e-5)
     np.testing.assert_allclose(got["bits_per_byte"], total / math.log(2) / nbytes, rtol=1e-5)
     np.testing.assert_allclose(got["perplexity"], math.exp(got["loss"]), rtol=1e-9)
     with pytest.raises(ValueError, match="exceeds the model's n_positions=32"):
-        evaluate_lm.evaluate(model, params, tok, DOCS, seq_len=64)
+        perplexity.evaluate(model, params, tok, DOCS, seq_len=64)
 
 
 def test_cli_writes_json(setup, tmp_path):
@@ -77,7 +79,7 @@ def test_cli_writes_json(setup, tmp_path):
                         f"--input={docs}", f"--out={tmp_path / 'r.json'}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "r.json").read_text())
-    want = evaluate_lm.evaluate(model, params, tok, DOCS)
+    want = perplexity.evaluate(model, params, tok, DOCS)
     assert result["tokens"] == want["tokens"] and result["seq_len"] == 32
     np.testing.assert_allclose(result["bits_per_byte"], want["bits_per_byte"], rtol=1e-5)
     assert "bits/byte" in r.stdout

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 from conftest import REPO, textgen_files
 
-from biomedlm_jax import convert, generate, gguf_export, seq2seq
-from biomedlm_jax import model as M
-from biomedlm_jax import tokenizer as T
+from biomedlm_jax.data import tokenizer as T
+from biomedlm_jax.formats import gguf as gguf_export
+from biomedlm_jax.formats import loading
+from biomedlm_jax.inference import generate
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt_config
+from biomedlm_jax.tasks import seq2seq
 
 GPT2 = str(REPO / "data" / "gpt2_tokenizer")
 TEXT = "Metformin is first-line therapy for type 2 diabetes mellitus (T2DM); 500 mg twice daily."
@@ -33,7 +37,7 @@ def greedy(model, params, prompt, new, eos=None):
 def test_llama_cpp_logits_match_ours(tmp_path, tok, variant):
     """F32 and F16 files give our logits at every position (BioMedLM's 1/(layer+1) attention scaling
     and unscaled attention folded into q); Q8_0 agrees on the top token at >= 90% of positions."""
-    cfg = M.get_config("tiny", **variant)
+    cfg = gpt_config.get_config("tiny", **variant)
     model = M.GPT(cfg)
     params = M.init_params(model, jax.random.PRNGKey(1))
     ids = tok.encode(TEXT).ids
@@ -57,7 +61,7 @@ def test_tokenizer_travels_with_the_file(tmp_path, tok):
 
     tok = T.load_tokenizer(GPT2)
     seq2seq.add_layout_tokens(tok)  # [PAD] 50257, <|startoftext|> 50258, as BioMedLM's fine-tuning adds
-    cfg = M.get_config("tiny", vocab_size=50304)  # padded past the tokenizer's 50259
+    cfg = gpt_config.get_config("tiny", vocab_size=50304)  # padded past the tokenizer's 50259
     model = M.GPT(cfg)
     path = gguf_export.write_gguf(cfg, M.init_params(model, jax.random.PRNGKey(0)), tok, str(tmp_path / "m.gguf"))
     llm = gguf_export.load_llama(path, n_ctx=256)
@@ -79,7 +83,7 @@ def test_tokenizer_travels_with_the_file(tmp_path, tok):
 def test_placeholder_vocabulary_file_loads_and_decodes_like_ours(tmp_path):
     """`bench_inference decode --gguf` exports random-init models with no tokenizer: llama.cpp must load
     that file (it refuses a BPE vocabulary without merges) and decode our greedy tokens."""
-    cfg = M.get_config("tiny", vocab_size=1000)
+    cfg = gpt_config.get_config("tiny", vocab_size=1000)
     model = M.GPT(cfg)
     params = M.init_params(model, jax.random.PRNGKey(2))
     path = gguf_export.write_gguf(cfg, params, None, str(tmp_path / "p.gguf"), "F32")
@@ -94,7 +98,7 @@ def test_placeholder_vocabulary_file_loads_and_decodes_like_ours(tmp_path):
 def test_refusals_name_the_problem(tmp_path, tok):
     from conftest import make_hf_model
 
-    cfg = M.get_config("tiny", activation="relu")
+    cfg = gpt_config.get_config("tiny", activation="relu")
     model = M.GPT(cfg)
     with pytest.raises(gguf_export.GGUFExportError, match="activation='relu'.*tanh-GELU"):
         gguf_export.write_gguf(cfg, M.init_params(model, jax.random.PRNGKey(0)), tok, str(tmp_path / "x.gguf"))
@@ -135,7 +139,7 @@ def test_a_finetuned_biomedlm_style_model_generates_the_same_tokens_in_llama_cpp
                             f"--to=gguf:{files[ftype]}", f"--gguf_type={ftype}"], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-    model, params, tok = convert.load(f"orbax:{run}")
+    model, params, tok = loading.load(f"orbax:{run}")
     assert model.config.vocab_size == 50259 and model.config.scale_attn_by_inverse_layer_idx
     eos = tok.token_to_id(T.EOS_TOKEN)
     f16 = gguf_export.load_llama(str(files["F16"]), n_ctx=128)

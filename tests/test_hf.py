@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from conftest import make_hf_model, torch_logits
 
-from biomedlm_jax import errors, hf
-from biomedlm_jax import model as M
+from biomedlm_jax.core import errors
+from biomedlm_jax.formats import hf, hf_config
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt_config
 
 # Small configs that together exercise every math-changing GPT2Config field.
 PARITY_CONFIGS = {
@@ -120,8 +122,8 @@ def test_biomedlm_config_maps_to_the_biomedlm_variant():
         "summary_use_proj": True, "torch_dtype": "float32", "use_cache": False, "vocab_size": 28896,
         "pad_token_id": 28895,
     }
-    assert hf.config_from_hf(biomedlm_config) == M.get_config("biomedlm-2.7b")
-    assert hf.config_from_hf(hf.config_to_hf(M.get_config("biomedlm-2.7b"))) == M.get_config("biomedlm-2.7b")
+    assert hf_config.config_from_hf(biomedlm_config) == gpt_config.get_config("biomedlm-2.7b")
+    assert hf_config.config_from_hf(hf_config.config_to_hf(gpt_config.get_config("biomedlm-2.7b"))) == gpt_config.get_config("biomedlm-2.7b")
 
 
 def test_checkpoint_without_transformer_prefix_and_with_tied_head(tmp_path):
@@ -252,7 +254,7 @@ def test_tokenizers_load_from_every_layout(tmp_path):
     from conftest import REPO
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
-    from biomedlm_jax import tokenizer as tok_lib
+    from biomedlm_jax.data import tokenizer as tok_lib
 
     gpt2_dir = REPO / "data" / "gpt2_tokenizer"  # OpenAI encoder.json + vocab.bpe
     hf_layout = tmp_path / "hf_layout"
@@ -288,10 +290,10 @@ def test_save_pretrained_with_tokenizer_round_trips(tmp_path):
     from conftest import REPO
     from transformers import AutoTokenizer
 
-    from biomedlm_jax import tokenizer as tok_lib
+    from biomedlm_jax.data import tokenizer as tok_lib
 
     tok = tok_lib.load_tokenizer(str(REPO / "data" / "gpt2_tokenizer"))
-    model = M.GPT(M.get_config("tiny", n_positions=16))
+    model = M.GPT(gpt_config.get_config("tiny", n_positions=16))
     params = M.init_params(model, __import__("jax").random.PRNGKey(0))
     hf.save_pretrained(model, params, str(tmp_path / "out"), tokenizer=tok)
     assert hf.load_tokenizer(str(tmp_path / "out")).encode("EGFR T790M").ids == tok.encode("EGFR T790M").ids

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from biomedlm_jax import errors, readers
-from biomedlm_jax import input_pipeline as ip
-from biomedlm_jax import tokenizer as tokenizer_lib
+from biomedlm_jax.core import errors
+from biomedlm_jax.data import input_pipeline as ip
+from biomedlm_jax.data import packing, readers, shards
+from biomedlm_jax.data import tokenizer as tokenizer_lib
 
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
 
@@ -40,7 +41,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
 def test_packing_keeps_every_token_and_separates_documents(gpt2_tok):
     docs = [(str(i), f"Document {i} about thrombocytopenia and TNF-α, β-blockers.") for i in range(40)]
     docs.insert(5, ("empty", "   "))
-    packed = ip.pack_documents(docs, gpt2_tok, row_len=17)
+    packed = packing.pack_documents(docs, gpt2_tok, row_len=17)
     eos = gpt2_tok.token_to_id(tokenizer_lib.EOS_TOKEN)
     stream = []
     for _, text in docs:
@@ -102,9 +103,9 @@ def test_eval_batches_pad_with_zero_weight():
 
 def test_hash_split_is_stable():
     ids = [str(i) for i in range(2000)]
-    held = [i for i in ids if ip.in_eval_split(i, 0.05)]
+    held = [i for i in ids if packing.in_eval_split(i, 0.05)]
     assert 60 < len(held) < 140
-    assert held == [i for i in ids if ip.in_eval_split(i, 0.05)]
+    assert held == [i for i in ids if packing.in_eval_split(i, 0.05)]
 
 
 def test_tf_dataset_yields_the_same_batches_and_resumes_by_position():
@@ -130,7 +131,7 @@ def test_remote_shard_reads_only_the_rows_asked_for_within_its_cache_bound(tmp_p
     data = np.random.default_rng(0).integers(0, 50257, (300, 33)).astype(np.uint16)
     path = tmp_path / "shard.npy"
     np.save(path, data)
-    shard = ip.RemoteShard(str(path), cache_bytes=50 * 33 * 2)  # 50 rows
+    shard = shards.RemoteShard(str(path), cache_bytes=50 * 33 * 2)  # 50 rows
     assert len(shard) == 300 and shard.shape == (300, 33) and shard.dtype == np.uint16
     idx = np.array([17, 3, 4, 5, 250, 4, 299, 0])
     np.testing.assert_array_equal(shard[idx], data[idx])
@@ -146,7 +147,7 @@ def test_remote_shard_reads_only_the_rows_asked_for_within_its_cache_bound(tmp_p
     cut = tmp_path / "cut.npy"
     cut.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(errors.DataError, match=r"cut\.npy: truncated"):
-        ip.RemoteShard(str(cut))[[299]]
+        shards.RemoteShard(str(cut))[[299]]
 
 
 def test_read_ahead_builds_the_next_batch_off_the_callers_thread_and_changes_nothing_else():

@@ -102,7 +102,7 @@ def test_unreachable_coordinator_is_a_clear_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nobody listens there
-    code = ("from biomedlm_jax import distributed\n"
+    code = ("from biomedlm_jax.training import distributed\n"
             f"distributed.initialize('127.0.0.1:{port}', 2, 1, timeout_s=3)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0

@@ -71,7 +71,7 @@ def setup(tmp_path_factory):
     gpt2_hf_files(ckpt)
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
                                                             "eos_token": "<|endoftext|>", "model_max_length": 128}))
-    from biomedlm_jax import mcqa_data
+    from biomedlm_jax.tasks import mcqa_data
 
     items = mcqa_data.load_pubmedqa(str(REPO / "data" / "pubmedqa" / "ori_pqal.json"), "test")[:12]
     data = root / "data"
@@ -98,7 +98,7 @@ def run(model, model_args, tasks_dir, tasks, **kw):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    importlib.import_module("biomedlm_jax.lm_eval_model")  # registers the biomedlm_jax model
+    importlib.import_module("biomedlm_jax.evaluation.harness")  # registers the biomedlm_jax model
 
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=4, device="cpu",
                                    task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=True, **kw)
@@ -159,14 +159,14 @@ def test_same_numbers_with_a_short_max_length(setup):
 def test_sampled_generation_is_seeded(setup):
     from lm_eval.api.instance import Instance
 
-    from biomedlm_jax import lm_eval_model
+    from biomedlm_jax.evaluation import harness
 
     ckpt, _ = setup
     kw = {"until": ["\n\n"], "max_gen_toks": 10, "do_sample": True, "temperature": 1.0}
     reqs = [Instance("generate_until", {}, (f"Question {n}: is aspirin an NSAID?\nAnswer:", kw), n) for n in range(3)]
     greedy = [Instance("generate_until", {}, (r.args[0], {"until": ["\n\n"], "max_gen_toks": 10}), 0) for r in reqs]
-    one = lm_eval_model.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, seed=1)
-    two = lm_eval_model.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, seed=2)
+    one = harness.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, seed=1)
+    two = harness.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, seed=2)
     s1 = one.generate_until(reqs, disable_tqdm=True)
     assert s1 == one.generate_until(reqs, disable_tqdm=True)  # same seed, same samples
     assert s1 != two.generate_until(reqs, disable_tqdm=True) and s1 != one.generate_until(greedy, disable_tqdm=True)
@@ -175,17 +175,17 @@ def test_sampled_generation_is_seeded(setup):
 def test_requests_of_many_lengths_compile_a_few_shapes(setup):
     from lm_eval.api.instance import Instance
 
-    from biomedlm_jax import lm_eval_model
+    from biomedlm_jax.evaluation import harness
 
     ckpt, _ = setup
-    lm = lm_eval_model.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, bucket=32)
+    lm = harness.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, bucket=32)
     words = "the patient was given aspirin and recovered fully after two weeks of care".split()
     reqs = [Instance("loglikelihood", {}, (" ".join(words[: 1 + n % len(words)]) * (1 + n // 7), " yes"), n)
             for n in range(40)]
-    before = lm_eval_model._TRACES["loglikelihood"]
+    before = harness._TRACES["loglikelihood"]
     lm.loglikelihood(reqs, disable_tqdm=True)
     lengths = {len(lm.tok_encode(r.args[0])) for r in reqs}
-    assert len(lengths) > 10 and lm_eval_model._TRACES["loglikelihood"] - before <= 4  # buckets of 32 up to 128
+    assert len(lengths) > 10 and harness._TRACES["loglikelihood"] - before <= 4  # buckets of 32 up to 128
 
 
 @pytest.mark.slow
@@ -213,7 +213,7 @@ def test_offline_medical_tasks_use_the_builtin_prompts(monkeypatch):
     from lm_eval.tasks.medqa import preprocess_medqa
     from lm_eval.tasks.pubmedqa import preprocess_pubmedqa
 
-    from biomedlm_jax.lm_eval_tasks import utils
+    from biomedlm_jax.evaluation.lm_eval_tasks import utils
 
     docs = utils.load_pubmedqa()
     assert {k: len(v) for k, v in docs.items()} == {"train": 450, "validation": 50, "test": 500}
@@ -239,7 +239,7 @@ def test_medical_suite_runs_end_to_end_with_limit(setup, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from biomedlm_jax import lm_eval_model
+    from biomedlm_jax.evaluation import harness
 
     ckpt, _ = setup
     metadata = {"medqa": str(SHARED / "medqa_usmle" / "us_4options_test.jsonl"),
@@ -247,7 +247,7 @@ def test_medical_suite_runs_end_to_end_with_limit(setup, monkeypatch):
                 "mmlu": str(SHARED / "mmlu_medical" / "final_release_hf_format")}
     out = lm_eval.simple_evaluate(model="biomedlm_jax", model_args=f"init_from=hf:{ckpt}", tasks=["medical_local"],
                                   batch_size=8, limit=4,
-                                  task_manager=TaskManager(include_path=lm_eval_model.TASKS_DIR, metadata=metadata))
+                                  task_manager=TaskManager(include_path=harness.TASKS_DIR, metadata=metadata))
     names = {"pubmedqa_local", "medqa_4options_local", "medmcqa_local", "mmlu_anatomy_local",
              "mmlu_professional_medicine_local"}
     assert names <= set(out["results"]) and "medical_local" in out["results"]
@@ -257,7 +257,7 @@ def test_medical_suite_runs_end_to_end_with_limit(setup, monkeypatch):
     shot = lm_eval.simple_evaluate(model="biomedlm_jax", model_args=f"init_from=hf:{ckpt}",
                                    tasks=["mmlu_medical_genetics_local"], batch_size=8, limit=2, num_fewshot=2,
                                    log_samples=True,
-                                   task_manager=TaskManager(include_path=lm_eval_model.TASKS_DIR, metadata=metadata))
+                                   task_manager=TaskManager(include_path=harness.TASKS_DIR, metadata=metadata))
     prompt = shot["samples"]["mmlu_medical_genetics_local"][0]["arguments"][0][0]
     assert prompt.startswith("The following are multiple choice questions (with answers) about medical genetics.")
     assert prompt.count("\nAnswer:") == 3  # two solved dev questions, then the test question
@@ -268,11 +268,11 @@ def test_sharded_mesh_gives_the_same_results(setup):
     """mesh_shape shards the weights (fsdp x tensor) for models that do not fit one device."""
     from lm_eval.api.instance import Instance
 
-    from biomedlm_jax import lm_eval_model
+    from biomedlm_jax.evaluation import harness
 
     ckpt, _ = setup
-    dp = lm_eval_model.JaxLM(init_from=f"hf:{ckpt}", batch_size=4)
-    sharded = lm_eval_model.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, mesh_shape="1,4,2")
+    dp = harness.JaxLM(init_from=f"hf:{ckpt}", batch_size=4)
+    sharded = harness.JaxLM(init_from=f"hf:{ckpt}", batch_size=4, mesh_shape="1,4,2")
     assert dict(sharded.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
     kernel = sharded.params["h_0"]["mlp"]["c_fc"]["kernel"]
     assert len({d for d in kernel.sharding.device_set}) == 8 and kernel.addressable_shards[0].data.shape != kernel.shape

@@ -9,9 +9,13 @@ from conftest import REPO
 from test_mcqa import synthetic_items
 from test_train import make_config
 
-from biomedlm_jax import checkpoint, configlib, lora, mcqa, train
-from biomedlm_jax.mcqa import MCQAModel
-from biomedlm_jax.model import GPT, GPTConfig, get_config
+from biomedlm_jax.formats import checkpoint
+from biomedlm_jax.models import lora
+from biomedlm_jax.models.gpt import GPT
+from biomedlm_jax.models.gpt_config import GPTConfig, get_config
+from biomedlm_jax.tasks import mcqa
+from biomedlm_jax.tasks.mcqa import MCQAModel
+from biomedlm_jax.training import configlib, trainer
 
 GPT2 = str(REPO / "data" / "gpt2_tokenizer")
 
@@ -42,7 +46,7 @@ def base_run(tmp_path_factory, small_corpus):
     """A 2-step tiny LM run: the base model the LoRA runs start from."""
     workdir = tmp_path_factory.mktemp("base")
     c = make_config(small_corpus, num_train_steps=2, mesh_shape=(1, 1, 1))
-    train.train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
+    trainer.train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
     return workdir
 
 
@@ -71,7 +75,7 @@ def test_lora_step0_is_the_base_model():
 def lora_run(tmp_path_factory, small_corpus, base_run):
     """A 4-step LoRA run (rank 4, all four targets) on one device from `base_run`: (workdir, summary)."""
     workdir = tmp_path_factory.mktemp("lora")
-    return workdir, train.train_and_evaluate(lora_config(small_corpus, base_run), str(workdir), devices=jax.devices()[:1])
+    return workdir, trainer.train_and_evaluate(lora_config(small_corpus, base_run), str(workdir), devices=jax.devices()[:1])
 
 
 @pytest.mark.slow
@@ -99,10 +103,10 @@ def test_only_adapters_train_and_the_merged_export_equals_the_adapted_forward(lo
 @pytest.mark.slow
 def test_lora_resume_is_bit_identical_and_bf16_base_and_moments(tmp_path, small_corpus, base_run):
     over = {"lora.base_dtype": "bfloat16", "optimizer.mu_dtype": "bfloat16", "optimizer.nu_dtype": "bfloat16"}
-    train.train_and_evaluate(lora_config(small_corpus, base_run, **over), str(tmp_path / "full"), devices=jax.devices()[:1])
+    trainer.train_and_evaluate(lora_config(small_corpus, base_run, **over), str(tmp_path / "full"), devices=jax.devices()[:1])
     c2 = lora_config(small_corpus, base_run, **over, num_train_steps=2)
-    train.train_and_evaluate(c2, str(tmp_path / "resumed"), devices=jax.devices()[:1])
-    s = train.train_and_evaluate(lora_config(small_corpus, base_run, **over), str(tmp_path / "resumed"),
+    trainer.train_and_evaluate(c2, str(tmp_path / "resumed"), devices=jax.devices()[:1])
+    s = trainer.train_and_evaluate(lora_config(small_corpus, base_run, **over), str(tmp_path / "resumed"),
                                  devices=jax.devices()[:1])
     assert s["start_step"] == 2 and np.isfinite(s["train_loss"])
     a, b = flat(raw_params(tmp_path / "full")[1]), flat(raw_params(tmp_path / "resumed")[1])
@@ -131,7 +135,7 @@ def test_a_changed_base_is_refused(tmp_path, small_corpus, base_run):
     base = tmp_path / "base"
     shutil.copytree(base_run, base)
     c = lora_config(small_corpus, base, num_train_steps=2)
-    train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+    trainer.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
     # the base's weights change under the run (here: its latest step is replaced by other weights)
     data = sorted(f for f in (base / "checkpoints" / "2" / "state").rglob("*") if f.is_file() and f.stat().st_size > 1000)
     raw = bytearray(data[0].read_bytes())
@@ -139,7 +143,7 @@ def test_a_changed_base_is_refused(tmp_path, small_corpus, base_run):
     data[0].write_bytes(bytes(raw))
     c4 = lora_config(small_corpus, base, num_train_steps=4)
     with pytest.raises(Exception, match=r"trained on the base orbax:.*/base .*but init_from is now"):
-        train.train_and_evaluate(c4, str(tmp_path / "run"), devices=jax.devices()[:1])
+        trainer.train_and_evaluate(c4, str(tmp_path / "run"), devices=jax.devices()[:1])
     with pytest.raises(Exception, match=r"the LoRA run's base orbax:.*/base \(step 2\) changed under it"):
         checkpoint.load_model(str(tmp_path / "run"))
 
@@ -147,7 +151,7 @@ def test_a_changed_base_is_refused(tmp_path, small_corpus, base_run):
 @pytest.mark.slow
 def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, small_corpus, base_run, lora_run):
     one_dir, one = lora_run
-    mesh = train.train_and_evaluate(lora_config(small_corpus, base_run, mesh_shape=(2, 2, 2)), str(tmp_path / "mesh"))
+    mesh = trainer.train_and_evaluate(lora_config(small_corpus, base_run, mesh_shape=(2, 2, 2)), str(tmp_path / "mesh"))
     assert one["train_loss"] == pytest.approx(mesh["train_loss"], rel=1e-5)
     a, b = flat(raw_params(one_dir)[1]), flat(raw_params(tmp_path / "mesh")[1])
     # The mesh reduces each gradient in another fp32 order. Adam divides by sqrt(nu), so an element whose
@@ -167,7 +171,7 @@ def test_lora_mcqa_trains_adapters_head_and_only_the_added_embedding_rows(tmp_pa
     c.eval_every_steps, c.checkpoint_every_steps, c.progress_bar, c.mesh_shape = 3, 3, False, (1, 1, 1)
     c.lora.rank = 4
     c.optimizer.weight_decay = 0.1  # decay must not move the frozen rows either
-    train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1], task=mcqa.MCQATask(c))
+    trainer.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1], task=mcqa.MCQATask(c))
     base = flat(checkpoint.load_model(str(base_run))[1])
     meta = checkpoint.read_meta(str(tmp_path / "run"))[1]
     cfg, raw = raw_params(tmp_path / "run", MCQAModel, head=meta["mcqa"]["head"], num_labels=meta["mcqa"]["num_labels"])
@@ -204,8 +208,8 @@ def test_peft_export_loads_in_torch_peft_with_our_logits_and_imports_back(tmp_pa
     c = make_config(small_corpus, init_from=f"hf:{base}", num_train_steps=4, mesh_shape=(1, 1, 1), seq_len=32,
                     **{"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "qkv,attn_out,mlp_in,mlp_out",
                        "model.embd_pdrop": 0.0, "model.attn_pdrop": 0.0, "model.resid_pdrop": 0.0})
-    train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
-    from biomedlm_jax import convert
+    trainer.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+    from biomedlm_jax.workflows import convert
 
     convert.convert(f"orbax:{tmp_path / 'run'}", f"peft:{tmp_path / 'peft'}")
     cfg_json = __import__("json").loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -222,11 +226,11 @@ def test_peft_export_loads_in_torch_peft_with_our_logits_and_imports_back(tmp_pa
                      learning_rate=0.0, warmup_steps=0,
                      **{"lora.rank": 4, "lora.alpha": 8.0, "lora.from_peft": str(tmp_path / "peft"),
                         "model.embd_pdrop": 0.0, "model.attn_pdrop": 0.0, "model.resid_pdrop": 0.0})
-    train.train_and_evaluate(c2, str(tmp_path / "run2"), devices=jax.devices()[:1])
+    trainer.train_and_evaluate(c2, str(tmp_path / "run2"), devices=jax.devices()[:1])
     model2, merged2 = checkpoint.load_model(str(tmp_path / "run2"))
     np.testing.assert_allclose(np.asarray(model2.apply({"params": merged2}, jnp.asarray(ids))), ours, atol=1e-5, rtol=0)
     # a rank that is not the adapter's is an error naming the file
     c3 = make_config(small_corpus, init_from=f"hf:{base}", num_train_steps=1, mesh_shape=(1, 1, 1), seq_len=32,
                      **{"lora.rank": 8, "lora.from_peft": str(tmp_path / "peft")})
     with pytest.raises(Exception, match="adapter_config.json: r=4 but the run has lora r=8"):
-        train.train_and_evaluate(c3, str(tmp_path / "run3"), devices=jax.devices()[:1])
+        trainer.train_and_evaluate(c3, str(tmp_path / "run3"), devices=jax.devices()[:1])

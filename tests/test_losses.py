@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biomedlm_jax import losses
+from biomedlm_jax.training import losses
 
 
 def _problem(B=2, T=12, C=16, V=50, seed=0):

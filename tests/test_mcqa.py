@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from biomedlm_jax import checkpoint, configlib, errors, hf, mcqa, mcqa_data, train
-from biomedlm_jax import model as M
-from biomedlm_jax import model as model_lib
-from biomedlm_jax import tokenizer as T
+from biomedlm_jax.core import errors
+from biomedlm_jax.data import tokenizer as T
+from biomedlm_jax.formats import checkpoint, hf
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt as model_lib
+from biomedlm_jax.models import gpt_config
+from biomedlm_jax.tasks import mcqa, mcqa_data
+from biomedlm_jax.training import configlib
+from biomedlm_jax.training import trainer as train
 
 SHARED = REPO.parent / "shared" / "data"
 PUBMEDQA = REPO / "data" / "pubmedqa" / "ori_pqal.json"
@@ -134,7 +139,7 @@ def test_out_of_range_answers_and_wrong_files(tmp_path):
 
 
 def tiny_model(head, num_labels=1, vocab=97):
-    cfg = M.get_config("tiny", vocab_size=vocab, n_positions=32, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    cfg = gpt_config.get_config("tiny", vocab_size=vocab, n_positions=32, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     model = mcqa.MCQAModel(cfg, head, num_labels)
     ids = jnp.ones((2, 3 if head == "choice" else 1, 16), jnp.int32)
     params = jax.tree.map(jnp.asarray, __import__("flax").linen.unbox(model.init(jax.random.PRNGKey(0), ids, ids > 0)["params"]))
@@ -169,7 +174,7 @@ def test_added_tokens_resize_embeddings_and_survive_save_pretrained(tmp_path):
     assert mcqa_data.add_task_tokens(tok, "choice") == ids  # idempotent (resumed runs)
     seq = T.load_tokenizer(GPT2)
     assert list(mcqa_data.add_task_tokens(seq, "seqcls").values()) == list(range(50257, 50262))
-    cfg = M.get_config("tiny", n_positions=32)
+    cfg = gpt_config.get_config("tiny", n_positions=32)
     params = M.init_params(M.GPT(cfg), jax.random.PRNGKey(0))
     grown = model_lib.resize_embeddings(params, 50260)
     old, new = np.asarray(params["wte"]["embedding"]), np.asarray(grown["wte"]["embedding"])
@@ -220,11 +225,11 @@ def test_choice_head_learns_a_synthetic_task(tmp_path):
     # training-data seeds; which side of 0.95 seed 0 lands on moves with float summation order.
     assert s["best_accuracy"] >= 0.9, s
     # the harness reads the best checkpoint and reproduces its dev accuracy
-    from biomedlm_jax import evaluate_mcqa
+    from biomedlm_jax.evaluation import mcqa_eval
 
-    res = evaluate_mcqa.evaluate({"medqa": str(tmp_path / "dev.jsonl")}, workdir=str(tmp_path / "run"), progress=False)
+    res = mcqa_eval.evaluate({"medqa": str(tmp_path / "dev.jsonl")}, workdir=str(tmp_path / "run"), progress=False)
     assert res["medqa"]["accuracy"] == pytest.approx(s["best_accuracy"])
-    assert "| medqa | dev.jsonl | 200 |" in evaluate_mcqa.results_table(res)
+    assert "| medqa | dev.jsonl | 200 |" in mcqa_eval.results_table(res)
 
 
 @pytest.mark.slow

@@ -15,15 +15,11 @@ import numpy as np
 import pytest
 from conftest import REPO, biomedlm_hf_tokenizer, gpt2_hf_files
 
-from biomedlm_jax import (
-    configlib,
-    convert,
-    errors,
-    evaluate_mcqa,
-    mcqa,
-    mcqa_data,
-    train,
-)
+from biomedlm_jax.core import errors
+from biomedlm_jax.evaluation import mcqa_eval
+from biomedlm_jax.tasks import mcqa, mcqa_data
+from biomedlm_jax.training import configlib, trainer
+from biomedlm_jax.workflows import convert
 
 PUBMEDQA = REPO / "data" / "pubmedqa" / "ori_pqal.json"
 GPT2_FILES = REPO / "data" / "gpt2_tokenizer"
@@ -129,7 +125,7 @@ def test_biomedlm_seqcls_classifier_gives_its_logits_here(biomedlm_seqcls, tmp_p
     np.testing.assert_array_equal(enc.ids[:, 0], ref_ids)
     ours = mcqa.predict(clf.model, clf.params, enc)
     np.testing.assert_allclose(ours, torch_logits(model, ref_ids), atol=1e-4, rtol=1e-4)
-    res = evaluate_mcqa.evaluate({"pubmedqa": f"{PUBMEDQA}:test"}, init_from=f"hf:{out}", max_items=12, seq_len=64,
+    res = mcqa_eval.evaluate({"pubmedqa": f"{PUBMEDQA}:test"}, init_from=f"hf:{out}", max_items=12, seq_len=64,
                                  progress=False, predictions=str(tmp_path / "pred.jsonl"))
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [i.id for i in items]
@@ -146,7 +142,7 @@ def test_finetune_continues_a_biomedlm_classifier(biomedlm_seqcls, tmp_path):
     c = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), "pubmedqa-tiny")
     c.init_from, c.seq_len, c.num_train_steps, c.eval_every_steps = f"hf:{out}", 64, 1, 1
     c.progress_bar, c.mesh_shape, c.model.variant = False, (1, 1, 1), ""
-    s = train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1], task=mcqa.MCQATask(c))
+    s = trainer.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1], task=mcqa.MCQATask(c))
     dev = mcqa_data.load_pubmedqa(str(PUBMEDQA), "dev")
     ids = tok([i.context for i in dev], [i.question for i in dev], padding="max_length", max_length=64,
               truncation=True)["input_ids"]
@@ -175,7 +171,7 @@ def test_transformers_seqcls_with_its_own_label_order(tmp_path):
 
     with torch.no_grad():
         ref = model(ids).logits.numpy()[:, [labels.index(lab) for lab in mcqa_data.PUBMEDQA_LABELS]]
-    evaluate_mcqa.evaluate({"pubmedqa": f"{PUBMEDQA}:test"}, init_from=f"hf:{tmp_path / 'clf'}", max_items=8,
+    mcqa_eval.evaluate({"pubmedqa": f"{PUBMEDQA}:test"}, init_from=f"hf:{tmp_path / 'clf'}", max_items=8,
                            seq_len=48, progress=False, predictions=str(tmp_path / "p.jsonl"))
     ours = [json.loads(line)["logits"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biomedlm_jax import model as M
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt_config
 
 
 def expected_param_count(V, P, C, L, F=None):
@@ -24,7 +25,7 @@ def abstract_params(cfg):
     [("gpt2-small", 124_439_808), ("gpt2-medium", 354_823_168), ("biomedlm-2.7b", None), ("tiny", None)],
 )
 def test_variant_param_counts(variant, published):
-    cfg = M.get_config(variant)
+    cfg = gpt_config.get_config(variant)
     count = sum(x.size for x in jax.tree.leaves(abstract_params(cfg)))  # eval_shape: nothing is allocated, even for 2.7B
     assert count == expected_param_count(cfg.vocab_size, cfg.n_positions, cfg.d_model, cfg.n_layer)
     if published is not None:  # HF's gpt2 / gpt2-medium parameter counts
@@ -35,9 +36,9 @@ def test_variant_param_counts(variant, published):
         assert abs(count - 2.7e9) / 2.7e9 < 0.05
 
 
-@pytest.mark.parametrize("variant", sorted(M.VARIANTS))
+@pytest.mark.parametrize("variant", sorted(gpt_config.VARIANTS))
 def test_variant_shapes_and_dtypes(variant):
-    cfg = M.get_config(variant, dtype="bfloat16", param_dtype="float32")
+    cfg = gpt_config.get_config(variant, dtype="bfloat16", param_dtype="float32")
     params = abstract_params(cfg)
     chex.assert_trees_all_equal_dtypes(params, jax.tree.map(lambda x: jnp.zeros((), jnp.float32), params))
     C, H = cfg.d_model, cfg.n_head
@@ -51,14 +52,14 @@ def test_variant_shapes_and_dtypes(variant):
 
 
 def test_biomedlm_variant_matches_paper():
-    cfg = M.get_config("biomedlm-2.7b")
+    cfg = gpt_config.get_config("biomedlm-2.7b")
     assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_positions, cfg.vocab_size) == (32, 2560, 20, 1024, 28896)
     assert cfg.activation == "gelu_new" and cfg.eos_token_id == 28895
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = M.get_config("tiny", vocab_size=97, n_positions=32, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    cfg = gpt_config.get_config("tiny", vocab_size=97, n_positions=32, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     model = M.GPT(cfg)
     return model, M.init_params(model, jax.random.PRNGKey(0))
 
@@ -121,9 +122,9 @@ def test_sequence_longer_than_context_is_an_error(tiny):
 @pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
 def test_scan_and_remat_match_plain_layers(remat):
     """scan_layers/remat change memory and compile time, never values or gradients."""
-    from biomedlm_jax.hf import stack_layers
+    from biomedlm_jax.models.gpt import stack_layers
 
-    base = M.get_config("tiny", vocab_size=61, n_positions=16, n_layer=3, scale_attn_by_inverse_layer_idx=True,
+    base = gpt_config.get_config("tiny", vocab_size=61, n_positions=16, n_layer=3, scale_attn_by_inverse_layer_idx=True,
                         embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     plain = M.GPT(base)
     params = M.init_params(plain, jax.random.PRNGKey(3))
@@ -144,7 +145,7 @@ def test_scan_and_remat_match_plain_layers(remat):
 
 
 def test_dropout_active_only_in_training():
-    cfg = M.get_config("tiny", vocab_size=61, n_positions=16, attn_pdrop=0.3, resid_pdrop=0.1, embd_pdrop=0.1)
+    cfg = gpt_config.get_config("tiny", vocab_size=61, n_positions=16, attn_pdrop=0.3, resid_pdrop=0.1, embd_pdrop=0.1)
     model = M.GPT(cfg)
     params = M.init_params(model, jax.random.PRNGKey(0))
     ids = jnp.ones((2, 16), jnp.int32)
@@ -168,15 +169,15 @@ def test_dropout_attention_path_matches_fused_attention():
 
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown model variant"):
-        M.get_config("gpt5")
+        gpt_config.get_config("gpt5")
     with pytest.raises(ValueError, match="unknown GPTConfig field"):
-        M.get_config("tiny", n_layers=3)
+        gpt_config.get_config("tiny", n_layers=3)
     with pytest.raises(ValueError, match="activation"):
-        M.get_config("tiny", activation="mish")
+        gpt_config.get_config("tiny", activation="mish")
     with pytest.raises(ValueError, match="divisible"):
-        M.get_config("tiny", n_head=5)
+        gpt_config.get_config("tiny", n_head=5)
     with pytest.raises(ValueError, match="attention_impl"):
-        M.get_config("tiny", attention_impl="flash")
+        gpt_config.get_config("tiny", attention_impl="flash")
 
 
 def test_forward_compiles_once(tiny):
@@ -193,5 +194,5 @@ def test_forward_compiles_once(tiny):
 
 def test_cudnn_attention_needs_half_precision():
     with pytest.raises(ValueError, match="cudnn.*bfloat16"):
-        M.get_config("tiny", attention_impl="cudnn")
-    M.get_config("tiny", attention_impl="cudnn", dtype="bfloat16")
+        gpt_config.get_config("tiny", attention_impl="cudnn")
+    gpt_config.get_config("tiny", attention_impl="cudnn", dtype="bfloat16")

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from biomedlm_jax import optim
+from biomedlm_jax.training import optim
 
 PARAMS = {"kernel": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "bias": jnp.array([0.5, -1.0])}
 GRADS = {"kernel": jnp.array([[0.1, 0.2], [-0.3, 0.4]]), "bias": jnp.array([0.05, -0.02])}
@@ -71,20 +71,20 @@ def test_nonfinite_gradients_are_skipped_and_counted():
 def test_warmup_ratio_sets_the_warmup_like_hf_trainer():
     """warmup_ratio (BioMedLM's fine-tuning used 0.5) overrides warmup_steps: ceil(ratio * steps), then
     linear decay to 0 as HF's Trainer schedules it."""
-    from biomedlm_jax import configlib, train
+    from biomedlm_jax.training import configlib, trainer
 
     c = configlib.train_config()
     c.num_train_steps, c.learning_rate, c.warmup_steps = 301, 2e-5, 7
     c.warmup_ratio, c.lr_decay, c.lr_final_ratio = 0.5, "linear", 0.0
-    assert train.warmup_steps(c) == 151
-    _, schedule = train.make_optimizer(c)
+    assert trainer.warmup_steps(c) == 151
+    _, schedule = trainer.make_optimizer(c)
     np.testing.assert_allclose([schedule(0), schedule(151), schedule(226), schedule(301)], [0.0, 2e-5, 1e-5, 0.0],
                                atol=1e-12)
     c.warmup_ratio = 0.0
-    assert train.warmup_steps(c) == 7
+    assert trainer.warmup_steps(c) == 7
     c.warmup_ratio = 1.5
     with pytest.raises(ValueError, match="warmup_ratio must be within"):
-        train.make_optimizer(c)
+        trainer.make_optimizer(c)
 
 
 def _params_and_grads(seed=0):

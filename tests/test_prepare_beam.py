@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from biomedlm_jax import errors, prepare_data, readers
-from biomedlm_jax import input_pipeline as ip
-from biomedlm_jax import tokenizer as tokenizer_lib
+from biomedlm_jax.core import errors
+from biomedlm_jax.data import packing, prepare, readers, shards
+from biomedlm_jax.data import tokenizer as tokenizer_lib
 
 FIXTURES = REPO / "tests" / "fixtures"
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
@@ -69,9 +69,9 @@ def corpus(tmp_path_factory):
 def test_beam_pipeline_equals_the_local_run_on_1_and_2_workers(corpus, tmp_path):
     inputs, _ = corpus
     kw = dict(seq_len=64, eval_fraction=0.1, rows_per_shard=700, progress=False)
-    local = prepare_data.prepare(inputs, GPT2, str(tmp_path / "local"), **kw)
+    local = prepare.prepare(inputs, GPT2, str(tmp_path / "local"), **kw)
     assert len(local["splits"]["train"]["shards"]) > 5  # documents cross shard boundaries
-    prepare_data.prepare(inputs, GPT2, str(tmp_path / "beam1"), beam_args=["--runner=DirectRunner"], **kw)
+    prepare.prepare(inputs, GPT2, str(tmp_path / "beam1"), beam_args=["--runner=DirectRunner"], **kw)
     # The CLI, as a user runs it: two worker processes
     r = subprocess.run([sys.executable, "-m", "biomedlm_jax.prepare_data", f"--input={','.join(inputs)}",
                         f"--tokenizer={GPT2}", f"--out={tmp_path / 'beam2'}", "--seq_len=64", "--eval_fraction=0.1",
@@ -83,7 +83,7 @@ def test_beam_pipeline_equals_the_local_run_on_1_and_2_workers(corpus, tmp_path)
     assert outputs(tmp_path / "beam2") == want
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".work")]  # finished runs leave no work folder
     # and the trainer reads it as before
-    rows = ip.load_prepared(str(tmp_path / "beam2"), "train").rows
+    rows = shards.load_prepared(str(tmp_path / "beam2"), "train").rows
     assert len(rows) == local["splits"]["train"]["rows"]
 
 
@@ -98,15 +98,15 @@ def test_pubmed_updates_replace_and_delete(corpus, tmp_path):
                                             citation("4", "Four.", "Fourth abstract.")])
     pubmed_file(d / "pubmed26n1400.xml.gz", [citation("2", "Two, revised.", "Second abstract, second version."),
                                             citation("5", "Five.", "Fifth abstract.")], deleted=["3", "777"])
-    m = prepare_data.prepare([str(d)], GPT2, str(tmp_path / "out"), seq_len=4, eval_fraction=0.0, progress=False)
+    m = prepare.prepare([str(d)], GPT2, str(tmp_path / "out"), seq_len=4, eval_fraction=0.0, progress=False)
     s = m["read_stats"]
     assert (s["documents"], s["duplicates"], s["deleted"], s["files"]) == (4, 1, 1, 2)
     index = [line.split("\t")[0] for line in (tmp_path / "out" / "train-docs.tsv").read_text().splitlines()]
     assert index == ["1", "4", "2", "5"]  # a replaced record moves to its latest position; 3 is gone
     want = [("1", "One.\nFirst abstract."), ("4", "Four.\nFourth abstract."),
             ("2", "Two, revised.\nSecond abstract, second version."), ("5", "Five.\nFifth abstract.")]
-    packed = ip.pack_documents(want, tokenizer_lib.load_tokenizer(GPT2), 5)
-    np.testing.assert_array_equal(ip.load_prepared(str(tmp_path / "out"), "train").rows[np.arange(len(packed.rows))],
+    packed = packing.pack_documents(want, tokenizer_lib.load_tokenizer(GPT2), 5)
+    np.testing.assert_array_equal(shards.load_prepared(str(tmp_path / "out"), "train").rows[np.arange(len(packed.rows))],
                                   packed.rows)
 
 
@@ -163,10 +163,10 @@ def test_a_truncated_gzip_is_named_or_skipped_and_counted(tmp_path):
     bad.write_bytes(data[: len(data) // 2])
     good = pubmed_file(tmp_path / "pubmed26n0001.xml.gz", [citation("5000", "Kept.", "Kept abstract. " * 40)])
     with pytest.raises(errors.DataError, match=r"pubmed26n0002\.xml\.gz: truncated or corrupt gzip"):
-        prepare_data.prepare([good, str(bad)], GPT2, str(tmp_path / "o"), seq_len=16, eval_fraction=0.0,
+        prepare.prepare([good, str(bad)], GPT2, str(tmp_path / "o"), seq_len=16, eval_fraction=0.0,
                              progress=False)
     assert not (tmp_path / "o").exists()
-    m = prepare_data.prepare([good, str(bad)], GPT2, str(tmp_path / "o"), seq_len=16, eval_fraction=0.0,
+    m = prepare.prepare([good, str(bad)], GPT2, str(tmp_path / "o"), seq_len=16, eval_fraction=0.0,
                              on_error="skip", progress=False)
     s = m["read_stats"]
     assert s["errors_skipped"] == 1 and 1 < s["documents"] < 200  # the records before the cut are kept

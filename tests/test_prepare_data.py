@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from biomedlm_jax import errors, prepare_data, readers, train
-from biomedlm_jax import input_pipeline as ip
-from biomedlm_jax import tokenizer as tokenizer_lib
+from biomedlm_jax.core import errors
+from biomedlm_jax.data import packing, prepare, readers, shards
+from biomedlm_jax.data import tokenizer as tokenizer_lib
+from biomedlm_jax.training import trainer
 
 FIXTURES = REPO / "tests" / "fixtures"
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
@@ -22,7 +23,7 @@ PUBMEDQA = REPO.parent / "shared" / "data" / "pubmedqa" / "ori_pqal.json"
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "corpus"
     inputs = [str(ABSTRACTS), str(FIXTURES / "pubmed_baseline_sample.xml"), str(FIXTURES / "pmc_jats_sample.xml")]
-    manifest = prepare_data.prepare(inputs, GPT2, str(out), seq_len=64, eval_fraction=0.1, rows_per_shard=500,
+    manifest = prepare.prepare(inputs, GPT2, str(out), seq_len=64, eval_fraction=0.1, rows_per_shard=500,
                                     progress=False)
     return out, manifest, inputs
 
@@ -46,13 +47,13 @@ def test_rows_equal_in_memory_packing_and_manifest_counts(prepared):
     # the fixture's PMID 10000001 comes twice: the revised (later) record is the one packed
     assert m["read_stats"]["duplicates"] == 1 and dict(docs)["10000001"].startswith("A revised version")
     for split, want_val in (("train", False), ("validation", True)):
-        want = ip.pack_documents([d for d in docs if ip.in_eval_split(d[0], 0.1) == want_val], tok, 65)
-        got = ip.load_prepared(str(out), split)
+        want = packing.pack_documents([d for d in docs if packing.in_eval_split(d[0], 0.1) == want_val], tok, 65)
+        got = shards.load_prepared(str(out), split)
         assert len(got.rows) == m["splits"][split]["rows"] == len(want.rows)
         np.testing.assert_array_equal(got.rows[np.arange(len(got.rows))], want.rows)
         assert got.info["documents"] == want.num_documents and got.info["dropped_tokens"] == want.dropped_tokens
     assert len(m["splits"]["train"]["shards"]) > 1 and m["dtype"] == "uint16" and m["row_len"] == 65
-    assert m["tokenizer"]["sha256"] == ip.tokenizer_sha256(tok)
+    assert m["tokenizer"]["sha256"] == shards.tokenizer_sha256(tok)
     # the side index maps every document id to its first row; ids never enter the token stream
     index = [line.split("\t") for line in (out / "train-docs.tsv").read_text().splitlines()]
     assert "PMC7000001" in {i for i, _ in index} | {i for i, _ in
@@ -64,7 +65,7 @@ def test_rows_equal_in_memory_packing_and_manifest_counts(prepared):
 
 def test_sharded_rows_index_like_one_array(prepared):
     out, m, _ = prepared
-    rows = ip.load_prepared(str(out), "train").rows
+    rows = shards.load_prepared(str(out), "train").rows
     full = np.concatenate([np.load(out / s["file"]) for s in m["splits"]["train"]["shards"]])
     idx = np.random.default_rng(0).integers(0, len(rows), (3, 7))
     np.testing.assert_array_equal(rows[idx], full[idx])
@@ -92,7 +93,7 @@ def test_existing_output_is_kept_and_failed_runs_leave_nothing(prepared, tmp_pat
 
     # too little text for one training row: an error that says why, and no empty dataset left behind
     with pytest.raises(errors.DataError, match=r"no training row of 1025 tokens \(1 documents read, \d+ training tokens"):
-        prepare_data.prepare([str(bad)], GPT2, str(tmp_path / "small"), on_error="skip", eval_fraction=0.0,
+        prepare.prepare([str(bad)], GPT2, str(tmp_path / "small"), on_error="skip", eval_fraction=0.0,
                              progress=False)
     assert not [p for p in os.listdir(tmp_path) if p.startswith("small")]
 
@@ -117,7 +118,7 @@ def test_audit_finds_pubmedqa_and_bioasq_items_in_the_corpus(tmp_path):
         {"id": "q2", "body": "Is Y?", "type": "yesno", "exact_answer": "no",
          "documents": ["https://pubmed.ncbi.nlm.nih.gov/777"], "snippets": []},
     ]}))
-    prepare_data.prepare([str(corpus_docs)], GPT2, str(tmp_path / "c"), seq_len=16, eval_fraction=0.5, progress=False)
+    prepare.prepare([str(corpus_docs)], GPT2, str(tmp_path / "c"), seq_len=16, eval_fraction=0.5, progress=False)
     r = subprocess.run([sys.executable, "-m", "biomedlm_jax.prepare_data", "audit", f"--corpus={tmp_path / 'c'}",
                         f"--pubmedqa={pqa_file}", f"--bioasq={bioasq}", f"--out={tmp_path / 'a.json'}"],
                        capture_output=True, text=True, timeout=120)
@@ -136,8 +137,8 @@ def test_pretraining_reads_a_prepared_corpus(prepared, tmp_path):
 
     c = make_config(str(ABSTRACTS), num_train_steps=3, checkpoint_every_steps=3, seq_len=64)
     c.data.prepared_dir = str(out)
-    s = train.train_and_evaluate(c, str(tmp_path / "run"))
-    assert s["train_rows"] == ip.load_prepared(str(out), "train").info["rows"] and s["step"] == 3
+    s = trainer.train_and_evaluate(c, str(tmp_path / "run"))
+    assert s["train_rows"] == shards.load_prepared(str(out), "train").info["rows"] and s["step"] == 3
     c.seq_len = 32
     with pytest.raises(errors.DataError, match="fit seq_len=64, but the config has seq_len=32"):
-        train.train_and_evaluate(c, str(tmp_path / "run2"))
+        trainer.train_and_evaluate(c, str(tmp_path / "run2"))

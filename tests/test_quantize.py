@@ -11,15 +11,18 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from biomedlm_jax import engine, generate, hf, mcqa, mcqa_data, quantize
-from biomedlm_jax import model as M
-from biomedlm_jax import tokenizer as T
+from biomedlm_jax.data import tokenizer as T
+from biomedlm_jax.formats import hf
+from biomedlm_jax.inference import engine, generate
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt_config, quantize
+from biomedlm_jax.tasks import mcqa, mcqa_data
 
 GPT2 = str(REPO / "data" / "gpt2_tokenizer")
 
 
 def tiny(**kw):
-    cfg = M.get_config("tiny", **kw)
+    cfg = gpt_config.get_config("tiny", **kw)
     model = M.GPT(cfg)
     return model, M.init_params(model, jax.random.PRNGKey(0))
 
@@ -74,7 +77,7 @@ def test_int8_logits_stay_close_and_generation_runs_on_int8(scan):
 def test_classifier_backbone_int8_head_float(scan):
     from qwix._src.providers.ptq import WithAux
 
-    cfg = M.get_config("tiny", vocab_size=50258, scan_layers=scan)
+    cfg = gpt_config.get_config("tiny", vocab_size=50258, scan_layers=scan)
     m = mcqa.MCQAModel(cfg, head="choice")
     ids = jax.random.randint(jax.random.PRNGKey(0), (3, 4, 16), 0, 50257)
     mask = jnp.ones(ids.shape, bool)

@@ -6,7 +6,8 @@ import shutil
 import pytest
 from conftest import REPO
 
-from biomedlm_jax import errors, readers
+from biomedlm_jax.core import errors
+from biomedlm_jax.data import readers
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 SHARED = REPO.parent / "shared" / "data" / "pubmed_abstracts"

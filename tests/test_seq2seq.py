@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from conftest import REPO, textgen_files
 
-from biomedlm_jax import configlib, errors, losses, metrics, seq2seq
-from biomedlm_jax import model as M
-from biomedlm_jax import tokenizer as T
+from biomedlm_jax.core import errors
+from biomedlm_jax.data import tokenizer as T
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt_config
+from biomedlm_jax.tasks import seq2seq
+from biomedlm_jax.training import configlib, losses, metrics
 
 SHARED_MEDQUAD = REPO.parent / "shared" / "data" / "medquad"
 GPT2 = str(REPO / "data" / "gpt2_tokenizer")
@@ -94,7 +97,7 @@ def test_loss_is_on_answer_tokens_only(tok):
         assert rows.weights[i].sum() == len(a)  # every answer token and the EOS
         np.testing.assert_array_equal(rows.rows[i, 1:][rows.weights[i] > 0], a)
     # the loss the trainer computes does not change when prompt targets change
-    cfg = M.get_config("tiny", vocab_size=50257, n_positions=64)
+    cfg = gpt_config.get_config("tiny", vocab_size=50257, n_positions=64)
     model = M.GPT(cfg)
     params = M.init_params(model, jax.random.PRNGKey(0))
     inputs, targets = jnp.asarray(rows.rows[:, :-1]), jnp.asarray(rows.rows[:, 1:])
@@ -150,7 +153,7 @@ def test_packed_rows_give_the_same_loss_and_gradients_as_one_example_per_row(tok
     packed = seq2seq.build_rows(ex, tok, 63, "Question: {question}\nAnswer:", " ", pack=True)
     assert len(packed.rows) < len(plain.rows) and packed.weights.sum() == plain.weights.sum()
     assert packed.segments.max() > 1 and (packed.positions[packed.segments == 0] == 0).all()
-    cfg = M.get_config("tiny", vocab_size=50257, n_positions=64)
+    cfg = gpt_config.get_config("tiny", vocab_size=50257, n_positions=64)
     model = M.GPT(cfg)
     params = M.init_params(model, jax.random.PRNGKey(0))
 
@@ -181,7 +184,7 @@ def test_textgen_trains_in_biomedlm_layout_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "40 train / 8 dev / 0 test examples" in r.stdout and "biomedlm layout" in r.stdout
-    from biomedlm_jax import checkpoint
+    from biomedlm_jax.formats import checkpoint
 
     _, meta = checkpoint.read_meta(str(tmp_path / "run"))
     assert meta["model"]["vocab_size"] == 50259  # GPT-2 + [PAD] + <|startoftext|>

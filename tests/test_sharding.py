@@ -8,8 +8,8 @@ import pytest
 from conftest import sharded_init
 from jax.sharding import PartitionSpec as P
 
-from biomedlm_jax import model as M
-from biomedlm_jax import sharding
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt_config, sharding
 
 
 def test_mesh_shape_resolution():
@@ -23,7 +23,7 @@ def test_mesh_shape_resolution():
 
 
 def test_every_param_has_logical_axes():
-    cfg = M.get_config("tiny", scan_layers=True)
+    cfg = gpt_config.get_config("tiny", scan_layers=True)
     boxed = jax.eval_shape(lambda k: M.GPT(cfg).init(k, jnp.zeros((1, 4), jnp.int32))["params"], jax.random.PRNGKey(0))
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)
@@ -35,7 +35,7 @@ def test_every_param_has_logical_axes():
 @pytest.mark.parametrize("shape,scan", [pytest.param((2, 2, 2), True, marks=pytest.mark.slow),
                                         pytest.param((1, 8, 1), False, marks=pytest.mark.slow), ((8, 1, 1), False)])
 def test_sharded_init_and_forward_match_single_device(shape, scan):
-    cfg = M.get_config("tiny", vocab_size=64, n_positions=16, scan_layers=scan)
+    cfg = gpt_config.get_config("tiny", vocab_size=64, n_positions=16, scan_layers=scan)
     model = M.GPT(cfg)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (8, 16)))
     mesh = sharding.make_mesh(shape)

@@ -10,7 +10,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 def test_builds_train_and_validation_from_manual_dir(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from biomedlm_jax import input_pipeline, tfds_pubmed
+    from biomedlm_jax.data import packing, tfds_pubmed
 
     manual = tmp_path / "manual"
     manual.mkdir()
@@ -19,7 +19,7 @@ def test_builds_train_and_validation_from_manual_dir(tmp_path):
     (manual / "README.txt").write_text("not a baseline file")
     # TFDS refuses an empty split, and 0.5% of three PMIDs is none: hold out half for the fixture
     config = tfds_pubmed.PubmedConfig(name="half", eval_fraction=0.5)
-    assert [input_pipeline.in_eval_split(p, 0.5) for p in ("10000001", "10000002", "10000003")].count(True) in (1, 2)
+    assert [packing.in_eval_split(p, 0.5) for p in ("10000001", "10000002", "10000003")].count(True) in (1, 2)
     builder = tfds_pubmed.PubmedAbstracts(data_dir=str(tmp_path / "data"), config=config)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
     got = {}
@@ -29,13 +29,13 @@ def test_builds_train_and_validation_from_manual_dir(tmp_path):
     # 3 distinct PMIDs with text (the duplicate and the empty record are dropped)
     assert sorted(got) == ["10000001", "10000002", "10000003"]
     for pmid, (split, _) in got.items():
-        assert (split == "validation") == input_pipeline.in_eval_split(pmid, 0.5)
+        assert (split == "validation") == packing.in_eval_split(pmid, 0.5)
     assert got["10000002"][1].startswith("Pharmacokinetics of an acetyltransferase inhibitor.\nPlasma half-life")
 
 
 def test_missing_manual_files_explain_the_download(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from biomedlm_jax import tfds_pubmed
+    from biomedlm_jax.data import tfds_pubmed
 
     (tmp_path / "empty").mkdir()
     builder = tfds_pubmed.PubmedAbstracts(data_dir=str(tmp_path / "data"))

@@ -6,8 +6,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from biomedlm_jax import readers
-from biomedlm_jax import tokenizer as T
+from biomedlm_jax.data import readers
+from biomedlm_jax.data import tokenizer as T
 
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
 GPT2 = REPO / "data" / "gpt2_tokenizer"

@@ -15,21 +15,14 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from biomedlm_jax import (
-    checkpoint,
-    configlib,
-    convert,
-    errors,
-    hf,
-    input_pipeline,
-    metrics,
-    sharding,
-    tasks,
-    train,
-    train_checkpoints,
-    train_state,
-)
-from biomedlm_jax import model as model_lib
+from biomedlm_jax.core import errors
+from biomedlm_jax.data import input_pipeline
+from biomedlm_jax.formats import checkpoint, hf
+from biomedlm_jax.models import gpt as model_lib
+from biomedlm_jax.models import sharding
+from biomedlm_jax.training import checkpoints, configlib, metrics, task, trainer
+from biomedlm_jax.training import state as train_state
+from biomedlm_jax.workflows import convert
 
 ABSTRACTS = REPO / "data" / "pubmed_abstracts" / "abstracts.jsonl"
 
@@ -88,11 +81,11 @@ def test_config_is_locked_and_variants_build():
             c.learning_rte = 1.0  # typo'd key
         with pytest.raises(AttributeError):
             c.model.n_layers = 3
-        cfg = train.model_config(c)
+        cfg = trainer.model_config(c)
         assert cfg.n_positions >= c.seq_len
     big = mod.get_config("biomedlm-2.7b")
     assert (big.global_batch_size, big.seq_len, big.learning_rate, big.optimizer.weight_decay) == (1024, 1024, 1.6e-4, 1.6e-5)
-    assert big.optimizer.decay_mode == "composer" and train.model_config(big).dtype == "bfloat16"
+    assert big.optimizer.decay_mode == "composer" and trainer.model_config(big).dtype == "bfloat16"
     assert big.num_train_steps * big.global_batch_size * big.seq_len == pytest.approx(300e9, rel=1e-5)
 
 
@@ -110,7 +103,7 @@ def test_unknown_cli_key_is_an_error(tmp_path):
 def test_loss_goes_down_and_step_compiles_once(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=25, eval_every_steps=25, log_every_steps=5, checkpoint_every_steps=25)
     seen = []
-    s = train.train_and_evaluate(c, str(tmp_path), hooks=[lambda step, m: seen.append((step, m["loss"]))])
+    s = trainer.train_and_evaluate(c, str(tmp_path), hooks=[lambda step, m: seen.append((step, m["loss"]))])
     assert s["train_step_traces"] == 1
     assert s["eval_loss"] < s["initial_eval_loss"] - 1.0, s
     rows = metrics.read_metrics(str(tmp_path), "train")
@@ -136,14 +129,14 @@ def test_loss_goes_down_and_step_compiles_once(tmp_path, small_corpus):
 @pytest.mark.slow
 def test_train_step_traces_once_under_chex(small_corpus):
     c = make_config(small_corpus)
-    cfg = train.model_config(c)
+    cfg = trainer.model_config(c)
     model = model_lib.GPT(cfg)
-    tx, _ = train.make_optimizer(c)
+    tx, _ = trainer.make_optimizer(c)
     mesh = sharding.make_mesh((2, 2, 2))
     abstract, shardings = train_state.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
-    step_fn = chex.assert_max_traces(train.make_train_step(model, tx, deterministic=True), n=1)
+    step_fn = chex.assert_max_traces(trainer.make_train_step(model, tx, deterministic=True), n=1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        state, _ = train_state.initial_state(c, model, cfg, tx, abstract, shardings, tasks.LMTask(c))
+        state, _ = train_state.initial_state(c, model, cfg, tx, abstract, shardings, task.LMTask(c))
         jitted = jax.jit(step_fn, in_shardings=(shardings, train_state.batch_sharding(mesh, sharding.DEFAULT_RULES)),
                          out_shardings=(shardings, None), donate_argnums=0)
         rng = np.random.default_rng(0)
@@ -158,9 +151,9 @@ def test_train_step_traces_once_under_chex(small_corpus):
 @pytest.mark.slow
 def test_sharded_equals_single_device(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=3, checkpoint_every_steps=3, mesh_shape=(2, 2, 2))
-    train.train_and_evaluate(c, str(tmp_path / "mesh"))
+    trainer.train_and_evaluate(c, str(tmp_path / "mesh"))
     c1 = make_config(small_corpus, num_train_steps=3, checkpoint_every_steps=3, mesh_shape=(1, 1, 1))
-    train.train_and_evaluate(c1, str(tmp_path / "one"), devices=jax.devices()[:1])
+    trainer.train_and_evaluate(c1, str(tmp_path / "one"), devices=jax.devices()[:1])
     np.testing.assert_allclose(
         [l for _, l in train_losses(tmp_path / "mesh")], [l for _, l in train_losses(tmp_path / "one")], rtol=1e-5
     )
@@ -171,24 +164,24 @@ def test_sharded_equals_single_device(tmp_path, small_corpus):
 def test_chunked_loss_trains_like_full_logits_on_a_mesh(tmp_path, small_corpus):
     """loss_chunk_size changes memory, not the math: same train/eval losses and params on a 2x2x2 mesh."""
     common = dict(num_train_steps=3, checkpoint_every_steps=3, eval_every_steps=3, mesh_shape=(2, 2, 2))
-    full = train.train_and_evaluate(make_config(small_corpus, **common), str(tmp_path / "full"))
+    full = trainer.train_and_evaluate(make_config(small_corpus, **common), str(tmp_path / "full"))
     # 12 does not divide seq_len 32: two scanned pieces and a shorter last one
-    chunked = train.train_and_evaluate(make_config(small_corpus, loss_chunk_size=12, **common), str(tmp_path / "chunk"))
+    chunked = trainer.train_and_evaluate(make_config(small_corpus, loss_chunk_size=12, **common), str(tmp_path / "chunk"))
     np.testing.assert_allclose(chunked["eval_loss"], full["eval_loss"], rtol=1e-5)
     np.testing.assert_allclose(
         [l for _, l in train_losses(tmp_path / "chunk")], [l for _, l in train_losses(tmp_path / "full")], rtol=1e-5
     )
     chex.assert_trees_all_close(final_params(tmp_path / "chunk"), final_params(tmp_path / "full"), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="loss_chunk_size must be 0 .off. or positive, got -1"):
-        train.train_and_evaluate(make_config(small_corpus, loss_chunk_size=-1), str(tmp_path / "bad"))
+        trainer.train_and_evaluate(make_config(small_corpus, loss_chunk_size=-1), str(tmp_path / "bad"))
 
 
 @pytest.mark.slow
 def test_gradient_accumulation_equals_big_batch(tmp_path, small_corpus):
     # eps 1e-3 keeps Adam from amplifying float-rounding differences in near-zero gradients.
     common = dict(num_train_steps=2, checkpoint_every_steps=2, mesh_shape=(2, 1, 4), **{"optimizer.eps": 1e-3})
-    train.train_and_evaluate(make_config(small_corpus, grad_accum_steps=1, **common), str(tmp_path / "big"))
-    train.train_and_evaluate(make_config(small_corpus, grad_accum_steps=4, **common), str(tmp_path / "acc"))
+    trainer.train_and_evaluate(make_config(small_corpus, grad_accum_steps=1, **common), str(tmp_path / "big"))
+    trainer.train_and_evaluate(make_config(small_corpus, grad_accum_steps=4, **common), str(tmp_path / "acc"))
     np.testing.assert_allclose(
         [l for _, l in train_losses(tmp_path / "big")], [l for _, l in train_losses(tmp_path / "acc")], rtol=1e-5
     )
@@ -199,17 +192,17 @@ def test_gradient_accumulation_equals_big_batch(tmp_path, small_corpus):
 def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=6, checkpoint_every_steps=4)
     handler_before = signal.getsignal(signal.SIGTERM)
-    full = train.train_and_evaluate(c, str(tmp_path / "full"))
+    full = trainer.train_and_evaluate(c, str(tmp_path / "full"))
     assert full["step"] == 6 and not full["preempted"]
 
     def preempt_at_3(step, _):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    first = train.train_and_evaluate(c, str(tmp_path / "cut"), hooks=[preempt_at_3])
+    first = trainer.train_and_evaluate(c, str(tmp_path / "cut"), hooks=[preempt_at_3])
     assert first["preempted"] and first["step"] == 3
     assert checkpoint.latest_step(str(tmp_path / "cut")) == 3  # saved at the preemption step, not at 4
-    second = train.train_and_evaluate(c, str(tmp_path / "cut"))
+    second = trainer.train_and_evaluate(c, str(tmp_path / "cut"))
     assert second["start_step"] == 3 and second["step"] == 6 and second["train_step_traces"] == 1
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")  # exact, step by step
     a, b = final_params(tmp_path / "full"), final_params(tmp_path / "cut")
@@ -221,7 +214,7 @@ def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, small_corpus):
 def test_sigkill_mid_run_resumes_bit_identical(tmp_path, small_corpus):
     """A run killed with SIGKILL (no chance to save) resumes from its last complete checkpoint."""
     c = make_config(small_corpus, num_train_steps=8, checkpoint_every_steps=2)
-    full = train.train_and_evaluate(c, str(tmp_path / "full"))
+    full = trainer.train_and_evaluate(c, str(tmp_path / "full"))
     workdir = tmp_path / "killed"
     flags = [f"--config.{k}={v}" for k, v in (
         ("data.train_files", small_corpus), ("seq_len", 32), ("global_batch_size", 8), ("num_train_steps", 8),
@@ -244,7 +237,7 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path, small_corpus):
         proc.kill()
         proc.wait(timeout=60)
     assert killed_at is not None, "the run finished before it could be killed"
-    resumed = train.train_and_evaluate(c, str(workdir))
+    resumed = trainer.train_and_evaluate(c, str(workdir))
     assert 2 <= resumed["start_step"] <= killed_at
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), final_params(tmp_path / "full"), final_params(workdir))
     assert full["step"] == resumed["step"] == 8
@@ -253,14 +246,14 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path, small_corpus):
 @pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_counted(small_corpus):
     c = make_config(small_corpus)
-    cfg = train.model_config(c)
+    cfg = trainer.model_config(c)
     model = model_lib.GPT(cfg)
-    tx, _ = train.make_optimizer(c)
+    tx, _ = trainer.make_optimizer(c)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     abstract, shardings = train_state.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
     with jax.set_mesh(mesh):
-        state, _ = train_state.initial_state(c, model, cfg, tx, abstract, shardings, tasks.LMTask(c))
-        step = jax.jit(train.make_train_step(model, tx, deterministic=True))
+        state, _ = train_state.initial_state(c, model, cfg, tx, abstract, shardings, task.LMTask(c))
+        step = jax.jit(trainer.make_train_step(model, tx, deterministic=True))
         ids = np.random.default_rng(0).integers(0, 1000, (1, 4, c.seq_len + 1)).astype(np.int32)
         good = {"inputs": ids[..., :-1], "targets": ids[..., 1:], "weights": np.ones((1, 4, c.seq_len), np.float32)}
         bad = dict(good, weights=good["weights"].copy())
@@ -297,7 +290,7 @@ def nan_from_step_4(monkeypatch):
 def test_run_stops_after_consecutive_nonfinite_steps(tmp_path, small_corpus, nan_from_step_4):
     c = make_config(small_corpus, num_train_steps=20, checkpoint_every_steps=2, **{"optimizer.max_consecutive_nonfinite": 3})
     with pytest.raises(FloatingPointError, match="3 consecutive steps"):
-        train.train_and_evaluate(c, str(tmp_path))
+        trainer.train_and_evaluate(c, str(tmp_path))
     # steps 4-6 were skipped and the run stopped at 6 without saving: the last checkpoint is step 4's
     assert checkpoint.latest_step(str(tmp_path)) == 4
     rows = metrics.read_metrics(str(tmp_path), "train")
@@ -311,7 +304,7 @@ def test_nonfinite_stop_between_log_steps_names_the_step(tmp_path, small_corpus,
     c = make_config(small_corpus, num_train_steps=20, log_every_steps=4, checkpoint_every_steps=10,
                     **{"optimizer.max_consecutive_nonfinite": 3})
     with pytest.raises(FloatingPointError, match="stopping at step 6: 3 consecutive steps"):
-        train.train_and_evaluate(c, str(tmp_path))
+        trainer.train_and_evaluate(c, str(tmp_path))
     assert checkpoint.latest_step(str(tmp_path)) is None
     assert [r["step"] for r in metrics.read_metrics(str(tmp_path), "train")] == [4]
 
@@ -319,16 +312,16 @@ def test_nonfinite_stop_between_log_steps_names_the_step(tmp_path, small_corpus,
 @pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path, small_corpus):
     c = make_config(small_corpus, num_train_steps=2, mesh_shape=(8, 1, 1))
-    train.train_and_evaluate(c, str(tmp_path))
-    cfg = train.model_config(c)
+    trainer.train_and_evaluate(c, str(tmp_path))
+    cfg = trainer.model_config(c)
     model = model_lib.GPT(cfg)
-    tx, _ = train.make_optimizer(c)
+    tx, _ = trainer.make_optimizer(c)
     values = {}
     for shape in ((8, 1, 1), (1, 2, 4)):
         mesh = sharding.make_mesh(shape)
         abstract, shardings = train_state.state_shardings(model, tx, mesh, sharding.DEFAULT_RULES, c.seq_len)
         mngr = checkpoint.manager(str(tmp_path))
-        state, meta = train_checkpoints.restore_checkpoint(mngr, str(tmp_path), 2, abstract)
+        state, meta = checkpoints.restore_checkpoint(mngr, str(tmp_path), 2, abstract)
         assert meta["data"]["position"] == 2 * c.global_batch_size
         jax.tree.map(lambda x, s: assert_sharding(x, s), state, shardings)
         values[shape] = jax.device_get(state)
@@ -344,16 +337,16 @@ def assert_sharding(x, s):
 
 @pytest.mark.slow
 def test_resume_into_other_model_shape_names_the_tensor(tmp_path, small_corpus):
-    train.train_and_evaluate(make_config(small_corpus, num_train_steps=2), str(tmp_path))
+    trainer.train_and_evaluate(make_config(small_corpus, num_train_steps=2), str(tmp_path))
     with pytest.raises(errors.CheckpointError, match=r"params\[.*has shape"):
-        train.train_and_evaluate(make_config(small_corpus, num_train_steps=4, **{"model.d_model": 32}), str(tmp_path))
+        trainer.train_and_evaluate(make_config(small_corpus, num_train_steps=4, **{"model.d_model": 32}), str(tmp_path))
 
 
 @pytest.mark.slow
 def test_changed_data_is_detected_on_resume(tmp_path, small_corpus):
-    train.train_and_evaluate(make_config(small_corpus, num_train_steps=2), str(tmp_path))
+    trainer.train_and_evaluate(make_config(small_corpus, num_train_steps=2), str(tmp_path))
     with pytest.raises(errors.DataError, match="training data changed|other data"):
-        train.train_and_evaluate(make_config(str(ABSTRACTS), num_train_steps=4), str(tmp_path))
+        trainer.train_and_evaluate(make_config(str(ABSTRACTS), num_train_steps=4), str(tmp_path))
 
 
 @pytest.mark.slow
@@ -362,11 +355,11 @@ def test_init_from_hf_checkpoint(tmp_path, small_corpus):
 
     make_hf_model(tmp_path / "hf", n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)
     with pytest.raises(ValueError, match="n_layer"):
-        train.model_config(make_config(small_corpus, init_from=f"hf:{tmp_path / 'hf'}", **{"model.n_layer": 3}))
+        trainer.model_config(make_config(small_corpus, init_from=f"hf:{tmp_path / 'hf'}", **{"model.n_layer": 3}))
     # one step whose learning rate is 0 (first warmup step): params must be exactly the HF weights
     c = make_config(small_corpus, num_train_steps=1, warmup_steps=5, init_from=f"hf:{tmp_path / 'hf'}",
                     **{"model.scan_layers": True})
-    s = train.train_and_evaluate(c, str(tmp_path / "run"))
+    s = trainer.train_and_evaluate(c, str(tmp_path / "run"))
     assert s["source"].startswith("initialised from HF")
     model, params = checkpoint.load_model(str(tmp_path / "run"), scan_layers=False)
     assert model.config.scan_layers is False and model.config.d_model == 32
@@ -432,7 +425,7 @@ def test_two_processes_on_localhost_agree(tmp_path, small_corpus):
     losses = [float(d["train_loss"]) for d in finish(procs)]
     assert losses[0] == losses[1]
     # the same global computation in one process on 8 devices
-    single = train.train_and_evaluate(make_config(small_corpus, num_train_steps=3, checkpoint_every_steps=3,
+    single = trainer.train_and_evaluate(make_config(small_corpus, num_train_steps=3, checkpoint_every_steps=3,
                                                   eval_every_steps=3, mesh_shape=(2, 2, 2)), str(tmp_path / "sp"))
     np.testing.assert_allclose(losses[0], single["train_loss"], rtol=1e-5)
     np.testing.assert_allclose(
@@ -498,11 +491,11 @@ def test_a_lost_process_ends_the_job_within_the_heartbeat_bound(tmp_path, small_
 
 
 def test_trainer_imports_no_task_module_and_names_a_missing_one():
-    code = ("import sys, biomedlm_jax.train, biomedlm_jax.input_pipeline; "
-            "print(sorted(m for m in sys.modules if m in ('biomedlm_jax.mcqa', 'biomedlm_jax.seq2seq')))")
+    code = ("import sys, biomedlm_jax.training.trainer, biomedlm_jax.data.input_pipeline; "
+            "print(sorted(m for m in sys.modules if m in ('biomedlm_jax.tasks.mcqa', 'biomedlm_jax.tasks.seq2seq')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
     c = load_config_module().get_config("tiny")
     c.data.task = "qa-from-mars"
     with pytest.raises(ValueError, match="data.task='qa-from-mars'.*pass this config's task"):
-        tasks.for_config(c)
+        task.for_config(c)

@@ -1,0 +1,7 @@
+"""Layer 1, data: raw documents to training rows. `readers` (PubMed XML, PMC JATS, PubTator, JSONL),
+`tokenizer` (byte-level BPE: load, save, train, compare), `packing` (documents to rows, the held-out
+split), `shards` (prepared shards and their manifest), `input_pipeline` (`BatchIterator`, tf.data),
+`prepare_stages` / `prepare` / `prepare_beam` (corpus preparation, local or on Beam), `tfds_pubmed`.
+
+Imports: core. No JAX model code; only `tfds_pubmed` and the tf.data wrapper touch TensorFlow.
+"""

@@ -1,0 +1,238 @@
+"""GGUF export for llama.cpp (and everything built on it: llama-cpp-python, ollama, LM Studio).
+
+    python -m biomedlm_jax.convert --from=orbax:WORKDIR --to=gguf:model-f16.gguf  [--gguf_type=F16|Q8_0|F32]
+    python -m biomedlm_jax.convert --from=hf:DIR --to=gguf:model-q8_0.gguf --gguf_type=Q8_0
+
+llama.cpp's own converter (convert_hf_to_gguf.py) rejects BioMedLM's tokenizer ("pre-tokenizer not
+recognized": it fingerprints tokenizers it knows). This writer needs no fingerprint: it writes the
+run's own byte-level BPE (its vocabulary, merges, `<|endoftext|>`, `[PAD]` and any added tokens) with
+llama.cpp's "gpt-2" pre-tokenizer, which is GPT-2's split regex, the one BioMedLM's tokenizer uses.
+
+The file is llama.cpp's GPT-2 architecture ("gpt2"):
+  * tensors token_embd, position_embd, blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up,
+    ffn_down}.{weight,bias}, output_norm; no output.weight, so llama.cpp ties the head to token_embd
+    as BioMedLM does. Linear weights are stored (out, in), i.e. HF's Conv1D weights transposed;
+  * llama.cpp's graph scales attention scores by 1/sqrt(head_dim) only. BioMedLM also divides by
+    layer index + 1 (`scale_attn_by_inverse_layer_idx`), and `scale_attn_weights=False` drops the
+    1/sqrt: the difference is folded into the query rows of attn_qkv (weight and bias), which
+    scales q.k exactly as the model does;
+  * its feed-forward is GELU with the tanh approximation (HF "gelu_new", ours by default); a model
+    with another activation is refused rather than exported wrong;
+  * types: F32, F16 (2-D weights in F16, norms and biases in F32, as llama.cpp's converter does), or
+    Q8_0 (2-D weights in blocks of 32 with an f16 scale each, `gguf.quants.quantize`; a tensor whose
+    rows are not a multiple of 32 stays F16).
+Vocabulary rows beyond the tokenizer's (a model padded to a rounder vocab size) get placeholder
+tokens of type UNUSED so llama.cpp's vocabulary matches the embedding. MCQA classifiers carry a task
+head that llama.cpp's GPT-2 graph has no place for: `convert` refuses them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from biomedlm_jax.data import tokenizer as tokenizer_lib
+
+TYPES = ("F32", "F16", "Q8_0")
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+class GGUFExportError(ValueError):
+    pass
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character table (the alphabet of byte-level BPE tokens)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def tokenizer_metadata(tok, vocab_size: int) -> dict:
+    """{"tokens", "types", "merges", "eos", "pad"} for a byte-level BPE `tokenizers.Tokenizer`, the
+    token list padded with UNUSED placeholders to `vocab_size`. tok=None gives a placeholder vocabulary
+    for benchmarking random-init models: the 256 byte symbols, one merge ("Ġ t" -> "Ġt": llama.cpp
+    refuses a BPE vocabulary without merges), then unused tokens."""
+    import gguf
+
+    T = gguf.TokenType
+    if tok is None:
+        if vocab_size < 257:
+            raise GGUFExportError(f"a placeholder vocabulary needs >= 257 rows (256 bytes + one merge); the model has {vocab_size}")
+        tokens = _bytes_to_unicode() + ["Ġt"] + [f"[UNUSED{i}]" for i in range(vocab_size - 257)]
+        types = [T.NORMAL] * 257 + [T.UNUSED] * (vocab_size - 257)
+        return {"tokens": tokens, "types": types, "merges": ["Ġ t"], "eos": None, "pad": None}
+    spec = json.loads(tok.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise GGUFExportError("GGUF export supports byte-level BPE tokenizers (GPT-2 / BioMedLM); this one has model "
+                              f"{model.get('type')!r} and pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:80]}")
+    vocab = tok.get_vocab(with_added_tokens=True)
+    n = len(vocab)
+    by_id = {i: t for t, i in vocab.items()}
+    if sorted(by_id) != list(range(n)):
+        missing = sorted(set(range(max(by_id) + 1)) - set(by_id))[:5]
+        raise GGUFExportError(f"the tokenizer's ids are not contiguous (missing e.g. {missing}); GGUF needs one token per id")
+    if n > vocab_size:
+        raise GGUFExportError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} rows")
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(n):
+        tokens.append(by_id[i])
+        if i in added:  # special (<|endoftext|>, [PAD], [SEP]) -> CONTROL; plain added tokens -> USER_DEFINED
+            types.append(T.CONTROL if added[i].get("special") else T.USER_DEFINED)
+        else:
+            types.append(T.NORMAL)
+    tokens += [f"[UNUSED{i}]" for i in range(n, vocab_size)]
+    types += [T.UNUSED] * (vocab_size - n)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        raise GGUFExportError("the tokenizer has no BPE merges; llama.cpp refuses a GPT-2 vocabulary without them")
+    pad = next((tok.token_to_id(p) for p in ("[PAD]", "<|pad|>") if tok.token_to_id(p) is not None), None)
+    return {"tokens": tokens, "types": types, "merges": merges, "eos": tok.token_to_id(tokenizer_lib.EOS_TOKEN),
+            "pad": pad}
+
+
+def gguf_tensors(params, cfg) -> dict[str, np.ndarray]:
+    """{GGUF tensor name: fp32 array in GGUF's (out, in) layout}, attention scaling folded into q."""
+    from biomedlm_jax.formats import hf
+
+    if cfg.activation not in TANH_GELU:
+        raise GGUFExportError(f"activation={cfg.activation!r}: llama.cpp's GPT-2 graph computes tanh-GELU "
+                              f"({', '.join(TANH_GELU)}); this model would run differently there")
+    sd = hf.params_to_hf(params, cfg, np.float32)
+    C, hd = cfg.d_model, cfg.head_dim
+    out = {"token_embd.weight": sd["transformer.wte.weight"], "position_embd.weight": sd["transformer.wpe.weight"],
+           "output_norm.weight": sd["transformer.ln_f.weight"], "output_norm.bias": sd["transformer.ln_f.bias"]}
+    names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for i in range(cfg.n_layer):
+        ours = (1.0 / np.sqrt(hd) if cfg.scale_attn_weights else 1.0) / (i + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
+        fold = ours * np.sqrt(hd)  # llama.cpp multiplies q.k by 1/sqrt(hd); q * fold makes it `ours`
+        for hf_name, g_name in names.items():
+            w = sd[f"transformer.h.{i}.{hf_name}.weight"].copy()
+            b = sd[f"transformer.h.{i}.{hf_name}.bias"].copy()
+            if hf_name == "attn.c_attn":  # Conv1D (in, 3C): columns [0, C) are q
+                w[:, :C] *= fold
+                b[:C] *= fold
+            if w.ndim == 2:
+                w = np.ascontiguousarray(w.T)  # Conv1D (in, out) -> (out, in)
+            out[f"blk.{i}.{g_name}.weight"] = w
+            out[f"blk.{i}.{g_name}.bias"] = b
+    return out
+
+
+def write_gguf(cfg, params, tok, path: str, ftype: str = "F16", name: str = "biomedlm-jax") -> str:
+    """Write `params` (a GPT's float params, unscanned or scanned) and `tok` as a GGUF file."""
+    import gguf
+
+    ftype = ftype.upper()
+    if ftype not in TYPES:
+        raise GGUFExportError(f"GGUF type {ftype!r}: choose from {', '.join(TYPES)}")
+    tensors = gguf_tensors(params, cfg)  # validates before anything is written
+    meta = tokenizer_metadata(tok, cfg.vocab_size)
+    Q = gguf.GGMLQuantizationType
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                 "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype]
+    tmp = f"{path}.tmp-{os.getpid()}"  # written whole, then renamed: a killed export leaves no half file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    w = gguf.GGUFWriter(tmp, "gpt2")
+    w.add_name(name)
+    w.add_context_length(cfg.n_positions)
+    w.add_embedding_length(cfg.d_model)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(meta["tokens"])
+    w.add_token_types(meta["types"])
+    w.add_token_merges(meta["merges"])
+    if meta["eos"] is not None:
+        w.add_bos_token_id(meta["eos"])  # GPT-2 has one <|endoftext|> for both
+        w.add_eos_token_id(meta["eos"])
+    if meta["pad"] is not None:
+        w.add_pad_token_id(meta["pad"])
+    w.add_add_bos_token(False)  # BioMedLM's prompts start with their first text token
+    for tname, arr in tensors.items():
+        if arr.ndim == 1 or ftype == "F32":
+            w.add_tensor(tname, arr.astype(np.float32))
+        elif ftype == "Q8_0" and arr.shape[-1] % 32 == 0:
+            w.add_tensor(tname, gguf.quants.quantize(arr, Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            w.add_tensor(tname, arr.astype(np.float16))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running a GGUF file in llama.cpp (llama-cpp-python): the tests' and benchmarks' reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_llama(path: str, n_ctx: int = 0, n_threads: Optional[int] = None, logits_all: bool = False):
+    """llama_cpp.Llama on a GGUF file, on the CPU, quiet (logits_all: keep every position's logits)."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), n_batch=512,
+                 n_gpu_layers=0, verbose=False, logits_all=logits_all)
+
+
+def llama_logits(llm, ids: Sequence[int]) -> np.ndarray:
+    """(T, V) logits of every position of `ids` in llama.cpp (teacher forcing; needs logits_all)."""
+    llm.reset()
+    llm.eval(list(ids))
+    return np.array(llm.scores[: len(ids)])
+
+
+def _last_logits(llm) -> np.ndarray:
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+def llama_greedy(llm, prompt: Sequence[int], new: int, eos: Optional[int] = None) -> tuple[list[int], list]:
+    """llama.cpp greedy decoding of `new` tokens after `prompt` (ids), stopping after `eos`:
+    (tokens, each step's logits)."""
+    llm.reset()
+    llm.eval(list(prompt))
+    out, logits = [], []
+    for _ in range(new):
+        lg = _last_logits(llm)
+        logits.append(lg)
+        t = int(np.argmax(lg))
+        out.append(t)
+        if t == eos:
+            break
+        llm.eval([t])
+    return out, logits
+
+
+def time_llama_cpp(path: str, prompt: Sequence[int], new: int, repeats: int = 3) -> float:
+    """Best seconds over `repeats` of prefill + `new` greedy steps in llama.cpp at batch 1."""
+    llm = load_llama(path, n_ctx=len(prompt) + new + 1)
+    llama_greedy(llm, prompt, min(new, 4))  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        llama_greedy(llm, prompt, new)
+        best = min(best, time.perf_counter() - t0)
+    return best
