@@ -8,6 +8,15 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# XLA:CPU aborts the process when the fake devices' threads do not all reach a collective within 40 s
+# (its rendezvous "termination timeout"). On a 2-core host running two test processes and their
+# subprocesses, a thread can be kept off the CPU that long: the tests (and the CLI subprocesses, which
+# inherit XLA_FLAGS) give the stragglers 10 minutes, and XLA logs a warning after 20 s so a slow arrival
+# still shows in the output. A real deadlock then fails at the test's own timeout instead.
+for _flag in ("--xla_cpu_collective_call_terminate_timeout_seconds=600",
+              "--xla_cpu_collective_call_warn_stuck_timeout_seconds=20"):
+    if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Many tests compile the same small programs: the trainer's step on the tiny config, and every CLI run

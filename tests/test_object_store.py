@@ -160,14 +160,15 @@ import json, sys
 from etils.epath import gpath
 gpath._is_tf_installed = lambda: False  # epath's fsspec backend, which the emulator serves
 import numpy as np
-from biomedlm_jax import input_pipeline as ip, paths
+from biomedlm_jax.core import paths
+from biomedlm_jax.data import input_pipeline as ip, shards as shards_lib
 remote_dir, local_dir, cache_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
-manifest = ip.read_manifest(remote_dir)
+manifest = shards_lib.read_manifest(remote_dir)
 shards = [paths.join(remote_dir, s["file"]) for s in manifest["splits"]["train"]["shards"]]
-local = ip.load_prepared(local_dir, "train").rows
+local = shards_lib.load_prepared(local_dir, "train").rows
 out = {"rows": len(local), "row_bytes": local.row_len * local.dtype.itemsize, "processes": []}
 for p in range(2):  # two hosts, each with half of every micro-batch
-    rows = ip.ShardedRows(shards, cache_bytes=cache_bytes)
+    rows = shards_lib.ShardedRows(shards, cache_bytes=cache_bytes)
     it, ref = (ip.BatchIterator(r, 8, seed=0, local_rows=(4 * p, 4 * p + 4)) for r in (rows, local))
     same, seen, cached = True, set(), 0
     for _ in range(6):

@@ -1,7 +1,7 @@
 """TFDS builder for PubMed abstracts from the NLM baseline XML files you download yourself.
 
     import tensorflow_datasets as tfds
-    from biomedlm_jax import tfds_pubmed  # registers "pubmed_abstracts"
+    from biomedlm_jax.data import tfds_pubmed  # registers "pubmed_abstracts"
     builder = tfds_pubmed.PubmedAbstracts(data_dir="~/tensorflow_datasets")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir="~/pubmed/baseline"))
     ds = builder.as_dataset(split="train")   # {"pmid": str, "text": title + "\n" + abstract}
