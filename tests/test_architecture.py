@@ -3,6 +3,7 @@ imports only from its own folder or from folders of lower layers (lazy imports i
 included); no import loops between modules; no private names across modules; the top-level modules are
 the commands and nothing in the library imports them; no library code finds files through the checkout."""
 import ast
+import functools
 import gc
 import re
 
@@ -12,6 +13,7 @@ PKG = REPO / "biomedlm_jax"
 ENTRY = "(entry points)"  # the table's name for the top-level command modules
 
 
+@functools.lru_cache(maxsize=1)
 def modules() -> dict:
     """{dotted module name without the package prefix ('' for biomedlm_jax/__init__.py): parsed file}."""
     out = {}
