@@ -33,9 +33,7 @@ import sys
 import jax
 
 from biomedlm_jax.inference.generate import generate
-from biomedlm_jax.inference.sampling import (
-    SamplingConfig,
-)
+from biomedlm_jax.inference.sampling import SamplingConfig
 
 
 def main(argv=None) -> int:
