@@ -23,6 +23,7 @@ never counts as "latest" again, and restores the next older step. With no step l
 """
 from __future__ import annotations
 
+from biomedlm_jax.core import errors
 from biomedlm_jax.formats.checkpoint import verify
 
 
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("verify", help="read every step of a workdir; exit 1 if the latest step is bad")
     v.add_argument("--workdir", required=True)
+    errors.add_verbose_flag(v)
     args = p.parse_args(argv)
     return 0 if verify(args.workdir) else 1
 

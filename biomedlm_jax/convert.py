@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from biomedlm_jax.core import errors
 from biomedlm_jax.workflows.convert import convert
 
 
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--max_shard_size", default="5GB", help="HF output: shard safetensors above this size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing HF output directory or GGUF file")
     p.add_argument("--gguf_type", default="F16", help="gguf: output: F16 (default), Q8_0 or F32")
+    errors.add_verbose_flag(p)
     args = p.parse_args(argv)
     try:
         out = convert(args.src, args.dst, step=args.step, dtype=args.dtype, overwrite=args.overwrite,

@@ -19,6 +19,7 @@ import json
 import sys
 from typing import Optional
 
+from biomedlm_jax.core import errors
 from biomedlm_jax.data import readers
 from biomedlm_jax.evaluation.perplexity import evaluate
 
@@ -36,6 +37,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", default=None, help="compute and weight dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--quantize", default="none", help="int8: Qwix int8 weight-only quantization (default none)")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
+    errors.add_verbose_flag(p)
     args = p.parse_args(argv)
     from biomedlm_jax.models import quantize
 
@@ -43,13 +45,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         quantize.check_mode(args.quantize)
     except ValueError as e:
         p.error(str(e))
-    model, params, tok = loading.load_for_inference(args.init_from, args.dtype)
-    model, params = quantize.quantize(model, params, args.quantize)
-    stats = readers.ReadStats()
-    docs = readers.read_documents(readers.expand_files(args.input), stats, fmt=args.format)
-    if args.max_docs:
-        docs = (d for _, d in zip(range(args.max_docs), docs))
-    result = evaluate(model, params, tok, docs, args.seq_len, args.batch_size)
+    try:
+        model, params, tok = loading.load_for_inference(args.init_from, args.dtype)
+        model, params = quantize.quantize(model, params, args.quantize)
+        stats = readers.ReadStats()
+        docs = readers.read_documents(readers.expand_files(args.input), stats, fmt=args.format)
+        if args.max_docs:
+            docs = (d for _, d in zip(range(args.max_docs), docs))
+        result = evaluate(model, params, tok, docs, args.seq_len, args.batch_size)
+    except (ValueError, FileNotFoundError) as e:  # DataError, CheckpointError, CheckpointDamaged, a missing input
+        print(f"evaluate_lm: error: {e}", file=sys.stderr)
+        return 1
     result.update(init_from=args.init_from, input=args.input, quantize=args.quantize, seq_len=args.seq_len or model.config.n_positions,
                   read_stats=stats.as_dict())
     print(f"{result['documents']:,} documents, {result['tokens']:,} tokens, {result['bytes']:,} bytes: loss "

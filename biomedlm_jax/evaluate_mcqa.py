@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 
+from biomedlm_jax.core import errors
 from biomedlm_jax.evaluation.mcqa_eval import HF_SEQ_LEN, evaluate, parse_tasks, results_table
 
 
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--quantize", default="none", help="int8: Qwix int8 weight-only quantization (default none)")
     p.add_argument("--out", default="mcqa_results.json")
     p.add_argument("--predictions", default=None, help="write per-item logits and predictions to this JSONL file")
+    errors.add_verbose_flag(p)
     args = p.parse_args(argv)
     tasks = parse_tasks(args.tasks, args.data_dir)
     try:

@@ -32,6 +32,7 @@ import sys
 
 import jax
 
+from biomedlm_jax.core import errors
 from biomedlm_jax.inference.generate import generate
 from biomedlm_jax.inference.sampling import SamplingConfig
 
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="compute and weight dtype, e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--quantize", default="none", help="int8: Qwix int8 weight-only quantization (default none)")
+    errors.add_verbose_flag(p)
     args = p.parse_args(argv)
     if sum(x is not None and x is not False for x in (args.prompt, args.input, args.interactive or None)) != 1:
         p.error("give exactly one of --prompt, --input or --interactive")
@@ -68,7 +70,11 @@ def main(argv=None) -> int:
         quantize.check_mode(args.quantize)
     except ValueError as e:
         p.error(str(e))
-    model, params, tok = loading.load_for_inference(args.init_from, args.dtype)
+    try:
+        model, params, tok = loading.load_for_inference(args.init_from, args.dtype)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError, CheckpointDamaged, a missing checkpoint
+        print(f"generate: error: {e}", file=sys.stderr)
+        return 1
     model, params = quantize.quantize(model, params, args.quantize)
     eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
     cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.no_repeat_ngram_size,

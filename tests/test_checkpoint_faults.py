@@ -41,15 +41,16 @@ def test_damaged_latest_step_falls_back_and_finishes_bit_identically(tmp_path, s
     trainer.train_and_evaluate(c4, str(run), devices=jax.devices()[:1])
     corrupt(run, 4)
     r = verify(run)
-    assert r.returncode == 1 and "step 2: ok" in r.stdout and "step 4: bad (ValueError: DATA_LOSS" in r.stdout
+    assert r.returncode == 1 and "step 2: ok" in r.stdout and "step 4: bad (" in r.stdout and "DATA_LOSS" in r.stdout
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     capfd.readouterr()
     s = trainer.train_and_evaluate(c, str(run), devices=jax.devices()[:1])
     err = capfd.readouterr().err
     assert s["start_step"] == 2 and s["step"] == 6
     assert "Traceback" not in err and "Event loop is closed" not in err, err[-2000:]  # one line, not a crash dump
-    line = next(x for x in err.splitlines() if x.startswith("[checkpoint] step 4"))
-    assert "does not restore (ValueError: DATA_LOSS" in line and "moved it to" in line
+    (line,) = [x for x in err.splitlines() if x.startswith("[checkpoint]")]
+    assert line.startswith(f"[checkpoint] {run}: step 4 (") and "DATA_LOSS" in line and "moved to" in line
+    assert line.endswith("resuming from step 2")
     (moved,) = os.listdir(run / checkpoint.QUARANTINE_DIR)  # kept, not deleted, and never "latest" again
     assert moved.startswith("4-") and "CRC-32C" in (run / checkpoint.QUARANTINE_DIR / moved / "REASON.txt").read_text()
     assert checkpoint.latest_step(str(run)) == 6
@@ -83,8 +84,8 @@ def test_no_step_restores_stops_with_every_reason_and_never_starts_over(tmp_path
     corrupt(tmp_path, 2)
     corrupt(tmp_path, 4)
     c.num_train_steps = 6
-    with pytest.raises(checkpoint.NoGoodCheckpoint, match=r"no checkpoint restores \(step 4: ValueError: DATA_LOSS.*; "
-                                                          r"step 2: ValueError: DATA_LOSS"):
+    with pytest.raises(checkpoint.NoGoodCheckpoint, match=r"no checkpoint restores \(step 4: .*DATA_LOSS.*; "
+                                                          r"step 2: .*DATA_LOSS"):
         trainer.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
     assert sorted(n.split("-")[0] for n in os.listdir(tmp_path / checkpoint.QUARANTINE_DIR)) == ["2", "4"]
     with pytest.raises(checkpoint.NoGoodCheckpoint, match="refusing to start from scratch"):
@@ -129,4 +130,4 @@ def test_two_processes_fall_back_together_past_a_damaged_step(tmp_path, small_co
     assert moved.startswith("4-") and "CRC-32C" in (workdir / checkpoint.QUARANTINE_DIR / moved / "REASON.txt").read_text()
     assert checkpoint.latest_step(str(workdir)) == 6
     for out in outputs:
-        assert "[checkpoint] restored step 2" in out and "Traceback" not in out, out[-3000:]
+        assert "resuming from step 2" in out and "Traceback" not in out and "Exception ignored" not in out, out[-3000:]

@@ -34,7 +34,7 @@ def raw_params(workdir, model_cls=GPT, **model_kw):
     reader = checkpoint.reader(str(workdir))
     if meta.get("lora_base"):  # the step holds the trainable params; the frozen ones come from the base
         return cfg, checkpoint.restore_lora_run(reader, step, meta, cfg, abstract, str(workdir))
-    return cfg, checkpoint.restore_params(reader, step, abstract)
+    return cfg, checkpoint.restore_params(reader, step, abstract, meta, str(workdir))
 
 
 def step_bytes(workdir, step):

@@ -1,10 +1,18 @@
 """The project's error types, importable from anywhere without pulling in JAX or a checkpoint module.
 
-`DataError` is bad input data and `CheckpointError` a checkpoint that cannot be loaded as asked; both
-are ValueErrors whose message names the file (and line, record or tensor). `one_line` turns any
+`DataError` is bad input data, `CheckpointError` a checkpoint that cannot be loaded as asked and
+`CheckpointDamaged` one whose files are damaged; all are ValueErrors whose message names the file (and
+line, record or tensor). `one_line` turns any
 exception into the single line the tools print for it.
 """
 from __future__ import annotations
+
+import argparse
+import os
+
+VERBOSE_ENV = "BIOMEDLM_VERBOSE"  # set: a one-line checkpoint report also prints the error underneath
+VERBOSE_HELP = ("print the underlying orbax/TensorStore error behind a one-line damaged-checkpoint report "
+                f"(the same as {VERBOSE_ENV}=1)")
 
 
 class DataError(ValueError):
@@ -13,6 +21,11 @@ class DataError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and tensor."""
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint step whose files do not read back as written (flipped bytes, a truncated or missing
+    file, metadata that does not parse); the message names the step and, where known, the array and file."""
 
 
 def one_line(e: BaseException, full: bool = False) -> str:
@@ -24,3 +37,17 @@ def one_line(e: BaseException, full: bool = False) -> str:
     if not full and len(text) > 320:
         text = text[:120] + " ... " + text[-200:]
     return f"{type(e).__name__}: {text}"
+
+
+class _Verbose(argparse.Action):
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=False, help=VERBOSE_HELP)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        os.environ[VERBOSE_ENV] = "1"  # read where the error happens, in this process and its children
+        setattr(namespace, self.dest, True)
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """`--verbose` for a command that reads checkpoints (sets BIOMEDLM_VERBOSE=1)."""
+    parser.add_argument("--verbose", action=_Verbose)

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from biomedlm_jax.core import errors, paths
-from biomedlm_jax.formats import hf, sources
+from biomedlm_jax.formats import damage, hf, sources
 from biomedlm_jax.models import gpt, lora
 from biomedlm_jax.models.gpt import GPT, resize_embeddings
 from biomedlm_jax.models.gpt_config import GPTConfig
@@ -34,35 +34,7 @@ FORMAT_VERSION = 1
 
 
 
-def _quiet_abandoned_reads() -> None:
-    """Drop the "RuntimeError: Event loop is closed" reports of reads a failed restore abandoned.
-
-    When one array of a step fails to read (a damaged step), orbax gives up on the restore and closes its
-    event loop while tensorstore is still reading the other arrays; each of those reads then completes
-    into the closed loop, and Python prints its RuntimeError through `sys.unraisablehook` (90 tracebacks
-    for the tiny model) after the one line that says what happened. Only that exact error, raised by
-    asyncio's closed-loop check, is dropped; every other unraisable exception reaches the previous hook.
-    Installed once, on first use of a checkpoint manager."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_biomedlm_quiet", False):
-        return
-
-    def hook(unraisable):
-        tb = unraisable.exc_traceback
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-                and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"):
-            return
-        previous(unraisable)
-
-    hook._biomedlm_quiet = True
-    sys.unraisablehook = hook
-
-
-
 def manager(workdir: str, *, max_to_keep: Optional[int] = None, async_save: bool = False) -> ocp.CheckpointManager:
-    _quiet_abandoned_reads()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
     )
@@ -82,11 +54,12 @@ def save_params(workdir: str, cfg: GPTConfig, params, step: int = 0, **extra_met
     mngr = manager(workdir)
     if step in mngr.all_steps():
         raise FileExistsError(f"{mngr.directory}/{step} already exists; refusing to overwrite a checkpoint")
+    state = {"params": nn.unbox(params)}
     mngr.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": nn.unbox(params)}),
-            meta=ocp.args.JsonSave(model_meta(cfg, **extra_meta)),
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(model_meta(cfg, digest=damage.state_digest(state), **extra_meta)),
         ),
     )
     mngr.wait_until_finished()
@@ -97,7 +70,6 @@ def save_params(workdir: str, cfg: GPTConfig, params, step: int = 0, **extra_met
 
 def reader(workdir: str) -> ocp.CheckpointManager:
     """Manager for reading an existing workdir; PyTree handler so params can be restored alone (partial restore)."""
-    _quiet_abandoned_reads()
     path = paths.join(paths.resolve(workdir), CHECKPOINT_DIR)
     if not paths.isdir(path):
         raise FileNotFoundError(f"{workdir}: no {CHECKPOINT_DIR}/ directory; not a biomedlm_jax workdir")
@@ -132,7 +104,8 @@ def _read_meta(mngr: ocp.CheckpointManager, step: Optional[int]) -> tuple[int, d
     step = mngr.latest_step() if step is None else step
     if step is None or step not in mngr.all_steps():
         raise FileNotFoundError(f"{path}: no complete checkpoint{'' if step is None else f' at step {step}'}")
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with damage.reading(f"{path}/{step}/meta"):
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if not isinstance(meta, dict) or "model" not in meta:
         raise errors.CheckpointError(f"{path}/{step}/meta: no 'model' entry; not written by biomedlm_jax")
     return step, meta
@@ -191,7 +164,8 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, merge_l
     stored = GPTConfig(**meta["model"])
     where = f"{paths.join(workdir, CHECKPOINT_DIR)}/{step}/state"
     abstract = _abstract_params(stored, shardings)
-    disk = mngr.item_metadata(step)["state"]
+    with damage.reading(where):
+        disk = mngr.item_metadata(step)["state"]
     disk_tree = getattr(disk, "tree", disk)
     if not isinstance(disk_tree, dict) or "params" not in disk_tree:
         raise errors.CheckpointError(f"{where}: no 'params' entry in the stored state")
@@ -202,7 +176,7 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, merge_l
         params = restore_lora_run(mngr, step, meta, stored, {backbone: abstract} if backbone else abstract, where)
     else:
         check_against_disk(disk_params, abstract, where)
-        params = restore_params(mngr, step, {backbone: abstract} if backbone else abstract)
+        params = restore_params(mngr, step, {backbone: abstract} if backbone else abstract, meta, where)
     params = params[backbone] if backbone else params
     if stored.lora_rank and merge_lora:  # a LoRA run: adapters folded into the weights, a plain GPT comes out
         params, stored = lora.merge(params, stored), stored.replace(lora_rank=0)
@@ -215,19 +189,22 @@ def load_model(workdir: str, step: Optional[int] = None, shardings=None, merge_l
 
 
 
-def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params, meta: dict, where: str):
     """state["params"] of `step` restored into `abstract_params` (a subtree of the stored params is
-    fine: orbax partial restore), placed with the shardings its leaves carry."""
+    fine: orbax partial restore), placed with the shardings its leaves carry, and checked against the
+    digest in the step's `meta` (errors.CheckpointDamaged naming `where` when a read fails or differs)."""
     target = {"params": abstract_params}
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-            )
-        ),
-    )
-    return restored["state"]["params"]
+    with damage.reading(where):
+        restored = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+                )
+            ),
+        )["state"]
+        damage.check_digest(restored, meta.get("digest"), where)
+    return restored["params"]
 
 
 
@@ -309,9 +286,10 @@ def restore_lora_run(mngr: ocp.CheckpointManager, step: int, meta: dict, cfg: GP
     ref, backbone = meta["lora_base"], meta.get("backbone")
     mask = lora.trainable_mask(abstract_params, cfg, backbone, ref.get("vocab"))
     t_abs, f_abs = lora.split(abstract_params, mask)
-    disk = mngr.item_metadata(step)["state"]
+    with damage.reading(where):
+        disk = mngr.item_metadata(step)["state"]
     check_against_disk(getattr(disk, "tree", disk)["params"], t_abs, where)
-    trained = restore_params(mngr, step, t_abs)
+    trained = restore_params(mngr, step, t_abs, meta, where)
     return lora.join(trained, frozen_params(ref, cfg, f_abs, backbone, where))
 
 
@@ -321,7 +299,7 @@ def tokenizer_dir(workdir: str) -> str:
 
 
 
-class NoGoodCheckpoint(RuntimeError):
+class NoGoodCheckpoint(errors.CheckpointDamaged):
     """No step of a workdir restores; the message lists each step and why."""
 
 
@@ -345,7 +323,7 @@ def move_aside(workdir: str, step: int, reason: str, details: str = "") -> str:
     if jax.process_index() == 0:
         paths.makedirs(paths.join(paths.resolve(workdir), QUARANTINE_DIR))
         paths.rename(src, dst)
-        paths.write_text(paths.join(dst, "REASON.txt"), (details or reason) + "\n")
+        paths.write_text(paths.join(dst, "REASON.txt"), reason + "\n" + (f"\n{details}" if details else ""))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"moved aside step {step}")
     return dst
@@ -364,46 +342,61 @@ def restore_newest(workdir: str, restore: Callable[[int], Any], steps: Optional[
                    log: Callable[[str], None] = None) -> tuple[int, Any]:
     """(step, restore(step)) for the newest of `steps` (default: the workdir's) that restores.
 
-    A step that fails is reported in one line, moved aside (`move_aside`) and the next older step is
-    tried. If none restores, NoGoodCheckpoint lists each step and why; nothing starts from scratch.
-    An error that says the model does not fit the checkpoint (errors.CheckpointError) is raised as it is."""
+    A step that fails is moved aside (`move_aside`, its REASON.txt keeps the whole error) and the next
+    older step is tried; once one restores, one line says which steps were damaged and why, where they
+    went and which step the run goes on from (`BIOMEDLM_VERBOSE=1` also prints each underlying error).
+    If none restores, NoGoodCheckpoint lists each step and why; nothing starts from scratch. An error
+    that says the model does not fit the checkpoint (errors.CheckpointError) is raised as it is."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if steps is None:
         steps = reader(workdir).all_steps()
-    failures = []
+    failures = []  # (step, reason, where it was moved)
     for step in sorted(steps, reverse=True):
         try:
-            result, error = restore(step), None
+            with damage.reading(f"{paths.join(workdir, CHECKPOINT_DIR)}/{step}"):
+                result, error = restore(step), None
         except Exception as e:  # noqa: BLE001 - anything that stops a step from restoring
             if not _is_damage(e):
                 raise
             result, error = None, e
         if _agree(error is None):
             if failures:
-                log(f"[checkpoint] restored step {step} of {workdir} after moving aside "
-                    f"{', '.join(str(s) for s, _ in failures)}")
+                moved = "; ".join(f"step {s} ({r}) moved to {d}" for s, r, d in failures)
+                log(f"[checkpoint] {workdir}: {moved}; resuming from step {step}")
             return step, result
-        reason = errors.one_line(error) if error is not None else "another process could not restore it"
-        dst = move_aside(workdir, step, reason, errors.one_line(error, full=True) if error is not None else "")
-        log(f"[checkpoint] step {step} of {workdir} does not restore ({reason}); moved it to {dst}")
-        failures.append((step, reason))
-    listing = "; ".join(f"step {s}: {r}" for s, r in failures) or "no checkpoints"
+        reason = _reason(error, workdir, step) if error is not None else "another process could not restore it"
+        dst = move_aside(workdir, step, reason, damage.details(error) if error is not None else "")
+        failures.append((step, reason, dst))
+    listing = "; ".join(f"step {s}: {r}" for s, r, _ in failures) or "no checkpoints"
     raise NoGoodCheckpoint(f"{workdir}: no checkpoint restores ({listing}). The damaged steps are in "
                            f"{paths.join(workdir, QUARANTINE_DIR)}; nothing was started from scratch.")
 
 
 
+def _reason(e: BaseException, workdir: str, step: int) -> str:
+    """What went wrong with `step`, without repeating the step's own folder."""
+    text = damage.describe(e)
+    for prefix in (f"{paths.join(workdir, CHECKPOINT_DIR)}/{step}", f"{paths.join(paths.resolve(workdir), CHECKPOINT_DIR)}/{step}"):
+        if text.startswith(prefix):
+            text = text[len(prefix):].lstrip("/")
+    return text
+
+
+
 def verify_step(mngr: ocp.CheckpointManager, step: int) -> str:
-    """Read every array and the meta of `step` (tensorstore checks each chunk's CRC-32C). Returns a
-    summary; raises whatever reading raised."""
-    stored = mngr.item_metadata(step)["state"]
-    tree = getattr(stored, "tree", stored)
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=args), meta=ocp.args.JsonRestore()))
-    leaves = jax.tree.leaves(restored["state"])
-    if not isinstance(restored["meta"], dict) or "model" not in restored["meta"]:
-        raise errors.CheckpointError("meta has no 'model' entry")
+    """Read every array and the meta of `step` and compare the arrays with the digest saved with them
+    (formats/damage.py). Returns a summary; raises errors.CheckpointDamaged naming what failed."""
+    where = f"{mngr.directory}/{step}"
+    with damage.reading(where):
+        stored = mngr.item_metadata(step)["state"]
+        tree = getattr(stored, "tree", stored)
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(restore_args=args), meta=ocp.args.JsonRestore()))
+        leaves = jax.tree.leaves(restored["state"])
+        if not isinstance(restored["meta"], dict) or "model" not in restored["meta"]:
+            raise errors.CheckpointError(f"{where}/meta: no 'model' entry")
+        damage.check_digest(restored["state"], restored["meta"].get("digest"), where)
     return f"{len(leaves)} arrays, {sum(np.asarray(x).nbytes for x in leaves):,} bytes"
 
 
@@ -426,7 +419,7 @@ def verify(workdir: str, out=sys.stdout) -> bool:
             try:
                 print(f"{where} step {step}: ok ({verify_step(mngr, step)})", file=out)
             except Exception as e:  # noqa: BLE001 - report whatever stops the step from reading
-                print(f"{where} step {step}: bad ({errors.one_line(e)})", file=out)
+                print(f"{where} step {step}: bad ({damage.describe(e)})", file=out)
                 ok = ok and step != steps[-1]
     bad = paths.join(workdir, QUARANTINE_DIR)
     if paths.isdir(bad):

@@ -145,7 +145,8 @@ def _load_orbax_classifier(path: str, src: str, step: int, overrides: dict) -> C
         params = checkpoint.restore_lora_run(checkpoint.reader(src), step, meta, cfg, checkpoint.place(abstract),
                                              f"{src}/checkpoints/{step}")
     else:
-        params = checkpoint.restore_params(checkpoint.reader(src), step, checkpoint.place(abstract))
+        params = checkpoint.restore_params(checkpoint.reader(src), step, checkpoint.place(abstract), meta,
+                                           f"{src}/checkpoints/{step}")
     if cfg.lora_rank:  # a LoRA run: adapters folded into the backbone's weights
         params = dict(params, transformer=lora.merge(params["transformer"], cfg))
         model = MCQAModel(cfg.replace(lora_rank=0), head["head"], head["num_labels"])
@@ -367,7 +368,8 @@ class MCQATask(Task):
             if got == "choice":
                 shapes["bias"] = jax.ShapeDtypeStruct((1,), dt)
             score = jax.device_get(checkpoint.restore_params(checkpoint.reader(path), step,
-                                                             {"score": checkpoint.place(shapes)})["score"])
+                                                             {"score": checkpoint.place(shapes)}, meta,
+                                                             f"{path}/checkpoints/{step}")["score"])
         if got != self.head:
             raise ValueError(f"{where} is a {got} classifier; the {self.spec.name} task trains a {self.head} head")
         if self.head == "seqcls":

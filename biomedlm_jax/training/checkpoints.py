@@ -18,26 +18,30 @@ from jax.experimental import multihost_utils
 
 from biomedlm_jax.core import errors, paths
 from biomedlm_jax.data import tokenizer as tokenizer_lib
-from biomedlm_jax.formats import checkpoint
+from biomedlm_jax.formats import checkpoint, damage
 from biomedlm_jax.models.gpt_config import GPTConfig
 from biomedlm_jax.training.state import LoraPlan, initial_state
 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, workdir: str, step: int, abstract_state):
-    """(state, meta) of `step`, placed with the shardings carried by `abstract_state`'s leaves.
+    """(state, meta) of `step`, placed with the shardings carried by `abstract_state`'s leaves and
+    checked against the digest saved with them (errors.CheckpointDamaged when a read fails or differs).
 
     The stored params are checked against the model first, so restoring into a model of another
     shape fails with the tensor's name rather than an orbax shape error."""
-    stored = checkpoint.reader(workdir).item_metadata(step)["state"]
-    stored = getattr(stored, "tree", stored)
     where = f"{paths.join(workdir, checkpoint.CHECKPOINT_DIR)}/{step}/state"
+    with damage.reading(where):
+        stored = checkpoint.reader(workdir).item_metadata(step)["state"]
+    stored = getattr(stored, "tree", stored)
     if not isinstance(stored, dict) or not {"params", "opt_state", "step"} <= set(stored):
         raise errors.CheckpointError(f"{where}: not a training state (has {sorted(stored) if isinstance(stored, dict) else stored})")
     checkpoint.check_against_disk(stored["params"], abstract_state["params"], where)
-    restored = mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-    )
-    return restored["state"], restored["meta"]
+    with damage.reading(where.removesuffix("state") + "meta"):
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with damage.reading(where):
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+        damage.check_digest(state, meta.get("digest"), where)
+    return state, meta
 
 
 def restore_or_init(config, workdir: str, mngr: ocp.CheckpointManager, *, model, base_cfg: GPTConfig, tx,
@@ -90,6 +94,7 @@ class Saver:
         if self.plan.base:  # only the trainable params, and where the frozen ones come from
             state = dict(state, params=self.plan.stored(state["params"]))
             meta["lora_base"] = self.plan.base
+        meta["digest"] = damage.state_digest(state)  # what a restore compares the arrays it reads with
         self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                        force=True)
         self.in_flight = step
