@@ -170,9 +170,25 @@ def test_digest_is_the_same_on_any_mesh_and_changes_with_any_element():
     tree = {"w": x, "i": np.int32(3), "h": x.astype(jax.numpy.bfloat16)}
     d = damage.state_digest(tree)
     assert damage.state_digest(dict(tree, w=sharded)) == d
+    with jax.set_mesh(jax.make_mesh((8,), ("x",))):  # a caller's mesh: a trainer restoring a one-device base
+        assert damage.state_digest(dict(tree, w=jax.device_put(x, jax.devices()[3]))) == d
     y = x.copy()
     y[17, 5] = np.nextafter(y[17, 5], np.float32(np.inf))  # one ulp of one element
     assert damage.state_digest(dict(tree, w=y))["w"] != d["w"]
     swapped = x.copy()
     swapped[[0, 1]] = swapped[[1, 0]]  # the same values in other places
     assert damage.state_digest(dict(tree, w=swapped))["w"] != d["w"]
+
+
+def test_a_failure_of_our_own_is_not_taken_for_damage(two_steps, tmp_path, monkeypatch):
+    """A bug while checking a step (here: the digest program fails) is raised as it is; no good step is
+    moved aside for it."""
+    run = copy_of(two_steps, tmp_path)
+
+    def broken(leaves):
+        raise ValueError("no devices")
+
+    monkeypatch.setattr(damage, "_digests", broken)
+    with pytest.raises(damage.DigestFailed, match="no devices"):
+        checkpoint.load_model(run)
+    assert checkpoint.latest_step(run) == 2 and not os.path.exists(os.path.join(run, checkpoint.QUARANTINE_DIR))

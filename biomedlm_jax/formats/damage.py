@@ -40,6 +40,7 @@ from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from biomedlm_jax.core import errors
 
@@ -94,16 +95,44 @@ def _one(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * weight, dtype=jnp.uint32) ^ jnp.uint32(x.size % (1 << 32))
 
 
+class DigestFailed(RuntimeError):
+    """Computing a digest failed: a bug or a device problem here, never taken for a damaged step."""
+
+
 @functools.partial(jax.jit)
 def _digests(leaves: list) -> list:
     return [_one(x) for x in leaves]
 
 
+def _mesh_of(x) -> jax.sharding.Mesh:
+    """The mesh to compute `x`'s digest under (a caller's `jax.set_mesh` may name other devices)."""
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.Mesh):
+        return sharding.mesh
+    devices = sorted(sharding.device_set, key=lambda d: (d.process_index, d.id))
+    return jax.sharding.Mesh(np.array(devices), ("devices",))
+
+
 def state_digest(tree) -> dict[str, int]:
-    """{array path: 32-bit checksum} of every array in `tree` (on its devices; every process calls it)."""
-    flat = jax.tree_util.tree_leaves_with_path(tree)
-    values = jax.device_get(_digests([x for _, x in flat]))
-    return {_key(p): int(v) for (p, _), v in zip(flat, values)}
+    """{array path: 32-bit checksum} of every array in `tree`, computed on the devices that hold it (every
+    process calls it for a tree of global arrays). Leaves on the same mesh are reduced in one program."""
+    flat = [(p, x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x), jax.devices()[0]))
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+    groups: dict = {}
+    for i, (_, x) in enumerate(flat):
+        mesh = _mesh_of(x)
+        groups.setdefault((mesh.axis_names, mesh.devices.shape, tuple(d.id for d in mesh.devices.flat)),
+                          (mesh, []))[1].append(i)
+    values = [None] * len(flat)
+    try:
+        for mesh, idx in groups.values():
+            with jax.set_mesh(mesh):
+                out = jax.device_get(_digests([flat[i][1] for i in idx]))
+            for i, v in zip(idx, out):
+                values[i] = int(v)
+    except Exception as e:  # noqa: BLE001 - reported as what it is, not as damage
+        raise DigestFailed(f"computing the checkpoint digest failed ({errors.one_line(e)})") from e
+    return {_key(p): v for (p, _), v in zip(flat, values)}
 
 
 def check_digest(tree, saved: Optional[dict], where: str) -> None:
@@ -225,11 +254,13 @@ def _draining_loops() -> Iterator[None]:
 def reading(where: str) -> Iterator[None]:
     """Run a checkpoint read: abandoned reads of a failed restore are cancelled and awaited (no
     tracebacks later), and a failure that is damage becomes `errors.CheckpointDamaged` naming `where`.
-    A model that does not fit the checkpoint (errors.CheckpointError) passes through unchanged."""
+    A model that does not fit the checkpoint (errors.CheckpointError) and a failure to compute a digest
+    (DigestFailed: not the step's fault) pass through unchanged."""
     with _draining_loops():
         try:
             yield
-        except (errors.CheckpointError, errors.CheckpointDamaged, KeyboardInterrupt, MemoryError, SystemExit):
+        except (errors.CheckpointError, errors.CheckpointDamaged, DigestFailed, KeyboardInterrupt, MemoryError,
+                SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - whatever stops the step from reading is damage
             raise damaged(where, e) from e
