@@ -1,5 +1,5 @@
-"""Test setup: 8 fake CPU devices (set before JAX is imported), one compilation cache for the run,
-and HF reference checkpoints."""
+"""Test setup: 8 fake CPU devices in the test process (set before JAX is imported; subprocesses get one
+unless they ask for more), one compilation cache for the run, and HF reference checkpoints."""
 import atexit
 import os
 import shutil
@@ -33,8 +33,23 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# This process has its 8 fake devices from here on. The commands the tests start in subprocesses get one
+# CPU device, as a user's run of them has: compiling every CLI run for an 8-device mesh cost the suite
+# minutes. A test that wants several devices in a subprocess says so in that subprocess's XLA_FLAGS
+# (multi_device_env below; the two-process tests give each process 4).
+jax.devices()  # the backend starts now, with the device count above
+MULTI_DEVICE_XLA_FLAGS = os.environ["XLA_FLAGS"]
+os.environ["XLA_FLAGS"] = " ".join(f for f in MULTI_DEVICE_XLA_FLAGS.split()
+                                   if not f.startswith("--xla_force_host_platform_device_count"))
+
+
+def multi_device_env(**extra) -> dict:
+    """The environment for a subprocess that should see the 8 fake devices this process has."""
+    return dict(os.environ, XLA_FLAGS=MULTI_DEVICE_XLA_FLAGS, **extra)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Damaged checkpoints: a run falls back to the newest step that restores, keeps the bad one aside,
-and finishes bit-identically; with nothing left it stops with an error instead of starting over."""
-import glob
+and finishes bit-identically; with nothing left it stops with an error instead of starting over.
+(Two processes falling back together: test_train.py; each kind of damage: test_checkpoint_damage.py.)"""
 import os
 import subprocess
 import sys
@@ -9,22 +9,10 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO
-from test_train import final_params, finish, make_config, start_two_processes
+from test_train import corrupt, final_params, make_config
 
 from biomedlm_jax.formats import checkpoint
 from biomedlm_jax.training import trainer
-
-
-def corrupt(workdir, step):
-    """Flip bytes in the middle of every data file of the step's state (CRC-32C then fails on read)."""
-    files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "d", "*"), recursive=True)
-             if os.path.isfile(f)]
-    assert files
-    for f in files:
-        data = bytearray(open(f, "rb").read())
-        for i in range(len(data) // 2, min(len(data) // 2 + 16, len(data))):
-            data[i] ^= 0xFF
-        open(f, "wb").write(bytes(data))
 
 
 def verify(workdir):
@@ -113,21 +101,3 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoints(tmp_path, 
         checkpoint.load_model(str(fs / "run"))  # the previous checkpoint is intact
     finally:
         subprocess.run(["umount", "--lazy", str(fs)])  # the failed save may still hold files open
-
-
-@pytest.mark.slow
-def test_two_processes_fall_back_together_past_a_damaged_step(tmp_path, small_corpus):
-    """Both processes fail to restore the damaged step 4, agree on it, process 0 alone moves it aside, and
-    both resume from step 2 to the end; the run's output has the one-line report, no tracebacks."""
-    workdir = tmp_path / "mp"
-    run = dict(eval_every_steps=100, checkpoint_every_steps=2, keep_checkpoints=3)
-    finish(start_two_processes(workdir, small_corpus, num_train_steps=4, **run))
-    corrupt(workdir, 4)
-    outputs = []
-    done = finish(start_two_processes(workdir, small_corpus, num_train_steps=6, **run), outputs=outputs)
-    assert all(d["start_step"] == "2" and d["step"] == "6" for d in done), done
-    (moved,) = os.listdir(workdir / checkpoint.QUARANTINE_DIR)  # moved once, by process 0
-    assert moved.startswith("4-") and "CRC-32C" in (workdir / checkpoint.QUARANTINE_DIR / moved / "REASON.txt").read_text()
-    assert checkpoint.latest_step(str(workdir)) == 6
-    for out in outputs:
-        assert "resuming from step 2" in out and "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
