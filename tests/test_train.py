@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, multi_device_env
 
 from biomedlm_jax.core import errors
 from biomedlm_jax.data import input_pipeline
@@ -224,6 +224,7 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path, small_corpus):
     proc = subprocess.Popen(
         [sys.executable, "-m", "biomedlm_jax.pretrain", f"--config={REPO}/configs/pretrain.py:tiny",
          f"--workdir={workdir}", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=multi_device_env(),  # the 8 devices of the uninterrupted run above, so the two are bit-identical
     )
     killed_at = None
     try:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import re
 import sys
@@ -99,9 +98,13 @@ class DigestFailed(RuntimeError):
     """Computing a digest failed: a bug or a device problem here, never taken for a damaged step."""
 
 
-@functools.partial(jax.jit)
+_one_jit = jax.jit(_one)
+
+
 def _digests(leaves: list) -> list:
-    return [_one(x) for x in leaves]
+    """One small program per array shape, dtype and sharding (shared by every tree that has them: a
+    whole-tree program would compile again for each model and optimizer a process saves)."""
+    return [_one_jit(x) for x in leaves]
 
 
 def _mesh_of(x) -> jax.sharding.Mesh:
