@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -98,13 +99,12 @@ class DigestFailed(RuntimeError):
     """Computing a digest failed: a bug or a device problem here, never taken for a damaged step."""
 
 
-_one_jit = jax.jit(_one)
-
-
+@functools.partial(jax.jit)
 def _digests(leaves: list) -> list:
-    """One small program per array shape, dtype and sharding (shared by every tree that has them: a
-    whole-tree program would compile again for each model and optimizer a process saves)."""
-    return [_one_jit(x) for x in leaves]
+    """One program for the whole tree. Keep it so: with one program per array (86 for the tiny train
+    state), the two-process preemption save hung at the digest (test_train's sigterm test, reproduced
+    twice, cause not investigated); one program per tree passes it."""
+    return [_one(x) for x in leaves]
 
 
 def _mesh_of(x) -> jax.sharding.Mesh:
