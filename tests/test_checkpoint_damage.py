@@ -158,7 +158,7 @@ def test_evaluate_with_every_step_damaged_exits_1_with_one_line_and_verbose_show
     run = copy_of(two_steps, tmp_path / "again")
     damage_step(run, 2, "truncated")
     assert evaluate_lm_cli.main([f"--init_from=orbax:{run}", f"--input={docs}", "--verbose"]) == 0
-    assert damage.verbose()
+    assert errors.verbose()
     err = capfd.readouterr().err
     assert "OUT_OF_RANGE" in err and "Traceback" in err and "resuming from step 1" in err
 

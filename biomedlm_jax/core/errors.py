@@ -39,12 +39,22 @@ def one_line(e: BaseException, full: bool = False) -> str:
     return f"{type(e).__name__}: {text}"
 
 
+def verbose() -> bool:
+    """Whether the underlying errors behind a one-line checkpoint report are printed too."""
+    return os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def set_verbose() -> None:
+    """What a command's `--verbose` does: read where the error happens, in this process and its children."""
+    os.environ[VERBOSE_ENV] = "1"
+
+
 class _Verbose(argparse.Action):
     def __init__(self, option_strings, dest, **kw):
         super().__init__(option_strings, dest, nargs=0, default=False, help=VERBOSE_HELP)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        os.environ[VERBOSE_ENV] = "1"  # read where the error happens, in this process and its children
+        set_verbose()
         setattr(namespace, self.dest, True)
 
 

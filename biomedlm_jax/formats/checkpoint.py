@@ -311,7 +311,7 @@ class CheckpointSaveError(RuntimeError):
 
 def _is_damage(e: BaseException) -> bool:
     """A step that cannot be read (not a model that does not fit it, which is the caller's error)."""
-    return not isinstance(e, (errors.CheckpointError, damage.DigestFailed, KeyboardInterrupt, MemoryError))
+    return not isinstance(e, damage.NOT_DAMAGE)
 
 
 

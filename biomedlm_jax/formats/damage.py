@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import os
 import re
 import sys
 import threading
@@ -43,18 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from biomedlm_jax.core import errors
-
-
-def verbose() -> bool:
-    """Whether the underlying errors behind a one-line checkpoint report are printed too."""
-    return os.environ.get(errors.VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
-
-
-def set_verbose(on: bool) -> None:
-    """What a command's `--verbose` flag does (the environment variable reaches subprocesses too)."""
-    if on:
-        os.environ[errors.VERBOSE_ENV] = "1"
-
 
 # ----------------------------------------------------------------------------------------------------
 # Digests
@@ -99,7 +85,12 @@ class DigestFailed(RuntimeError):
     """Computing a digest failed: a bug or a device problem here, never taken for a damaged step."""
 
 
-@functools.partial(jax.jit)
+# What a failed read may raise that is not damage: a model that does not fit the checkpoint, our own
+# digest failing, and the process being stopped or short of memory.
+NOT_DAMAGE = (errors.CheckpointError, DigestFailed, KeyboardInterrupt, MemoryError, SystemExit)
+
+
+@jax.jit
 def _digests(leaves: list) -> list:
     """One program for the whole tree. Keep it so: with one program per array (86 for the tiny train
     state), the two-process preemption save hung at the digest (test_train's sigterm test, reproduced
@@ -121,14 +112,12 @@ def state_digest(tree) -> dict[str, int]:
     process calls it for a tree of global arrays). Leaves on the same mesh are reduced in one program."""
     flat = [(p, x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x), jax.devices()[0]))
             for p, x in jax.tree_util.tree_leaves_with_path(tree)]
-    groups: dict = {}
+    groups: dict[jax.sharding.Mesh, list[int]] = {}
     for i, (_, x) in enumerate(flat):
-        mesh = _mesh_of(x)
-        groups.setdefault((mesh.axis_names, mesh.devices.shape, tuple(d.id for d in mesh.devices.flat)),
-                          (mesh, []))[1].append(i)
+        groups.setdefault(_mesh_of(x), []).append(i)
     values = [None] * len(flat)
     try:
-        for mesh, idx in groups.values():
+        for mesh, idx in groups.items():
             with jax.set_mesh(mesh):
                 out = jax.device_get(_digests([flat[i][1] for i in idx]))
             for i, v in zip(idx, out):
@@ -193,7 +182,7 @@ def details(e: BaseException) -> str:
 
 def damaged(where: str, e: BaseException) -> errors.CheckpointDamaged:
     """The error a failed read of `where` becomes (raised `from e`, so the details stay reachable)."""
-    if verbose():
+    if errors.verbose():
         print(f"[checkpoint] reading {where} failed; the underlying error:\n{details(e)}", file=sys.stderr, flush=True)
     return errors.CheckpointDamaged(f"{where}: {describe(e)}")
 
@@ -262,8 +251,7 @@ def reading(where: str) -> Iterator[None]:
     with _draining_loops():
         try:
             yield
-        except (errors.CheckpointError, errors.CheckpointDamaged, DigestFailed, KeyboardInterrupt, MemoryError,
-                SystemExit):
+        except (*NOT_DAMAGE, errors.CheckpointDamaged):
             raise
         except Exception as e:  # noqa: BLE001 - whatever stops the step from reading is damage
             raise damaged(where, e) from e

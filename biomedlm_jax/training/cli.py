@@ -9,7 +9,6 @@ group before anything touches the JAX backend (see training/distributed.py).
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable
 
@@ -43,7 +42,7 @@ def run(get_entry: Callable[[], Callable]) -> None:
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
         if _VERBOSE.value:
-            os.environ[errors.VERBOSE_ENV] = "1"
+            errors.set_verbose()
         distributed.initialize(_COORD.value, _NPROC.value, _PID.value, _TIMEOUT.value, _HEARTBEAT.value)
         try:
             summary = get_entry()(_CONFIG.value, _WORKDIR.value)
