@@ -61,9 +61,15 @@ GCS_REQUIRES = ["gcsfs==2026.10.1"]
 # prepare_data on Apache Beam (DirectRunner/Prism locally; Dataflow, Flink, Spark on a cluster).
 BEAM_REQUIRES = ["apache-beam==2.77.0", "pyarrow==25.0.1"]
 
+# libtpu: the TPU compiler and runtime; `python -m biomedlm_jax.aot` compiles for TPU slices with its
+# compile-only devices on any host (tests/test_aot.py does, for small slices).
+LIBTPU = "libtpu==0.0.42.1"
+
 EXTRAS_REQUIRE = {
     "cuda12": [f"jax[cuda12]=={JAX_VERSION}"],
-    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    # jax[tpu] pins libtpu 0.0.42.*; pinned exactly here. On a host without TPU chips the package keeps
+    # JAX off the TPU platform (biomedlm_jax/__init__.py); `aot` compiles for TPU slices with it.
+    "tpu": [f"jax[tpu]=={JAX_VERSION}", LIBTPU],
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",  # make test TEST_WORKERS=N: the suite on N processes (opt-in, see README)
@@ -74,6 +80,7 @@ EXTRAS_REQUIRE = {
         "accelerate==1.15.0",  # the harness's hf backend, the reference in tests/test_lm_eval.py
         "gcp-storage-emulator==2026.7.19",  # a fake GCS server for tests/test_object_store.py
         "peft==0.21.2",  # tests/test_lora.py loads our exported adapters with PEFT
+        LIBTPU,  # tests/test_aot.py compiles for TPU slices (a 213 MB wheel)
         # tests/test_gguf.py runs our GGUF files in llama.cpp; an sdist, built here from source (cmake + a
         # C++ compiler, about 5 minutes on 2 cores)
         "llama-cpp-python==0.3.36",

@@ -5,6 +5,9 @@ import os
 import shutil
 import tempfile
 
+# The CPU platform only, as a user's process without TPU chips gets it (biomedlm_jax/__init__.py): with
+# libtpu installed (the test extra, for tests/test_aot.py) JAX would otherwise try to start a TPU runtime.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"

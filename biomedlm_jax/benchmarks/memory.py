@@ -21,6 +21,7 @@ MEMORY_TASKS = {"lm": None, "medqa": 4, "pubmedqa": 1}  # task -> options per qu
 
 
 
+
 def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, mesh: str = "1,1,1",
                  dtype: str = "bfloat16", remat: str = "full", scan_layers: bool = True, moments: str = "bfloat16",
                  base_dtype: str = "bfloat16", grad_accum: int = 1,
@@ -31,8 +32,6 @@ def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, 
     runs on a laptop. `batch` counts questions (or LM rows) per micro-batch. An MCQA task's settings
     come from its variant of `mcqa_config` (the checkout's configs/mcqa.py)."""
     import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from biomedlm_jax.models import gpt_config, sharding
     from biomedlm_jax.tasks import mcqa, mcqa_data
@@ -68,23 +67,12 @@ def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, 
     plan = state.LoraPlan(  # only a LoRA run masks the base's embedding rows and stores them in base_dtype
         cfg, task_obj.backbone, base_cfg.vocab_size if lora_rank and task != "lm" else None,
         base_dtype if lora_rank else None)
-    abstract, shardings = state.state_shardings(model, tx, m, rules, task_obj.example_inputs(), plan)
-    plan = plan.bind(abstract["params"])
-    b_sharding = state.batch_sharding(m, rules)
-    A, B = grad_accum, batch
-    if task == "lm":
-        fields = {"inputs": ((A, B, seq), np.int32), "targets": ((A, B, seq), np.int32)}
-    else:
-        k = MEMORY_TASKS[task]
-        fields = {"ids": ((A, B, k, seq), np.int32), "mask": ((A, B, k, seq), bool), "labels": ((A, B), np.int32)}
-    batch_abstract = {n: jax.ShapeDtypeStruct(shape, dt, sharding=b_sharding) for n, (shape, dt) in fields.items()}
-    step = jax.jit(trainer.make_train_step(model, tx, True, task_obj, plan),
-                   in_shardings=(shardings, b_sharding), out_shardings=(shardings, NamedSharding(m, P())),
-                   donate_argnums=0)
+    p_step, abstract, shardings, plan = trainer.train_step_program(model, tx, task_obj, plan, m, rules)
+    batch_abstract = state.abstract_batch(task_obj, grad_accum, batch, state.batch_sharding(m, rules))
     t0 = time.perf_counter()
     with jax.set_mesh(m), __import__("flax").linen.logical_axis_rules(rules):
         options = _CPU_MEMORY_COMPILER_OPTIONS if jax.default_backend() == "cpu" and not cpu_as_is else None
-        compiled = step.lower(abstract, batch_abstract).compile(compiler_options=options)
+        compiled = p_step.lower(abstract, batch_abstract).compile(compiler_options=options)
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(ma, f"{n}_size_in_bytes")) for n in ("argument", "output", "alias", "temp"))

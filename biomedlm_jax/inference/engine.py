@@ -146,7 +146,7 @@ def _decode_steps(model: GPT, params, head, state, cfg: SamplingConfig, n_steps:
 
 # Module-level jits with the model and sampling config static: every Engine on the same model shares
 # their compiled programs (the lm-eval backend builds one per generation-kwargs group).
-_generate_steps = jax.jit(_decode_steps, static_argnames=("model", "cfg", "n_steps"), donate_argnames=("state",))
+generate_steps = jax.jit(_decode_steps, static_argnames=("model", "cfg", "n_steps"), donate_argnames=("state",))
 _free_slot = jax.jit(lambda state, slot: dict(state, active=state["active"].at[slot].set(False)), donate_argnums=(0,))
 _head = jax.jit(transposed_head, static_argnums=1)
 
@@ -192,6 +192,44 @@ def _insert(state, prefix_cache, prefix_mask, prefix_logits, row, prompt_row, le
     )
 
 
+def sizes(n_positions: int, max_new_tokens: int, max_prompt_len: Optional[int], bucket: int) -> tuple[int, int, int]:
+    """(max_prompt_len, cache_len, history_len) of an engine: the longest prompt it takes (default: all
+    positions the answer budget leaves), its KV cache length (prompt bucket-rounded + budget) and its
+    token history length."""
+    max_prompt_len = max_prompt_len or max(1, n_positions - max_new_tokens)
+    if max_prompt_len + max_new_tokens > n_positions:
+        raise ValueError(f"max_prompt_len={max_prompt_len} + max_new_tokens={max_new_tokens} exceeds "
+                         f"n_positions={n_positions}")
+    return max_prompt_len, -(-max_prompt_len // bucket) * bucket + max_new_tokens, max_prompt_len + max_new_tokens
+
+
+def empty_state(cfg, slots: int, cache_len: int, history_len: int) -> dict:
+    """A decode state with every slot free: one KV cache row of `cache_len` columns per slot."""
+    B, S = slots, cache_len
+    return {
+        "cache": init_cache(cfg, B, S),
+        "kv_mask": jnp.zeros((B, S), bool),
+        "logits": jnp.zeros((B, cfg.vocab_size), jnp.float32),
+        "history": jnp.zeros((B, history_len), jnp.int32),
+        "hist_len": jnp.zeros((B,), jnp.int32),
+        "pos": jnp.zeros((B,), jnp.int32),
+        "n_gen": jnp.zeros((B,), jnp.int32),
+        "budget": jnp.zeros((B,), jnp.int32),
+        "keys": jnp.zeros((B, 2), jnp.uint32),
+        "active": jnp.zeros((B,), bool),
+        "t": jnp.int32(0),
+    }
+
+
+def state_shapes(model: GPT, params, cfg: SamplingConfig, *, slots: int, max_prompt_len: Optional[int] = None,
+                 bucket: int = 64) -> dict:
+    """What an Engine would hold, as shapes only (params may be abstract): {"state", "head",
+    "cache_len"}; with `generate_steps` this is the decode step to lower for another device."""
+    _, cache_len, history_len = sizes(model.config.n_positions, cfg.max_new_tokens, max_prompt_len, bucket)
+    return {"state": jax.eval_shape(lambda: empty_state(model.config, slots, cache_len, history_len)),
+            "head": jax.eval_shape(lambda p: transposed_head(p, model.config), params), "cache_len": cache_len}
+
+
 class Engine:
     """Continuous batching over `slots` decode rows. See the module docstring.
 
@@ -206,34 +244,15 @@ class Engine:
         self.model, self.params, self.cfg = model, params, cfg
         self.slots, self.bucket, self.steps_per_sync = slots, bucket, steps_per_sync
         self.detokenize = detokenize
-        n_pos = model.config.n_positions
-        max_prompt_len = max_prompt_len or max(1, n_pos - cfg.max_new_tokens)
-        if max_prompt_len + cfg.max_new_tokens > n_pos:
-            raise ValueError(f"max_prompt_len={max_prompt_len} + max_new_tokens={cfg.max_new_tokens} exceeds "
-                             f"n_positions={n_pos}")
-        self.max_prompt_len = max_prompt_len
-        self.cache_len = -(-max_prompt_len // bucket) * bucket + cfg.max_new_tokens
-        self.history_len = max_prompt_len + cfg.max_new_tokens
+        self.max_prompt_len, self.cache_len, self.history_len = sizes(model.config.n_positions, cfg.max_new_tokens,
+                                                                      max_prompt_len, bucket)
         self.head = _head(params, model.config)
 
     # --- the engine API ------------------------------------------------------------------------------
 
     def init_state(self) -> dict:
         """An empty decode state (all slots free)."""
-        cfg, B, S = self.model.config, self.slots, self.cache_len
-        return {
-            "cache": init_cache(cfg, B, S),
-            "kv_mask": jnp.zeros((B, S), bool),
-            "logits": jnp.zeros((B, cfg.vocab_size), jnp.float32),
-            "history": jnp.zeros((B, self.history_len), jnp.int32),
-            "hist_len": jnp.zeros((B,), jnp.int32),
-            "pos": jnp.zeros((B,), jnp.int32),
-            "n_gen": jnp.zeros((B,), jnp.int32),
-            "budget": jnp.zeros((B,), jnp.int32),
-            "keys": jnp.zeros((B, 2), jnp.uint32),
-            "active": jnp.zeros((B,), bool),
-            "t": jnp.int32(0),
-        }
+        return empty_state(self.model.config, self.slots, self.cache_len, self.history_len)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefix:
         """Run prompts through the model together, left-padded to one multiple of `bucket`; the batch is
@@ -265,7 +284,7 @@ class Engine:
 
     def generate(self, state: dict):
         """Up to `steps_per_sync` steps for all slots: (state, tokens (n, B), emitted (n, B))."""
-        return _generate_steps(self.model, self.params, self.head, state, cfg=self.cfg, n_steps=self.steps_per_sync)
+        return generate_steps(self.model, self.params, self.head, state, cfg=self.cfg, n_steps=self.steps_per_sync)
 
     def free(self, state: dict, slot: int) -> dict:
         """End the request in `slot` now (a stop string, a cancelled request)."""

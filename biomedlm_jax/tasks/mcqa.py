@@ -269,6 +269,10 @@ class MCQATask(Task):
     def tokens_per_example(self) -> int:
         return self.k * self.config.seq_len
 
+    def batch_fields(self) -> dict:
+        k, T = self.k, self.config.seq_len
+        return {"ids": ((k, T), np.int32), "mask": ((k, T), bool), "labels": ((), np.int32)}
+
     def items(self) -> dict:
         """{"train", "dev", "n_extra"}: the task's items (read once)."""
         if self._splits is None:

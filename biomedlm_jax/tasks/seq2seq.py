@@ -341,6 +341,13 @@ class Seq2SeqTask(LMTask):
             cfg = cfg.replace(vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
         return tok, cfg
 
+    def batch_fields(self) -> dict:
+        T = self.config.seq_len
+        fields = dict(super().batch_fields(), weights=((T,), np.float32))  # the answer tokens' loss weights
+        if self.config.data.get("pack", False):
+            fields.update(segment_ids=((T,), np.int32), positions=((T,), np.int32))
+        return fields
+
     def load_data(self, tok):
         return load_train_eval(self.config.data, self.config.seq_len, tok)
 

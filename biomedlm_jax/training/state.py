@@ -175,6 +175,13 @@ def batch_sharding(mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, P(None, batch_axes))
 
 
+def abstract_batch(task, grad_accum: int, micro: int, sharding: NamedSharding) -> dict:
+    """A train batch as shapes only: the task's fields (`Task.batch_fields`), each (grad_accum, micro,
+    *per-example shape), in `sharding`."""
+    return {n: jax.ShapeDtypeStruct((grad_accum, micro, *shape), dt, sharding=sharding)
+            for n, (shape, dt) in task.batch_fields().items()}
+
+
 def process_batch_rows(sharding: NamedSharding, shape: tuple) -> tuple[int, int]:
     """The contiguous range of dim-1 rows that this process's devices hold in a batch of `shape`."""
     spans = sorted({(idx[1].start or 0, shape[1] if idx[1].stop is None else idx[1].stop)

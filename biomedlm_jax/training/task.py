@@ -15,6 +15,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from biomedlm_jax.data import input_pipeline
 from biomedlm_jax.models.gpt import GPT, resize_embeddings
@@ -45,6 +46,11 @@ class Task:
 
     def tokens_per_example(self) -> int:
         """Tokens the model reads per example (for tokens/s and MFU)."""
+        raise NotImplementedError
+
+    def batch_fields(self) -> dict:
+        """{field: (per-example shape, dtype)} of a train batch, whose arrays are (grad_accum, micro,
+        *shape): what the train step is compiled for."""
         raise NotImplementedError
 
     def load_data(self, tok):
@@ -92,6 +98,10 @@ class LMTask(Task):
 
     def tokens_per_example(self) -> int:
         return self.config.seq_len
+
+    def batch_fields(self) -> dict:
+        T = self.config.seq_len
+        return {"inputs": ((T,), np.int32), "targets": ((T,), np.int32)}
 
     def load_data(self, tok):
         return input_pipeline.load_train_eval(self.config.data, self.config.seq_len, tok)

@@ -176,6 +176,20 @@ def make_train_step(model, tx, deterministic: bool, task=None, plan: Optional[Lo
     return train_step
 
 
+def train_step_program(model, tx, task, plan: LoraPlan, mesh, rules) -> tuple:
+    """(jitted train step, abstract state, state shardings, bound plan): the step exactly as a run
+    compiles it, with the state's shardings on `mesh` and nothing allocated, so it can also be lowered
+    for devices this host does not have (planning.programs: the TPU compile check)."""
+    cfg = model.config
+    abstract, shardings = state_shardings(model, tx, mesh, rules, task.example_inputs(), plan)
+    plan = plan.bind(abstract["params"])
+    deterministic = not any((cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop, cfg.lora_dropout))
+    step = jax.jit(make_train_step(model, tx, deterministic, task, plan),
+                   in_shardings=(shardings, batch_sharding(mesh, rules)),
+                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    return step, abstract, shardings, plan
+
+
 def make_eval_step(model, task=None) -> Callable:
     """`eval_step(params, batch, acc) -> acc + task.eval_sums(batch)`.
 
@@ -248,7 +262,8 @@ def log_row(window: list[dict], last_m: dict, schedule, step: int, tokens_per_s:
     }
 
 
-def _check_config(config, cfg: GPTConfig, mesh) -> None:
+def check_config(config, cfg: GPTConfig, mesh) -> None:
+    """What a run's config must satisfy on `mesh` before anything compiles (ValueError naming the key)."""
     if config.seq_len > cfg.n_positions:
         raise ValueError(f"seq_len={config.seq_len} exceeds the model's n_positions={cfg.n_positions}")
     if config.global_batch_size % config.grad_accum_steps:
@@ -297,7 +312,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     # --- model + tokenizer ---------------------------------------------------------------------------
     task = task if task is not None else for_config(config)
     base_cfg = model_config(config)  # the architecture init_from's weights have
-    _check_config(config, base_cfg, mesh)
+    check_config(config, base_cfg, mesh)
     tok, cfg = task.prepare(load_run_tokenizer(config, workdir), base_cfg)
     if tok.get_vocab_size() > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is {cfg.vocab_size}")
@@ -318,8 +333,7 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     # --- optimizer + sharded state (fresh, from init_from, or resumed) --------------------------------
     tx, schedule = make_optimizer(config)
     plan = LoraPlan.for_run(config, cfg, base_cfg, task)  # LoRA: only adapters, a head, added rows train
-    abstract, shardings = state_shardings(model, tx, mesh, rules, task.example_inputs(), plan)
-    plan = plan.bind(abstract["params"])
+    p_train_step, abstract, shardings, plan = train_step_program(model, tx, task, plan, mesh, rules)
     mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, source, latest = restore_or_init(
@@ -329,11 +343,6 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
 
     # --- compiled steps ------------------------------------------------------------------------------
     replicated = NamedSharding(mesh, P())
-    p_train_step = jax.jit(
-        make_train_step(model, tx, not any((cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop, cfg.lora_dropout)), task,
-                        plan),
-        in_shardings=(shardings, b_sharding), out_shardings=(shardings, replicated), donate_argnums=0,
-    )
     p_eval_step = jax.jit(make_eval_step(model, task), in_shardings=(shardings["params"], b_sharding, replicated),
                           out_shardings=replicated, donate_argnums=2)
 

@@ -1,0 +1,311 @@
+"""Bytes moved by collectives per step, read from a compiled program's optimized HLO text.
+
+Each collective counts the bytes one device holds of the data it exchanges, the larger of its input and
+its output: an all-gather its gathered output, a reduce-scatter its unreduced input, an all-reduce,
+all-to-all or collective-permute its buffer. The TPU compiler writes a reduce-scatter as a fusion that
+calls a computation named `all-reduce-scatter.N` (an all-reduce and the device's slice of it), and its
+operands without shapes: such a fusion counts as one reduce-scatter of its computation's input. An asynchronous pair (`all-gather-start` /
+`all-gather-done`) counts once, at its `-done`; a collective wrapped in an `async-start` counts inside
+the computation it calls. Instructions inside a `while` body count once per iteration, from the trip
+count XLA records (`known_trip_count`), so the per-layer all-gathers of a scanned model count
+n_layer times; loops without a known trip count are reported in `unknown_trip_counts`.
+"""
+from __future__ import annotations
+
+import collections
+import re
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
+          "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e4m3b11fnuz": 1}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s(?P<op>[a-z][\w\-]*)\((?P<rest>.*)$")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"\b(?:calls|body|condition|to_apply)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TPU_REDUCE_SCATTER = re.compile(r"all-reduce-scatter(\.\d+)?$")
+_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+
+
+def array_bytes(text: str) -> int:
+    """Bytes of every array shape written in `text` (an HLO shape, or a tuple of them)."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _BYTES[dtype]
+    return int(total)
+
+
+def _kind(op: str):
+    """(collective kind, counts here) of an opcode, or (None, False)."""
+    for k in KINDS:
+        if op == k or op == f"{k}-done":
+            return k, True
+        if op == f"{k}-start":
+            return k, False
+    return None, False
+
+
+def _operands(rest: str) -> str:
+    """The operand list of an instruction: `rest` up to the parenthesis that closes the call."""
+    depth = 1
+    for i, ch in enumerate(rest):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            return rest[:i]
+    return rest
+
+
+def parse(text: str) -> dict:
+    """{computation: [instruction dicts]} and the entry computation's name."""
+    comps, headers, entry, current = {}, {}, None, None
+    for line in text.splitlines():
+        if current is None:
+            h = _HEADER.match(line)
+            if h and "=" not in line.split("(")[0]:
+                current = h.group("name")
+                comps[current] = []
+                headers[current] = line.split("->")[0]  # the name and the parameters' shapes
+                if line.lstrip().startswith("ENTRY"):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if m:
+            n = _NAME.match(line)
+            comps[current].append({"op": m.group("op"), "shape": m.group("shape"), "rest": m.group("rest"),
+                                   "name": n.group(1) if n else "", "root": line.lstrip().startswith("ROOT")})
+    return {"computations": comps, "headers": headers, "entry": entry}
+
+
+def trip_count(rest: str, comps: dict):
+    """A while loop's iterations: XLA's `known_trip_count` when recorded, else read from its condition
+    when that is `counter < constant` (how a jax scan or fori_loop lowers; the counter starts at 0).
+    None when neither says."""
+    t = _TRIP.search(rest)
+    if t:
+        return int(t.group(1))
+    cond = re.search(r"\bcondition=%?([\w.\-]+)", rest)
+    instrs = comps.get(cond.group(1), []) if cond else []
+    consts = {i["name"]: i["rest"] for i in instrs if i["op"] == "constant"}
+    for ins in instrs:
+        if ins["op"] == "compare" and "direction=LT" in ins["rest"]:
+            refs = _REF.findall(_operands(ins["rest"]))
+            if len(refs) == 2 and refs[1] in consts:
+                m = re.match(r"\s*(-?\d+)\)", consts[refs[1]])
+                if m:
+                    return int(m.group(1))
+    return None
+
+
+def collective_bytes(text: str) -> dict:
+    """{"bytes": {kind: bytes per device per step}, "count": {kind: executions per step},
+    "unknown_trip_counts": loops whose body was counted once for want of a trip count}."""
+    parsed = parse(text)
+    comps, headers, entry = parsed["computations"], parsed["headers"], parsed["entry"]
+    out = {"bytes": collections.Counter(), "count": collections.Counter(), "unknown_trip_counts": 0}
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+
+    def walk(name: str, mult: int, depth: int = 0) -> None:
+        if depth > 64:
+            raise ValueError(f"HLO computations nest deeper than 64 at {name}")
+        for ins in comps.get(name, ()):
+            op, rest = ins["op"], ins["rest"]
+            kind, counts = _kind(op)
+            if kind and counts:
+                size = array_bytes(ins["shape"])
+                if not op.endswith("-done"):
+                    size = max(size, array_bytes(_operands(rest)))
+                out["bytes"][kind] += size * mult
+                out["count"][kind] += mult
+            if op.endswith("-done") or op.endswith("-update"):
+                continue  # its computation was counted at the matching -start
+            k = 1
+            if op == "while":
+                k = trip_count(rest, comps)
+                if k is None:
+                    out["unknown_trip_counts"] += 1
+                    k = 1
+            callees = _CALLS.findall(rest)
+            if op == "fusion" and callees and _TPU_REDUCE_SCATTER.match(callees[0]):
+                # the TPU compiler's reduce-scatter: a fusion of an all-reduce and this device's slice
+                out["bytes"]["reduce-scatter"] += max(array_bytes(headers.get(callees[0], "")),
+                                                      array_bytes(ins["shape"])) * mult
+                out["count"]["reduce-scatter"] += mult
+                continue
+            for b in _BRANCHES.findall(rest):
+                callees += [c.strip().lstrip("%") for c in b.split(",") if c.strip()]
+            for c in callees:
+                if c in comps and c != name:
+                    walk(c, mult * (k if op == "while" else 1), depth + 1)
+
+    walk(entry, 1)
+    out["bytes"] = {k: int(out["bytes"].get(k, 0)) for k in KINDS}
+    out["count"] = {k: int(out["count"].get(k, 0)) for k in KINDS}
+    return out
+
+
+def loop_carried_bytes(text: str) -> dict:
+    """{dtype: bytes} of the largest `while` loop's carried values: what a decode loop holds on to from
+    one iteration to the next. Weights the loop reads as int8 are carried as s8; weights whose
+    dequantization XLA hoisted out of the loop are carried as float copies."""
+    best: dict = {}
+    for instrs in parse(text)["computations"].values():
+        for ins in instrs:
+            if ins["op"] != "while":
+                continue
+            by = collections.Counter()
+            for dtype, dims in _ARRAY.findall(ins["shape"]):
+                n = 1
+                for d in filter(None, dims.split(",")):
+                    n *= int(d)
+                by[dtype] += int(n * _BYTES[dtype])
+            if sum(by.values()) > sum(best.values()):
+                best = dict(by)
+    return best
+
+
+# --- FLOPs and bytes per step, loops counted per iteration --------------------------------------------
+# XLA's cost analysis (compiled.cost_analysis()) counts a while loop's body once; a scanned model runs
+# it n_layer times. These count what the optimized HLO executes: a dot's or convolution's multiply-adds
+# (valid window positions only, as XLA's own cost analysis counts them) and the bytes each top-level
+# instruction reads and writes, with loop bodies multiplied by their trip counts.
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
+               "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "add-dependency"}
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
+_REF = re.compile(r"%([\w.\-]+)")
+_PARAM = re.compile(r"([\w.\-]+):\s*((?:\([^)]*\))|(?:[\w]+\[[\d,]*\]))")
+
+
+def _dims(shape: str) -> list:
+    m = _ARRAY.search(shape)
+    return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
+
+
+def _window(rest: str) -> dict:
+    m = re.search(r"window=\{([^}]*)\}", rest)
+    out = {}
+    for part in (m.group(1).split() if m else []):
+        key, _, val = part.partition("=")
+        out[key] = val.split("x")
+    return out
+
+
+def conv_flops(out_shape: str, lhs_shape: str, rhs_shape: str, rest: str) -> float:
+    """2 x multiply-adds of an HLO convolution, counting only window positions that land on real
+    (not padding, not dilation) input elements, as XLA's HloCostAnalysis does."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+    if not labels:
+        return 0.0
+    lhs_l, rhs_l, out_l = labels.groups()
+    lhs, rhs, out = _dims(lhs_shape), _dims(rhs_shape), _dims(out_shape)
+    if not (lhs and rhs and out):
+        return 0.0
+    groups = int((re.search(r"feature_group_count=(\d+)", rest) or [0, 1])[1])
+    batch_groups = int((re.search(r"batch_group_count=(\d+)", rest) or [0, 1])[1])
+    w = _window(rest)
+    fma = lhs[lhs_l.index("b")] // batch_groups * (lhs[lhs_l.index("f")] // groups) * rhs[rhs_l.index("o")]
+    for k in sorted(c for c in lhs_l if c.isdigit()):
+        i = int(k)
+        size_in, kernel, size_out = lhs[lhs_l.index(k)], rhs[rhs_l.index(k)], out[out_l.index(k)]
+
+        def attr(name, default, j=i):
+            vals = w.get(name)
+            return vals[j] if vals and j < len(vals) else default
+
+        stride, lhs_dil, rhs_dil = int(attr("stride", 1)), int(attr("lhs_dilate", 1)), int(attr("rhs_dilate", 1))
+        pad_lo = int(str(attr("pad", "0_0")).split("_")[0])
+        valid = 0
+        for o in range(size_out):
+            for kk in range(kernel):
+                pos = o * stride - pad_lo + kk * rhs_dil
+                if pos >= 0 and pos % lhs_dil == 0 and pos // lhs_dil < size_in:
+                    valid += 1
+        fma *= valid
+    return 2.0 * fma
+
+
+def dot_flops(out_shape: str, lhs_shape: str, rest: str) -> float:
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    lhs = _dims(lhs_shape)
+    k = 1
+    for d in (m.group(1).split(",") if m and m.group(1) else []):
+        k *= lhs[int(d)]
+    n = 1
+    for d in _dims(out_shape):
+        n *= d
+    return 2.0 * n * k
+
+
+def _traffic(ins: dict, refs: list, table: dict, comps: dict) -> int:
+    """Bytes an instruction reads and writes. An in-place update (dynamic-update-slice, or a fusion
+    whose root is one, as a scanned loop writes its stacked outputs) moves its update, not the whole
+    buffer; a dynamic-slice reads what it returns."""
+    op = ins["op"]
+    if op == "dynamic-slice":
+        return 2 * array_bytes(ins["shape"])
+    if op == "dynamic-update-slice" and len(refs) >= 2:
+        return 2 * array_bytes(table[refs[1]])
+    if op == "fusion":
+        callee = _CALLS.findall(ins["rest"])
+        if callee and any(i["op"] == "dynamic-update-slice" for i in comps.get(callee[0], [])):
+            # outputs updated in place: each output that has an operand's shape is that operand, written
+            # where the update lands; neither is moved whole
+            operands = [_ARRAY.search(table[r]).group(0) if _ARRAY.search(table[r]) else "" for r in refs]
+            moved = sum(array_bytes(table[r]) for r in refs) + array_bytes(ins["shape"])
+            for out in (m.group(0) for m in _ARRAY.finditer(ins["shape"])):
+                if out in operands:
+                    operands.remove(out)
+                    moved -= 2 * array_bytes(out)
+            return max(moved, 0)
+    return array_bytes(ins["shape"]) + sum(array_bytes(table[r]) for r in refs)
+
+
+def step_costs(text: str) -> dict:
+    """{"flops": dot and convolution FLOPs, "bytes": bytes read and written by top-level instructions}
+    per execution of the entry computation, loops counted per iteration (per device)."""
+    parsed = parse(text)
+    comps, headers = parsed["computations"], parsed["headers"]
+    shapes = {}  # per computation: {instruction or parameter name: shape text}
+    for name, instrs in comps.items():
+        table = {p: sh for p, sh in _PARAM.findall(headers[name].split("(", 1)[1] if "(" in headers[name] else "")}
+        for ins in instrs:
+            table[ins["name"]] = ins["shape"]
+        shapes[name] = table
+    totals = {"flops": 0.0, "bytes": 0.0}
+
+    def walk(name: str, mult: int, fused: bool, depth: int = 0) -> None:
+        if depth > 64:
+            raise ValueError(f"HLO computations nest deeper than 64 at {name}")
+        table = shapes[name]
+        for ins in comps[name]:
+            op, rest = ins["op"], ins["rest"]
+            refs = [r for r in _REF.findall(_operands(rest)) if r in table]
+            if op == "convolution" and len(refs) >= 2:
+                totals["flops"] += mult * conv_flops(ins["shape"], table[refs[0]], table[refs[1]], rest)
+            elif op == "dot" and refs:
+                totals["flops"] += mult * dot_flops(ins["shape"], table[refs[0]], rest)
+            if not fused and op not in _NO_TRAFFIC and not op.endswith("-done"):
+                totals["bytes"] += mult * _traffic(ins, refs, table, comps)
+            if op.endswith("-done") or op.endswith("-update"):
+                continue
+            k = (trip_count(rest, comps) or 1) if op == "while" else 1
+            for c in _CALLS.findall(rest):
+                if c in comps and c != name:
+                    inner_fused = fused or op in ("fusion", "reduce", "all-reduce", "reduce-scatter", "map", "sort",
+                                                  "scatter", "select-and-scatter", "reduce-window", "custom-call")
+                    walk(c, mult * k, inner_fused, depth + 1)
+            for b in _BRANCHES.findall(rest):
+                for c in (x.strip().lstrip("%") for x in b.split(",")):
+                    if c in comps:
+                        walk(c, mult, fused, depth + 1)
+
+    walk(parsed["entry"], 1, False)
+    return totals

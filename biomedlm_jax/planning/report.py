@@ -1,0 +1,178 @@
+"""What a compiled program says about a run: HBM per chip, FLOPs beside the model's, bytes moved by
+collectives, and a lower bound on the step time from the chip's published peaks.
+
+The bound is a compiler-based estimate, not a measurement: each of compute (XLA's FLOPs at the chip's
+peak bf16 rate), memory traffic (XLA's bytes accessed at the HBM bandwidth) and communication (the
+collectives' bytes at the chip's ICI bandwidth) takes at least its own time, and a step at least the
+longest of them (perfect overlap of the other two). The MFU ceiling is the model's FLOPs over that
+bound. Real steps are slower.
+"""
+from __future__ import annotations
+
+import re
+
+from biomedlm_jax.planning import hlo
+from biomedlm_jax.planning.topology import Slice
+from biomedlm_jax.training import metrics
+
+ESTIMATE = "compiler-based estimate, not a measurement"
+
+
+def memory(compiled) -> dict:
+    """HBM per device from XLA's buffer assignment: arguments (params, optimizer state, batch), outputs
+    (aliased to the donated arguments), temporaries; peak = arguments + outputs - aliased + temporaries."""
+    ma = compiled.memory_analysis()
+    arg, out, alias, temp = (int(getattr(ma, f"{n}_size_in_bytes")) for n in ("argument", "output", "alias", "temp"))
+    return {"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+            "peak_bytes": arg + out - alias + temp}
+
+
+def cost(compiled, text: str) -> dict:
+    """FLOPs and bytes per chip of one execution, read from the optimized HLO with loops counted per
+    iteration (hlo.step_costs), beside XLA's own cost analysis, which counts a loop body once."""
+    ca = compiled.cost_analysis()
+    ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+    walked = hlo.step_costs(text)
+    return {"xla_flops_per_chip": walked["flops"], "bytes_accessed_per_chip": walked["bytes"],
+            "cost_analysis_flops_per_chip": float(ca.get("flops", 0.0)),
+            "cost_analysis_bytes_per_chip": float(ca.get("bytes accessed", 0.0))}
+
+
+def bound(s: Slice, flops: float, bytes_accessed: float, collective_bytes: float) -> dict:
+    chip = s.chip
+    times = {"compute": flops / chip.peak_bf16_flops, "hbm": bytes_accessed / chip.hbm_bandwidth,
+             "ici": collective_bytes / chip.ici_bandwidth}
+    limit = max(times, key=times.get)
+    return {"compute_s": times["compute"], "hbm_s": times["hbm"], "ici_s": times["ici"],
+            "step_s_lower_bound": times[limit], "bound_by": limit}
+
+
+def train_report(program, compiled, s: Slice, compile_s: float) -> dict:
+    """One flat dict (the JSON line) for a compiled train step on slice `s`."""
+    c = program.config
+    micro = c.global_batch_size // c.grad_accum_steps
+    tokens = c.global_batch_size * program.task.tokens_per_example()
+    model_flops = metrics.flops_per_token(program.cfg, c.seq_len) * tokens
+    text = compiled.as_text()
+    mem, xla = memory(compiled), cost(compiled, text)
+    coll = hlo.collective_bytes(text)
+    coll_total = sum(coll["bytes"].values())
+    row = {
+        "kind": "train", "topology": s.name, "slices": s.slices, "chips": s.devices, "chip": s.chip.generation,
+        "mesh": dict(program.mesh.shape), "model": program.note, "params": program.params,
+        "trainable_params": program.trainable, "task": c.data.get("task", "lm"), "seq_len": c.seq_len,
+        "global_batch": c.global_batch_size, "grad_accum": c.grad_accum_steps,
+        "micro_batch_per_chip": micro / s.devices, "remat": program.cfg.remat_policy,
+        "lora_rank": program.cfg.lora_rank, "tokens_per_step": tokens,
+        **mem, "hbm_capacity_bytes": s.chip.hbm_bytes, "fits": mem["peak_bytes"] <= s.chip.hbm_bytes,
+        **xla, "model_flops_per_chip": model_flops / s.devices,
+        "flops_ratio": xla["xla_flops_per_chip"] / (model_flops / s.devices) if model_flops else None,
+        "collective_bytes": coll["bytes"], "collective_count": coll["count"], "collective_bytes_total": coll_total,
+        "unknown_trip_counts": coll["unknown_trip_counts"],
+    }
+    b = bound(s, xla["xla_flops_per_chip"], xla["bytes_accessed_per_chip"], coll_total)
+    mfu = (model_flops / s.devices) / (s.chip.peak_bf16_flops * b["step_s_lower_bound"]) if b["step_s_lower_bound"] else None
+    row.update(b, mfu_ceiling=mfu, estimate=ESTIMATE, compile_s=round(compile_s, 1))
+    if b["step_s_lower_bound"]:
+        row["chip_hours_per_1b_tokens"] = 1e9 / tokens * b["step_s_lower_bound"] * s.devices / 3600
+    return row
+
+
+def decode_report(program, compiled, s: Slice, compile_s: float) -> dict:
+    """One flat dict for the engine's decode step on one chip."""
+    import numpy as np
+
+    def nbytes(tree):
+        import jax
+
+        return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+
+    text = compiled.as_text()
+    mem, xla = memory(compiled), cost(compiled, text)  # the decode loop's trip count is dynamic: one step
+    loop = hlo.loop_carried_bytes(text)
+    row = {
+        "kind": "decode", "topology": s.name, "chip": s.chip.generation, "slots": program.slots,
+        "cache_len": program.cache_len, "steps_per_sync": program.steps_per_sync,
+        "weights_bytes": nbytes(program.weights), "kv_cache_bytes": nbytes(program.kv_cache), **mem,
+        "hbm_capacity_bytes": s.chip.hbm_bytes, "fits": mem["peak_bytes"] <= s.chip.hbm_bytes, **xla,
+        "loop_int8_bytes": loop.get("s8", 0), "loop_float_bytes": sum(v for k, v in loop.items() if k in ("bf16", "f32", "f16")),
+        "compile_s": round(compile_s, 1), "estimate": ESTIMATE,
+    }
+    row.update(bound(s, xla["xla_flops_per_chip"], xla["bytes_accessed_per_chip"], 0.0))
+    return row
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGT])i?B?\b")
+_UNIT = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) and "memory" in str(error)
+
+
+def out_of_memory_report(program, error: Exception, s: Slice, compile_s: float) -> dict:
+    """The row for a program the TPU compiler refused because its buffers exceed the chip's HBM: the
+    sizes its message gives (what it needed first, then what the chip has)."""
+    c = program.config
+    message = str(error).strip().splitlines()[0]
+    sizes = [float(n) * _UNIT[u] for n, u in _SIZE.findall(message)]
+    return {
+        "kind": "train", "topology": s.name, "slices": s.slices, "chips": s.devices, "chip": s.chip.generation,
+        "mesh": dict(program.mesh.shape), "model": program.note, "params": program.params,
+        "trainable_params": program.trainable, "task": c.data.get("task", "lm"), "seq_len": c.seq_len,
+        "global_batch": c.global_batch_size, "grad_accum": c.grad_accum_steps,
+        "micro_batch_per_chip": c.global_batch_size // c.grad_accum_steps / s.devices,
+        "remat": program.cfg.remat_policy, "lora_rank": program.cfg.lora_rank,
+        "tokens_per_step": c.global_batch_size * program.task.tokens_per_example(),
+        "peak_bytes": int(sizes[0]) if sizes else None, "compiler_hbm_bytes": int(sizes[1]) if len(sizes) > 1 else None,
+        "hbm_capacity_bytes": s.chip.hbm_bytes, "fits": False, "compiler_error": message,
+        "step_s_lower_bound": None, "estimate": ESTIMATE, "compile_s": round(compile_s, 1),
+    }
+
+
+def _gb(x) -> str:
+    return f"{x / 1e9:,.2f} GB"
+
+
+def table(row: dict) -> str:
+    """The readable form of a report."""
+    lines = []
+    if row["kind"] == "train":
+        lines += [
+            f"TPU compile check: {row['task']} step of {row['params'] / 1e9:.2f}B params ({row['model']}) on "
+            f"{row['slices']} x {row['topology']} ({row['chips']} {row['chip']} chips), mesh {row['mesh']}",
+            f"  batch        {row['global_batch']} x {row['seq_len']} tokens, grad_accum {row['grad_accum']}, "
+            f"{row['micro_batch_per_chip']:g} per chip per micro-batch, remat {row['remat']}",
+        ]
+    else:
+        lines.append(f"TPU compile check: decode step, {row['slots']} slots x {row['cache_len']} cache columns, "
+                     f"{row['steps_per_sync']} steps per sync, one {row['chip']} chip")
+        lines.append(f"  weights      {_gb(row['weights_bytes'])}, KV cache {_gb(row['kv_cache_bytes'])}; "
+                     f"the loop carries {_gb(row['loop_int8_bytes'])} int8, {_gb(row['loop_float_bytes'])} float")
+    fits = "fits" if row["fits"] else "DOES NOT FIT"
+    if "compiler_error" in row:
+        need = _gb(row["peak_bytes"]) if row["peak_bytes"] else "more"
+        lines += [f"  HBM per chip needs {need} of {_gb(row['hbm_capacity_bytes'])}: {fits}",
+                  f"  the TPU compiler: {row['compiler_error']}", f"  (compiled in {row['compile_s']} s)"]
+        return "\n".join(lines)
+    lines.append(f"  HBM per chip {_gb(row['peak_bytes'])} peak (arguments {_gb(row['argument_bytes'])}, temporaries "
+                 f"{_gb(row['temp_bytes'])}) of {_gb(row['hbm_capacity_bytes'])}: {fits}")
+    if row["kind"] == "train":
+        ratio = f"{row['flops_ratio']:.2f}" if row["flops_ratio"] else "n/a"
+        coll = ", ".join(f"{k} {_gb(v)}" for k, v in row["collective_bytes"].items() if v) or "none"
+        lines += [
+            f"  FLOPs/chip   compiled {row['xla_flops_per_chip']:.3e}, model {row['model_flops_per_chip']:.3e} "
+            f"(ratio {ratio}: remat recomputation and other work beyond the model's matmuls)",
+            f"  collectives  {coll} per chip per step",
+            f"  step time    >= {row['step_s_lower_bound'] * 1e3:,.1f} ms ({row['bound_by']}-bound: compute "
+            f"{row['compute_s'] * 1e3:,.1f}, HBM {row['hbm_s'] * 1e3:,.1f}, ICI {row['ici_s'] * 1e3:,.1f} ms); "
+            f"MFU <= {row['mfu_ceiling']:.0%}",
+        ]
+        if "chip_hours_per_1b_tokens" in row:
+            lines.append(f"  cost         >= {row['chip_hours_per_1b_tokens']:,.1f} chip-hours per 1B tokens")
+        lines.append(f"  ({ESTIMATE}; compiled in {row['compile_s']} s)")
+    else:
+        lines.append(f"  per decode step: {_gb(row['bytes_accessed_per_chip'])} read and written, "
+                     f"{row['xla_flops_per_chip']:.3e} FLOPs; >= {row['step_s_lower_bound'] * 1e3:,.2f} ms "
+                     f"({row['bound_by']}-bound) ({ESTIMATE}; compiled in {row['compile_s']} s)")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""The TPU compile check (`python -m biomedlm_jax.aot`): Cloud TPU names, collectives read from HLO, the
+--fit search, and real TPU programs compiled with libtpu's compile-only devices for small slices."""
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from biomedlm_jax.planning import fit, hlo, topology
+
+
+@pytest.mark.parametrize("name,chips,shape,gen", [
+    ("v4-8", 4, (2, 2, 1), "v4"), ("v4-128", 64, (4, 4, 4), "v4"), ("v5p-128", 64, (4, 4, 4), "v5p"),
+    ("v5e-1", 1, (1, 1), "v5e"), ("v5e-256", 256, (16, 16), "v5e"), ("v5litepod-16", 16, (4, 4), "v5e"),
+    ("v6e-256", 256, (16, 16), "v6e"),
+])
+def test_cloud_tpu_names_count_cores_or_chips_as_cloud_tpu_does(name, chips, shape, gen):
+    s = topology.parse(name)
+    assert (s.chips, s.shape, s.chip.generation, s.devices) == (chips, shape, gen, chips)
+    assert topology.parse(name, slices=2).devices == 2 * chips
+
+
+@pytest.mark.parametrize("bad", ["v5e-3", "v4-9", "v4-4096000", "tpu-8", "v5p"])
+def test_a_bad_topology_names_the_flag_and_the_choices(bad):
+    with pytest.raises(ValueError, match=r"--topology="):
+        topology.parse(bad)
+
+
+HLO = """HloModule m, entry_computation_layout={()->f32[]}
+
+%body (p: (s32[], bf16[8,16])) -> (s32[], bf16[8,16]) {
+  %p = (s32[], bf16[8,16]{1,0}) parameter(0)
+  %x = bf16[8,16]{1,0} get-tuple-element(%p), index=1
+  %ag-start = (bf16[2,16]{1,0}, bf16[8,16]{1,0}) all-gather-start(bf16[2,16]{1,0} %x), dimensions={0}
+  %ag-done = bf16[8,16]{1,0} all-gather-done((bf16[2,16]{1,0}, bf16[8,16]{1,0}) %ag-start)
+  %rs = bf16[2,16]{1,0} reduce-scatter(bf16[8,16]{1,0} %ag-done), dimensions={0}, to_apply=%add
+  ROOT %t = (s32[], bf16[8,16]{1,0}) tuple(%i, %ag-done)
+}
+
+%cond (p: (s32[], bf16[8,16])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+%all-reduce-scatter.3 (input.1: f32[64,16]) -> f32[16,16] {
+  %input.1 = f32[64,16]{1,0} parameter(0)
+  %all-reduce.9 = f32[64,16]{1,0} all-reduce(%input.1), to_apply=%add
+  ROOT %ds = f32[16,16]{1,0} dynamic-slice(%all-reduce.9, %c, %p), dynamic_slice_sizes={16,16}
+}
+
+ENTRY %main (a: f32[1024]) -> f32[] {
+  %a = f32[1024]{0} parameter(0)
+  %fusion.6 = f32[16,16]{1,0:T(8,128)S(1)} fusion(%gte), kind=kCustom, calls=%all-reduce-scatter.3
+  %ar = f32[1024]{0} all-reduce(f32[1024]{0} %a), to_apply=%add
+  %w = (s32[], bf16[8,16]{1,0}) while((s32[], bf16[8,16]{1,0}) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"32"}}
+  %cp-start = (f32[4]{0}, f32[4]{0}) collective-permute-start(f32[4]{0} %b), source_target_pairs={{0,1}}
+  %cp-done = f32[4]{0} collective-permute-done((f32[4]{0}, f32[4]{0}) %cp-start)
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_collectives_in_a_loop_count_once_per_iteration_and_async_pairs_once():
+    """Also the TPU compiler's reduce-scatter (a fusion calling all-reduce-scatter.N), counted once."""
+    got = hlo.collective_bytes(HLO)
+    assert got["bytes"] == {"all-gather": 32 * 8 * 16 * 2, "reduce-scatter": 32 * 8 * 16 * 2 + 64 * 16 * 4,
+                            "all-reduce": 4096, "all-to-all": 0, "collective-permute": 16}
+    assert got["count"]["all-gather"] == 32 and got["count"]["collective-permute"] == 1
+    assert got["unknown_trip_counts"] == 0
+    assert hlo.loop_carried_bytes(HLO) == {"s32": 4, "bf16": 256}
+
+
+def test_fit_takes_the_largest_micro_batch_that_fits_and_stops_at_one_micro_batch():
+    # memory grows with the micro-batch; `none` fits 16 of 64 sequences, `dots_saveable` all 64
+    limit = {"none": 16, "dots_saveable": 64, "dots_with_no_batch_dims_saveable": 64, "full": 64}
+    calls = []
+
+    def compile_row(remat, accum):
+        calls.append((remat, accum))
+        micro = 64 // accum
+        return {"remat": remat, "grad_accum": accum, "fits": micro <= limit[remat], "peak_bytes": micro * 1e9,
+                "hbm_capacity_bytes": 16e9, "step_s_lower_bound": 1.0 + 0.1 * accum + (remat != "none") * 0.2}
+
+    out = fit.search(64, 4, compile_row, log=lambda m: None)
+    assert fit.micro_batches(64, 4) == [4, 8, 16, 32, 64]
+    assert out["best"]["remat"] == "dots_saveable" and out["best"]["grad_accum"] == 1  # 1.3 s beats none's 1.4 s
+    assert not any(r == "full" for r, _ in calls)  # the search ends at the first policy that needs no accumulation
+    assert fit.overrides(out["best"]) == "--config.grad_accum_steps=1 --config.model.remat_policy=dots_saveable"
+
+
+# --- real TPU programs, compiled with libtpu's compile-only devices (no TPU here) ---------------------
+
+
+def tiny(path="configs/pretrain.py", variant="tiny", **over):
+    from biomedlm_jax.training import configlib
+
+    c = configlib.load_config_file(str(REPO / path), variant)
+    with c.unlocked():
+        for k, v in over.items():
+            node, *rest = k.split(".")
+            if rest:
+                c[node][rest[0]] = v
+            else:
+                c[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def v5e_4():
+    s = topology.parse("v5e-4")
+    return s, topology.compile_devices(s)
+
+
+def test_fsdp_gathers_and_scatters_one_chip_moves_nothing_and_memory_grows_with_the_batch(v5e_4):
+    from biomedlm_jax.planning import check
+
+    s, devices = v5e_4
+    fsdp = check.train(tiny(mesh_shape=(1, -1, 1), global_batch_size=8), s, devices=devices)
+    assert fsdp["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and fsdp["fits"]
+    assert fsdp["collective_bytes"]["all-gather"] > 0 and fsdp["collective_bytes"]["reduce-scatter"] > 0
+    params_bytes = 4 * fsdp["params"]
+    assert fsdp["argument_bytes"] < params_bytes  # params and moments are split over the 4 chips
+    big = check.train(tiny(mesh_shape=(1, -1, 1), global_batch_size=64), s, devices=devices)
+    assert big["temp_bytes"] > 2 * fsdp["temp_bytes"] and big["peak_bytes"] > fsdp["peak_bytes"]
+    one = topology.parse("v5e-1")
+    single = check.train(tiny(global_batch_size=8), one)
+    assert single["chips"] == 1 and single["collective_bytes_total"] == 0
+    # XLA's FLOPs are the model's and a little more (no remat in the tiny config)
+    for row in (fsdp, big, single):
+        assert 1.0 <= row["flops_ratio"] < 1.3, row["flops_ratio"]
+        assert row["step_s_lower_bound"] > 0 and 0 < row["mfu_ceiling"] <= 1
+    assert big["tokens_per_step"] == 64 * 128 and single["micro_batch_per_chip"] == 8
+
+
+def test_a_scanned_model_counts_every_layer_and_full_remat_recomputes(v5e_4):
+    from biomedlm_jax.planning import check
+
+    s, devices = v5e_4
+    model = {"model.n_layer": 4, "model.d_model": 256, "model.n_head": 4, "model.vocab_size": 512,
+             "model.scan_layers": True}  # the blocks' FLOPs dominate (not the head's, as in tiny's vocabulary)
+    plain = check.train(tiny(**model), s, devices=devices)
+    remat = check.train(tiny(**model, **{"model.remat_policy": "full"}), s, devices=devices)
+    unrolled = check.train(tiny(**dict(model, **{"model.scan_layers": False})), s, devices=devices)
+    # without loops, the HLO's dots and convolutions are XLA's own count (which adds elementwise FLOPs)
+    assert 0.9 < unrolled["xla_flops_per_chip"] / unrolled["cost_analysis_flops_per_chip"] <= 1.0
+    # XLA's cost analysis counts the scanned layers' loop body once; the report counts it 4 times
+    assert plain["cost_analysis_flops_per_chip"] < 0.5 * unrolled["cost_analysis_flops_per_chip"]
+    assert plain["xla_flops_per_chip"] == pytest.approx(unrolled["xla_flops_per_chip"], rel=0.02)
+    assert 0.95 < plain["flops_ratio"] < 1.1
+    assert remat["flops_ratio"] > plain["flops_ratio"] + 0.15  # the forward pass again in the backward
+
+
+def test_mcqa_lora_and_seq2seq_configs_compile_with_their_tasks(v5e_4):
+    from biomedlm_jax.planning import check
+
+    s, devices = v5e_4
+    lora = check.train(tiny("configs/mcqa.py", "medqa-tiny-lora"), s, options=4, devices=devices)
+    assert lora["task"] == "mcqa" and lora["lora_rank"] > 0 and lora["trainable_params"] < lora["params"]
+    assert lora["tokens_per_step"] == 4 * 128 * 8  # 4 options per question
+    s2s = check.train(tiny("configs/seq2seq.py", "tiny"), s, devices=devices)
+    assert s2s["task"] == "seq2seq" and s2s["fits"]
+
+
+def test_fit_keeps_the_global_batch_and_prints_overrides(v5e_4):
+    from biomedlm_jax.planning import check
+
+    s, _ = v5e_4
+    out = check.fit(tiny(global_batch_size=8), s, log=lambda m: None)
+    assert out["best"]["grad_accum"] == 1 and out["best"]["remat"] == "none" and len(out["tried"]) == 2
+    assert out["overrides"] == "--config.grad_accum_steps=1 --config.model.remat_policy=none"
+
+
+def test_the_decode_loop_reads_int8_weights_on_tpu():
+    """XLA:CPU hoists the int8 kernels' dequantization out of the decode loop (docs/inference.md); the
+    TPU compiler does not: the loop carries the kernels and the head as int8, and no float copy."""
+    from biomedlm_jax.planning import check
+
+    s = topology.parse("v5e-1")
+    config = tiny(**{"model.dtype": "bfloat16", "model.d_model": 256, "model.n_head": 4})
+    bf16 = check.decode(config, s, slots=4, max_len=128, max_new_tokens=32)
+    int8 = check.decode(config, s, slots=4, max_len=128, max_new_tokens=32, quantize="int8")
+    L, d = 2, 256
+    kernels = L * (4 * d * d + 2 * d * 4 * d)
+    vocab = 50257
+    assert bf16["kv_cache_bytes"] == int8["kv_cache_bytes"] == 2 * L * 4 * bf16["cache_len"] * d * 2
+    assert bf16["loop_int8_bytes"] == 0
+    assert int8["loop_int8_bytes"] >= kernels + vocab * d  # kernels and the tied head, as int8
+    assert int8["loop_float_bytes"] < bf16["loop_float_bytes"] - kernels  # no float copy of the kernels
+    assert int8["bytes_accessed_per_chip"] < bf16["bytes_accessed_per_chip"]
+
+
+def test_cli_prints_json_and_a_table_and_exits_1_when_the_run_does_not_fit():
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.aot", f"--config={REPO}/configs/pretrain.py:tiny",
+                        "--topology=v5litepod-1", "--config.global_batch_size=4096"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 1, r.stderr[-3000:]
+    row = json.loads(r.stdout.splitlines()[0])  # the TPU compiler refuses it and says how much it needs
+    assert row["fits"] is False and row["peak_bytes"] > row["hbm_capacity_bytes"] == 16e9
+    assert row["topology"] == "v5e-1" and "DOES NOT FIT" in r.stdout and "RESOURCE_EXHAUSTED" in row["compiler_error"]
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.aot", f"--config={REPO}/configs/pretrain.py:tiny",
+                        "--topology=v5e-4"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(r.stdout.splitlines()[0])
+    for key in ("peak_bytes", "argument_bytes", "temp_bytes", "hbm_capacity_bytes", "xla_flops_per_chip",
+                "model_flops_per_chip", "flops_ratio", "collective_bytes", "step_s_lower_bound", "mfu_ceiling",
+                "chip_hours_per_1b_tokens", "compile_s", "estimate"):
+        assert key in row, key
+    assert row["fits"] is True and row["chips"] == 4 and "HBM per chip" in r.stdout
+    assert "WARNING" not in r.stderr and "E0000" not in r.stderr, r.stderr[-2000:]  # libtpu stays quiet
