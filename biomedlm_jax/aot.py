@@ -56,7 +56,9 @@ def main(argv):
             print(f"nothing fits {s.describe()}: every remat policy runs out of HBM at one sequence per chip "
                   "(try a bigger slice or a LoRA config)")
             return 1
-        row = dict(row, kind="fit", overrides=found["overrides"], tried=len(found["tried"]))
+        tried = [{k: t.get(k) for k in ("remat", "grad_accum", "fits", "peak_bytes", "step_s_lower_bound", "bound_by")}
+                 for t in found["tried"]]
+        row = dict(row, kind="fit", overrides=found["overrides"], tried=tried)
     else:
         row = check.train(config, s, _OPTIONS.value)
     print(json.dumps(row, sort_keys=True), flush=True)

@@ -21,8 +21,10 @@ def dry(script, *args):
 
 def test_tpu_pod_default_is_biomedlm_on_v4_128():
     lines = dry("tpu_pod.sh")
-    assert lines[0].startswith("gcloud compute tpus tpu-vm describe biomedlm --zone=us-central2-b")
-    assert "create biomedlm --zone=us-central2-b --accelerator-type=v4-128" in lines[1]
+    # first the compile check for the slice, on this host, with the job's config
+    assert lines[0] == ".venv/bin/python -m biomedlm_jax.aot --topology=v4-128 --config=configs/pretrain.py:biomedlm-2.7b"
+    assert lines[1].startswith("gcloud compute tpus tpu-vm describe biomedlm --zone=us-central2-b")
+    assert "create biomedlm --zone=us-central2-b --accelerator-type=v4-128" in lines[2]
     assert any("--worker=all" in l and ".[tpu]" in l for l in lines)
     assert lines[-1] == ("gcloud compute tpus tpu-vm ssh biomedlm --zone=us-central2-b --worker=all "
                          "'--command=cd ~/biomedlm-jax && .venv/bin/python -m biomedlm_jax.pretrain "
@@ -31,9 +33,33 @@ def test_tpu_pod_default_is_biomedlm_on_v4_128():
 
 def test_tpu_pod_custom_call():
     lines = dry("tpu_pod.sh", "--name=pqa", "--zone=europe-west4-a", "--accelerator_type=v5p-32", "--project=my-proj",
-                "biomedlm_jax.finetune_mcqa", "--config=configs/mcqa.py:pubmedqa", "--workdir=/mnt/gcs/pqa")
-    assert "create pqa --zone=europe-west4-a --project=my-proj --accelerator-type=v5p-32" in lines[1]
-    assert lines[-1].endswith("biomedlm_jax.finetune_mcqa --config=configs/mcqa.py:pubmedqa --workdir=/mnt/gcs/pqa'")
+                "biomedlm_jax.finetune_mcqa", "--config=configs/mcqa.py:pubmedqa", "--workdir=/mnt/gcs/pqa",
+                "--config.global_batch_size=64")
+    assert lines[0] == (".venv/bin/python -m biomedlm_jax.aot --topology=v5p-32 --config=configs/mcqa.py:pubmedqa "
+                        "--config.global_batch_size=64")
+    assert "create pqa --zone=europe-west4-a --project=my-proj --accelerator-type=v5p-32" in lines[2]
+    assert lines[-1].endswith("biomedlm_jax.finetune_mcqa --config=configs/mcqa.py:pubmedqa --workdir=/mnt/gcs/pqa "
+                              "--config.global_batch_size=64'")
+    skipped = dry("tpu_pod.sh", "--skip_aot_check")
+    assert skipped[0].startswith("gcloud compute tpus tpu-vm describe") and not any("aot" in l for l in skipped)
+
+
+def test_tpu_pod_stops_before_the_pod_when_the_job_does_not_fit(tmp_path):
+    """Not a dry run: the check runs here and fails (a stand-in for a config too big for the slice), so
+    gcloud (a stub that records its calls) is never called."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    calls = tmp_path / "gcloud_calls"
+    (stub / "gcloud").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (stub / "gcloud").chmod(0o755)
+    python = stub / "python"
+    python.write_text("#!/bin/sh\necho \"aot $*\" >&2\nexit 1\n")
+    python.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stub}:{os.environ['PATH']}", PYTHON=str(python))
+    r = subprocess.run([str(LAUNCH / "tpu_pod.sh"), "--accelerator_type=v5e-16"], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 1 and "does not fit v5e-16" in r.stderr and "--topology=v5e-16" in r.stderr
+    assert not calls.exists()
 
 
 def test_gpu_slurm_default_is_two_8_gpu_nodes_and_quotes_arguments():

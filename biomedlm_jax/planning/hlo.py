@@ -244,27 +244,56 @@ def dot_flops(out_shape: str, lhs_shape: str, rest: str) -> float:
     return 2.0 * n * k
 
 
+def _fusion_reads(ins: dict, table: dict, comps: dict) -> tuple[int, list]:
+    """(bytes a fusion reads, its operands' array shapes). An operand used inside only through slices
+    (dynamic-slice, slice, gather: a scanned layer's weights out of the stacked array) reads what the
+    slices return, not the whole operand."""
+    callee = _CALLS.findall(ins["rest"])
+    body = comps.get(callee[0], []) if callee else []
+    params = {}
+    for i in body:
+        if i["op"] == "parameter":
+            m = re.match(r"\s*(\d+)\)", i["rest"])
+            if m:
+                params[int(m.group(1))] = i["name"]
+    users: dict = collections.defaultdict(list)
+    for i in body:
+        for r in _REF.findall(_operands(i["rest"])):
+            users[r].append(i)
+    total, shapes = 0, []
+    for idx, r in enumerate(_REF.findall(_operands(ins["rest"]))):
+        if r not in table:
+            continue
+        us = users.get(params.get(idx, ""), [])
+        if us and all(u["op"] in ("dynamic-slice", "slice", "gather") for u in us):
+            total += sum(array_bytes(u["shape"]) for u in us)
+        else:
+            total += array_bytes(table[r])
+            shapes.append(_ARRAY.search(table[r]).group(0) if _ARRAY.search(table[r]) else "")
+    return total, shapes
+
+
 def _traffic(ins: dict, refs: list, table: dict, comps: dict) -> int:
     """Bytes an instruction reads and writes. An in-place update (dynamic-update-slice, or a fusion
-    whose root is one, as a scanned loop writes its stacked outputs) moves its update, not the whole
-    buffer; a dynamic-slice reads what it returns."""
+    that ends in one, as a scanned loop writes its stacked outputs) moves its update, not the whole
+    buffer; a dynamic-slice reads what it returns; a fusion reads only the slices it takes."""
     op = ins["op"]
     if op == "dynamic-slice":
         return 2 * array_bytes(ins["shape"])
     if op == "dynamic-update-slice" and len(refs) >= 2:
         return 2 * array_bytes(table[refs[1]])
     if op == "fusion":
+        read, operands = _fusion_reads(ins, table, comps)
+        moved = read + array_bytes(ins["shape"])
         callee = _CALLS.findall(ins["rest"])
         if callee and any(i["op"] == "dynamic-update-slice" for i in comps.get(callee[0], [])):
             # outputs updated in place: each output that has an operand's shape is that operand, written
             # where the update lands; neither is moved whole
-            operands = [_ARRAY.search(table[r]).group(0) if _ARRAY.search(table[r]) else "" for r in refs]
-            moved = sum(array_bytes(table[r]) for r in refs) + array_bytes(ins["shape"])
             for out in (m.group(0) for m in _ARRAY.finditer(ins["shape"])):
                 if out in operands:
                     operands.remove(out)
                     moved -= 2 * array_bytes(out)
-            return max(moved, 0)
+        return max(moved, 0)
     return array_bytes(ins["shape"]) + sum(array_bytes(table[r]) for r in refs)
 
 

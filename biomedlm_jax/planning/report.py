@@ -137,7 +137,7 @@ def _gb(x) -> str:
 def table(row: dict) -> str:
     """The readable form of a report."""
     lines = []
-    if row["kind"] == "train":
+    if row["kind"] in ("train", "fit"):
         lines += [
             f"TPU compile check: {row['task']} step of {row['params'] / 1e9:.2f}B params ({row['model']}) on "
             f"{row['slices']} x {row['topology']} ({row['chips']} {row['chip']} chips), mesh {row['mesh']}",
@@ -157,7 +157,7 @@ def table(row: dict) -> str:
         return "\n".join(lines)
     lines.append(f"  HBM per chip {_gb(row['peak_bytes'])} peak (arguments {_gb(row['argument_bytes'])}, temporaries "
                  f"{_gb(row['temp_bytes'])}) of {_gb(row['hbm_capacity_bytes'])}: {fits}")
-    if row["kind"] == "train":
+    if row["kind"] in ("train", "fit"):
         ratio = f"{row['flops_ratio']:.2f}" if row["flops_ratio"] else "n/a"
         coll = ", ".join(f"{k} {_gb(v)}" for k, v in row["collective_bytes"].items() if v) or "none"
         lines += [
