@@ -111,6 +111,7 @@ def v5e_4():
     return s, topology.compile_devices(s)
 
 
+@pytest.mark.slow
 def test_fsdp_gathers_and_scatters_one_chip_moves_nothing_and_memory_grows_with_the_batch(v5e_4):
     from biomedlm_jax.planning import check
 
@@ -125,13 +126,21 @@ def test_fsdp_gathers_and_scatters_one_chip_moves_nothing_and_memory_grows_with_
     one = topology.parse("v5e-1")
     single = check.train(tiny(global_batch_size=8), one)
     assert single["chips"] == 1 and single["collective_bytes_total"] == 0
-    # XLA's FLOPs are the model's and a little more (no remat in the tiny config)
+    # the compiled FLOPs are the model's and a little more (no remat in the tiny config); without loops
+    # they are XLA's own count's dots and convolutions (XLA adds elementwise FLOPs)
     for row in (fsdp, big, single):
         assert 1.0 <= row["flops_ratio"] < 1.3, row["flops_ratio"]
+        assert 0.9 < row["xla_flops_per_chip"] / row["cost_analysis_flops_per_chip"] <= 1.0
         assert row["step_s_lower_bound"] > 0 and 0 < row["mfu_ceiling"] <= 1
+    for key in ("peak_bytes", "argument_bytes", "temp_bytes", "hbm_capacity_bytes", "xla_flops_per_chip",
+                "model_flops_per_chip", "flops_ratio", "collective_bytes", "hbm_bytes_min_per_chip", "compute_s",
+                "ici_s", "step_s_lower_bound", "mfu_ceiling", "chip_hours_per_1b_tokens", "compile_s", "estimate"):
+        assert key in fsdp, key  # the CLI's JSON line is this row
+    json.dumps(fsdp)
     assert big["tokens_per_step"] == 64 * 128 and single["micro_batch_per_chip"] == 8
 
 
+@pytest.mark.slow
 def test_a_scanned_model_counts_every_layer_and_full_remat_recomputes(v5e_4):
     from biomedlm_jax.planning import check
 
@@ -140,16 +149,13 @@ def test_a_scanned_model_counts_every_layer_and_full_remat_recomputes(v5e_4):
              "model.scan_layers": True}  # the blocks' FLOPs dominate (not the head's, as in tiny's vocabulary)
     plain = check.train(tiny(**model), s, devices=devices)
     remat = check.train(tiny(**model, **{"model.remat_policy": "full"}), s, devices=devices)
-    unrolled = check.train(tiny(**dict(model, **{"model.scan_layers": False})), s, devices=devices)
-    # without loops, the HLO's dots and convolutions are XLA's own count (which adds elementwise FLOPs)
-    assert 0.9 < unrolled["xla_flops_per_chip"] / unrolled["cost_analysis_flops_per_chip"] <= 1.0
     # XLA's cost analysis counts the scanned layers' loop body once; the report counts it 4 times
-    assert plain["cost_analysis_flops_per_chip"] < 0.5 * unrolled["cost_analysis_flops_per_chip"]
-    assert plain["xla_flops_per_chip"] == pytest.approx(unrolled["xla_flops_per_chip"], rel=0.02)
+    assert plain["cost_analysis_flops_per_chip"] < 0.5 * plain["xla_flops_per_chip"]
     assert 0.95 < plain["flops_ratio"] < 1.1
     assert remat["flops_ratio"] > plain["flops_ratio"] + 0.15  # the forward pass again in the backward
 
 
+@pytest.mark.slow
 def test_mcqa_lora_and_seq2seq_configs_compile_with_their_tasks(v5e_4):
     from biomedlm_jax.planning import check
 
@@ -161,6 +167,7 @@ def test_mcqa_lora_and_seq2seq_configs_compile_with_their_tasks(v5e_4):
     assert s2s["task"] == "seq2seq" and s2s["fits"]
 
 
+@pytest.mark.slow
 def test_fit_keeps_the_global_batch_and_prints_overrides(v5e_4):
     from biomedlm_jax.planning import check
 
@@ -186,9 +193,11 @@ def test_the_decode_loop_reads_int8_weights_on_tpu():
     assert bf16["loop_int8_bytes"] == 0
     assert int8["loop_int8_bytes"] >= kernels + vocab * d  # kernels and the tied head, as int8
     assert int8["loop_float_bytes"] < bf16["loop_float_bytes"] - kernels  # no float copy of the kernels
-    assert int8["bytes_accessed_per_chip"] < bf16["bytes_accessed_per_chip"]
+    assert int8["hlo_bytes_per_chip"] < bf16["hlo_bytes_per_chip"]
+    assert int8["hbm_bytes_min_per_chip"] < bf16["hbm_bytes_min_per_chip"]  # what a step must read
 
 
+@pytest.mark.slow
 def test_cli_prints_json_and_a_table_and_exits_1_when_the_run_does_not_fit():
     r = subprocess.run([sys.executable, "-m", "biomedlm_jax.aot", f"--config={REPO}/configs/pretrain.py:tiny",
                         "--topology=v5litepod-1", "--config.global_batch_size=4096"],
@@ -198,13 +207,4 @@ def test_cli_prints_json_and_a_table_and_exits_1_when_the_run_does_not_fit():
     assert row["fits"] is False and row["peak_bytes"] > row["hbm_capacity_bytes"] == 16e9
     assert row["topology"] == "v5e-1" and "DOES NOT FIT" in r.stdout and "RESOURCE_EXHAUSTED" in row["compiler_error"]
     assert "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "biomedlm_jax.aot", f"--config={REPO}/configs/pretrain.py:tiny",
-                        "--topology=v5e-4"], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    row = json.loads(r.stdout.splitlines()[0])
-    for key in ("peak_bytes", "argument_bytes", "temp_bytes", "hbm_capacity_bytes", "xla_flops_per_chip",
-                "model_flops_per_chip", "flops_ratio", "collective_bytes", "step_s_lower_bound", "mfu_ceiling",
-                "chip_hours_per_1b_tokens", "compile_s", "estimate"):
-        assert key in row, key
-    assert row["fits"] is True and row["chips"] == 4 and "HBM per chip" in r.stdout
     assert "WARNING" not in r.stderr and "E0000" not in r.stderr, r.stderr[-2000:]  # libtpu stays quiet

@@ -1,11 +1,15 @@
 """What a compiled program says about a run: HBM per chip, FLOPs beside the model's, bytes moved by
 collectives, and a lower bound on the step time from the chip's published peaks.
 
-The bound is a compiler-based estimate, not a measurement: each of compute (XLA's FLOPs at the chip's
-peak bf16 rate), memory traffic (XLA's bytes accessed at the HBM bandwidth) and communication (the
-collectives' bytes at the chip's ICI bandwidth) takes at least its own time, and a step at least the
-longest of them (perfect overlap of the other two). The MFU ceiling is the model's FLOPs over that
-bound. Real steps are slower.
+The bound is a compiler-based estimate, not a measurement: each of compute (the compiled program's
+FLOPs at the chip's peak bf16 rate), memory traffic and communication (the collectives' bytes at the
+chip's ICI bandwidth) takes at least its own time, and a step at least the longest of them (perfect
+overlap of the other two). The memory term counts only traffic no schedule avoids: a train step reads
+and writes its whole state (params, optimizer moments) and lands every collective's result in HBM; a
+decode step reads its weights and KV cache. The HLO's per-instruction bytes (`hlo_bytes_per_chip`, every
+top-level instruction's operands and results) are reported beside it: an upper estimate, far above
+what a TPU moves since its fusions keep tiles in on-chip memory, so not part of the bound. The MFU
+ceiling is the model's FLOPs over the bound. Real steps are slower.
 """
 from __future__ import annotations
 
@@ -33,14 +37,14 @@ def cost(compiled, text: str) -> dict:
     ca = compiled.cost_analysis()
     ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
     walked = hlo.step_costs(text)
-    return {"xla_flops_per_chip": walked["flops"], "bytes_accessed_per_chip": walked["bytes"],
+    return {"xla_flops_per_chip": walked["flops"], "hlo_bytes_per_chip": walked["bytes"],
             "cost_analysis_flops_per_chip": float(ca.get("flops", 0.0)),
             "cost_analysis_bytes_per_chip": float(ca.get("bytes accessed", 0.0))}
 
 
-def bound(s: Slice, flops: float, bytes_accessed: float, collective_bytes: float) -> dict:
+def bound(s: Slice, flops: float, hbm_bytes: float, collective_bytes: float) -> dict:
     chip = s.chip
-    times = {"compute": flops / chip.peak_bf16_flops, "hbm": bytes_accessed / chip.hbm_bandwidth,
+    times = {"compute": flops / chip.peak_bf16_flops, "hbm": hbm_bytes / chip.hbm_bandwidth,
              "ici": collective_bytes / chip.ici_bandwidth}
     limit = max(times, key=times.get)
     return {"compute_s": times["compute"], "hbm_s": times["hbm"], "ici_s": times["ici"],
@@ -70,7 +74,9 @@ def train_report(program, compiled, s: Slice, compile_s: float) -> dict:
         "collective_bytes": coll["bytes"], "collective_count": coll["count"], "collective_bytes_total": coll_total,
         "unknown_trip_counts": coll["unknown_trip_counts"],
     }
-    b = bound(s, xla["xla_flops_per_chip"], xla["bytes_accessed_per_chip"], coll_total)
+    hbm = 2 * mem["argument_bytes"] + coll_total  # the state read and written, the collectives' results
+    row["hbm_bytes_min_per_chip"] = hbm
+    b = bound(s, xla["xla_flops_per_chip"], hbm, coll_total)
     mfu = (model_flops / s.devices) / (s.chip.peak_bf16_flops * b["step_s_lower_bound"]) if b["step_s_lower_bound"] else None
     row.update(b, mfu_ceiling=mfu, estimate=ESTIMATE, compile_s=round(compile_s, 1))
     if b["step_s_lower_bound"]:
@@ -98,7 +104,8 @@ def decode_report(program, compiled, s: Slice, compile_s: float) -> dict:
         "loop_int8_bytes": loop.get("s8", 0), "loop_float_bytes": sum(v for k, v in loop.items() if k in ("bf16", "f32", "f16")),
         "compile_s": round(compile_s, 1), "estimate": ESTIMATE,
     }
-    row.update(bound(s, xla["xla_flops_per_chip"], xla["bytes_accessed_per_chip"], 0.0))
+    # each step reads every weight and the whole KV cache (the decode state's arguments)
+    row.update(bound(s, xla["xla_flops_per_chip"], mem["argument_bytes"], 0.0), hbm_bytes_min_per_chip=mem["argument_bytes"])
     return row
 
 
@@ -172,7 +179,8 @@ def table(row: dict) -> str:
             lines.append(f"  cost         >= {row['chip_hours_per_1b_tokens']:,.1f} chip-hours per 1B tokens")
         lines.append(f"  ({ESTIMATE}; compiled in {row['compile_s']} s)")
     else:
-        lines.append(f"  per decode step: {_gb(row['bytes_accessed_per_chip'])} read and written, "
+        lines.append(f"  per decode step: >= {_gb(row['hbm_bytes_min_per_chip'])} read (HLO instructions: "
+                     f"{_gb(row['hlo_bytes_per_chip'])}), "
                      f"{row['xla_flops_per_chip']:.3e} FLOPs; >= {row['step_s_lower_bound'] * 1e3:,.2f} ms "
                      f"({row['bound_by']}-bound) ({ESTIMATE}; compiled in {row['compile_s']} s)")
     return "\n".join(lines)
