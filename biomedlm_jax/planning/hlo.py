@@ -80,7 +80,7 @@ def parse(text: str) -> dict:
         if m:
             n = _NAME.match(line)
             comps[current].append({"op": m.group("op"), "shape": m.group("shape"), "rest": m.group("rest"),
-                                   "name": n.group(1) if n else "", "root": line.lstrip().startswith("ROOT")})
+                                   "name": n.group(1) if n else ""})
     return {"computations": comps, "headers": headers, "entry": entry}
 
 
@@ -172,13 +172,11 @@ def loop_carried_bytes(text: str) -> dict:
     return best
 
 
-# --- FLOPs and bytes per step, loops counted per iteration --------------------------------------------
+# --- FLOPs per step, loops counted per iteration -------------------------------------------------------
 # XLA's cost analysis (compiled.cost_analysis()) counts a while loop's body once; a scanned model runs
-# it n_layer times. These count what the optimized HLO executes: a dot's or convolution's multiply-adds
-# (valid window positions only, as XLA's own cost analysis counts them) and the bytes each top-level
-# instruction reads and writes, with loop bodies multiplied by their trip counts.
-_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
-               "after-all", "partition-id", "replica-id", "iota", "opt-barrier", "add-dependency"}
+# it n_layer times. This counts what the optimized HLO executes: each dot's and convolution's
+# multiply-adds (valid window positions only, as XLA's own cost analysis counts them), with loop bodies
+# multiplied by their trip counts.
 _NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
 _REF = re.compile(r"%([\w.\-]+)")
 _PARAM = re.compile(r"([\w.\-]+):\s*((?:\([^)]*\))|(?:[\w]+\[[\d,]*\]))")
@@ -244,62 +242,9 @@ def dot_flops(out_shape: str, lhs_shape: str, rest: str) -> float:
     return 2.0 * n * k
 
 
-def _fusion_reads(ins: dict, table: dict, comps: dict) -> tuple[int, list]:
-    """(bytes a fusion reads, its operands' array shapes). An operand used inside only through slices
-    (dynamic-slice, slice, gather: a scanned layer's weights out of the stacked array) reads what the
-    slices return, not the whole operand."""
-    callee = _CALLS.findall(ins["rest"])
-    body = comps.get(callee[0], []) if callee else []
-    params = {}
-    for i in body:
-        if i["op"] == "parameter":
-            m = re.match(r"\s*(\d+)\)", i["rest"])
-            if m:
-                params[int(m.group(1))] = i["name"]
-    users: dict = collections.defaultdict(list)
-    for i in body:
-        for r in _REF.findall(_operands(i["rest"])):
-            users[r].append(i)
-    total, shapes = 0, []
-    for idx, r in enumerate(_REF.findall(_operands(ins["rest"]))):
-        if r not in table:
-            continue
-        us = users.get(params.get(idx, ""), [])
-        if us and all(u["op"] in ("dynamic-slice", "slice", "gather") for u in us):
-            total += sum(array_bytes(u["shape"]) for u in us)
-        else:
-            total += array_bytes(table[r])
-            shapes.append(_ARRAY.search(table[r]).group(0) if _ARRAY.search(table[r]) else "")
-    return total, shapes
-
-
-def _traffic(ins: dict, refs: list, table: dict, comps: dict) -> int:
-    """Bytes an instruction reads and writes. An in-place update (dynamic-update-slice, or a fusion
-    that ends in one, as a scanned loop writes its stacked outputs) moves its update, not the whole
-    buffer; a dynamic-slice reads what it returns; a fusion reads only the slices it takes."""
-    op = ins["op"]
-    if op == "dynamic-slice":
-        return 2 * array_bytes(ins["shape"])
-    if op == "dynamic-update-slice" and len(refs) >= 2:
-        return 2 * array_bytes(table[refs[1]])
-    if op == "fusion":
-        read, operands = _fusion_reads(ins, table, comps)
-        moved = read + array_bytes(ins["shape"])
-        callee = _CALLS.findall(ins["rest"])
-        if callee and any(i["op"] == "dynamic-update-slice" for i in comps.get(callee[0], [])):
-            # outputs updated in place: each output that has an operand's shape is that operand, written
-            # where the update lands; neither is moved whole
-            for out in (m.group(0) for m in _ARRAY.finditer(ins["shape"])):
-                if out in operands:
-                    operands.remove(out)
-                    moved -= 2 * array_bytes(out)
-        return max(moved, 0)
-    return array_bytes(ins["shape"]) + sum(array_bytes(table[r]) for r in refs)
-
-
-def step_costs(text: str) -> dict:
-    """{"flops": dot and convolution FLOPs, "bytes": bytes read and written by top-level instructions}
-    per execution of the entry computation, loops counted per iteration (per device)."""
+def step_flops(text: str) -> float:
+    """Dot and convolution FLOPs per execution of the entry computation (per device), loops counted per
+    iteration."""
     parsed = parse(text)
     comps, headers = parsed["computations"], parsed["headers"]
     shapes = {}  # per computation: {instruction or parameter name: shape text}
@@ -308,9 +253,10 @@ def step_costs(text: str) -> dict:
         for ins in instrs:
             table[ins["name"]] = ins["shape"]
         shapes[name] = table
-    totals = {"flops": 0.0, "bytes": 0.0}
+    total = 0.0
 
-    def walk(name: str, mult: int, fused: bool, depth: int = 0) -> None:
+    def walk(name: str, mult: int, depth: int = 0) -> None:
+        nonlocal total
         if depth > 64:
             raise ValueError(f"HLO computations nest deeper than 64 at {name}")
         table = shapes[name]
@@ -318,23 +264,19 @@ def step_costs(text: str) -> dict:
             op, rest = ins["op"], ins["rest"]
             refs = [r for r in _REF.findall(_operands(rest)) if r in table]
             if op == "convolution" and len(refs) >= 2:
-                totals["flops"] += mult * conv_flops(ins["shape"], table[refs[0]], table[refs[1]], rest)
+                total += mult * conv_flops(ins["shape"], table[refs[0]], table[refs[1]], rest)
             elif op == "dot" and refs:
-                totals["flops"] += mult * dot_flops(ins["shape"], table[refs[0]], rest)
-            if not fused and op not in _NO_TRAFFIC and not op.endswith("-done"):
-                totals["bytes"] += mult * _traffic(ins, refs, table, comps)
+                total += mult * dot_flops(ins["shape"], table[refs[0]], rest)
             if op.endswith("-done") or op.endswith("-update"):
                 continue
             k = (trip_count(rest, comps) or 1) if op == "while" else 1
             for c in _CALLS.findall(rest):
                 if c in comps and c != name:
-                    inner_fused = fused or op in ("fusion", "reduce", "all-reduce", "reduce-scatter", "map", "sort",
-                                                  "scatter", "select-and-scatter", "reduce-window", "custom-call")
-                    walk(c, mult * k, inner_fused, depth + 1)
+                    walk(c, mult * k, depth + 1)
             for b in _BRANCHES.findall(rest):
                 for c in (x.strip().lstrip("%") for x in b.split(",")):
                     if c in comps:
-                        walk(c, mult, fused, depth + 1)
+                        walk(c, mult, depth + 1)
 
-    walk(parsed["entry"], 1, False)
-    return totals
+    walk(parsed["entry"], 1)
+    return total

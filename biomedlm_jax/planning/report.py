@@ -6,10 +6,10 @@ FLOPs at the chip's peak bf16 rate), memory traffic and communication (the colle
 chip's ICI bandwidth) takes at least its own time, and a step at least the longest of them (perfect
 overlap of the other two). The memory term counts only traffic no schedule avoids: a train step reads
 and writes its whole state (params, optimizer moments) and lands every collective's result in HBM; a
-decode step reads its weights and KV cache. The HLO's per-instruction bytes (`hlo_bytes_per_chip`, every
-top-level instruction's operands and results) are reported beside it: an upper estimate, far above
-what a TPU moves since its fusions keep tiles in on-chip memory, so not part of the bound. The MFU
-ceiling is the model's FLOPs over the bound. Real steps are slower.
+decode step reads its weights and KV cache. (XLA's cost analysis also reports "bytes accessed", kept
+as `cost_analysis_bytes_per_chip`: it counts loop bodies once and every fused operand whole, so it is
+neither a bound nor the traffic.) The MFU ceiling is the model's FLOPs over the bound. Real steps are
+slower.
 """
 from __future__ import annotations
 
@@ -32,12 +32,11 @@ def memory(compiled) -> dict:
 
 
 def cost(compiled, text: str) -> dict:
-    """FLOPs and bytes per chip of one execution, read from the optimized HLO with loops counted per
-    iteration (hlo.step_costs), beside XLA's own cost analysis, which counts a loop body once."""
+    """FLOPs per chip of one execution, read from the optimized HLO with loops counted per iteration
+    (hlo.step_flops), beside XLA's own cost analysis, which counts a loop body once (its bytes too)."""
     ca = compiled.cost_analysis()
     ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
-    walked = hlo.step_costs(text)
-    return {"xla_flops_per_chip": walked["flops"], "hlo_bytes_per_chip": walked["bytes"],
+    return {"xla_flops_per_chip": hlo.step_flops(text),
             "cost_analysis_flops_per_chip": float(ca.get("flops", 0.0)),
             "cost_analysis_bytes_per_chip": float(ca.get("bytes accessed", 0.0))}
 
@@ -179,8 +178,7 @@ def table(row: dict) -> str:
             lines.append(f"  cost         >= {row['chip_hours_per_1b_tokens']:,.1f} chip-hours per 1B tokens")
         lines.append(f"  ({ESTIMATE}; compiled in {row['compile_s']} s)")
     else:
-        lines.append(f"  per decode step: >= {_gb(row['hbm_bytes_min_per_chip'])} read (HLO instructions: "
-                     f"{_gb(row['hlo_bytes_per_chip'])}), "
+        lines.append(f"  per decode step: >= {_gb(row['hbm_bytes_min_per_chip'])} read, "
                      f"{row['xla_flops_per_chip']:.3e} FLOPs; >= {row['step_s_lower_bound'] * 1e3:,.2f} ms "
                      f"({row['bound_by']}-bound) ({ESTIMATE}; compiled in {row['compile_s']} s)")
     return "\n".join(lines)
