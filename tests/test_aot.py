@@ -48,7 +48,21 @@ HLO = """HloModule m, entry_computation_layout={()->f32[]}
   ROOT %ds = f32[16,16]{1,0} dynamic-slice(%all-reduce.9, %c, %p), dynamic_slice_sizes={16,16}
 }
 
+%start (p0: bf16[16,64]) -> (bf16[16,64], bf16[64,64]) {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %all-gather.7 = bf16[64,64]{1,0} all-gather(%p0), dimensions={0}
+  ROOT %cc = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) custom-call(%all-gather.7), custom_call_target="AsyncCollectiveStart"
+}
+
+%done (p0: bf16[16,64], p1: bf16[64,64]) -> bf16[64,64] {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %all-gather.8 = bf16[64,64]{1,0} all-gather(%p0), dimensions={0}
+  ROOT %cc = bf16[64,64]{1,0} custom-call(%p0, %p1, %all-gather.8), custom_call_target="AsyncCollectiveDone"
+}
+
 ENTRY %main (a: f32[1024]) -> f32[] {
+  %s = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) fusion(%x), kind=kCustom, calls=%start
+  %d = bf16[64,64]{1,0} fusion(%s), kind=kCustom, calls=%done
   %a = f32[1024]{0} parameter(0)
   %fusion.6 = f32[16,16]{1,0:T(8,128)S(1)} fusion(%gte), kind=kCustom, calls=%all-reduce-scatter.3
   %ar = f32[1024]{0} all-reduce(f32[1024]{0} %a), to_apply=%add
@@ -61,11 +75,12 @@ ENTRY %main (a: f32[1024]) -> f32[] {
 
 
 def test_collectives_in_a_loop_count_once_per_iteration_and_async_pairs_once():
-    """Also the TPU compiler's reduce-scatter (a fusion calling all-reduce-scatter.N), counted once."""
+    """Also the TPU compiler's reduce-scatter (a fusion calling all-reduce-scatter.N) and its async
+    start/done fusions, each counted once."""
     got = hlo.collective_bytes(HLO)
-    assert got["bytes"] == {"all-gather": 32 * 8 * 16 * 2, "reduce-scatter": 32 * 8 * 16 * 2 + 64 * 16 * 4,
+    assert got["bytes"] == {"all-gather": 32 * 8 * 16 * 2 + 64 * 64 * 2, "reduce-scatter": 32 * 8 * 16 * 2 + 64 * 16 * 4,
                             "all-reduce": 4096, "all-to-all": 0, "collective-permute": 16}
-    assert got["count"]["all-gather"] == 32 and got["count"]["collective-permute"] == 1
+    assert got["count"]["all-gather"] == 33 and got["count"]["collective-permute"] == 1
     assert got["unknown_trip_counts"] == 0
     assert hlo.loop_carried_bytes(HLO) == {"s32": 4, "bf16": 256}
 

@@ -4,7 +4,9 @@ Each collective counts the bytes one device holds of the data it exchanges, the 
 its output: an all-gather its gathered output, a reduce-scatter its unreduced input, an all-reduce,
 all-to-all or collective-permute its buffer. The TPU compiler writes a reduce-scatter as a fusion that
 calls a computation named `all-reduce-scatter.N` (an all-reduce and the device's slice of it), and its
-operands without shapes: such a fusion counts as one reduce-scatter of its computation's input. An asynchronous pair (`all-gather-start` /
+operands without shapes: such a fusion counts as one reduce-scatter of its computation's input. Its
+asynchronous collectives are a fusion ending in an `AsyncCollectiveStart` custom call and one ending in
+`AsyncCollectiveDone`, each holding the collective: it counts in the first. An asynchronous pair (`all-gather-start` /
 `all-gather-done`) counts once, at its `-done`; a collective wrapped in an `async-start` counts inside
 the computation it calls. Instructions inside a `while` body count once per iteration, from the trip
 count XLA records (`known_trip_count`), so the per-layer all-gathers of a scanned model count
@@ -24,6 +26,7 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s(?P<op>[a
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"\b(?:calls|body|condition|to_apply)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_ASYNC_DONE = 'custom_call_target="AsyncCollectiveDone"'
 _TPU_REDUCE_SCATTER = re.compile(r"all-reduce-scatter(\.\d+)?$")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 
@@ -116,6 +119,8 @@ def collective_bytes(text: str) -> dict:
     def walk(name: str, mult: int, depth: int = 0) -> None:
         if depth > 64:
             raise ValueError(f"HLO computations nest deeper than 64 at {name}")
+        if any(_ASYNC_DONE in ins["rest"] for ins in comps.get(name, ())):
+            return  # the TPU compiler's "done" half repeats the collective its "start" half counted
         for ins in comps.get(name, ()):
             op, rest = ins["op"], ins["rest"]
             kind, counts = _kind(op)
