@@ -38,17 +38,20 @@ def test_cached_logits_equal_full_forward_every_step_left_padded(scan):
     P, steps = ids.shape[1], 6
     logits, cache, kv_mask, head = G.prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), P + steps)
     pos = mask.sum(-1)
+    width = max(len(s) for s in seqs)  # one compiled full forward over right-padded rows (causal)
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    decode = jax.jit(lambda p, *args: model.apply({"params": p}, *args, method=M.GPT.decode))
     for t in range(steps):
         for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
             n = p + t
             if n > len(s):
                 continue
-            full = model.apply({"params": params}, jnp.asarray([s[:n]]))[0, -1]
+            full = forward(params, jnp.asarray([s[:n] + [0] * (width - n)]))[0, n - 1]
             np.testing.assert_allclose(logits[b], full, atol=1e-5, rtol=1e-5)
         nxt = np.array([s[min(p + t, len(s) - 1)] for s, p in zip(seqs, prompt_lens)], np.int32)
         kv_mask = kv_mask.at[:, P + t].set(True)
-        out, cache = model.apply({"params": params}, jnp.asarray(nxt)[:, None], kv_mask, jnp.asarray(pos + t)[:, None],
-                                 cache, P + t, head, method=M.GPT.decode)  # the transposed head, as generate
+        out, cache = decode(params, jnp.asarray(nxt)[:, None], kv_mask, jnp.asarray(pos + t)[:, None], cache,
+                            jnp.int32(P + t), head)  # the transposed head, as generate
         logits = out[:, 0]
 
 
