@@ -4,7 +4,7 @@ asks for, chosen by the compiler-based step-time bound.
 For each remat policy, from the least recomputation (none) to the most (full), a binary search over the
 micro-batches that divide the global batch finds the largest that fits HBM; its gradient accumulation
 keeps the global batch. Among those, the lowest step-time bound wins (more accumulation repeats
-FSDP's weight all-gathers, more remat repeats FLOPs). A policy that fits the whole batch in one
+FSDP's weight all-gathers, more remat repeats FLOPs), and on a tie the one with less accumulation. A policy that fits the whole batch in one
 micro-batch ends the search: nothing after it recomputes less or gathers fewer times.
 """
 from __future__ import annotations
@@ -41,11 +41,16 @@ def search(global_batch: int, batch_ways: int, compile_row: Callable[[str, int],
                 fit_row, lo = row, mid + 1
             else:
                 hi = mid - 1
-        if fit_row and (best is None or fit_row["step_s_lower_bound"] < best["step_s_lower_bound"]):
+        if fit_row and (best is None or _rank(fit_row) < _rank(best)):
             best = fit_row
         if fit_row and fit_row["grad_accum"] == 1:
             break
     return {"best": best, "tried": tried}
+
+
+def _rank(row: dict) -> tuple:
+    """Lower is better: the bound, then (on a tie, e.g. both compute-bound) less accumulation."""
+    return round(row["step_s_lower_bound"], 6), row["grad_accum"]
 
 
 def overrides(row: dict) -> str:
