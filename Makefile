@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 # --durations: CI's log names the slowest tests, the ones to look at when the suite grows.
 # TEST_WORKERS=N runs the suite on N pytest-xdist processes, a test file per worker at a time
 # (--dist=loadfile keeps a module's fixtures in one process). The default, 0, is one process: with 2
-# workers on 2 cores the suite took 1,009 s instead of 1,302 s, but an earlier such run aborted in the
+# workers on 2 cores the suite took 1,000 s instead of 1,263 s (2026-12-05), but an earlier run aborted in the
 # demo's subprocess (XLA:CPU: 6 of 8 fake devices reached an all-reduce within its 40 s limit); see the
 # README's Tests section. Until that is understood, CI runs the suite in one process.
 TEST_WORKERS ?= 0
