@@ -50,15 +50,14 @@ def main(argv):
         row = check.decode(config, s, _SLOTS.value, _MAX_LEN.value, _MAX_NEW.value, mode, _STEPS.value)
     elif _FIT.value:
         found = check.fit(config, s, _OPTIONS.value, log=lambda m: print(m, file=sys.stderr, flush=True))
-        row = found["best"]
-        if row is None:
-            print(json.dumps({"kind": "fit", "topology": s.name, "fits": False, "tried": len(found["tried"])}))
+        tried = [{k: t.get(k) for k in ("remat", "grad_accum", "fits", "peak_bytes", "step_s_lower_bound", "bound_by")}
+                 for t in found["tried"]]
+        if found["best"] is None:
+            print(json.dumps({"kind": "fit", "topology": s.name, "fits": False, "tried": tried}))
             print(f"nothing fits {s.describe()}: every remat policy runs out of HBM at one sequence per chip "
                   "(try a bigger slice or a LoRA config)")
             return 1
-        tried = [{k: t.get(k) for k in ("remat", "grad_accum", "fits", "peak_bytes", "step_s_lower_bound", "bound_by")}
-                 for t in found["tried"]]
-        row = dict(row, kind="fit", overrides=found["overrides"], tried=tried)
+        row = dict(found["best"], kind="fit", overrides=found["overrides"], tried=tried)
     else:
         row = check.train(config, s, _OPTIONS.value)
     print(json.dumps(row, sort_keys=True), flush=True)

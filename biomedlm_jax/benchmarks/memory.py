@@ -21,7 +21,6 @@ MEMORY_TASKS = {"lm": None, "medqa": 4, "pubmedqa": 1}  # task -> options per qu
 
 
 
-
 def bench_memory(variant: str, task: str, seq: int, batch: int, lora_rank: int, mesh: str = "1,1,1",
                  dtype: str = "bfloat16", remat: str = "full", scan_layers: bool = True, moments: str = "bfloat16",
                  base_dtype: str = "bfloat16", grad_accum: int = 1,

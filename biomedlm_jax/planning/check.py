@@ -2,6 +2,7 @@
 TPU slice this host does not have, and report what they need and cost (planning.report)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Optional
 
@@ -9,18 +10,9 @@ from biomedlm_jax.planning import fit as fit_lib
 from biomedlm_jax.planning import programs, report, topology
 
 
-def _devices(s: topology.Slice) -> list:
-    return topology.compile_devices(s)
-
-
 def train(config, s: topology.Slice, options: int = 4, devices: Optional[list] = None) -> dict:
     """Compile the config's train step for slice `s`; the report row."""
-    devices = devices or _devices(s)
-
-    def mesh_fn(shape, devs):
-        return topology.mesh_for(s, shape, devs, programs.mesh_axes())
-
-    program = programs.train_program(config, devices, mesh_fn, options)
+    program = programs.train_program(config, s, devices or topology.compile_devices(s), options)
     t0 = time.perf_counter()
     try:
         compiled = program.lowered.compile()
@@ -35,7 +27,7 @@ def fit(config, s: topology.Slice, options: int = 4, log: Callable[[str], None] 
     """`--fit`: {"best": row or None, "tried": rows, "overrides": flags or None}."""
     from biomedlm_jax.models import sharding
 
-    devices = _devices(s)
+    devices = topology.compile_devices(s)
     shape = sharding.resolve_mesh_shape(tuple(config.mesh_shape), s.chips)
     batch_ways = shape[0] * shape[1] * s.slices  # data x fsdp (slices multiply data)
 
@@ -55,8 +47,9 @@ def decode(config, s: topology.Slice, slots: int, max_len: int, max_new_tokens: 
            steps_per_sync: int = 8) -> dict:
     """`--generate`: compile the engine's decode step for one chip of slice `s`."""
     cfg, note = programs.architecture(config)
+    # the smallest slice of the generation: one chip of v5e / v6e; v4 and v5p come as 2x2x1 at least
     one = topology.parse(f"{s.chip.generation}-1") if s.chip.generation in ("v5e", "v6e") else s
-    device = _devices(topology.Slice(one.name, one.chip, one.chips, one.shape))[0]
+    device = topology.compile_devices(dataclasses.replace(one, slices=1))[0]
     if max_new_tokens >= max_len:
         raise ValueError(f"--max_new_tokens={max_new_tokens} must be below --max_len={max_len}")
     program = programs.decode_program(cfg, device, slots, max_len - max_new_tokens, max_new_tokens, quantize,

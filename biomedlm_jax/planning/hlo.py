@@ -1,21 +1,26 @@
-"""Bytes moved by collectives per step, read from a compiled program's optimized HLO text.
+"""What a compiled program does per step, read from its optimized HLO text: bytes moved by collectives,
+dot and convolution FLOPs, and the bytes a loop carries. One traversal (`_walk`) serves them all: it
+counts every instruction once per execution, multiplying a `while` body by its trip count (XLA's
+`known_trip_count`, else read from the loop's `counter < constant` condition), so a scanned model's
+per-layer work counts n_layer times. XLA's own cost analysis counts a loop body once.
 
 Each collective counts the bytes one device holds of the data it exchanges, the larger of its input and
 its output: an all-gather its gathered output, a reduce-scatter its unreduced input, an all-reduce,
-all-to-all or collective-permute its buffer. The TPU compiler writes a reduce-scatter as a fusion that
-calls a computation named `all-reduce-scatter.N` (an all-reduce and the device's slice of it), and its
-operands without shapes: such a fusion counts as one reduce-scatter of its computation's input. Its
-asynchronous collectives are a fusion ending in an `AsyncCollectiveStart` custom call and one ending in
-`AsyncCollectiveDone`, each holding the collective: it counts in the first. An asynchronous pair (`all-gather-start` /
+all-to-all or collective-permute its buffer. An asynchronous pair (`all-gather-start` /
 `all-gather-done`) counts once, at its `-done`; a collective wrapped in an `async-start` counts inside
-the computation it calls. Instructions inside a `while` body count once per iteration, from the trip
-count XLA records (`known_trip_count`), so the per-layer all-gathers of a scanned model count
-n_layer times; loops without a known trip count are reported in `unknown_trip_counts`.
+the computation it calls. The TPU compiler writes a reduce-scatter as a fusion that calls a computation
+named `all-reduce-scatter.N` (an all-reduce and the device's slice of it), with operands printed without
+shapes: such a fusion counts as one reduce-scatter of its computation's input. Its asynchronous
+collectives are a fusion ending in an `AsyncCollectiveStart` custom call and one ending in
+`AsyncCollectiveDone`, each holding the collective: the "done" half is not walked. Loops whose trip
+count neither source gives are counted once and reported in `unknown_trip_counts`.
 """
 from __future__ import annotations
 
 import collections
+import math
 import re
+from typing import Callable
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
@@ -29,17 +34,22 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _ASYNC_DONE = 'custom_call_target="AsyncCollectiveDone"'
 _TPU_REDUCE_SCATTER = re.compile(r"all-reduce-scatter(\.\d+)?$")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
+_REF = re.compile(r"%([\w.\-]+)")
+_PARAM = re.compile(r"([\w.\-]+):\s*((?:\([^)]*\))|(?:[\w]+\[[\d,]*\]))")
+
+
+def bytes_by_dtype(text: str) -> collections.Counter:
+    """{dtype: bytes} of every array shape written in `text` (an HLO shape, or a tuple of them)."""
+    by = collections.Counter()
+    for dtype, dims in _ARRAY.findall(text):
+        by[dtype] += math.prod(int(d) for d in filter(None, dims.split(","))) * _BYTES[dtype]
+    return by
 
 
 def array_bytes(text: str) -> int:
-    """Bytes of every array shape written in `text` (an HLO shape, or a tuple of them)."""
-    total = 0.0
-    for dtype, dims in _ARRAY.findall(text):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _BYTES[dtype]
-    return int(total)
+    """Bytes of every array shape written in `text`."""
+    return int(sum(bytes_by_dtype(text).values()))
 
 
 def _kind(op: str):
@@ -107,54 +117,69 @@ def trip_count(rest: str, comps: dict):
     return None
 
 
-def collective_bytes(text: str) -> dict:
-    """{"bytes": {kind: bytes per device per step}, "count": {kind: executions per step},
-    "unknown_trip_counts": loops whose body was counted once for want of a trip count}."""
-    parsed = parse(text)
-    comps, headers, entry = parsed["computations"], parsed["headers"], parsed["entry"]
-    out = {"bytes": collections.Counter(), "count": collections.Counter(), "unknown_trip_counts": 0}
-    if entry is None:
+def _walk(parsed: dict, visit: Callable[[str, dict, int], bool]) -> int:
+    """Call visit(computation, instruction, executions per step) for every instruction reachable from
+    the entry computation; a visit that returns True keeps the walk out of what that instruction calls.
+    Returns how many loops had no trip count (their bodies counted once)."""
+    comps = parsed["computations"]
+    if parsed["entry"] is None:
         raise ValueError("no ENTRY computation in the HLO text")
+    unknown = 0
 
-    def walk(name: str, mult: int, depth: int = 0) -> None:
+    def walk(name: str, mult: int, depth: int) -> None:
+        nonlocal unknown
         if depth > 64:
             raise ValueError(f"HLO computations nest deeper than 64 at {name}")
-        if any(_ASYNC_DONE in ins["rest"] for ins in comps.get(name, ())):
-            return  # the TPU compiler's "done" half repeats the collective its "start" half counted
-        for ins in comps.get(name, ()):
+        if any(_ASYNC_DONE in ins["rest"] for ins in comps[name]):
+            return  # the TPU compiler's "done" half repeats the collective its "start" half holds
+        for ins in comps[name]:
             op, rest = ins["op"], ins["rest"]
-            kind, counts = _kind(op)
-            if kind and counts:
-                size = array_bytes(ins["shape"])
-                if not op.endswith("-done"):
-                    size = max(size, array_bytes(_operands(rest)))
-                out["bytes"][kind] += size * mult
-                out["count"][kind] += mult
-            if op.endswith("-done") or op.endswith("-update"):
-                continue  # its computation was counted at the matching -start
+            if visit(name, ins, mult) or op.endswith("-done") or op.endswith("-update"):
+                continue  # a -done's computation was walked at the matching -start
             k = 1
             if op == "while":
                 k = trip_count(rest, comps)
                 if k is None:
-                    out["unknown_trip_counts"] += 1
+                    unknown += 1
                     k = 1
             callees = _CALLS.findall(rest)
-            if op == "fusion" and callees and _TPU_REDUCE_SCATTER.match(callees[0]):
-                # the TPU compiler's reduce-scatter: a fusion of an all-reduce and this device's slice
-                out["bytes"]["reduce-scatter"] += max(array_bytes(headers.get(callees[0], "")),
-                                                      array_bytes(ins["shape"])) * mult
-                out["count"]["reduce-scatter"] += mult
-                continue
             for b in _BRANCHES.findall(rest):
                 callees += [c.strip().lstrip("%") for c in b.split(",") if c.strip()]
             for c in callees:
                 if c in comps and c != name:
-                    walk(c, mult * (k if op == "while" else 1), depth + 1)
+                    walk(c, mult * k, depth + 1)
 
-    walk(entry, 1)
-    out["bytes"] = {k: int(out["bytes"].get(k, 0)) for k in KINDS}
-    out["count"] = {k: int(out["count"].get(k, 0)) for k in KINDS}
-    return out
+    walk(parsed["entry"], 1, 0)
+    return unknown
+
+
+def collective_bytes(text: str) -> dict:
+    """{"bytes": {kind: bytes per device per step}, "count": {kind: executions per step},
+    "unknown_trip_counts": loops whose body was counted once for want of a trip count}."""
+    parsed = parse(text)
+    headers = parsed["headers"]
+    moved, count = collections.Counter(), collections.Counter()
+
+    def visit(_, ins: dict, mult: int) -> bool:
+        op = ins["op"]
+        kind, counts = _kind(op)
+        if kind and counts:
+            size = array_bytes(ins["shape"])
+            if not op.endswith("-done"):
+                size = max(size, array_bytes(_operands(ins["rest"])))
+            moved[kind] += size * mult
+            count[kind] += mult
+        callees = _CALLS.findall(ins["rest"])
+        if op == "fusion" and callees and _TPU_REDUCE_SCATTER.match(callees[0]):
+            # the TPU compiler's reduce-scatter: a fusion of an all-reduce and this device's slice
+            moved["reduce-scatter"] += max(array_bytes(headers.get(callees[0], "")), array_bytes(ins["shape"])) * mult
+            count["reduce-scatter"] += mult
+            return True
+        return False
+
+    unknown = _walk(parsed, visit)
+    return {"bytes": {k: int(moved.get(k, 0)) for k in KINDS}, "count": {k: int(count.get(k, 0)) for k in KINDS},
+            "unknown_trip_counts": unknown}
 
 
 def loop_carried_bytes(text: str) -> dict:
@@ -164,27 +189,14 @@ def loop_carried_bytes(text: str) -> dict:
     best: dict = {}
     for instrs in parse(text)["computations"].values():
         for ins in instrs:
-            if ins["op"] != "while":
-                continue
-            by = collections.Counter()
-            for dtype, dims in _ARRAY.findall(ins["shape"]):
-                n = 1
-                for d in filter(None, dims.split(",")):
-                    n *= int(d)
-                by[dtype] += int(n * _BYTES[dtype])
-            if sum(by.values()) > sum(best.values()):
-                best = dict(by)
+            if ins["op"] == "while":
+                by = bytes_by_dtype(ins["shape"])
+                if sum(by.values()) > sum(best.values()):
+                    best = {k: int(v) for k, v in by.items()}
     return best
 
 
-# --- FLOPs per step, loops counted per iteration -------------------------------------------------------
-# XLA's cost analysis (compiled.cost_analysis()) counts a while loop's body once; a scanned model runs
-# it n_layer times. This counts what the optimized HLO executes: each dot's and convolution's
-# multiply-adds (valid window positions only, as XLA's own cost analysis counts them), with loop bodies
-# multiplied by their trip counts.
-_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
-_REF = re.compile(r"%([\w.\-]+)")
-_PARAM = re.compile(r"([\w.\-]+):\s*((?:\([^)]*\))|(?:[\w]+\[[\d,]*\]))")
+# --- FLOPs per step -------------------------------------------------------------------------------------
 
 
 def _dims(shape: str) -> list:
@@ -238,50 +250,33 @@ def conv_flops(out_shape: str, lhs_shape: str, rhs_shape: str, rest: str) -> flo
 def dot_flops(out_shape: str, lhs_shape: str, rest: str) -> float:
     m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
     lhs = _dims(lhs_shape)
-    k = 1
-    for d in (m.group(1).split(",") if m and m.group(1) else []):
-        k *= lhs[int(d)]
-    n = 1
-    for d in _dims(out_shape):
-        n *= d
-    return 2.0 * n * k
+    k = math.prod(lhs[int(d)] for d in (m.group(1).split(",") if m and m.group(1) else []))
+    return 2.0 * math.prod(_dims(out_shape)) * k
 
 
 def step_flops(text: str) -> float:
-    """Dot and convolution FLOPs per execution of the entry computation (per device), loops counted per
-    iteration."""
+    """Dot and convolution FLOPs per execution of the entry computation (per device): each one's
+    multiply-adds (valid window positions only, as XLA's own cost analysis counts them), loops counted
+    per iteration."""
     parsed = parse(text)
-    comps, headers = parsed["computations"], parsed["headers"]
     shapes = {}  # per computation: {instruction or parameter name: shape text}
-    for name, instrs in comps.items():
-        table = {p: sh for p, sh in _PARAM.findall(headers[name].split("(", 1)[1] if "(" in headers[name] else "")}
-        for ins in instrs:
-            table[ins["name"]] = ins["shape"]
+    for name, instrs in parsed["computations"].items():
+        header = parsed["headers"][name]
+        table = dict(_PARAM.findall(header.split("(", 1)[1] if "(" in header else ""))
+        table.update((ins["name"], ins["shape"]) for ins in instrs)
         shapes[name] = table
     total = 0.0
 
-    def walk(name: str, mult: int, depth: int = 0) -> None:
+    def visit(comp: str, ins: dict, mult: int) -> bool:
         nonlocal total
-        if depth > 64:
-            raise ValueError(f"HLO computations nest deeper than 64 at {name}")
-        table = shapes[name]
-        for ins in comps[name]:
-            op, rest = ins["op"], ins["rest"]
-            refs = [r for r in _REF.findall(_operands(rest)) if r in table]
-            if op == "convolution" and len(refs) >= 2:
-                total += mult * conv_flops(ins["shape"], table[refs[0]], table[refs[1]], rest)
-            elif op == "dot" and refs:
-                total += mult * dot_flops(ins["shape"], table[refs[0]], rest)
-            if op.endswith("-done") or op.endswith("-update"):
-                continue
-            k = (trip_count(rest, comps) or 1) if op == "while" else 1
-            for c in _CALLS.findall(rest):
-                if c in comps and c != name:
-                    walk(c, mult * k, depth + 1)
-            for b in _BRANCHES.findall(rest):
-                for c in (x.strip().lstrip("%") for x in b.split(",")):
-                    if c in comps:
-                        walk(c, mult, depth + 1)
+        if ins["op"] in ("convolution", "dot"):
+            table = shapes[comp]
+            refs = [r for r in _REF.findall(_operands(ins["rest"])) if r in table]
+            if ins["op"] == "convolution" and len(refs) >= 2:
+                total += mult * conv_flops(ins["shape"], table[refs[0]], table[refs[1]], ins["rest"])
+            elif ins["op"] == "dot" and refs:
+                total += mult * dot_flops(ins["shape"], table[refs[0]], ins["rest"])
+        return False
 
-    walk(parsed["entry"], 1)
+    _walk(parsed, visit)
     return total

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from biomedlm_jax.formats import checkpoint, hf_config, sources
-from biomedlm_jax.models import gpt_config, sharding
+from biomedlm_jax.models import gpt_config
+from biomedlm_jax.planning import topology
 from biomedlm_jax.training import configlib, state, trainer
 from biomedlm_jax.training import task as tasks
 
@@ -72,9 +73,9 @@ def stand_in_tokenizer(vocab_size: int):
     return Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
 
 
-def train_program(config, devices: list, mesh_fn, options: int = 4) -> TrainProgram:
-    """The config's train step lowered for `devices` (e.g. libtpu's compile-only TPU devices).
-    mesh_fn(mesh_shape, devices) -> Mesh places the run's (data, fsdp, tensor) mesh on them."""
+def train_program(config, s: topology.Slice, devices: list, options: int = 4) -> TrainProgram:
+    """The config's train step lowered for `devices`, the slice's (libtpu's compile-only TPU devices),
+    with the run's (data, fsdp, tensor) mesh laid out on them."""
     import flax.linen as nn
 
     config = config.copy_and_resolve_references()
@@ -84,7 +85,7 @@ def train_program(config, devices: list, mesh_fn, options: int = 4) -> TrainProg
     base_cfg = trainer.with_lora(base_cfg, config)
     task = task_for(config, options)
     _, cfg = task.prepare(stand_in_tokenizer(base_cfg.vocab_size), base_cfg)
-    mesh = mesh_fn(tuple(config.mesh_shape), devices)
+    mesh = topology.mesh_for(s, tuple(config.mesh_shape), devices)
     trainer.check_config(config, base_cfg, mesh)
     model = task.model(cfg)
     tx, _ = trainer.make_optimizer(config)
@@ -144,6 +145,3 @@ def decode_program(cfg: gpt_config.GPTConfig, device, slots: int, max_prompt_len
     return DecodeProgram(lowered, cfg, slots, shapes["cache_len"], steps_per_sync, params,
                          shapes["state"]["cache"])
 
-
-def mesh_axes() -> tuple:
-    return tuple(sharding.MESH_AXES)

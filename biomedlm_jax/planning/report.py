@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from biomedlm_jax.models.quantize import weight_bytes
 from biomedlm_jax.planning import hlo
 from biomedlm_jax.planning.topology import Slice
 from biomedlm_jax.training import metrics
@@ -50,33 +51,39 @@ def bound(s: Slice, flops: float, hbm_bytes: float, collective_bytes: float) -> 
             "step_s_lower_bound": times[limit], "bound_by": limit}
 
 
-def train_report(program, compiled, s: Slice, compile_s: float) -> dict:
-    """One flat dict (the JSON line) for a compiled train step on slice `s`."""
+def _run(program, s: Slice) -> dict:
+    """The fields every train row has: the slice, the mesh, the model and the batch."""
     c = program.config
-    micro = c.global_batch_size // c.grad_accum_steps
-    tokens = c.global_batch_size * program.task.tokens_per_example()
-    model_flops = metrics.flops_per_token(program.cfg, c.seq_len) * tokens
-    text = compiled.as_text()
-    mem, xla = memory(compiled), cost(compiled, text)
-    coll = hlo.collective_bytes(text)
-    coll_total = sum(coll["bytes"].values())
-    row = {
+    return {
         "kind": "train", "topology": s.name, "slices": s.slices, "chips": s.devices, "chip": s.chip.generation,
         "mesh": dict(program.mesh.shape), "model": program.note, "params": program.params,
         "trainable_params": program.trainable, "task": c.data.get("task", "lm"), "seq_len": c.seq_len,
         "global_batch": c.global_batch_size, "grad_accum": c.grad_accum_steps,
-        "micro_batch_per_chip": micro / s.devices, "remat": program.cfg.remat_policy,
-        "lora_rank": program.cfg.lora_rank, "tokens_per_step": tokens,
-        **mem, "hbm_capacity_bytes": s.chip.hbm_bytes, "fits": mem["peak_bytes"] <= s.chip.hbm_bytes,
-        **xla, "model_flops_per_chip": model_flops / s.devices,
-        "flops_ratio": xla["xla_flops_per_chip"] / (model_flops / s.devices) if model_flops else None,
-        "collective_bytes": coll["bytes"], "collective_count": coll["count"], "collective_bytes_total": coll_total,
-        "unknown_trip_counts": coll["unknown_trip_counts"],
+        "micro_batch_per_chip": c.global_batch_size // c.grad_accum_steps / s.devices,
+        "remat": program.cfg.remat_policy, "lora_rank": program.cfg.lora_rank,
+        "tokens_per_step": c.global_batch_size * program.task.tokens_per_example(),
+        "hbm_capacity_bytes": s.chip.hbm_bytes,
     }
+
+
+def train_report(program, compiled, s: Slice, compile_s: float) -> dict:
+    """One flat dict (the JSON line) for a compiled train step on slice `s`."""
+    row = _run(program, s)
+    tokens = row["tokens_per_step"]
+    model_flops = metrics.flops_per_token(program.cfg, program.config.seq_len) * tokens / s.devices
+    text = compiled.as_text()
+    mem, xla = memory(compiled), cost(compiled, text)
+    coll = hlo.collective_bytes(text)
+    coll_total = sum(coll["bytes"].values())
     hbm = 2 * mem["argument_bytes"] + coll_total  # the state read and written, the collectives' results
-    row["hbm_bytes_min_per_chip"] = hbm
+    row.update(
+        **mem, fits=mem["peak_bytes"] <= s.chip.hbm_bytes, **xla, model_flops_per_chip=model_flops,
+        flops_ratio=xla["xla_flops_per_chip"] / model_flops if model_flops else None,
+        collective_bytes=coll["bytes"], collective_count=coll["count"], collective_bytes_total=coll_total,
+        unknown_trip_counts=coll["unknown_trip_counts"], hbm_bytes_min_per_chip=hbm,
+    )
     b = bound(s, xla["xla_flops_per_chip"], hbm, coll_total)
-    mfu = (model_flops / s.devices) / (s.chip.peak_bf16_flops * b["step_s_lower_bound"]) if b["step_s_lower_bound"] else None
+    mfu = model_flops / (s.chip.peak_bf16_flops * b["step_s_lower_bound"]) if b["step_s_lower_bound"] else None
     row.update(b, mfu_ceiling=mfu, estimate=ESTIMATE, compile_s=round(compile_s, 1))
     if b["step_s_lower_bound"]:
         row["chip_hours_per_1b_tokens"] = 1e9 / tokens * b["step_s_lower_bound"] * s.devices / 3600
@@ -85,20 +92,13 @@ def train_report(program, compiled, s: Slice, compile_s: float) -> dict:
 
 def decode_report(program, compiled, s: Slice, compile_s: float) -> dict:
     """One flat dict for the engine's decode step on one chip."""
-    import numpy as np
-
-    def nbytes(tree):
-        import jax
-
-        return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
-
     text = compiled.as_text()
     mem, xla = memory(compiled), cost(compiled, text)  # the decode loop's trip count is dynamic: one step
     loop = hlo.loop_carried_bytes(text)
     row = {
         "kind": "decode", "topology": s.name, "chip": s.chip.generation, "slots": program.slots,
         "cache_len": program.cache_len, "steps_per_sync": program.steps_per_sync,
-        "weights_bytes": nbytes(program.weights), "kv_cache_bytes": nbytes(program.kv_cache), **mem,
+        "weights_bytes": weight_bytes(program.weights), "kv_cache_bytes": weight_bytes(program.kv_cache), **mem,
         "hbm_capacity_bytes": s.chip.hbm_bytes, "fits": mem["peak_bytes"] <= s.chip.hbm_bytes, **xla,
         "loop_int8_bytes": loop.get("s8", 0), "loop_float_bytes": sum(v for k, v in loop.items() if k in ("bf16", "f32", "f16")),
         "compile_s": round(compile_s, 1), "estimate": ESTIMATE,
@@ -119,21 +119,11 @@ def is_out_of_memory(error: Exception) -> bool:
 def out_of_memory_report(program, error: Exception, s: Slice, compile_s: float) -> dict:
     """The row for a program the TPU compiler refused because its buffers exceed the chip's HBM: the
     sizes its message gives (what it needed first, then what the chip has)."""
-    c = program.config
     message = str(error).strip().splitlines()[0]
     sizes = [float(n) * _UNIT[u] for n, u in _SIZE.findall(message)]
-    return {
-        "kind": "train", "topology": s.name, "slices": s.slices, "chips": s.devices, "chip": s.chip.generation,
-        "mesh": dict(program.mesh.shape), "model": program.note, "params": program.params,
-        "trainable_params": program.trainable, "task": c.data.get("task", "lm"), "seq_len": c.seq_len,
-        "global_batch": c.global_batch_size, "grad_accum": c.grad_accum_steps,
-        "micro_batch_per_chip": c.global_batch_size // c.grad_accum_steps / s.devices,
-        "remat": program.cfg.remat_policy, "lora_rank": program.cfg.lora_rank,
-        "tokens_per_step": c.global_batch_size * program.task.tokens_per_example(),
-        "peak_bytes": int(sizes[0]) if sizes else None, "compiler_hbm_bytes": int(sizes[1]) if len(sizes) > 1 else None,
-        "hbm_capacity_bytes": s.chip.hbm_bytes, "fits": False, "compiler_error": message,
-        "step_s_lower_bound": None, "estimate": ESTIMATE, "compile_s": round(compile_s, 1),
-    }
+    return dict(_run(program, s), peak_bytes=int(sizes[0]) if sizes else None,
+                compiler_hbm_bytes=int(sizes[1]) if len(sizes) > 1 else None, fits=False, compiler_error=message,
+                step_s_lower_bound=None, estimate=ESTIMATE, compile_s=round(compile_s, 1))
 
 
 def _gb(x) -> str:

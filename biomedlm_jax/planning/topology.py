@@ -126,7 +126,7 @@ def compile_devices(s: Slice) -> list:
     return devices
 
 
-def mesh_for(s: Slice, mesh_shape, devices: list, axis_names):
+def mesh_for(s: Slice, mesh_shape, devices: list):
     """The run's (data, fsdp, tensor) mesh over the slice's devices, laid out on the physical torus. With
     several slices the slices multiply the data axis (data parallelism over the data-centre network)."""
     import numpy as np
@@ -142,4 +142,4 @@ def mesh_for(s: Slice, mesh_shape, devices: list, axis_names):
         dcn = (s.slices,) + (1,) * (len(per_slice) - 1)
         grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices)
     assert math.prod(grid.shape) == len(devices), (grid.shape, len(devices))
-    return Mesh(np.asarray(grid), tuple(axis_names))
+    return Mesh(np.asarray(grid), tuple(sharding.MESH_AXES))
