@@ -1,5 +1,6 @@
 """The continuous-batching engine: the same tokens as `generate.generate` for each prompt alone,
 whatever the slot count, refills, budgets, EOS, n-gram bans or stop strings; the JetStream-style API."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -91,7 +92,8 @@ def test_prefill_insert_generate_by_hand():
     assert prefix.lengths == (len(a), len(b)) and prefix.logits.shape == (2, V)
     state = eng.insert(prefix, state, slot=2, prompt=a, row=0)
     state = eng.insert(prefix, state, slot=0, prompt=b, row=1, max_new_tokens=5)
-    state, toks, emitted = eng.generate(state)
+    state, toks, emitted, lp = eng.generate(state)
+    assert lp == {}
     toks, emitted = np.asarray(toks), np.asarray(emitted)
     assert toks[emitted[:, 2], 2].tolist() == alone(model, params, a, cfg)
     assert toks[emitted[:, 0], 0].tolist() == alone(model, params, b, cfg, 5)
@@ -129,3 +131,100 @@ def test_generate_input_writes_engine_completions_in_order(tmp_path):
     for row, text in zip(rows, texts):
         want = alone(model, params, gpt2.encode(text).ids, scfg)
         assert row["completion"] == gpt2.decode([t for t in want if t != 50256])
+
+
+def test_requests_arriving_at_random_compile_a_bounded_set_of_programs():
+    """200 requests with random prompt lengths, budgets and sampling, admitted a few at a time as slots
+    free (as a server admits them): at most buckets x (log2(slots)+1) prefills, one insert per bucket,
+    one decode step and one free compile, counted from the jit caches."""
+    model, params = tiny(d_model=32)  # a config no other test compiles, so every program here is new
+    slots, bucket, max_len = 4, 16, 80
+    cfg = sampling.SamplingConfig(max_new_tokens=12, temperature=0.0)
+    eng = E.Engine(model, params, cfg, slots=slots, max_len=max_len, bucket=bucket, steps_per_sync=4)
+    rng = np.random.default_rng(7)
+    before = E.compiled_programs()
+    sched, pending, done = E.Scheduler(eng), list(range(200)), {}
+    reqs = {}
+    for n in pending:
+        budget = int(rng.integers(0, 13))
+        reqs[n] = E.Request(rng.integers(0, V - 1, int(rng.integers(1, max_len - budget + 1))).tolist(), budget,
+                            key=jax.random.key(n), temperature=float(rng.choice([0.0, 0.8])), top_k=int(rng.integers(0, 5)))
+    while pending or sched.busy():
+        take = min(len(pending), int(rng.integers(0, sched.free_slots() + 1)) or (0 if sched.busy() else 1))
+        batch, pending = [(n, reqs[n]) for n in pending[:take]], pending[take:]
+        updates = sched.admit(batch) + (sched.step() if sched.busy() else [])
+        for u in updates:
+            if u.done:
+                done[u.handle] = u.output
+        if rng.random() < 0.05 and sched.busy():  # a client goes away
+            gone = next(o[0] for o in sched.owner if o is not None)
+            assert sched.cancel(gone) and not sched.cancel(gone)
+            done[gone] = None
+    after = E.compiled_programs()
+    grew = {k: after[k] - before[k] for k in after}
+    buckets = -(-max_len // bucket)
+    assert len(done) == 200
+    assert all(o is None or len(o) == reqs[n].max_new_tokens for n, o in done.items() if reqs[n].temperature == 0)
+    assert 1 < grew["prefill"] <= buckets * (slots.bit_length()) and 1 < grew["insert"] <= buckets, grew
+    assert grew["generate"] == 1 and grew["free"] <= 1, grew
+
+
+def test_the_ring_wraps_many_times_and_outputs_stay_greedy():
+    """One slot, a 16-column cache: 8 requests in a row write 64 columns, four trips round the ring."""
+    model, params = tiny()
+    cfg = sampling.SamplingConfig(max_new_tokens=8, temperature=0.0)
+    eng = E.Engine(model, params, cfg, slots=1, max_prompt_len=8, bucket=8, steps_per_sync=3)
+    assert eng.cache_len == 16
+    prompts = [p[:8] for p in prompts_of(8, seed=4)]
+    sched, outs = E.Scheduler(eng), {}
+    for n, p in enumerate(prompts):
+        sched.admit([(n, E.Request(p))])
+        while sched.busy():
+            outs.update({u.handle: u.output for u in sched.step() if u.done})
+    assert int(sched.state["t"]) >= 4 * eng.cache_len
+    assert [outs[n] for n in range(8)] == [alone(model, params, p, cfg) for p in prompts]
+
+
+def test_per_request_sampling_and_typed_keys_of_any_prng_implementation():
+    """Requests in one run sample with their own settings: top_k=1 and a tiny top_p are greedy whatever
+    the temperature, a greedy request is greedy beside sampled neighbours; rbg keys work as threefry's do."""
+    model, params = tiny()
+    prompts = prompts_of(4, seed=5)
+    cfg = sampling.SamplingConfig(max_new_tokens=10, temperature=1.0)
+    greedy_cfg = sampling.SamplingConfig(max_new_tokens=10, temperature=0.0)
+    want = [alone(model, params, p, greedy_cfg) for p in prompts]
+    runs = []
+    for impl, slots in (("threefry2x32", 4), ("rbg", 4), ("rbg", 4)):
+        eng = E.Engine(model, params, cfg, slots=slots, max_prompt_len=40, prng_impl=impl)
+        reqs = [E.Request(prompts[0], temperature=0.0), E.Request(prompts[1], top_k=1, temperature=1.5),
+                E.Request(prompts[2], top_p=1e-6), E.Request(prompts[3])]
+        reqs = [dataclasses.replace(r, key=jax.random.key(10 + i, impl=impl)) for i, r in enumerate(reqs)]
+        out = eng.run(reqs)
+        assert out[:3] == want[:3], impl
+        runs.append(out[3])
+    assert runs[1] == runs[2]  # rbg samples repeat for the same requests (not across slot counts: see engine)
+    assert runs[0] != want[3] or runs[1] != want[3]  # the untouched request samples
+    eng = E.Engine(model, params, cfg, slots=1, max_prompt_len=40, prng_impl="rbg")
+    with pytest.raises(ValueError, match="threefry2x32 key; this engine's slots hold rbg keys"):
+        eng.run([E.Request(prompts[0], key=jax.random.key(0, impl="threefry2x32"))])
+
+
+def test_logprobs_are_the_models_log_softmax_of_each_chosen_token():
+    model, params = tiny()
+    prompt = prompts_of(1, seed=6)[0]
+    cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=0.0)
+    eng = E.Engine(model, params, cfg, slots=2, max_prompt_len=40, logprobs=3)
+    sched = E.Scheduler(eng)
+    sched.admit([(0, E.Request(prompt))])
+    toks, lps = [], []
+    while sched.busy():
+        for u in sched.step():
+            toks += u.tokens
+            lps += u.logprobs
+    ids = jax.numpy.asarray([prompt + toks])
+    ref = jax.nn.log_softmax(model.apply({"params": params}, ids).astype("float32"), axis=-1)[0]
+    for i, (tok, (lp, top)) in enumerate(zip(toks, lps)):
+        row = np.asarray(ref[len(prompt) - 1 + i])
+        assert lp == pytest.approx(float(row[tok]), abs=1e-4)
+        assert [t for t, _ in top] == np.argsort(-row)[:3].tolist() and top[0][0] == tok  # greedy: the top one
+        assert [v for _, v in top] == pytest.approx(np.sort(row)[::-1][:3].tolist(), abs=1e-4)

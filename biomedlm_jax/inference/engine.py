@@ -6,11 +6,16 @@ The API follows JetStream's engine (prefill -> insert -> generate, repeated):
     eng = Engine(model, params, SamplingConfig(max_new_tokens=256, temperature=0.0, eos_id=eos), slots=16)
     outs = eng.run([Request(ids) for ids in prompts])           # token ids per request, in order
 
+    # requests that arrive over time (the HTTP server): one sync at a time
+    sched = Scheduler(eng)
+    updates = sched.admit([(handle, Request(ids, max_new_tokens=64, temperature=0.7))])
+    updates = sched.step()                                      # new tokens per request, and who finished
+
     # or driving it by hand:
     state = eng.init_state()
     prefix = eng.prefill([ids])                                 # prompts -> their KV cache + first logits
-    state = eng.insert(prefix, state, slot=3)                   # into a free slot of the decode batch
-    state, toks, emitted = eng.generate(state)                  # `steps_per_sync` steps for every slot
+    state = eng.insert(prefix, state, slot=3, prompt=ids)       # into a free slot of the decode batch
+    state, toks, emitted, logprobs = eng.generate(state)        # `steps_per_sync` steps for every slot
 
 How it works:
   * the decode state holds one KV cache row per slot, `cache_len` columns long, used as a ring: step t
@@ -19,14 +24,23 @@ How it works:
     A slot's columns are not in token order, which attention does not need: GPT-2's learned positions
     are added to the input, so each key carries its own position, and a per-slot mask (`GPT.decode`'s
     (B, 1, S) form) says which columns are the slot's tokens. A slot never overwrites its own columns
-    while prompt bucket + max_new_tokens <= cache_len;
-  * every slot carries its position, token budget, generated count and PRNG key: sampling a request's
-    n-th token uses fold_in(request key, n), so sampled outputs do not depend on which slot or batch
-    neighbours a request gets, and greedy outputs equal `generate.generate`'s (tested);
+    while its prompt bucket + its token budget <= cache_len (`check` refuses a request that would);
+  * the shapes are fixed per engine: the cache and history lengths by its sizes, prompts by buckets of
+    `bucket` tokens, prefill batches by powers of two up to `slots`, and `insert` takes one prefilled
+    row. A run therefore compiles at most (buckets x log2(slots)+1) prefills, one insert per bucket and
+    one decode step, however requests arrive (`compiled_programs` counts them);
+  * every slot carries its position, token budget, generated count, sampling settings (temperature,
+    top-k, top-p: per request) and PRNG key (typed, of any jax PRNG implementation): sampling a
+    request's n-th token uses fold_in(request key, n), so with threefry keys (jax's default) sampled
+    outputs do not depend on which slot or batch neighbours a request gets, and greedy outputs equal
+    `generate.generate`'s (tested). rbg's bits under vmap depend on the batch size, so with rbg keys a
+    sample repeats for the same slots and arrivals only;
   * `generate` runs up to `steps_per_sync` steps on the device (a while_loop that stops early when no
     slot is active) before the host frees finished slots (EOS, budget, or a stop string, checked on the
     host) and refills them. More steps per sync means fewer host round trips and more idle slot-steps;
-  * `no_repeat_ngram_size` bans per slot over the slot's own prompt + output (its token history).
+  * `no_repeat_ngram_size` bans per slot over the slot's own prompt + output (its token history);
+  * with `logprobs=k` each step also returns the chosen token's log-probability under the model (the
+    raw logits' log-softmax, before temperature or filters) and the k most likely tokens'.
 
 Outputs are the same as `generate.generate` gives each prompt alone: EOS included when produced,
 nothing after it.
@@ -36,20 +50,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from biomedlm_jax.inference.sampling import (
+    NEG_INF,
     SamplingConfig,
     ban_repeated_ngrams,
     greedy,
     left_pad,
     positions_from_mask,
-    top_k_filter,
-    top_p_filter,
 )
 from biomedlm_jax.models.gpt import GPT, init_cache, transposed_head
 
@@ -58,37 +71,55 @@ from biomedlm_jax.models.gpt import GPT, init_cache, transposed_head
 class Request:
     """One generation request. max_new_tokens: this request's budget (default: the engine's, at most
     that); stop: strings that end the request when its decoded output contains one (needs the engine's
-    `detokenize`); key: PRNG key for sampling (default: fold_in(run's key, request index))."""
+    `detokenize`); key: PRNG key for sampling, typed or raw (default: fold_in(run's key, request
+    index)); temperature / top_k / top_p: this request's sampling (default: the engine's config)."""
 
     prompt: Sequence[int]
     max_new_tokens: Optional[int] = None
     stop: Sequence[str] = ()
     key: Optional[jax.Array] = None
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Prefix:
-    """Prefilled prompts (a batch of n, left-padded to one bucket length P): their KV cache, masks and
-    the first token's logits. `insert` takes one row of it."""
+    """Prefilled prompts (a batch of n, left-padded to one bucket length P): one KV cache per row,
+    masks and the first token's logits. `insert` takes one row of it."""
 
-    cache: object  # as init_cache(cfg, n, P)
+    rows: list  # per row: a cache as init_cache(cfg, 1, P)
     mask: jax.Array  # (n, P) True for real tokens (left padding False)
     logits: jax.Array  # (n, V) fp32
     lengths: tuple  # real prompt tokens per row
 
 
-def _sample(logits, keys, n_gen, cfg: SamplingConfig):
-    """One token per slot: greedy, or each slot's own key folded with its generated count."""
-    if cfg.temperature == 0.0:
-        return greedy(logits)
-    step_keys = jax.vmap(jax.random.fold_in)(keys, n_gen)
+def _sample(logits, keys, n_gen, temperature, top_k, top_p):
+    """One token per slot: greedy where the slot's temperature is 0, else a sample with its own
+    temperature, top-k (0 = off) and top-p (1 = off), keyed by its key folded with its generated count.
+    Slots that all decode greedily never pay for a sort."""
+    greedy_tok = greedy(logits)
 
-    def one(lg, key):
-        lg = lg[None] / cfg.temperature
-        lg = top_p_filter(top_k_filter(lg, cfg.top_k), cfg.top_p)
-        return jax.random.categorical(key, lg, axis=-1)[0]
+    def sampled(_):
+        lg = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
 
-    return jax.vmap(one)(logits, step_keys).astype(jnp.int32)
+        def filtered(lg):
+            V = lg.shape[-1]
+            desc = -jnp.sort(-lg, axis=-1)
+            kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, V - 1)[:, None], axis=-1)
+            kth = jnp.where(((top_k > 0) & (top_k < V))[:, None], kth, -jnp.inf)
+            desc = jnp.where(desc < kth, NEG_INF, desc)
+            probs = jax.nn.softmax(desc, axis=-1)
+            keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p >= 1.0)[:, None]
+            cut = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)  # the least likely kept
+            return jnp.where(lg < jnp.maximum(cut, kth), NEG_INF, lg)
+
+        lg = jax.lax.cond(((top_k > 0) | (top_p < 1.0)).any(), filtered, lambda x: x, lg)
+        step_keys = jax.vmap(jax.random.fold_in)(keys, n_gen)
+        tok = jax.vmap(lambda lg, key: jax.random.categorical(key, lg[None], axis=-1)[0])(lg, step_keys)
+        return jnp.where(temperature > 0, tok.astype(jnp.int32), greedy_tok)
+
+    return jax.lax.cond((temperature > 0).any(), sampled, lambda _: greedy_tok, None)
 
 
 def _ban_per_slot(logits, history, hist_len, n: int):
@@ -102,26 +133,34 @@ def _ban_per_slot(logits, history, hist_len, n: int):
     return jax.vmap(one)(logits, history, hist_len)
 
 
-def _decode_steps(model: GPT, params, head, state, cfg: SamplingConfig, n_steps: int):
+def _decode_steps(model: GPT, params, head, state, cfg: SamplingConfig, n_steps: int, logprobs: Optional[int] = None):
     """Up to n_steps decode steps for every slot; stops early when no slot is active.
 
-    Returns (state, tokens (n_steps, B), emitted (n_steps, B)): emitted marks the tokens produced by
-    slots active at that step."""
+    Returns (state, tokens (n_steps, B), emitted (n_steps, B), lp): emitted marks the tokens produced
+    by slots active at that step; lp is {} or, with logprobs=k, {"token": (n_steps, B), "top_ids" and
+    "top": (n_steps, B, k)} log-probabilities."""
     B, S = state["kv_mask"].shape
     eos = -1 if cfg.eos_id is None else cfg.eos_id
     rows = jnp.arange(B)
 
     def cond(carry):
-        i, st, _, _ = carry
+        i, st, _, _, _ = carry
         return (i < n_steps) & st["active"].any()
 
     def body(carry):
-        i, st, toks, emitted = carry
+        i, st, toks, emitted, lp = carry
         active = st["active"]
         logits = st["logits"]
         if cfg.no_repeat_ngram_size:
             logits = _ban_per_slot(logits, st["history"], st["hist_len"], cfg.no_repeat_ngram_size)
-        tok = jnp.where(active, _sample(logits, st["keys"], st["n_gen"], cfg), cfg.pad_id)
+        tok = _sample(logits, st["keys"], st["n_gen"], st["temperature"], st["top_k"], st["top_p"])
+        tok = jnp.where(active, tok, cfg.pad_id)
+        if logprobs is not None:
+            lsm = jax.nn.log_softmax(st["logits"], axis=-1)
+            new = {"token": jnp.take_along_axis(lsm, tok[:, None], axis=-1)[:, 0]}
+            if logprobs:
+                new["top"], new["top_ids"] = jax.lax.top_k(lsm, logprobs)
+            lp = {k: jax.lax.dynamic_update_index_in_dim(lp[k], new[k], i, 0) for k in lp}
         col = st["t"] % S
         kv_mask = jax.lax.dynamic_update_slice_in_dim(st["kv_mask"], active[:, None], col, axis=1)
         H = st["history"].shape[1]
@@ -131,79 +170,112 @@ def _decode_steps(model: GPT, params, head, state, cfg: SamplingConfig, n_steps:
         finished = active & ((tok == eos) | (n_gen >= st["budget"]))
         logits, cache = model.apply({"params": params}, tok[:, None], kv_mask[:, None, :], st["pos"][:, None],
                                     st["cache"], col, head, method="decode")
-        new = dict(st, cache=cache, kv_mask=kv_mask, logits=logits[:, 0], history=history,
-                   hist_len=st["hist_len"] + active, pos=st["pos"] + active, n_gen=n_gen,
-                   active=active & ~finished, t=st["t"] + 1)
+        new_st = dict(st, cache=cache, kv_mask=kv_mask, logits=logits[:, 0], history=history,
+                      hist_len=st["hist_len"] + active, pos=st["pos"] + active, n_gen=n_gen,
+                      active=active & ~finished, t=st["t"] + 1)
         toks = jax.lax.dynamic_update_index_in_dim(toks, tok, i, 0)
         emitted = jax.lax.dynamic_update_index_in_dim(emitted, active, i, 0)
-        return i + 1, new, toks, emitted
+        return i + 1, new_st, toks, emitted, lp
 
     toks = jnp.full((n_steps, B), cfg.pad_id, jnp.int32)
     emitted = jnp.zeros((n_steps, B), bool)
-    _, state, toks, emitted = jax.lax.while_loop(cond, body, (jnp.int32(0), state, toks, emitted))
-    return state, toks, emitted
+    lp = {}
+    if logprobs is not None:
+        lp = {"token": jnp.zeros((n_steps, B), jnp.float32)}
+        if logprobs:
+            lp.update(top=jnp.zeros((n_steps, B, logprobs), jnp.float32),
+                      top_ids=jnp.zeros((n_steps, B, logprobs), jnp.int32))
+    _, state, toks, emitted, lp = jax.lax.while_loop(cond, body, (jnp.int32(0), state, toks, emitted, lp))
+    return state, toks, emitted, lp
 
 
 # Module-level jits with the model and sampling config static: every Engine on the same model shares
 # their compiled programs (the lm-eval backend builds one per generation-kwargs group).
-generate_steps = jax.jit(_decode_steps, static_argnames=("model", "cfg", "n_steps"), donate_argnames=("state",))
+generate_steps = jax.jit(_decode_steps, static_argnames=("model", "cfg", "n_steps", "logprobs"),
+                         donate_argnames=("state",))
 _free_slot = jax.jit(lambda state, slot: dict(state, active=state["active"].at[slot].set(False)), donate_argnums=(0,))
 _head = jax.jit(transposed_head, static_argnums=1)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _prefill(model: GPT, params, ids, mask):
-    """Left-padded prompts (n, P) through the model: (last logits (n, V), their (n * H, P, hd) cache)."""
-    cache = init_cache(model.config, ids.shape[0], ids.shape[1])
+    """Left-padded prompts (n, P) through the model: (last logits (n, V), one (H, P, hd) cache per row)."""
+    n, H = ids.shape[0], model.config.n_head
+    cache = init_cache(model.config, n, ids.shape[1])
     logits, cache = model.apply({"params": params}, ids, mask, positions_from_mask(mask), cache, 0, method="decode")
-    return logits[:, -1], cache
+    # cache leaves are (n * H, P, hd), or (L, n * H, P, hd) with scan_layers: split them by row here, so
+    # that `_insert` takes one row and compiles once per bucket, not once per (batch, bucket)
+    rows = [jax.tree.map(lambda c, i=i: jax.lax.slice_in_dim(c, i * H, (i + 1) * H, axis=c.ndim - 3), cache)
+            for i in range(n)]
+    return logits[:, -1], rows
 
 
-@functools.partial(jax.jit, static_argnames=("n_head",), donate_argnums=(0,))
-def _insert(state, prefix_cache, prefix_mask, prefix_logits, row, prompt_row, length, budget, key, slot,
-            n_head: int):
-    """Write row `row` of a prefilled batch into `slot`: its P cache columns end just before column t
-    (mod S)."""
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert(state, row_cache, row_mask, row_logits, prompt_row, length, budget, key, temperature, top_k, top_p, slot):
+    """Write one prefilled row into `slot`: its P cache columns end just before column t (mod S)."""
     B, S = state["kv_mask"].shape
-    P = prefix_mask.shape[1]
+    P = row_mask.shape[0]
     shift = (state["t"] - P) % S
 
-    def place(buf, prefix):  # buf (B*H, S, hd), prefix (n*H, P, hd)
-        block = jax.lax.dynamic_slice_in_dim(prefix, row * n_head, n_head, axis=0)
-        full = jnp.zeros((n_head, S, block.shape[2]), buf.dtype).at[:, :P].set(block.astype(buf.dtype))
-        return jax.lax.dynamic_update_slice_in_dim(buf, jnp.roll(full, shift, axis=1), slot * n_head, axis=0)
+    def place(buf, block):  # buf (B*H, S, hd), block (H, P, hd)
+        H = block.shape[0]
+        full = jnp.zeros((H, S, block.shape[2]), buf.dtype).at[:, :P].set(block.astype(buf.dtype))
+        return jax.lax.dynamic_update_slice_in_dim(buf, jnp.roll(full, shift, axis=1), slot * H, axis=0)
 
     if isinstance(state["cache"], dict):  # scan_layers: (L, B*H, S, hd)
-        cache = {n: jax.vmap(place)(state["cache"][n], prefix_cache[n]) for n in ("k", "v")}
+        cache = {n: jax.vmap(place)(state["cache"][n], row_cache[n]) for n in ("k", "v")}
     else:
-        cache = [{n: place(c[n], p[n]) for n in ("k", "v")} for c, p in zip(state["cache"], prefix_cache)]
-    mask_row = jnp.roll(jnp.zeros((S,), bool).at[:P].set(prefix_mask[row]), shift)
+        cache = [{n: place(c[n], p[n]) for n in ("k", "v")} for c, p in zip(state["cache"], row_cache)]
+    mask_row = jnp.roll(jnp.zeros((S,), bool).at[:P].set(row_mask), shift)
     return dict(
         state, cache=cache,
         kv_mask=jax.lax.dynamic_update_index_in_dim(state["kv_mask"], mask_row, slot, 0),
-        logits=jax.lax.dynamic_update_index_in_dim(state["logits"], prefix_logits[row], slot, 0),
+        logits=jax.lax.dynamic_update_index_in_dim(state["logits"], row_logits, slot, 0),
         history=jax.lax.dynamic_update_index_in_dim(state["history"], prompt_row, slot, 0),
         hist_len=state["hist_len"].at[slot].set(length),
         pos=state["pos"].at[slot].set(length),
         n_gen=state["n_gen"].at[slot].set(0),
         budget=state["budget"].at[slot].set(budget),
         keys=state["keys"].at[slot].set(key),
+        temperature=state["temperature"].at[slot].set(temperature),
+        top_k=state["top_k"].at[slot].set(top_k),
+        top_p=state["top_p"].at[slot].set(top_p),
         active=state["active"].at[slot].set(budget > 0),
     )
 
 
-def sizes(n_positions: int, max_new_tokens: int, max_prompt_len: Optional[int], bucket: int) -> tuple[int, int, int]:
-    """(max_prompt_len, cache_len, history_len) of an engine: the longest prompt it takes (default: all
-    positions the answer budget leaves), its KV cache length (prompt bucket-rounded + budget) and its
-    token history length."""
+def compiled_programs() -> dict:
+    """How many programs the engine's jitted functions have compiled in this process, by function."""
+    return {"prefill": _prefill._cache_size(), "insert": _insert._cache_size(),
+            "generate": generate_steps._cache_size(), "free": _free_slot._cache_size()}
+
+
+def sizes(n_positions: int, max_new_tokens: int, max_prompt_len: Optional[int], bucket: int,
+          max_len: Optional[int] = None) -> tuple[int, int, int]:
+    """(max_prompt_len, cache_len, history_len) of an engine.
+
+    Without max_len: the longest prompt it takes (default: all positions the answer budget leaves) and
+    a cache of the prompt bucket-rounded + the budget. With max_len (the most tokens one request holds,
+    prompt + answer, as a server sizes it): prompts up to max_len and a cache of max_len + bucket - 1,
+    which holds any prompt bucket + budget whose prompt + budget <= max_len."""
+    if max_len is not None:
+        if not 1 <= max_len <= n_positions:
+            raise ValueError(f"max_len={max_len} must be in [1, n_positions={n_positions}]")
+        return max_len, max_len + bucket - 1, max_len + bucket - 1
     max_prompt_len = max_prompt_len or max(1, n_positions - max_new_tokens)
     if max_prompt_len + max_new_tokens > n_positions:
         raise ValueError(f"max_prompt_len={max_prompt_len} + max_new_tokens={max_new_tokens} exceeds "
                          f"n_positions={n_positions}")
-    return max_prompt_len, -(-max_prompt_len // bucket) * bucket + max_new_tokens, max_prompt_len + max_new_tokens
+    cache_len = -(-max_prompt_len // bucket) * bucket + max_new_tokens
+    return max_prompt_len, cache_len, cache_len
 
 
-def empty_state(cfg, slots: int, cache_len: int, history_len: int) -> dict:
+def _key_impl(impl):
+    """A PRNG implementation (None: jax's default) as jax.random.key takes it."""
+    return jax.random.key_impl(jax.random.key(0, impl=impl))
+
+
+def empty_state(cfg, slots: int, cache_len: int, history_len: int, prng_impl=None) -> dict:
     """A decode state with every slot free: one KV cache row of `cache_len` columns per slot."""
     B, S = slots, cache_len
     return {
@@ -215,17 +287,20 @@ def empty_state(cfg, slots: int, cache_len: int, history_len: int) -> dict:
         "pos": jnp.zeros((B,), jnp.int32),
         "n_gen": jnp.zeros((B,), jnp.int32),
         "budget": jnp.zeros((B,), jnp.int32),
-        "keys": jnp.zeros((B, 2), jnp.uint32),
+        "keys": jax.random.split(jax.random.key(0, impl=prng_impl), B),
+        "temperature": jnp.zeros((B,), jnp.float32),
+        "top_k": jnp.zeros((B,), jnp.int32),
+        "top_p": jnp.ones((B,), jnp.float32),
         "active": jnp.zeros((B,), bool),
         "t": jnp.int32(0),
     }
 
 
 def state_shapes(model: GPT, params, cfg: SamplingConfig, *, slots: int, max_prompt_len: Optional[int] = None,
-                 bucket: int = 64) -> dict:
+                 bucket: int = 64, max_len: Optional[int] = None) -> dict:
     """What an Engine would hold, as shapes only (params may be abstract): {"state", "head",
     "cache_len"}; with `generate_steps` this is the decode step to lower for another device."""
-    _, cache_len, history_len = sizes(model.config.n_positions, cfg.max_new_tokens, max_prompt_len, bucket)
+    _, cache_len, history_len = sizes(model.config.n_positions, cfg.max_new_tokens, max_prompt_len, bucket, max_len)
     return {"state": jax.eval_shape(lambda: empty_state(model.config, slots, cache_len, history_len)),
             "head": jax.eval_shape(lambda p: transposed_head(p, model.config), params), "cache_len": cache_len}
 
@@ -235,56 +310,91 @@ class Engine:
 
     max_prompt_len: the longest prompt (tokens) the engine will take; with max_new_tokens it fixes the
     cache length (bucket-rounded prompt + max_new_tokens, at most n_positions + bucket).
-    detokenize: ids -> text, needed only for requests with stop strings."""
+    max_len: instead, the most tokens (prompt + answer) one request may hold (a server's context);
+    requests whose prompt + budget exceed it are refused (`check`).
+    detokenize: ids -> text, needed only for requests with stop strings.
+    logprobs: None, or k >= 0: `generate` also returns log-probabilities (the chosen token's and the k
+    most likely tokens').
+    prng_impl: the PRNG implementation of the slots' keys (default: jax's default)."""
 
     def __init__(self, model: GPT, params, cfg: SamplingConfig, *, slots: int = 16, max_prompt_len: Optional[int] = None,
-                 bucket: int = 64, steps_per_sync: int = 8, detokenize: Optional[Callable[[list], str]] = None):
+                 max_len: Optional[int] = None, bucket: int = 64, steps_per_sync: int = 8,
+                 detokenize: Optional[Callable[[list], str]] = None, logprobs: Optional[int] = None, prng_impl=None):
         if slots < 1 or steps_per_sync < 1:
             raise ValueError(f"slots={slots} and steps_per_sync={steps_per_sync} must be >= 1")
+        if max_len is not None and max_prompt_len is not None:
+            raise ValueError("give max_prompt_len or max_len, not both")
         self.model, self.params, self.cfg = model, params, cfg
         self.slots, self.bucket, self.steps_per_sync = slots, bucket, steps_per_sync
-        self.detokenize = detokenize
+        self.detokenize, self.logprobs = detokenize, logprobs
+        self.max_len = max_len
+        self.prng_impl = _key_impl(prng_impl)
         self.max_prompt_len, self.cache_len, self.history_len = sizes(model.config.n_positions, cfg.max_new_tokens,
-                                                                      max_prompt_len, bucket)
+                                                                      max_prompt_len, bucket, max_len)
         self.head = _head(params, model.config)
 
     # --- the engine API ------------------------------------------------------------------------------
 
     def init_state(self) -> dict:
         """An empty decode state (all slots free)."""
-        return empty_state(self.model.config, self.slots, self.cache_len, self.history_len)
+        return empty_state(self.model.config, self.slots, self.cache_len, self.history_len, self.prng_impl)
+
+    def budget(self, max_new_tokens: Optional[int] = None) -> int:
+        """A request's token budget: its own, at most the engine's max_new_tokens."""
+        return self.cfg.max_new_tokens if max_new_tokens is None else min(int(max_new_tokens), self.cfg.max_new_tokens)
+
+    def check(self, prompt_len: int, max_new_tokens: Optional[int] = None) -> None:
+        """Raise ValueError when the engine cannot take a prompt of this length with this budget."""
+        if prompt_len < 1:
+            raise ValueError("empty prompt: give at least one token (e.g. <|endoftext|>)")
+        if prompt_len > self.max_prompt_len:
+            raise ValueError(f"prompt of {prompt_len} tokens exceeds the engine's max_prompt_len={self.max_prompt_len}")
+        if self.max_len is not None and prompt_len + self.budget(max_new_tokens) > self.max_len:
+            raise ValueError(f"prompt of {prompt_len} tokens + {self.budget(max_new_tokens)} new tokens exceeds the "
+                             f"engine's max_len={self.max_len}")
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefix:
         """Run prompts through the model together, left-padded to one multiple of `bucket`; the batch is
         padded to a power of two (repeating the last prompt) so few batch shapes compile."""
         prompts = [list(p) for p in prompts]
         for p in prompts:
-            if not p:
-                raise ValueError("empty prompt: give at least one token (e.g. <|endoftext|>)")
-            if len(p) > self.max_prompt_len:
-                raise ValueError(f"prompt of {len(p)} tokens exceeds the engine's max_prompt_len={self.max_prompt_len}")
+            self.check(len(p), 0)
         n = 1 << (len(prompts) - 1).bit_length()
         ids, mask = left_pad(prompts + [prompts[-1]] * (n - len(prompts)), self.bucket, self.cfg.pad_id)
-        logits, cache = _prefill(self.model, self.params, jnp.asarray(ids), jnp.asarray(mask))
-        return Prefix(cache, jnp.asarray(mask), logits, tuple(len(p) for p in prompts))
+        logits, rows = _prefill(self.model, self.params, jnp.asarray(ids), jnp.asarray(mask))
+        return Prefix(rows, jnp.asarray(mask), logits, tuple(len(p) for p in prompts))
+
+    def key(self, key: Optional[jax.Array]) -> jax.Array:
+        """A request's PRNG key as the slots hold it (typed, the engine's implementation)."""
+        if key is None:
+            return jax.random.key(0, impl=self.prng_impl)
+        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(key, impl=self.prng_impl)
+        if jax.random.key_impl(key) != self.prng_impl:
+            raise ValueError(f"a request's key is a {jax.random.key_impl(key)} key; this engine's slots hold "
+                             f"{self.prng_impl} keys (Engine(prng_impl=...))")
+        return key
 
     def insert(self, prefix: Prefix, state: dict, slot: int, prompt: Sequence[int], max_new_tokens: Optional[int] = None,
-               key: Optional[jax.Array] = None, row: int = 0) -> dict:
+               key: Optional[jax.Array] = None, row: int = 0, temperature: Optional[float] = None,
+               top_k: Optional[int] = None, top_p: Optional[float] = None) -> dict:
         """Put row `row` of a prefilled batch (its prompt: `prompt`) into `slot`, which must be free,
-        with its token budget and PRNG key."""
-        budget = self.cfg.max_new_tokens if max_new_tokens is None else min(int(max_new_tokens), self.cfg.max_new_tokens)
+        with its token budget, PRNG key and sampling settings (default: the engine's config)."""
+        budget = self.budget(max_new_tokens)
+        self.check(len(prompt), budget)
         hist = np.zeros((self.history_len,), np.int32)
         hist[: len(prompt)] = prompt
-        key = jax.random.PRNGKey(0) if key is None else key
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.key_data(key)
-        return _insert(state, prefix.cache, prefix.mask, prefix.logits, jnp.int32(row), jnp.asarray(hist),
-                       jnp.int32(prefix.lengths[row]), jnp.int32(budget), key, jnp.int32(slot),
-                       n_head=self.model.config.n_head)
+        cfg = self.cfg
+        return _insert(state, prefix.rows[row], prefix.mask[row], prefix.logits[row], jnp.asarray(hist),
+                       jnp.int32(prefix.lengths[row]), jnp.int32(budget), self.key(key),
+                       jnp.float32(cfg.temperature if temperature is None else temperature),
+                       jnp.int32(cfg.top_k if top_k is None else top_k),
+                       jnp.float32(cfg.top_p if top_p is None else top_p), jnp.int32(slot))
 
     def generate(self, state: dict):
-        """Up to `steps_per_sync` steps for all slots: (state, tokens (n, B), emitted (n, B))."""
-        return generate_steps(self.model, self.params, self.head, state, cfg=self.cfg, n_steps=self.steps_per_sync)
+        """Up to `steps_per_sync` steps for all slots: (state, tokens (n, B), emitted (n, B), logprobs)."""
+        return generate_steps(self.model, self.params, self.head, state, cfg=self.cfg, n_steps=self.steps_per_sync,
+                              logprobs=self.logprobs)
 
     def free(self, state: dict, slot: int) -> dict:
         """End the request in `slot` now (a stop string, a cancelled request)."""
@@ -305,63 +415,134 @@ class Engine:
                 raise ValueError(f"request {n} has stop strings but the engine has no detokenize function")
         results: list = [None] * len(requests)
         pending = collections.deque(range(len(requests)))
-        owner: list = [None] * self.slots  # request index per slot
-        state = self.init_state()
-        eos = self.cfg.eos_id
-
-        def finish(slot: int, toks: list) -> None:
-            n = owner[slot]
-            if eos is not None and eos in toks:
-                toks = toks[: toks.index(eos) + 1]
-            results[n] = toks
-            owner[slot] = None
-            if on_done is not None:
-                on_done(n, toks)
-
-        outs: list = [[] for _ in range(self.slots)]
-        while pending or any(o is not None for o in owner):
-            admitted = []  # (slot, request index): every free slot takes the next request
-            for slot in range(self.slots):
-                while owner[slot] is None and pending:
-                    n = pending.popleft()
-                    owner[slot], outs[slot] = n, []
-                    if requests[n].max_new_tokens is not None and requests[n].max_new_tokens <= 0:
-                        finish(slot, [])
-                    else:
-                        admitted.append((slot, n))
-            if admitted:
-                prefix = self.prefill([requests[n].prompt for _, n in admitted])
-                for row, (slot, n) in enumerate(admitted):
-                    r = requests[n]
-                    key = r.key if r.key is not None else jax.random.fold_in(rng, n)
-                    state = self.insert(prefix, state, slot, r.prompt, r.max_new_tokens, key, row)
-            state, toks, emitted = self.generate(state)
-            toks, emitted, active = np.asarray(toks), np.asarray(emitted), np.asarray(state["active"])
-            for slot in range(self.slots):
-                if owner[slot] is None:
-                    continue
-                outs[slot].extend(toks[emitted[:, slot], slot].tolist())
-                stop = requests[owner[slot]].stop
-                if not active[slot]:
-                    finish(slot, outs[slot])
-                elif stop and any(s in self.detokenize(outs[slot]) for s in stop):
-                    state = self.free(state, slot)
-                    finish(slot, outs[slot])
+        sched = Scheduler(self)
+        while pending or sched.busy():
+            batch = []
+            while pending and len(batch) < sched.free_slots():
+                n = pending.popleft()
+                r = requests[n]
+                batch.append((n, r if r.key is not None else dataclasses.replace(r, key=jax.random.fold_in(rng, n))))
+            updates = sched.admit(batch)
+            if sched.busy():
+                updates += sched.step()
+            for u in updates:
+                if u.done:
+                    results[u.handle] = u.output
+                    if on_done is not None:
+                        on_done(u.handle, u.output)
         return results
+
+
+@dataclasses.dataclass
+class Update:
+    """What one sync did for one request: its new tokens (and their log-probabilities, with the engine's
+    `logprobs`); when done, why ("stop": EOS or a stop string; "length": its budget) and its output."""
+
+    handle: Hashable
+    tokens: list
+    logprobs: list  # per new token: (logprob, [(token id, logprob), ...]) or empty
+    done: bool = False
+    finish_reason: Optional[str] = None
+    output: Optional[list] = None
+
+
+class Scheduler:
+    """An Engine driven one sync at a time, for requests that arrive over time (`Engine.run`, the HTTP
+    server). Requests are identified by a caller's handle; the caller admits at most `free_slots()` at
+    a time, calls `step` while `busy()`, and may `cancel` a request at any sync."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.state = engine.init_state()
+        self.owner: list = [None] * engine.slots  # (handle, request) per slot
+        self.outs: list = [[] for _ in range(engine.slots)]
+
+    def free_slots(self) -> int:
+        return sum(o is None for o in self.owner)
+
+    def busy(self) -> bool:
+        return any(o is not None for o in self.owner)
+
+    def admit(self, items: Sequence[tuple[Hashable, Request]]) -> list[Update]:
+        """Prefill the requests together and put each into a free slot. A request with a budget of 0
+        finishes at once (an Update with done). Raises ValueError (nothing admitted) for a request the
+        engine cannot take, or when there are more than free slots."""
+        eng = self.engine
+        for handle, r in items:
+            eng.check(len(r.prompt), r.max_new_tokens)
+            if r.stop and eng.detokenize is None:
+                raise ValueError(f"request {handle!r} has stop strings but the engine has no detokenize function")
+        updates = [Update(h, [], [], True, "length", []) for h, r in items if eng.budget(r.max_new_tokens) <= 0]
+        live = [(h, r) for h, r in items if eng.budget(r.max_new_tokens) > 0]
+        free = [s for s, o in enumerate(self.owner) if o is None]
+        if len(live) > len(free):
+            raise ValueError(f"{len(live)} requests for {len(free)} free slots")
+        if live:
+            prefix = eng.prefill([r.prompt for _, r in live])
+            for row, ((handle, r), slot) in enumerate(zip(live, free)):
+                self.state = eng.insert(prefix, self.state, slot, r.prompt, r.max_new_tokens, r.key, row,
+                                        r.temperature, r.top_k, r.top_p)
+                self.owner[slot], self.outs[slot] = (handle, r), []
+        return updates
+
+    def step(self) -> list[Update]:
+        """One `generate` call: an Update for every request that produced tokens or finished."""
+        eng = self.engine
+        self.state, toks, emitted, lp = eng.generate(self.state)
+        toks, emitted, active = np.asarray(toks), np.asarray(emitted), np.asarray(self.state["active"])
+        lp = {k: np.asarray(v) for k, v in lp.items()}
+        updates = []
+        for slot, owner in enumerate(self.owner):
+            if owner is None:
+                continue
+            handle, r = owner
+            rows = emitted[:, slot]
+            new = toks[rows, slot].tolist()
+            new_lp = []
+            if lp:
+                token_lp = lp["token"][rows, slot].tolist()
+                tops = ([list(zip(i.tolist(), v.tolist())) for i, v in zip(lp["top_ids"][rows, slot], lp["top"][rows, slot])]
+                        if "top" in lp else [[] for _ in new])
+                new_lp = list(zip(token_lp, tops))
+            self.outs[slot].extend(new)
+            u = Update(handle, new, new_lp)
+            if not active[slot]:
+                eos = eng.cfg.eos_id
+                u.finish_reason = "stop" if eos is not None and self.outs[slot][-1:] == [eos] else "length"
+            elif r.stop and any(s in eng.detokenize(self.outs[slot]) for s in r.stop):
+                self.state = eng.free(self.state, slot)
+                u.finish_reason = "stop"
+            if u.finish_reason is not None:
+                u.done, u.output = True, self.outs[slot]
+                self.owner[slot] = None
+            if new or u.done:
+                updates.append(u)
+        return updates
+
+    def cancel(self, handle: Hashable) -> bool:
+        """Free the slot of the request with this handle (a client went away). False if it holds none."""
+        for slot, owner in enumerate(self.owner):
+            if owner is not None and owner[0] == handle:
+                self.state = self.engine.free(self.state, slot)
+                self.owner[slot] = None
+                return True
+        return False
 
 
 def generate_all(model: GPT, params, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, slots: int = 16,
                  rng: Optional[jax.Array] = None, bucket: int = 64, steps_per_sync: int = 8,
                  max_new_tokens: Optional[Sequence[int]] = None, stop: Sequence[str] = (),
                  detokenize: Optional[Callable[[list], str]] = None) -> list[list[int]]:
-    """Token ids per prompt through an `Engine` sized for these prompts (the cache fits the longest)."""
+    """Token ids per prompt through an `Engine` sized for these prompts: the cache fits the longest,
+    rounded up to a bucket, so calls whose longest prompts share a bucket share compiled programs."""
     if not prompts:
         return []
     longest = max(len(p) for p in prompts)
-    if longest + cfg.max_new_tokens > model.config.n_positions:
+    room = model.config.n_positions - cfg.max_new_tokens
+    if longest > room:
         raise ValueError(f"prompt of {longest} tokens + {cfg.max_new_tokens} new exceeds n_positions="
                          f"{model.config.n_positions}")
-    eng = Engine(model, params, cfg, slots=min(slots, len(prompts)), max_prompt_len=longest, bucket=bucket,
-                 steps_per_sync=steps_per_sync, detokenize=detokenize)
+    eng = Engine(model, params, cfg, slots=min(slots, len(prompts)), max_prompt_len=min(-(-longest // bucket) * bucket, room),
+                 bucket=bucket, steps_per_sync=steps_per_sync, detokenize=detokenize)
     budgets = max_new_tokens or [None] * len(prompts)
     return eng.run([Request(p, b, tuple(stop)) for p, b in zip(prompts, budgets)], rng)

@@ -1,0 +1,79 @@
+"""An OpenAI-compatible HTTP server on the continuous-batching engine.
+
+    python -m biomedlm_jax.serve --init_from=hf:DIR|orbax:WORKDIR [--quantize=int8] \
+        --slots=16 --max_len=1024 --host=127.0.0.1 --port=8000
+
+    curl -s localhost:8000/v1/completions -H 'content-type: application/json' \
+        -d '{"model": "MODEL", "prompt": "Metformin is", "max_tokens": 32, "temperature": 0}'
+
+    from openai import OpenAI       # any OpenAI client
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.completions.create(model="MODEL", prompt="Metformin is", max_tokens=32, stream=True)
+
+Every request's prompts enter one engine (`--slots` decode rows) as slots free: continuous batching
+across HTTP requests. `--max_len` is the context one request may use (prompt + max_tokens, at most the
+model's n_positions); the KV cache holds `--slots` x (max_len + bucket - 1) columns. At most
+`--max_queue` prompts wait for a slot; beyond that a request gets 429 with Retry-After. The model's
+name in the API is `--model_name` (default: the checkpoint folder's name). See docs/inference.md for
+the endpoints, the errors and measured throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    from biomedlm_jax.core import errors
+
+    p = argparse.ArgumentParser(prog="python -m biomedlm_jax.serve", description="OpenAI-compatible completions server")
+    p.add_argument("--init_from", required=True, help="hf:DIR or orbax:WORKDIR (a LoRA run loads with its base)")
+    p.add_argument("--quantize", default="none", help="int8: Qwix int8 weight-only quantization (default none)")
+    p.add_argument("--dtype", default=None, help="compute and weight dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--slots", type=int, default=16, help="decode rows: requests generated at once")
+    p.add_argument("--max_len", type=int, default=None, help="tokens one request may use, prompt + max_tokens "
+                   "(default: the model's n_positions)")
+    p.add_argument("--max_tokens_limit", type=int, default=None, help="the largest max_tokens a request may ask "
+                   "for (default: max_len - 1)")
+    p.add_argument("--bucket", type=int, default=64, help="prompts are padded to a multiple of this many tokens")
+    p.add_argument("--steps_per_sync", type=int, default=8, help="decode steps between host syncs")
+    p.add_argument("--max_queue", type=int, default=None, help="prompts waiting for a slot (default: 4 x slots)")
+    p.add_argument("--max_logprobs", type=int, default=5, help="the largest 'logprobs' a request may ask for")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=0, help="ban repeated n-grams (every request)")
+    p.add_argument("--model_name", default=None, help="the model's id in the API (default: the checkpoint's folder)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    errors.add_verbose_flag(p)
+    args = p.parse_args(argv)
+    for flag in ("slots", "bucket", "steps_per_sync"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1")
+    if args.max_logprobs < 0:
+        p.error("--max_logprobs must be >= 0")
+
+    from biomedlm_jax.models import quantize
+
+    try:
+        quantize.check_mode(args.quantize)
+    except ValueError as e:
+        p.error(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    from biomedlm_jax.serving import server
+
+    try:
+        srv = server.build(args.init_from, quantize=args.quantize, dtype=args.dtype, slots=args.slots,
+                           max_len=args.max_len, max_tokens_limit=args.max_tokens_limit, bucket=args.bucket,
+                           steps_per_sync=args.steps_per_sync, max_queue=args.max_queue,
+                           max_logprobs=args.max_logprobs, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                           model_name=args.model_name or os.path.basename(args.init_from.split(":", 1)[-1].rstrip("/")))
+    except (ValueError, FileNotFoundError) as e:  # a bad source or size, a missing or damaged checkpoint
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 1
+    srv.run(args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

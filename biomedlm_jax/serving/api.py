@@ -1,0 +1,343 @@
+"""The OpenAI-compatible HTTP API over a `Batcher` (FastAPI): any OpenAI client can use the model.
+
+    POST /v1/completions   prompt (a string, a list of strings, token ids or lists of them), max_tokens,
+                           temperature, top_p, top_k (an extension, as vLLM has it), stop, seed, stream
+                           (server-sent events), logprobs (0..--max_logprobs), n=1, echo=false
+    GET  /v1/models        the one model served
+    GET  /health           ok, slots, active, queued and counters
+
+Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for bad JSON, unknown
+fields, out-of-range values and prompts that do not fit the context (naming the field), 404 for
+another model's name, 429 with Retry-After when the queue is full. A client that disconnects, streamed
+or not, frees its slot at the engine's next sync. Each request logs one line: prompts, tokens, time to
+first token, latency, finish reasons.
+
+Each prompt of a request is one engine request; a list of prompts gives one choice per prompt (index in
+prompt order). Sampling a prompt uses the key fold_in(key(seed), prompt index), so a request with a seed
+repeats its answer (with jax's default threefry keys, whatever else the server is doing).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+import jax
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from biomedlm_jax.inference import engine as engine_lib
+from biomedlm_jax.serving.batcher import Batcher, Job, Overloaded
+
+log = logging.getLogger("biomedlm_jax.serve")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The fields of OpenAI's legacy completions request. Fields it defines that this server does not
+    implement are accepted only at their neutral value; any other field is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    max_tokens: Optional[int] = Field(16, ge=0)
+    temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(0, ge=0)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[int] = Field(None, ge=0)
+    n: Optional[int] = Field(1, ge=1, le=1)
+    best_of: Optional[int] = Field(None, ge=1, le=1)
+    echo: Optional[Literal[False]] = False
+    suffix: Optional[Literal[None]] = None
+    presence_penalty: Optional[float] = Field(0.0, ge=0.0, le=0.0)
+    frequency_penalty: Optional[float] = Field(0.0, ge=0.0, le=0.0)
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=0)
+    user: Optional[str] = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
+                 code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code, self.headers = status, message, param, kind, code, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    err = exc.errors()[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    param = loc[0] if loc else None
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})")
+    if err.get("type") == "extra_forbidden":
+        return ApiError(400, f"unknown field '{'.'.join(loc)}'", param, code="unknown_field")
+    if err.get("type") == "missing":
+        return ApiError(400, f"'{'.'.join(loc)}' is required", param)
+    shown = ".".join(x for x in loc if not x.isdigit() and x not in ("list[int]", "str", "list[str]",
+                                                                     "list[list[int]]", "int", "float"))
+    return ApiError(400, f"'{shown or param}': {err['msg']}", param)
+
+
+class Completions:
+    """What one /v1/completions request needs: the tokenizer, the engine's limits and the batcher."""
+
+    def __init__(self, batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_logprobs: int):
+        self.batcher, self.tok, self.model_name = batcher, tokenizer, model_name
+        self.eos_id, self.max_logprobs = eos_id, max_logprobs
+        self.engine = batcher.engine
+
+    def prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            p = [p]
+        if not p:
+            raise ApiError(400, "'prompt' is empty", "prompt")
+        if isinstance(p[0], int):
+            p = [p]
+        out = []
+        vocab = self.engine.model.config.vocab_size
+        for i, item in enumerate(p):
+            ids = self.tok.encode(item).ids if isinstance(item, str) else list(item)
+            if any(not 0 <= t < vocab for t in ids):
+                raise ApiError(400, f"'prompt' {i}: token ids must be in [0, {vocab})", "prompt")
+            out.append(ids or [self.eos_id])
+        return out
+
+    def jobs(self, req: CompletionRequest, prompts: list, sinks: list) -> list[Job]:
+        if self.model_name and req.model not in (None, self.model_name):
+            raise ApiError(404, f"the model '{req.model}' does not exist; this server has '{self.model_name}'",
+                           "model", code="model_not_found")
+        if req.logprobs is not None and req.logprobs > self.max_logprobs:
+            raise ApiError(400, f"'logprobs' must be at most {self.max_logprobs} (the server's --max_logprobs)",
+                           "logprobs")
+        limit = self.engine.cfg.max_new_tokens
+        max_tokens = limit if req.max_tokens is None else req.max_tokens
+        if max_tokens > limit:
+            raise ApiError(400, f"'max_tokens' is {max_tokens}; this server allows at most {limit}", "max_tokens")
+        for i, ids in enumerate(prompts):
+            if len(ids) + max_tokens > self.engine.max_len:
+                raise ApiError(400, f"this model's maximum context length is {self.engine.max_len} tokens; prompt "
+                               f"{i} has {len(ids)} tokens and max_tokens is {max_tokens}", "prompt",
+                               code="context_length_exceeded")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ApiError(400, "'stop' takes up to 4 non-empty strings", "stop")
+        seed = secrets.randbits(31) if req.seed is None else req.seed
+        base = jax.random.key(seed)
+        temperature = 1.0 if req.temperature is None else req.temperature
+        return [Job(engine_lib.Request(ids, max_tokens, tuple(stop), jax.random.fold_in(base, i), temperature,
+                                       req.top_k or 0, 1.0 if req.top_p is None else req.top_p), sink)
+                for i, (ids, sink) in enumerate(zip(prompts, sinks))]
+
+
+class Choice:
+    """One prompt's answer as it grows: text decoded from all tokens so far, cut at a stop string;
+    `delta` gives what can be streamed (held back: a partial UTF-8 character, and any tail that may be
+    the start of a stop string)."""
+
+    def __init__(self, index: int, tok, eos_id: int, stop, logprobs: Optional[int]):
+        self.index, self.tok, self.eos_id, self.stop = index, tok, eos_id, tuple(stop)
+        self.tokens, self.logprobs, self.n_top = [], [], logprobs
+        self.sent = 0  # characters streamed
+        self.finish_reason: Optional[str] = None
+        self.text, self.cut = "", False
+
+    def add(self, update: engine_lib.Update) -> None:
+        if self.cut:
+            return
+        for t, lp in zip(update.tokens, update.logprobs or [None] * len(update.tokens)):
+            if t == self.eos_id:
+                break
+            self.tokens.append(t)
+            self.logprobs.append(lp)
+        self.text = self.tok.decode(self.tokens)
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.cut, self.finish_reason = self.text[: min(hits)], True, "stop"
+            self._trim_tokens()
+        elif update.done:
+            self.finish_reason = update.finish_reason
+
+    def _trim_tokens(self) -> None:
+        """Keep the tokens whose text starts before the cut (the stop string and after are not output)."""
+        keep = 0
+        while keep < len(self.tokens) and len(self.tok.decode(self.tokens[:keep])) < len(self.text):
+            keep += 1
+        del self.tokens[keep:], self.logprobs[keep:]
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def delta(self) -> str:
+        end = len(self.text)
+        if not self.done:
+            end -= max((len(s) for s in self.stop), default=1) - 1
+            while end > self.sent and self.text[end - 1] == "\ufffd":
+                end -= 1
+        out = self.text[self.sent: max(end, self.sent)]
+        self.sent += len(out)
+        return out
+
+    def logprobs_json(self, start: int = 0) -> Optional[dict]:
+        if self.n_top is None:
+            return None
+        toks = [self.tok.decode([t]) for t in self.tokens[start:]]
+        offsets, pos = [], len(self.tok.decode(self.tokens[:start])) if start else 0
+        for s in toks:
+            offsets.append(pos)
+            pos += len(s)
+        return {"tokens": toks, "token_logprobs": [lp[0] for lp in self.logprobs[start:]],
+                "top_logprobs": [{self.tok.decode([t]): v for t, v in lp[1][: self.n_top]} for lp in self.logprobs[start:]],
+                "text_offset": offsets}
+
+
+def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_logprobs: int = 5) -> FastAPI:
+    app = FastAPI(title="biomedlm-jax", docs_url=None, redoc_url=None)
+    comp = Completions(batcher, tokenizer, model_name, eos_id, max_logprobs)
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        return _validation_error(exc).response()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc):
+        return exc.response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "slots": batcher.engine.slots, "active": batcher.active,
+                "queued": batcher.queued, "max_len": batcher.engine.max_len, **batcher.stats}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "biomedlm-jax", "max_model_len": batcher.engine.max_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        t0 = time.perf_counter()
+        prompts = comp.prompts(body)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        sinks = [(lambda item, i=i: loop.call_soon_threadsafe(inbox.put_nowait, (i, item))) for i in range(len(prompts))]
+        jobs = comp.jobs(body, prompts, sinks)
+        try:
+            batcher.submit(jobs)
+        except Overloaded as e:
+            raise ApiError(429, f"the server is busy: {e}; retry shortly", kind="server_overloaded",
+                           code="queue_full", headers={"Retry-After": "1"})
+        stop = jobs[0].request.stop
+        choices = [Choice(i, tokenizer, eos_id, stop, body.logprobs) for i in range(len(prompts))]
+        rid, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        first = [None]
+
+        def usage():
+            n_out = sum(len(c.tokens) for c in choices)
+            n_in = sum(len(p) for p in prompts)
+            return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+
+        def logline(status: str):
+            u = usage()
+            ttft = "-" if first[0] is None else f"{1e3 * (first[0] - t0):.0f}"
+            log.info("completion %s %s prompts=%d prompt_tokens=%d completion_tokens=%d ttft_ms=%s latency_ms=%.0f "
+                     "finish=%s stream=%s", rid, status, len(prompts), u["prompt_tokens"], u["completion_tokens"], ttft,
+                     1e3 * (time.perf_counter() - t0), ",".join(str(c.finish_reason) for c in choices), bool(body.stream))
+
+        async def next_item():
+            """The next update, or None when the client has gone away."""
+            while True:
+                try:
+                    return await asyncio.wait_for(inbox.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return None
+
+        def on(item) -> Choice:
+            i, u = item
+            if isinstance(u, Exception):
+                for job in jobs:
+                    batcher.cancel(job)
+                if isinstance(u, ValueError):
+                    raise ApiError(400, str(u), "prompt")
+                raise ApiError(500, f"the engine failed: {u}", kind="server_error")
+            if first[0] is None and u.tokens:
+                first[0] = time.perf_counter()
+            choices[i].add(u)
+            if choices[i].done and not u.done:  # a stop string: the engine may still be generating
+                batcher.cancel(jobs[i])
+            return choices[i]
+
+        def chunk(c: Choice, text: str, start: int) -> str:
+            data = {"id": rid, "object": "text_completion", "created": stamp, "model": model_name,
+                    "choices": [{"text": text, "index": c.index, "logprobs": c.logprobs_json(start),
+                                 "finish_reason": c.finish_reason}]}
+            if body.stream_options and body.stream_options.include_usage:
+                data["usage"] = None
+            return f"data: {json.dumps(data)}\n\n"
+
+        if not body.stream:
+            try:
+                while not all(c.done for c in choices):
+                    item = await next_item()
+                    if item is None:
+                        logline("disconnected")
+                        return JSONResponse({}, status_code=499)
+                    on(item)
+            finally:
+                for job in jobs:
+                    batcher.cancel(job)
+            logline("ok")
+            return {"id": rid, "object": "text_completion", "created": stamp, "model": model_name,
+                    "choices": [{"text": c.text, "index": c.index, "logprobs": c.logprobs_json(),
+                                 "finish_reason": c.finish_reason} for c in choices], "usage": usage()}
+
+        async def events():
+            sent_tokens = [0] * len(choices)
+            status = "disconnected"
+            try:
+                while not all(c.done for c in choices):
+                    item = await next_item()
+                    if item is None:
+                        return
+                    try:
+                        c = on(item)
+                    except ApiError as e:
+                        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
+                        status = "failed"
+                        return
+                    text = c.delta()
+                    if text or c.done:
+                        start = sent_tokens[c.index]
+                        sent_tokens[c.index] = len(c.tokens)
+                        yield chunk(c, text, start)
+                if body.stream_options and body.stream_options.include_usage:
+                    yield f"data: {json.dumps({'id': rid, 'object': 'text_completion', 'created': stamp, 'model': model_name, 'choices': [], 'usage': usage()})}\n\n"
+                yield "data: [DONE]\n\n"
+                status = "ok"
+            finally:
+                for job in jobs:
+                    batcher.cancel(job)
+                logline(status)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app

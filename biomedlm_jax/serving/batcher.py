@@ -1,0 +1,149 @@
+"""One thread that owns the decode engine: requests from any number of HTTP handlers wait in a bounded
+queue and enter the engine as its slots free, so continuous batching runs across requests.
+
+    batcher = Batcher(engine, max_queue=64)
+    batcher.start()
+    batcher.submit([Job(engine.Request(ids, 64), sink)])   # sink(Update) is called from the engine thread
+    batcher.cancel(job)                                       # frees its slot at the next sync
+
+The thread loops: take cancellations, admit waiting jobs into free slots (one prefill for all of
+them), run one engine sync (`steps_per_sync` decode steps), hand each job its new tokens. With nothing
+to do it sleeps on the queue. A job the engine refuses, or an engine failure, reaches the job's sink as
+an exception; after a failure the engine state is rebuilt, so later requests are served.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+from typing import Callable, Sequence
+
+from biomedlm_jax.inference import engine as engine_lib
+
+log = logging.getLogger("biomedlm_jax.serve")
+
+
+class Overloaded(Exception):
+    """The queue is full: the caller should answer 429 and ask the client to retry."""
+
+
+class Job:
+    """One engine request and where its updates go. `sink` is called from the engine thread with each
+    `engine.Update` for this job, or with an exception that ended it."""
+
+    _ids = itertools.count()
+
+    def __init__(self, request: engine_lib.Request, sink: Callable[[object], None]):
+        self.request, self.sink = request, sink
+        self.id = next(Job._ids)
+        self.cancelled = False
+
+
+class Batcher:
+    def __init__(self, engine: engine_lib.Engine, max_queue: int):
+        if max_queue < 1:
+            raise ValueError(f"max_queue={max_queue} must be >= 1")
+        self.engine, self.max_queue = engine, max_queue
+        self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0  # submitted, not yet admitted
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="biomedlm-engine", daemon=True)
+        self.stats = collections.Counter()  # admitted, finished, cancelled, refused (overload), failed
+        self.active = 0
+
+    def start(self) -> "Batcher":
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        return self._waiting
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue jobs (all of them or, when the queue cannot hold them, none: Overloaded)."""
+        with self._lock:
+            if self._waiting + len(jobs) > self.max_queue:
+                self.stats["refused"] += 1
+                raise Overloaded(f"{self._waiting} requests are waiting (at most {self.max_queue})")
+            self._waiting += len(jobs)
+        for job in jobs:
+            self._inbox.put(job)
+
+    def cancel(self, job: Job) -> None:
+        """End a job: it never starts if still waiting, or its slot frees at the next sync."""
+        if not job.cancelled:
+            job.cancelled = True
+            self._inbox.put(("cancel", job))
+
+    # --- the engine thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        sched = engine_lib.Scheduler(self.engine)
+        pending: collections.deque = collections.deque()
+        jobs: dict = {}  # id -> Job, for jobs in a slot
+        while not self._stop.is_set():
+            self._drain(pending, sched, jobs, block=not sched.busy() and not pending)
+            try:
+                batch = []
+                while pending and len(batch) < sched.free_slots():
+                    job = pending.popleft()
+                    with self._lock:
+                        self._waiting -= 1
+                    if job.cancelled:
+                        self.stats["cancelled"] += 1
+                        continue
+                    try:
+                        self.engine.check(len(job.request.prompt), job.request.max_new_tokens)
+                    except ValueError as e:
+                        job.sink(e)
+                        continue
+                    batch.append(job)
+                updates = sched.admit([(j.id, j.request) for j in batch])
+                jobs.update((j.id, j) for j in batch)
+                self.stats["admitted"] += len(batch)
+                if sched.busy():
+                    updates += sched.step()
+            except Exception as e:  # noqa: BLE001 - the engine failed: fail its jobs, keep serving
+                log.exception("engine failure; %d requests in flight fail", len(jobs) + len(batch))
+                self.stats["failed"] += len(jobs) + len(batch)
+                for job in list(jobs.values()) + batch:
+                    job.sink(e)
+                jobs.clear()
+                sched = engine_lib.Scheduler(self.engine)
+                continue
+            for u in updates:
+                job = jobs.get(u.handle)
+                if job is None:
+                    continue
+                if u.done:
+                    del jobs[u.handle]
+                    self.stats["finished"] += 1
+                job.sink(u)
+            self.active = len(jobs)
+
+    def _drain(self, pending, sched, jobs, block: bool) -> None:
+        """Move new jobs to `pending` and apply cancellations; wait for something when idle."""
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                return
+            if isinstance(item, tuple):  # ("cancel", job)
+                job = item[1]
+                if job.id in jobs and sched.cancel(job.id):
+                    del jobs[job.id]
+                    self.stats["cancelled"] += 1
+                    self.active = len(jobs)
+            else:
+                pending.append(item)

@@ -1,0 +1,96 @@
+"""A model behind the OpenAI-compatible API: load it, size the engine, warm it up, serve with uvicorn.
+
+    srv = build("hf:DIR", slots=16, max_len=1024)     # or Server(model, params, tokenizer, ...)
+    srv.run("127.0.0.1", 8000)                         # blocks; or, in a thread (tests, notebooks):
+    with srv.serving(port=0) as url: ...               # url = "http://127.0.0.1:PORT"
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from typing import Optional
+
+from biomedlm_jax.inference import engine as engine_lib
+from biomedlm_jax.inference.sampling import SamplingConfig
+from biomedlm_jax.serving import api
+from biomedlm_jax.serving.batcher import Batcher
+
+log = logging.getLogger("biomedlm_jax.serve")
+
+
+class Server:
+    def __init__(self, model, params, tokenizer, *, model_name: str, eos_id: int, slots: int = 16,
+                 max_len: Optional[int] = None, max_tokens_limit: Optional[int] = None, bucket: int = 64,
+                 steps_per_sync: int = 8, max_queue: Optional[int] = None, max_logprobs: int = 5,
+                 no_repeat_ngram_size: int = 0, warmup: bool = True):
+        max_len = max_len or model.config.n_positions
+        limit = max_len - 1 if max_tokens_limit is None else max_tokens_limit
+        if not 0 <= limit < max_len:
+            raise ValueError(f"--max_tokens_limit={limit} must be in [0, max_len={max_len})")
+        cfg = SamplingConfig(max_new_tokens=limit, temperature=1.0, no_repeat_ngram_size=no_repeat_ngram_size,
+                             eos_id=eos_id, pad_id=eos_id)
+        self.engine = engine_lib.Engine(model, params, cfg, slots=slots, max_len=max_len, bucket=bucket,
+                                        steps_per_sync=steps_per_sync, detokenize=tokenizer.decode,
+                                        logprobs=max_logprobs)
+        if warmup:  # compile the decode step and a one-prompt prefill before the first client waits
+            t0 = time.perf_counter()
+            self.engine.run([engine_lib.Request([eos_id], 1)])
+            log.info("warm-up compile: %.1f s", time.perf_counter() - t0)
+        self.batcher = Batcher(self.engine, max_queue or 4 * slots).start()
+        self.app = api.create_app(self.batcher, tokenizer, model_name, eos_id, max_logprobs)
+        self.model_name = model_name
+
+    def _uvicorn(self, **kw):
+        import uvicorn
+
+        return uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False, **kw))
+
+    def run(self, host: str, port: int) -> None:
+        """Serve until interrupted (SIGINT / SIGTERM)."""
+        log.info("serving %s on http://%s:%d/v1 (%d slots, max_len %d)", self.model_name, host, port,
+                 self.engine.slots, self.engine.max_len)
+        try:
+            self._uvicorn(host=host, port=port).run()
+        finally:
+            self.batcher.close()
+
+    @contextlib.contextmanager
+    def serving(self, host: str = "127.0.0.1", port: int = 0):
+        """Serve from a thread while the block runs; yields the base URL (port 0: a free port)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        srv = self._uvicorn()
+        thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not srv.started:
+            if not thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        try:
+            yield f"http://{host}:{sock.getsockname()[1]}"
+        finally:
+            srv.should_exit = True
+            thread.join(10)
+            sock.close()
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def build(init_from: str, *, quantize: str = "none", dtype: Optional[str] = None, model_name: str = "model",
+          **kw) -> Server:
+    """A Server for any checkpoint source (hf:, orbax:, peft:), with int8 weights if asked."""
+    from biomedlm_jax.data import tokenizer as tokenizer_lib
+    from biomedlm_jax.formats import loading
+    from biomedlm_jax.models import quantize as quantize_lib
+
+    model, params, tok = loading.load_for_inference(init_from, dtype)
+    model, params = quantize_lib.quantize(model, params, quantize)
+    eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
+    if eos is None:
+        raise ValueError(f"{init_from}: the tokenizer has no {tokenizer_lib.EOS_TOKEN} token")
+    return Server(model, params, tok, model_name=model_name, eos_id=eos, **kw)
