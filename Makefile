@@ -13,12 +13,12 @@ $(PY):
 # Stamps re-run the install when setup.py changes; a failed install fails the target.
 $(VENV)/.installed: setup.py | $(PY)
 	$(PIP) -e .
-	$(PY) -c "import jax, flax, optax, orbax.checkpoint, chex, ml_collections, tokenizers, safetensors, tensorflow, tensorflow_datasets, tensorboardX, tqdm, qwix, gguf"
+	$(PY) -c "import jax, flax, optax, orbax.checkpoint, chex, ml_collections, tokenizers, safetensors, tensorflow, tensorflow_datasets, tensorboardX, tqdm, qwix, gguf, fastapi, uvicorn"
 	touch $@
 
 $(VENV)/.installed-test: setup.py $(VENV)/.installed
 	$(PIP) -e '.[test]'
-	$(PY) -c "import torch, transformers, pytest, xdist, lm_eval, accelerate, gcsfs, gcp_storage_emulator, peft, apache_beam, llama_cpp, libtpu"
+	$(PY) -c "import torch, transformers, pytest, xdist, lm_eval, accelerate, gcsfs, gcp_storage_emulator, peft, apache_beam, llama_cpp, libtpu, openai, httpx2"
 	touch $@
 
 install: $(VENV)/.installed

@@ -38,6 +38,9 @@ INSTALL_REQUIRES = [
     "tensorstore==0.1.86",
     "qwix==0.1.8",  # int8 weight-only quantization (quantize.py, --quantize=int8)
     "gguf==0.19.0",  # GGUF export for llama.cpp (gguf_export.py, convert --to=gguf:FILE)
+    # python -m biomedlm_jax.serve: the OpenAI-compatible HTTP server
+    "fastapi==0.165.0",
+    "uvicorn==0.55.0",
 ]
 
 # Running the notebooks (and executing them in the tests).
@@ -80,6 +83,8 @@ EXTRAS_REQUIRE = {
         "accelerate==1.15.0",  # the harness's hf backend, the reference in tests/test_lm_eval.py
         "gcp-storage-emulator==2026.7.19",  # a fake GCS server for tests/test_object_store.py
         "peft==0.21.2",  # tests/test_lora.py loads our exported adapters with PEFT
+        "openai==3.63.0",  # tests/test_serve.py: the official client against our server
+        "httpx2==2.17.0",  # (openai's HTTP client) raw requests in tests/test_serve.py
         LIBTPU,  # tests/test_aot.py compiles for TPU slices (a 213 MB wheel)
         # tests/test_gguf.py runs our GGUF files in llama.cpp; an sdist, built here from source (cmake + a
         # C++ compiler, about 5 minutes on 2 cores)

@@ -71,7 +71,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # a bad source or size, a missing or damaged checkpoint
         print(f"serve: error: {e}", file=sys.stderr)
         return 1
-    srv.run(args.host, args.port)
+    try:
+        srv.run(args.host, args.port)
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal
+        pass
     return 0
 
 

@@ -262,14 +262,19 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                      "finish=%s stream=%s", rid, status, len(prompts), u["prompt_tokens"], u["completion_tokens"], ttft,
                      1e3 * (time.perf_counter() - t0), ",".join(str(c.finish_reason) for c in choices), bool(body.stream))
 
+        checked = [time.perf_counter()]
+
         async def next_item():
-            """The next update, or None when the client has gone away."""
+            """The next update, or None when the client has gone away (checked every 0.25 s)."""
             while True:
+                if time.perf_counter() - checked[0] > 0.25:
+                    checked[0] = time.perf_counter()
+                    if await request.is_disconnected():
+                        return None
                 try:
                     return await asyncio.wait_for(inbox.get(), timeout=0.25)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
+                    pass
 
         def on(item) -> Choice:
             i, u = item

@@ -43,42 +43,48 @@ class Server:
         self.app = api.create_app(self.batcher, tokenizer, model_name, eos_id, max_logprobs)
         self.model_name = model_name
 
-    def _uvicorn(self, **kw):
-        import uvicorn
-
-        return uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False, **kw))
-
     def run(self, host: str, port: int) -> None:
         """Serve until interrupted (SIGINT / SIGTERM)."""
         log.info("serving %s on http://%s:%d/v1 (%d slots, max_len %d)", self.model_name, host, port,
                  self.engine.slots, self.engine.max_len)
         try:
-            self._uvicorn(host=host, port=port).run()
+            _uvicorn(self.app, host=host, port=port).run()
         finally:
             self.batcher.close()
 
-    @contextlib.contextmanager
     def serving(self, host: str = "127.0.0.1", port: int = 0):
-        """Serve from a thread while the block runs; yields the base URL (port 0: a free port)."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        srv = self._uvicorn()
-        thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        while not srv.started:
-            if not thread.is_alive():
-                raise RuntimeError("the HTTP server did not start")
-            time.sleep(0.02)
-        try:
-            yield f"http://{host}:{sock.getsockname()[1]}"
-        finally:
-            srv.should_exit = True
-            thread.join(10)
-            sock.close()
+        """Serve from a thread while a `with` block runs; yields the base URL (port 0: a free port)."""
+        return in_thread(self.app, host, port)
 
     def close(self) -> None:
         self.batcher.close()
+
+
+def _uvicorn(app, **kw):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **kw))
+
+
+@contextlib.contextmanager
+def in_thread(app, host: str = "127.0.0.1", port: int = 0):
+    """Serve `app` from a thread while the block runs; yields the base URL (port 0: a free port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    srv = _uvicorn(app)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        if not thread.is_alive():
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def build(init_from: str, *, quantize: str = "none", dtype: Optional[str] = None, model_name: str = "model",

@@ -1,0 +1,240 @@
+"""The OpenAI-compatible server: the official `openai` client gets the same greedy answers as offline
+generation, plain and streamed; many concurrent clients share one engine; a client that goes away
+frees its slot; a full queue answers 429; each class of bad input gets its 400 naming the field."""
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx2 as httpx
+import jax
+import numpy as np
+import openai
+import pytest
+from conftest import REPO
+
+from biomedlm_jax.data import tokenizer as T
+from biomedlm_jax.inference import engine as E
+from biomedlm_jax.inference import generate as G
+from biomedlm_jax.inference import sampling
+from biomedlm_jax.models import gpt as M
+from biomedlm_jax.models import gpt_config
+from biomedlm_jax.serving import api, server
+from biomedlm_jax.serving.batcher import Batcher
+
+EOS = 50256
+TEXTS = ["Metformin is", "The patient presented with a three-day history of fever, cough and", "BRCA1",
+         "Aspirin irreversibly inhibits", "In a randomized controlled trial of 120 adults with type 2 diabetes, "
+         "the addition of"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return T.load_tokenizer(str(REPO / "data" / "gpt2_tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    cfg = gpt_config.get_config("tiny", vocab_size=50257, n_positions=512)
+    model = M.GPT(cfg)
+    return model, M.init_params(model, jax.random.PRNGKey(3))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_lm, tok):
+    model, params = tiny_lm
+    srv = server.Server(model, params, tok, model_name="tiny", eos_id=EOS, slots=4, bucket=16, steps_per_sync=2,
+                        max_queue=64, max_tokens_limit=480)
+    with srv.serving() as url:
+        yield srv, url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    srv.close()
+
+
+def offline(tiny_lm, tok, text, n):
+    model, params = tiny_lm
+    cfg = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=EOS)
+    ids = G.generate(model, params, [tok.encode(text).ids], jax.random.PRNGKey(0), cfg)[0]
+    return tok.decode([t for t in ids if t != EOS])
+
+
+def test_openai_client_plain_and_streamed_equal_offline_greedy_generation(served, tiny_lm, tok):
+    srv, url, client = served
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    want = [offline(tiny_lm, tok, t, 12) for t in TEXTS]
+    r = client.completions.create(model="tiny", prompt=TEXTS, max_tokens=12, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == want
+    assert {c.finish_reason for c in r.choices} == {"length"}
+    assert r.usage.completion_tokens == 12 * len(TEXTS)
+    assert r.usage.prompt_tokens == sum(len(tok.encode(t).ids) for t in TEXTS)
+    streamed = ["" for _ in TEXTS]
+    finish = {}
+    for chunk in client.completions.create(model="tiny", prompt=TEXTS, max_tokens=12, temperature=0, stream=True):
+        c = chunk.choices[0]
+        streamed[c.index] += c.text
+        if c.finish_reason:
+            finish[c.index] = c.finish_reason
+    assert streamed == want and finish == {i: "length" for i in range(len(TEXTS))}
+    # token ids as the prompt, and logprobs: the top alternatives start with the (greedy) chosen token
+    ids = tok.encode(TEXTS[0]).ids
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == want[0][: len(r.choices[0].text)] and len(lp.tokens) == 4
+    assert all(len(top) <= 2 and max(top, key=top.get) == t for top, t in zip(lp.top_logprobs, lp.tokens))
+    assert lp.token_logprobs == pytest.approx([max(top.values()) for top in lp.top_logprobs])
+
+
+def test_stop_strings_cut_the_text_and_seeds_repeat_samples(served, tiny_lm, tok):
+    srv, url, client = served
+    full = offline(tiny_lm, tok, TEXTS[1], 24)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = full[: full.index(stop)]
+    r = client.completions.create(model="tiny", prompt=TEXTS[1], max_tokens=24, temperature=0, stop=[stop])
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model="tiny", prompt=TEXTS[1], max_tokens=24, temperature=0, stop=stop, stream=True))
+    assert streamed == cut
+    kw = dict(model="tiny", prompt=TEXTS[0], max_tokens=10, temperature=1.0, extra_body={"top_k": 50})
+    a, b = (client.completions.create(seed=7, **kw).choices[0].text for _ in range(2))
+    others = {client.completions.create(seed=s, **kw).choices[0].text for s in (8, 9, 10)}
+    assert a == b and others - {a}
+
+
+def test_32_concurrent_clients_with_mixed_lengths_get_their_own_greedy_answers(served, tiny_lm, tok):
+    srv, url, client = served
+    rng = np.random.default_rng(0)
+    jobs = [(TEXTS[i % len(TEXTS)] + " " * int(rng.integers(0, 3)), int(rng.integers(1, 40))) for i in range(32)]
+    alone = {}
+    for text, n in jobs:  # the same requests one at a time
+        alone[(text, n)] = client.completions.create(model="tiny", prompt=text, max_tokens=n, temperature=0).choices[0].text
+
+    def call(job):
+        text, n = job
+        if n % 2:
+            return "".join(ch.choices[0].text for ch in client.completions.create(
+                model="tiny", prompt=text, max_tokens=n, temperature=0, stream=True))
+        return client.completions.create(model="tiny", prompt=text, max_tokens=n, temperature=0).choices[0].text
+
+    before = dict(httpx.get(url + "/health").json())
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        outs = list(pool.map(call, jobs))
+    assert outs == [alone[j] for j in jobs]
+    health = httpx.get(url + "/health").json()
+    assert health["admitted"] - before["admitted"] == 32 and health["active"] == 0 and health["queued"] == 0
+
+
+def test_a_client_that_disconnects_frees_its_slot(served, tok, monkeypatch):
+    srv, url, client = served
+    fast = srv.engine.generate  # a slower model: 480 tokens take 2.4 s, not 0.2 s
+
+    def slow(state):
+        time.sleep(0.01)
+        return fast(state)
+
+    monkeypatch.setattr(srv.engine, "generate", slow)
+    before = httpx.get(url + "/health").json().get("cancelled", 0)
+    body = {"model": "tiny", "prompt": "Metformin is", "max_tokens": 480, "temperature": 0}
+    with httpx.stream("POST", url + "/v1/completions", json=dict(body, stream=True), timeout=30) as r:
+        next(r.iter_lines())  # the first chunk: the request holds a slot
+    with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
+        httpx.post(url + "/v1/completions", json=body, timeout=0.3)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        h = httpx.get(url + "/health").json()
+        if h["active"] == 0 and h.get("cancelled", 0) - before == 2:
+            break
+        time.sleep(0.05)
+    assert h["active"] == 0 and h.get("cancelled", 0) - before == 2, h
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    ({"prompt": "x", "temprature": 0.5}, 400, "temprature"),
+    ({"prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 481}, 400, "max_tokens"),
+    ({"prompt": "word " * 600}, 400, "prompt"),
+    ({"prompt": "word " * 500, "max_tokens": 16}, 400, "prompt"),
+    ({"prompt": [1, 99999]}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ({"prompt": "x", "stop": ["a", ""]}, 400, "stop"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+])
+def test_bad_requests_get_openai_errors_naming_the_field(served, body, status, param):
+    srv, url, client = served
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(url + "/v1/completions", timeout=30, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"], err
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny_lm, tok):
+    model, params = tiny_lm
+    eng = E.Engine(model, params, sampling.SamplingConfig(max_new_tokens=8, temperature=0.0, eos_id=EOS), slots=1,
+                   max_len=64, bucket=16, detokenize=tok.decode)
+    batcher = Batcher(eng, max_queue=1)  # not started yet: whatever is submitted waits
+    app = api.create_app(batcher, tok, "tiny", EOS)
+    with server.in_thread(app) as url:
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(
+            url + "/v1/completions", json={"prompt": "BRCA1", "max_tokens": 4, "temperature": 0}, timeout=60)))
+        t.start()
+        while batcher.queued == 0:
+            time.sleep(0.01)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["code"] == "queue_full"
+        batcher.start()  # the waiting request is served once the engine runs
+        t.join(60)
+        assert first["r"].status_code == 200 and first["r"].json()["choices"][0]["finish_reason"] == "length"
+    batcher.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_command_answers_the_openai_client_and_stops_on_sigint(tmp_path, tiny_lm, tok):
+    """`python -m biomedlm_jax.serve --init_from=hf:DIR` as a user starts it."""
+    from biomedlm_jax.formats import hf
+
+    model, params = tiny_lm
+    hf.save_pretrained(model, params, str(tmp_path / "ckpt"), tokenizer=tok)
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="")
+    proc = subprocess.Popen([sys.executable, "-m", "biomedlm_jax.serve", f"--init_from=hf:{tmp_path / 'ckpt'}",
+                             f"--port={port}", "--slots=2", "--max_len=256", "--bucket=16"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).json()["status"] == "ok":
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="ckpt", prompt=TEXTS[0], max_tokens=8, temperature=0)
+        assert r.choices[0].text == offline(tiny_lm, tok, TEXTS[0], 8)
+        text = "".join(ch.choices[0].text for ch in client.completions.create(
+            model="ckpt", prompt=TEXTS[0], max_tokens=8, temperature=0, stream=True))
+        assert text == r.choices[0].text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    lines = [line for line in out.splitlines() if " completion cmpl-" in line]
+    assert len(lines) == 2 and all("completion_tokens=8" in line and "ttft_ms=" in line for line in lines), out[-3000:]
