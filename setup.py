@@ -95,6 +95,9 @@ EXTRAS_REQUIRE = {
         *EVAL_REQUIRES,
     ],
     "eval": EVAL_REQUIRES,
+    # bench_inference serve --llama_cpp: llama-cpp-python's OpenAI server as the peer (builds llama.cpp)
+    "serve-bench": ["llama-cpp-python[server]==0.3.36", "sse-starlette==3.7.1", "starlette-context==0.3.6",
+                    "pydantic-settings==2.16.3", "PyYAML==6.0.4"],
     "gcs": GCS_REQUIRES,
     "beam": BEAM_REQUIRES,
     "notebooks": NOTEBOOK_REQUIRES,

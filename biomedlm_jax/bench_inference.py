@@ -22,6 +22,15 @@ fp32 and, with `--quantize=int8`, for Qwix int8 weights (`models/quantize.py`), 
 bandwidth (`measure_bandwidth`, or `--bandwidth`). `--gguf=F16,Q8_0` also exports the weights to
 GGUF (`formats/gguf.py`) and times llama.cpp (llama-cpp-python) at batch 1 on the same prompt.
 
+`serve` puts `python -m biomedlm_jax.serve` (and, with `--llama_cpp`, llama-cpp-python's OpenAI server on
+the same weights as GGUF) under `--clients` concurrent streaming clients sending MedQuAD questions
+(benchmarks/serving.py): requests/s, tokens/s, p50 / p99 latency and time to first token.
+
+    python -m biomedlm_jax.bench_inference serve --model=bench-cpu --questions=64 --clients=1,8,32 [--llama_cpp]
+
+`gguf-memory` exports a random-init `--model` (fp32) to GGUF while sampling the process's resident set:
+the peak beyond the weights, against the largest tensor (the export streams one tensor at a time).
+
 `quality` measures what int8 costs: bits per byte and perplexity on documents (`evaluate_lm.evaluate`)
 for a checkpoint (`--init_from`, with `--held_out=F` keeping only the documents its pretraining held
 out, by the PMID-hash split of input_pipeline.in_eval_split) or a random-init `--model`; and, with
@@ -64,6 +73,20 @@ def main(argv=None) -> int:
     de.add_argument("--gguf", default="", help="comma list of GGUF types (F16,Q8_0) to time in llama.cpp (batch 1)")
     de.add_argument("--bandwidth", type=float, default=0.0, help="memory bytes/s (default: measured here)")
     de.add_argument("--out", default="", help="folder for the GGUF files (default: a temporary one)")
+    se = sub.add_parser("serve", help="the HTTP server under 1..N concurrent streaming clients (and llama.cpp's)")
+    se.add_argument("--model", default="bench-cpu")
+    se.add_argument("--questions", type=int, default=64)
+    se.add_argument("--clients", default="1,8,32", help="comma list of concurrent client counts")
+    se.add_argument("--slots", type=int, default=16)
+    se.add_argument("--max_new", type=int, default=64)
+    se.add_argument("--steps_per_sync", type=int, default=8)
+    se.add_argument("--medquad", default=os.path.join("data", "medquad"), help="MedQuAD XML folder")
+    se.add_argument("--tokenizer", default=os.path.join("data", "gpt2_tokenizer"))
+    se.add_argument("--llama_cpp", action="store_true", help="also llama-cpp-python's server on the GGUF export "
+                    "(needs pip install -e .[serve-bench])")
+    gm = sub.add_parser("gguf-memory", help="peak host memory of a GGUF export beyond the weights")
+    gm.add_argument("--model", default="gpt2-medium")
+    gm.add_argument("--gguf_type", default="F16")
     qu = sub.add_parser("quality", help="what int8 costs: bits/byte and perplexity, MCQA logits and accuracy")
     qu.add_argument("--input", default=os.path.join("data", "pubmed_abstracts", "abstracts.jsonl"))
     qu.add_argument("--init_from", default="", help="hf:DIR or orbax:WORKDIR (default: a random-init --model)")
@@ -79,6 +102,15 @@ def main(argv=None) -> int:
     if args.cmd == "quality":
         rows = bench_quality(args.input, args.init_from, args.model, args.held_out, args.max_docs, args.seq_len,
                              args.classifier, args.tasks, args.data_dir, args.tokenizer)
+    elif args.cmd == "gguf-memory":
+        from biomedlm_jax.benchmarks.inference import bench_gguf_memory
+
+        rows = bench_gguf_memory(args.model, args.gguf_type)
+    elif args.cmd == "serve":
+        from biomedlm_jax.benchmarks.serving import bench_serve
+
+        rows = bench_serve(args.model, args.questions, [int(c) for c in args.clients.split(",")], args.slots,
+                           args.max_new, args.medquad, args.tokenizer, args.steps_per_sync, args.llama_cpp)
     elif args.cmd == "engine":
         rows = bench_engine(args.model, args.questions, args.slots, args.max_new, args.medquad, args.tokenizer,
                             args.steps_per_sync, args.peer, args.vocab)

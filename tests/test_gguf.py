@@ -57,6 +57,34 @@ def test_llama_cpp_logits_match_ours(tmp_path, tok, variant):
             assert agree >= 0.9, agree
 
 
+def test_the_attention_fold_is_what_makes_a_biomedlm_model_match(tmp_path, tok):
+    """BioMedLM divides attention scores by layer + 1. With large q/k weights (peaked attention, unlike a
+    random init's near-uniform one) the exported file matches our logits, and a file exported as if
+    the model had no such scaling does not: the match test above would catch a dropped fold. The file
+    also carries output.weight (the tied head) and F32 position embeddings, as llama.cpp writes GPT-2."""
+    import gguf
+
+    cfg = gpt_config.get_config("tiny", scale_attn_by_inverse_layer_idx=True, n_layer=3)
+    model = M.GPT(cfg)
+    params = M.init_params(model, jax.random.PRNGKey(4))
+    for i in range(cfg.n_layer):  # q and k weights x8: scores x64, attention far from uniform
+        attn = params[f"h_{i}"]["attn"]["c_attn"]
+        attn["kernel"] = attn["kernel"].at[:, :2].multiply(8.0)
+    ids = tok.encode(TEXT).ids
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray([ids])))[0]
+    path = gguf_export.write_gguf(cfg, params, tok, str(tmp_path / "fold.gguf"), "F16")
+    good = gguf_export.llama_logits(gguf_export.load_llama(path, n_ctx=len(ids), logits_all=True), ids)
+    np.testing.assert_allclose(good, ours, atol=5e-3)
+    unfolded = gguf_export.write_gguf(cfg.replace(scale_attn_by_inverse_layer_idx=False), params, tok,
+                                      str(tmp_path / "nofold.gguf"), "F16")
+    bad = gguf_export.llama_logits(gguf_export.load_llama(unfolded, n_ctx=len(ids), logits_all=True), ids)
+    assert np.abs(bad - ours).max() > 10 * 5e-3, np.abs(bad - ours).max()  # fails the check above 10x over
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert tensors["position_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["output.weight"].tensor_type == tensors["token_embd.weight"].tensor_type
+    np.testing.assert_array_equal(np.asarray(tensors["output.weight"].data), np.asarray(tensors["token_embd.weight"].data))
+
+
 def test_tokenizer_travels_with_the_file(tmp_path, tok):
     """llama.cpp tokenizes with the file's own vocabulary and merges like `tokenizers` does (no
     fingerprinting), keeps added tokens whole, and pads the vocabulary to the embedding's rows."""
@@ -106,6 +134,18 @@ def test_refusals_name_the_problem(tmp_path, tok):
     with pytest.raises(gguf_export.GGUFExportError, match="activation='relu'.*tanh-GELU"):
         gguf_export.write_gguf(cfg, M.init_params(model, jax.random.PRNGKey(0)), tok, str(tmp_path / "x.gguf"))
     assert not list(tmp_path.iterdir())  # nothing half-written
+    from tokenizers import normalizers, pre_tokenizers
+
+    cfg = gpt_config.get_config("tiny")
+    params = M.init_params(M.GPT(cfg), jax.random.PRNGKey(0))
+    spaced = T.load_tokenizer(GPT2)
+    spaced.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    normalized = T.load_tokenizer(GPT2)
+    normalized.normalizer = normalizers.NFKC()
+    for bad, message in ((spaced, "add_prefix_space=True.*adds no leading space"), (normalized, "a normalizer.*NFKC")):
+        with pytest.raises(gguf_export.GGUFExportError, match=message):
+            gguf_export.write_gguf(cfg, params, bad, str(tmp_path / "x.gguf"))
+    assert not list(tmp_path.iterdir())
     make_hf_model(tmp_path / "hf", n_layer=2, n_embd=64, n_head=4, n_positions=64)
     T.save_tokenizer(tok, str(tmp_path / "hf"))
     out = tmp_path / "m.gguf"

@@ -296,3 +296,50 @@ def bench_quality(input_glob: str, init_from: str = "", variant: str = "gpt2-sma
                          mean_abs_logit_delta=float(np.abs(a - b).mean()), logit_scale=float(np.abs(a).mean()),
                          same_prediction=preds_same, accuracy_fp32=acc["none"], accuracy_int8=acc[mode]))
     return rows
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_gguf_memory(variant: str = "gpt2-medium", ftype: str = "F16", out_dir: str = "") -> list[dict]:
+    """Peak host memory of `convert --to=gguf:` beyond the weights themselves: a random-init `variant`
+    (fp32, as a checkpoint loads) is exported while a thread samples this process's resident set every
+    2 ms. Linux only (/proc)."""
+    import gc
+    import tempfile
+    import threading
+
+    import jax
+
+    from biomedlm_jax.data import tokenizer as tokenizer_lib
+    from biomedlm_jax.formats import gguf
+
+    model, params = _tiny_model(variant, 0)
+    jax.block_until_ready(params)
+    tok = tokenizer_lib.load_tokenizer(os.path.join("data", "gpt2_tokenizer")) if model.config.vocab_size == 50257 else None
+    weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    largest = max(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(params))
+    gc.collect()
+    base, peak, stop = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        t.start()
+        t0 = time.perf_counter()
+        path = gguf.write_gguf(model.config, params, tok, os.path.join(out_dir or tmp, f"m-{ftype}.gguf"), ftype)
+        dt = time.perf_counter() - t0
+        stop.set()
+        t.join()
+        size = os.path.getsize(path)
+    extra = peak[0] - base
+    return [{"kind": "gguf-memory", "model": variant, "gguf_type": ftype, "weights_bytes": weights,
+             "largest_tensor_fp32_bytes": largest, "file_bytes": size, "peak_extra_bytes": extra,
+             "peak_extra_over_largest_tensor": extra / largest, "peak_extra_over_weights": extra / weights,
+             "seconds": dt}]

@@ -10,16 +10,17 @@ llama.cpp's "gpt-2" pre-tokenizer, which is GPT-2's split regex, the one BioMedL
 
 The file is llama.cpp's GPT-2 architecture ("gpt2"):
   * tensors token_embd, position_embd, blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up,
-    ffn_down}.{weight,bias}, output_norm; no output.weight, so llama.cpp ties the head to token_embd
-    as BioMedLM does. Linear weights are stored (out, in), i.e. HF's Conv1D weights transposed;
+    ffn_down}.{weight,bias}, output_norm, and output.weight: the tied head written as its own copy of
+    token_embd, as llama.cpp's converter writes GPT-2 (readers that require it find it). Linear weights
+    are stored (out, in), i.e. HF's Conv1D weights transposed;
   * llama.cpp's graph scales attention scores by 1/sqrt(head_dim) only. BioMedLM also divides by
     layer index + 1 (`scale_attn_by_inverse_layer_idx`), and `scale_attn_weights=False` drops the
     1/sqrt: the difference is folded into the query rows of attn_qkv (weight and bias), which
     scales q.k exactly as the model does;
   * its feed-forward is GELU with the tanh approximation (HF "gelu_new", ours by default); a model
     with another activation is refused rather than exported wrong;
-  * types: F32, F16 (2-D weights in F16, norms and biases in F32, as llama.cpp's converter does), or
-    Q8_0 (2-D weights in blocks of 32 with an f16 scale each, `gguf.quants.quantize`; a tensor whose
+  * types: F32, F16 (2-D weights in F16; norms, biases and position embeddings in F32, as llama.cpp's
+    converter does), or Q8_0 (2-D weights in blocks of 32 with an f16 scale each, `gguf.quants.quantize`; a tensor whose
     rows are not a multiple of 32 stays F16).
 Vocabulary rows beyond the tokenizer's (a model padded to a rounder vocab size) get placeholder
 tokens of type UNUSED so llama.cpp's vocabulary matches the embedding. MCQA classifiers carry a task
@@ -76,6 +77,16 @@ def tokenizer_metadata(tok, vocab_size: int) -> dict:
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise GGUFExportError("GGUF export supports byte-level BPE tokenizers (GPT-2 / BioMedLM); this one has model "
                               f"{model.get('type')!r} and pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:80]}")
+    pre = spec.get("pre_tokenizer") or {}
+    for part in pre.get("pretokenizers") or [pre]:
+        if part.get("type") == "ByteLevel" and (part.get("add_prefix_space") or part.get("use_regex") is False):
+            raise GGUFExportError(
+                f"the tokenizer's ByteLevel pre-tokenizer has add_prefix_space={part.get('add_prefix_space')}, "
+                f"use_regex={part.get('use_regex')}; llama.cpp's gpt-2 pre-tokenizer splits with GPT-2's regex and "
+                "adds no leading space (BioMedLM's: add_prefix_space=False), so prompts would tokenize differently")
+    if spec.get("normalizer") is not None:
+        raise GGUFExportError(f"the tokenizer has a normalizer ({json.dumps(spec['normalizer'])[:80]}); llama.cpp's "
+                              "gpt-2 tokenizer applies none, so prompts would tokenize differently")
     vocab = tok.get_vocab(with_added_tokens=True)
     n = len(vocab)
     by_id = {i: t for t, i in vocab.items()}
@@ -102,33 +113,69 @@ def tokenizer_metadata(tok, vocab_size: int) -> dict:
             "pad": pad}
 
 
-def gguf_tensors(params, cfg) -> dict[str, np.ndarray]:
-    """{GGUF tensor name: fp32 array in GGUF's (out, in) layout}, attention scaling folded into q."""
+_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+          "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+_TOP = {"wte.weight": ("token_embd.weight", "output.weight"), "wpe.weight": ("position_embd.weight",),
+        "ln_f.weight": ("output_norm.weight",), "ln_f.bias": ("output_norm.bias",)}
+
+
+def _names(hf_name: str) -> tuple[str, ...]:
+    """GGUF names of an HF tensor (the tied embedding is also written as output.weight)."""
+    if hf_name in _TOP:
+        return _TOP[hf_name]
+    _, i, rest = hf_name.split(".", 2)  # h.{i}.{module}.{weight|bias}
+    module, kind = rest.rsplit(".", 1)
+    return (f"blk.{i}.{_BLOCK[module]}.{kind}",)
+
+
+def gguf_shapes(cfg) -> list[tuple[str, tuple]]:
+    """(GGUF name, shape) of every tensor in file order, from the config alone (2-D weights (out, in))."""
     from biomedlm_jax.formats import hf
 
+    out = []
+    for hf_name, _, hf_shape, _ in hf._layout(cfg):
+        transposed = len(hf_shape) == 2 and hf_name.startswith("h.")
+        out += [(n, tuple(reversed(hf_shape)) if transposed else tuple(hf_shape)) for n in _names(hf_name)]
+    return out
+
+
+def iter_gguf_tensors(params, cfg):
+    """(GGUF name, fp32 array in GGUF's (out, in) layout) one tensor at a time, in `gguf_shapes` order,
+    with the attention scaling folded into q."""
+    from biomedlm_jax.formats import hf
+
+    check_exportable(cfg)
+    C, hd = cfg.d_model, cfg.head_dim
+    for name, arr in hf.iter_hf(params, cfg, np.float32):
+        hf_name = name.removeprefix("transformer.")
+        if hf_name.startswith("h."):
+            i = int(hf_name.split(".")[1])
+            if ".attn.c_attn." in hf_name:  # Conv1D (in, 3C) / (3C,): entries [0, C) of the last axis are q
+                ours = (1.0 / np.sqrt(hd) if cfg.scale_attn_weights else 1.0) / (
+                    i + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
+                fold = np.ones(3 * C, np.float32)
+                fold[:C] = ours * np.sqrt(hd)  # llama.cpp multiplies q.k by 1/sqrt(hd); q * fold makes it `ours`
+                arr = arr * fold
+            if arr.ndim == 2:
+                arr = np.ascontiguousarray(arr.T)  # Conv1D (in, out) -> (out, in)
+        for g_name in _names(hf_name):
+            yield g_name, arr
+
+
+def check_exportable(cfg) -> None:
     if cfg.activation not in TANH_GELU:
         raise GGUFExportError(f"activation={cfg.activation!r}: llama.cpp's GPT-2 graph computes tanh-GELU "
                               f"({', '.join(TANH_GELU)}); this model would run differently there")
-    sd = hf.params_to_hf(params, cfg, np.float32)
-    C, hd = cfg.d_model, cfg.head_dim
-    out = {"token_embd.weight": sd["transformer.wte.weight"], "position_embd.weight": sd["transformer.wpe.weight"],
-           "output_norm.weight": sd["transformer.ln_f.weight"], "output_norm.bias": sd["transformer.ln_f.bias"]}
-    names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-    for i in range(cfg.n_layer):
-        ours = (1.0 / np.sqrt(hd) if cfg.scale_attn_weights else 1.0) / (i + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
-        fold = ours * np.sqrt(hd)  # llama.cpp multiplies q.k by 1/sqrt(hd); q * fold makes it `ours`
-        for hf_name, g_name in names.items():
-            w = sd[f"transformer.h.{i}.{hf_name}.weight"].copy()
-            b = sd[f"transformer.h.{i}.{hf_name}.bias"].copy()
-            if hf_name == "attn.c_attn":  # Conv1D (in, 3C): columns [0, C) are q
-                w[:, :C] *= fold
-                b[:C] *= fold
-            if w.ndim == 2:
-                w = np.ascontiguousarray(w.T)  # Conv1D (in, out) -> (out, in)
-            out[f"blk.{i}.{g_name}.weight"] = w
-            out[f"blk.{i}.{g_name}.bias"] = b
-    return out
+
+
+def _storage(name: str, shape: tuple, ftype: str) -> str:
+    """How a tensor is stored: F32 for vectors, position embeddings and F32 files; Q8_0 where rows
+    split into blocks of 32; else F16."""
+    if len(shape) == 1 or ftype == "F32" or name == "position_embd.weight":
+        return "F32"
+    if ftype == "Q8_0" and shape[-1] % 32 == 0:
+        return "Q8_0"
+    return "F16"
 
 
 def write_gguf(cfg, params, tok, path: str, ftype: str = "F16", name: str = "biomedlm-jax") -> str:
@@ -138,7 +185,7 @@ def write_gguf(cfg, params, tok, path: str, ftype: str = "F16", name: str = "bio
     ftype = ftype.upper()
     if ftype not in TYPES:
         raise GGUFExportError(f"GGUF type {ftype!r}: choose from {', '.join(TYPES)}")
-    tensors = gguf_tensors(params, cfg)  # validates before anything is written
+    check_exportable(cfg)  # before anything is written
     meta = tokenizer_metadata(tok, cfg.vocab_size)
     Q = gguf.GGMLQuantizationType
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
@@ -166,19 +213,37 @@ def write_gguf(cfg, params, tok, path: str, ftype: str = "F16", name: str = "bio
     if meta["pad"] is not None:
         w.add_pad_token_id(meta["pad"])
     w.add_add_bos_token(False)  # BioMedLM's prompts start with their first text token
-    for tname, arr in tensors.items():
-        if arr.ndim == 1 or ftype == "F32":
-            w.add_tensor(tname, arr.astype(np.float32))
-        elif ftype == "Q8_0" and arr.shape[-1] % 32 == 0:
-            w.add_tensor(tname, gguf.quants.quantize(arr, Q.Q8_0), raw_dtype=Q.Q8_0)
+    # Streaming: every tensor's info first (from the config), then each tensor computed, converted and
+    # written in turn, so the export holds one tensor (in fp32 and as stored) beyond the params.
+    plan = gguf_shapes(cfg)
+    for tname, shape in plan:
+        kind = _storage(tname, shape, ftype)
+        n = int(np.prod(shape))
+        if kind == "Q8_0":
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, Q.Q8_0)
+            w.add_tensor_info(tname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=Q.Q8_0)
         else:
-            w.add_tensor(tname, arr.astype(np.float16))
+            dt = np.dtype(np.float32 if kind == "F32" else np.float16)
+            w.add_tensor_info(tname, shape, dt, n * dt.itemsize)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
+        w.write_ti_data_to_file()
+        for (tname, shape), (got, arr) in zip(plan, iter_gguf_tensors(params, cfg), strict=True):
+            if got != tname or arr.shape != shape:
+                raise GGUFExportError(f"tensor {got} {arr.shape} where {tname} {shape} was planned")
+            kind = _storage(tname, shape, ftype)
+            if kind == "Q8_0":
+                w.write_tensor_data(gguf.quants.quantize(arr, Q.Q8_0))
+            else:
+                w.write_tensor_data(arr.astype(np.float32 if kind == "F32" else np.float16, copy=False))
+            del arr
+    except BaseException:
         w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    w.close()
     os.replace(tmp, path)
     return path
 

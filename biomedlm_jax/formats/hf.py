@@ -36,7 +36,7 @@ from biomedlm_jax.core import paths
 from biomedlm_jax.core.errors import CheckpointError
 from biomedlm_jax.data import tokenizer as tokenizer_lib
 from biomedlm_jax.formats.hf_config import CONFIG_NAME, config_to_hf, load_config, read_hf_config
-from biomedlm_jax.models.gpt import GPT, stack_layers, unstack_layers
+from biomedlm_jax.models.gpt import GPT, stack_layers
 from biomedlm_jax.models.gpt_config import GPTConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -312,24 +312,30 @@ def _to_host(x) -> np.ndarray:
 
 
 
-def params_to_hf(params, cfg: GPTConfig, dtype=None) -> dict[str, np.ndarray]:
-    """Flax params -> {HF tensor name: numpy array} (GPT2LMHeadModel names, tied head omitted)."""
-    params = jax.tree.map(_to_host, nn.unbox(params))
-    if cfg.scan_layers:
-        params = unstack_layers(params, cfg.n_layer)
-    out = {}
+def iter_hf(params, cfg: GPTConfig, dtype=None):
+    """(HF tensor name, numpy array) for every tensor, one at a time (GPT2LMHeadModel names, tied head
+    omitted): each is brought to the host and converted only when asked for, so a writer that streams
+    holds one tensor beyond the params. A scanned model's layer i is sliced from its stacked weights."""
+    params = nn.unbox(params)
     for hf_name, flax_path, hf_shape, flax_shape in _layout(cfg):
         try:
-            arr = _get(params, flax_path)
+            if cfg.scan_layers and flax_path[0].startswith("h_"):
+                arr = _get(params["h"], flax_path[1:])[int(flax_path[0][2:])]
+            else:
+                arr = _get(params, flax_path)
         except KeyError as e:
             raise CheckpointError(f"params have no {'/'.join(flax_path)} (needed for {hf_name})") from e
         if tuple(arr.shape) != flax_shape:
             raise CheckpointError(f"param {'/'.join(flax_path)} has shape {arr.shape}, expected {flax_shape}")
-        arr = arr.reshape(hf_shape)
+        arr = _to_host(arr).reshape(hf_shape)
         if dtype is not None:
-            arr = arr.astype(dtype)
-        out["transformer." + hf_name] = np.ascontiguousarray(arr)
-    return out
+            arr = arr.astype(dtype, copy=False)
+        yield "transformer." + hf_name, np.ascontiguousarray(arr)
+
+
+def params_to_hf(params, cfg: GPTConfig, dtype=None) -> dict[str, np.ndarray]:
+    """Flax params -> {HF tensor name: numpy array} (GPT2LMHeadModel names, tied head omitted)."""
+    return dict(iter_hf(params, cfg, dtype))
 
 
 
