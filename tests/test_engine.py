@@ -215,7 +215,7 @@ def test_logprobs_are_the_models_log_softmax_of_each_chosen_token():
     cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=0.0)
     eng = E.Engine(model, params, cfg, slots=2, max_prompt_len=40, logprobs=3)
     sched = E.Scheduler(eng)
-    sched.admit([(0, E.Request(prompt))])
+    sched.admit([(0, E.Request(prompt, logprobs=True))])
     toks, lps = [], []
     while sched.busy():
         for u in sched.step():

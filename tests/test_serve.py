@@ -130,9 +130,9 @@ def test_a_client_that_disconnects_frees_its_slot(served, tok, monkeypatch):
     srv, url, client = served
     fast = srv.engine.generate  # a slower model: 480 tokens take 2.4 s, not 0.2 s
 
-    def slow(state):
+    def slow(state, **kw):
         time.sleep(0.01)
-        return fast(state)
+        return fast(state, **kw)
 
     monkeypatch.setattr(srv.engine, "generate", slow)
     before = httpx.get(url + "/health").json().get("cancelled", 0)

@@ -80,7 +80,7 @@ def medquad_requests(medquad: str, tokenizer: str, questions: int, max_new: int,
 
 
 
-def _tiny_model(variant: str, n_positions: int, vocab: int = 0, seed: int = 0, dtype: str = "float32"):
+def random_model(variant: str, n_positions: int, vocab: int = 0, seed: int = 0, dtype: str = "float32"):
     """A random-init model of `variant` with weights stored and computed in `dtype` (as
     convert.load_for_inference loads a checkpoint for decoding)."""
     import jax
@@ -107,7 +107,7 @@ def bench_engine(variant: str, questions: int, slots: int, max_new: int, medquad
     V = vocab or gpt_config.VARIANTS[variant]["vocab_size"]
     prompts, budgets = medquad_requests(medquad, tokenizer, questions, max_new, V)
     longest = max(len(p) for p in prompts)
-    model, params = _tiny_model(variant, longest + max_new, vocab, dtype=dtype)
+    model, params = random_model(variant, longest + max_new, vocab, dtype=dtype)
     fmodel, fparams = model, params  # the HF peer gets the float weights
     if quantize:
         from biomedlm_jax.models import quantize as quant_lib
@@ -196,7 +196,7 @@ def bench_decode(variant: str, batch: int, prompt: int, new: int, quantize: str 
     import jax
 
 
-    model, params = _tiny_model(variant, prompt + new, vocab, dtype=dtype)
+    model, params = random_model(variant, prompt + new, vocab, dtype=dtype)
     cfg = model.config
     from biomedlm_jax.training import metrics
 
@@ -256,7 +256,7 @@ def bench_quality(input_glob: str, init_from: str = "", variant: str = "gpt2-sma
         model, params, tok = loading.load_for_inference(init_from)
         name = init_from
     else:
-        model, params = _tiny_model(variant, 0)
+        model, params = random_model(variant, 0)
         tok = tokenizer_lib.load_tokenizer(tokenizer or os.path.join("data", "gpt2_tokenizer"))
         name = f"random-init {variant}"
     docs = list(readers.read_documents(readers.expand_files(input_glob)))
@@ -316,7 +316,7 @@ def bench_gguf_memory(variant: str = "gpt2-medium", ftype: str = "F16", out_dir:
     from biomedlm_jax.data import tokenizer as tokenizer_lib
     from biomedlm_jax.formats import gguf
 
-    model, params = _tiny_model(variant, 0)
+    model, params = random_model(variant, 0)
     jax.block_until_ready(params)
     tok = tokenizer_lib.load_tokenizer(os.path.join("data", "gpt2_tokenizer")) if model.config.vocab_size == 50257 else None
     weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))

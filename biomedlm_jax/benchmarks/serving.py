@@ -90,7 +90,7 @@ def bench_serve(variant: str, questions: int, clients: Sequence[int], slots: int
                 tokenizer: str, steps_per_sync: int = 8, llama_cpp: bool = False) -> list[dict]:
     import jax
 
-    from biomedlm_jax.benchmarks.inference import _tiny_model
+    from biomedlm_jax.benchmarks.inference import random_model
     from biomedlm_jax.data import tokenizer as tokenizer_lib
     from biomedlm_jax.formats import gguf, hf
     from biomedlm_jax.tasks import seq2seq
@@ -102,7 +102,7 @@ def bench_serve(variant: str, questions: int, clients: Sequence[int], slots: int
     prompts = [f"Question: {e.question}\nAnswer:" for e in examples]
     budgets = [max(1, min(max_new, len(tok.encode(" " + e.answer).ids))) for e in examples]
     longest = max(len(tok.encode(p).ids) for p in prompts)
-    model, params = _tiny_model(variant, longest + max_new, tok.get_vocab_size())
+    model, params = random_model(variant, longest + max_new, tok.get_vocab_size())
     max_len = model.config.n_positions
     base = {"model": variant, "vocab": model.config.vocab_size, "questions": questions, "slots": slots,
             "max_new": max_new, "budget_mean": float(np.mean(budgets)), "device": jax.devices()[0].device_kind,

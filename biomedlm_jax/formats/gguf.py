@@ -133,7 +133,7 @@ def gguf_shapes(cfg) -> list[tuple[str, tuple]]:
     from biomedlm_jax.formats import hf
 
     out = []
-    for hf_name, _, hf_shape, _ in hf._layout(cfg):
+    for hf_name, _, hf_shape, _ in hf.layout(cfg):
         transposed = len(hf_shape) == 2 and hf_name.startswith("h.")
         out += [(n, tuple(reversed(hf_shape)) if transposed else tuple(hf_shape)) for n in _names(hf_name)]
     return out

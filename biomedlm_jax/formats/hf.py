@@ -62,7 +62,7 @@ HEAD_ARCHITECTURES = {"GPT2ForMultipleChoice": "choice", "GPT2ForSequenceClassif
 
 
 
-def _layout(cfg: GPTConfig):
+def layout(cfg: GPTConfig):
     """[(hf_name, flax_path, hf_shape, flax_shape)] for every tensor, per-layer (unstacked) paths."""
     C, H, hd, F = cfg.d_model, cfg.n_head, cfg.head_dim, cfg.ffn_dim
     rows = [
@@ -151,7 +151,7 @@ def _strip_prefix(name: str) -> str:
 
 def load_params_numpy(path: str, cfg: GPTConfig, dtype=np.float32) -> dict:
     """Read every tensor named by the layout, check names and shapes, return a numpy param tree."""
-    layout = {hf_name: (flax_path, hf_shape, flax_shape) for hf_name, flax_path, hf_shape, flax_shape in _layout(cfg)}
+    by_name = {hf_name: (flax_path, hf_shape, flax_shape) for hf_name, flax_path, hf_shape, flax_shape in layout(cfg)}
     params: dict = {}
     seen: dict[str, str] = {}
     lm_head = None
@@ -164,19 +164,19 @@ def load_params_numpy(path: str, cfg: GPTConfig, dtype=np.float32) -> dict:
         if key == "lm_head.weight":
             lm_head = (file, name, load)
             continue
-        if key not in layout:
+        if key not in by_name:
             raise CheckpointError(
                 f"{file}: unexpected tensor {name}; is this a GPT2LMHeadModel with n_layer={cfg.n_layer}?"
             )
         seen[key] = file
-        flax_path, hf_shape, flax_shape = layout[key]
+        flax_path, hf_shape, flax_shape = by_name[key]
         array = load()
         if tuple(array.shape) != hf_shape:
             raise CheckpointError(
                 f"{file}: tensor {name} has shape {tuple(array.shape)}, config.json implies {hf_shape}"
             )
         _set(params, flax_path, np.asarray(array, dtype=dtype).reshape(flax_shape))
-    missing = [n for n in layout if n not in seen]
+    missing = [n for n in by_name if n not in seen]
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:3]}")
     if lm_head is not None:
@@ -317,7 +317,7 @@ def iter_hf(params, cfg: GPTConfig, dtype=None):
     omitted): each is brought to the host and converted only when asked for, so a writer that streams
     holds one tensor beyond the params. A scanned model's layer i is sliced from its stacked weights."""
     params = nn.unbox(params)
-    for hf_name, flax_path, hf_shape, flax_shape in _layout(cfg):
+    for hf_name, flax_path, hf_shape, flax_shape in layout(cfg):
         try:
             if cfg.scan_layers and flax_path[0].startswith("h_"):
                 arr = _get(params["h"], flax_path[1:])[int(flax_path[0][2:])]

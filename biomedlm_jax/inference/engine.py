@@ -28,7 +28,8 @@ How it works:
   * the shapes are fixed per engine: the cache and history lengths by its sizes, prompts by buckets of
     `bucket` tokens, prefill batches by powers of two up to `slots`, and `insert` takes one prefilled
     row. A run therefore compiles at most (buckets x log2(slots)+1) prefills, one insert per bucket and
-    one decode step, however requests arrive (`compiled_programs` counts them);
+    one decode step (two when some requests want log-probabilities), however requests arrive
+    (`compiled_programs` counts them);
   * every slot carries its position, token budget, generated count, sampling settings (temperature,
     top-k, top-p: per request) and PRNG key (typed, of any jax PRNG implementation): sampling a
     request's n-th token uses fold_in(request key, n), so with threefry keys (jax's default) sampled
@@ -72,7 +73,9 @@ class Request:
     """One generation request. max_new_tokens: this request's budget (default: the engine's, at most
     that); stop: strings that end the request when its decoded output contains one (needs the engine's
     `detokenize`); key: PRNG key for sampling, typed or raw (default: fold_in(run's key, request
-    index)); temperature / top_k / top_p: this request's sampling (default: the engine's config)."""
+    index)); temperature / top_k / top_p: this request's sampling (default: the engine's config);
+    logprobs: whether its tokens' log-probabilities are wanted (with an engine built with `logprobs`;
+    the decode step computes them only while some active request wants them)."""
 
     prompt: Sequence[int]
     max_new_tokens: Optional[int] = None
@@ -81,6 +84,7 @@ class Request:
     temperature: Optional[float] = None
     top_k: Optional[int] = None
     top_p: Optional[float] = None
+    logprobs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,10 +395,11 @@ class Engine:
                        jnp.int32(cfg.top_k if top_k is None else top_k),
                        jnp.float32(cfg.top_p if top_p is None else top_p), jnp.int32(slot))
 
-    def generate(self, state: dict):
-        """Up to `steps_per_sync` steps for all slots: (state, tokens (n, B), emitted (n, B), logprobs)."""
+    def generate(self, state: dict, logprobs: bool = True):
+        """Up to `steps_per_sync` steps for all slots: (state, tokens (n, B), emitted (n, B), logprobs).
+        logprobs=False skips the engine's log-probabilities for this call (a second compiled variant)."""
         return generate_steps(self.model, self.params, self.head, state, cfg=self.cfg, n_steps=self.steps_per_sync,
-                              logprobs=self.logprobs)
+                              logprobs=self.logprobs if logprobs else None)
 
     def free(self, state: dict, slot: int) -> dict:
         """End the request in `slot` now (a stop string, a cancelled request)."""
@@ -488,7 +493,8 @@ class Scheduler:
     def step(self) -> list[Update]:
         """One `generate` call: an Update for every request that produced tokens or finished."""
         eng = self.engine
-        self.state, toks, emitted, lp = eng.generate(self.state)
+        want = any(o is not None and o[1].logprobs for o in self.owner)
+        self.state, toks, emitted, lp = eng.generate(self.state, logprobs=want)
         toks, emitted, active = np.asarray(toks), np.asarray(emitted), np.asarray(self.state["active"])
         lp = {k: np.asarray(v) for k, v in lp.items()}
         updates = []

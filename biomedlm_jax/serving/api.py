@@ -143,7 +143,8 @@ class Completions:
         base = jax.random.key(seed)
         temperature = 1.0 if req.temperature is None else req.temperature
         return [Job(engine_lib.Request(ids, max_tokens, tuple(stop), jax.random.fold_in(base, i), temperature,
-                                       req.top_k or 0, 1.0 if req.top_p is None else req.top_p), sink)
+                                       req.top_k or 0, 1.0 if req.top_p is None else req.top_p,
+                                       logprobs=req.logprobs is not None), sink)
                 for i, (ids, sink) in enumerate(zip(prompts, sinks))]
 
 
