@@ -228,3 +228,46 @@ def test_logprobs_are_the_models_log_softmax_of_each_chosen_token():
         assert lp == pytest.approx(float(row[tok]), abs=1e-4)
         assert [t for t, _ in top] == np.argsort(-row)[:3].tolist() and top[0][0] == tok  # greedy: the top one
         assert [v for _, v in top] == pytest.approx(np.sort(row)[::-1][:3].tolist(), abs=1e-4)
+
+
+def test_on_a_mesh_the_state_stays_pinned_and_donation_holds():
+    """With a mesh, the decode state's slots live on the data axes through prefill, insert, generate and
+    free (each program returns it with the shardings it was donated with, so XLA reuses its buffers:
+    no 'donated buffers were not usable' warning), and greedy outputs do not change."""
+    import warnings
+
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec as P
+
+    from biomedlm_jax.models import sharding
+
+    model, params = tiny()
+    cfg = sampling.SamplingConfig(max_new_tokens=10, temperature=0.0)
+    prompts = prompts_of(5, seed=8)
+    mesh = sharding.make_mesh((2, 2, 2), devices=jax.devices()[:8])
+    with pytest.raises(ValueError, match="slots=6 must be a multiple of the mesh's data ways \\(4\\)"):
+        E.Engine(model, params, cfg, slots=6, max_prompt_len=40, mesh=mesh)
+    # the weights sharded as the lm-eval backend and the trainer shard them (FSDP over embed, heads over tensor)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.ones((1, 8), "int32"))["params"])
+        specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, sharding.DEFAULT_RULES)
+    placed = jax.device_put(params, sharding.fit_shardings(sharding.values(boxed), specs))
+    eng = E.Engine(model, placed, cfg, slots=4, max_prompt_len=40, steps_per_sync=3, mesh=mesh)
+    sched = E.Scheduler(eng)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = {}
+        pending = list(enumerate(prompts))
+        while pending or sched.busy():
+            take, pending = pending[: sched.free_slots()], pending[sched.free_slots():]
+            sched.admit([(n, E.Request(p)) for n, p in take])
+            outs.update({u.handle: u.output for u in sched.step() if u.done})
+            for name in ("kv_mask", "active", "logits", "history", "keys", "temperature"):
+                assert sched.state[name].sharding.spec == P(("data", "fsdp")), (name, sched.state[name].sharding)
+            assert sched.state["t"].sharding.spec == P()
+            assert sched.state["cache"][0]["k"].sharding.spec == P(("data", "fsdp"))  # slot-major rows
+        sched.admit([(99, E.Request(prompts[0]))])
+        assert sched.cancel(99)  # free keeps it pinned too
+        assert sched.state["active"].sharding.spec == P(("data", "fsdp"))
+    assert not [w for w in caught if "donated" in str(w.message)], [str(w.message) for w in caught]
+    assert [outs[n] for n in range(5)] == [alone(model, params, p, cfg) for p in prompts]

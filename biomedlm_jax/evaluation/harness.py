@@ -269,7 +269,7 @@ class JaxLM(TemplateLM):
                         for n in members}
             longest = max(len(c) for c in contexts.values())
             eng = engine.Engine(self.model, self.params, cfg, slots=self.batch_size, max_prompt_len=longest,
-                                bucket=self.bucket, detokenize=self.tok_decode)
+                                bucket=self.bucket, detokenize=self.tok_decode, mesh=self.mesh)
             key = jax.random.PRNGKey(self.seed)
             reqs = [engine.Request(contexts[n], stop=tuple(until), key=jax.random.fold_in(key, n)) for n in members]
 

@@ -68,6 +68,40 @@ from biomedlm_jax.inference.sampling import (
 from biomedlm_jax.models.gpt import GPT, init_cache, transposed_head
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the decode state lives on a mesh: slots split over the mesh's data axes ("data", "fsdp"),
+    everything else replicated. Every program that returns the state pins it here, so the state a
+    program donates comes back with the same shardings and its buffers are reused. (The cache's first
+    axis is slots x heads, slot-major, so a data shard holds whole slots with all their heads; heads
+    are not split over "tensor".)"""
+
+    mesh: jax.sharding.Mesh
+    data_axes: tuple = ("data", "fsdp")
+
+    @property
+    def ways(self) -> int:
+        return int(np.prod([self.mesh.shape[a] for a in self.data_axes]))
+
+    def shardings(self, state: dict) -> dict:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        def spec(name, x):
+            if name == "cache":  # (B*H, S, hd), or (L, B*H, S, hd) with scan_layers
+                return P(*([None] * (x.ndim - 3)), self.data_axes, None, None)
+            return P(self.data_axes, *([None] * (x.ndim - 1))) if x.ndim else P()
+
+        return {k: jax.tree.map(lambda x, k=k: NamedSharding(self.mesh, spec(k, x)), v) for k, v in state.items()}
+
+    def pin(self, state: dict) -> dict:
+        return jax.lax.with_sharding_constraint(state, self.shardings(state))
+
+
+def _pin(state, placement: Optional[Placement]):
+    return state if placement is None else placement.pin(state)
+
+
 @dataclasses.dataclass
 class Request:
     """One generation request. max_new_tokens: this request's budget (default: the engine's, at most
@@ -137,7 +171,8 @@ def _ban_per_slot(logits, history, hist_len, n: int):
     return jax.vmap(one)(logits, history, hist_len)
 
 
-def _decode_steps(model: GPT, params, head, state, cfg: SamplingConfig, n_steps: int, logprobs: Optional[int] = None):
+def _decode_steps(model: GPT, params, head, state, cfg: SamplingConfig, n_steps: int, logprobs: Optional[int] = None,
+                  placement: Optional[Placement] = None):
     """Up to n_steps decode steps for every slot; stops early when no slot is active.
 
     Returns (state, tokens (n_steps, B), emitted (n_steps, B), lp): emitted marks the tokens produced
@@ -179,7 +214,7 @@ def _decode_steps(model: GPT, params, head, state, cfg: SamplingConfig, n_steps:
                       active=active & ~finished, t=st["t"] + 1)
         toks = jax.lax.dynamic_update_index_in_dim(toks, tok, i, 0)
         emitted = jax.lax.dynamic_update_index_in_dim(emitted, active, i, 0)
-        return i + 1, new_st, toks, emitted, lp
+        return i + 1, _pin(new_st, placement), toks, emitted, lp
 
     toks = jnp.full((n_steps, B), cfg.pad_id, jnp.int32)
     emitted = jnp.zeros((n_steps, B), bool)
@@ -189,15 +224,18 @@ def _decode_steps(model: GPT, params, head, state, cfg: SamplingConfig, n_steps:
         if logprobs:
             lp.update(top=jnp.zeros((n_steps, B, logprobs), jnp.float32),
                       top_ids=jnp.zeros((n_steps, B, logprobs), jnp.int32))
-    _, state, toks, emitted, lp = jax.lax.while_loop(cond, body, (jnp.int32(0), state, toks, emitted, lp))
-    return state, toks, emitted, lp
+    _, state, toks, emitted, lp = jax.lax.while_loop(cond, body, (jnp.int32(0), _pin(state, placement), toks,
+                                                                  emitted, lp))
+    return _pin(state, placement), toks, emitted, lp
 
 
 # Module-level jits with the model and sampling config static: every Engine on the same model shares
 # their compiled programs (the lm-eval backend builds one per generation-kwargs group).
-generate_steps = jax.jit(_decode_steps, static_argnames=("model", "cfg", "n_steps", "logprobs"),
+generate_steps = jax.jit(_decode_steps, static_argnames=("model", "cfg", "n_steps", "logprobs", "placement"),
                          donate_argnames=("state",))
-_free_slot = jax.jit(lambda state, slot: dict(state, active=state["active"].at[slot].set(False)), donate_argnums=(0,))
+_free_slot = jax.jit(lambda state, slot, placement=None: _pin(dict(state, active=state["active"].at[slot].set(False)),
+                                                             placement),
+                     donate_argnums=(0,), static_argnames=("placement",))
 _head = jax.jit(transposed_head, static_argnums=1)
 
 
@@ -214,8 +252,9 @@ def _prefill(model: GPT, params, ids, mask):
     return logits[:, -1], rows
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(state, row_cache, row_mask, row_logits, prompt_row, length, budget, key, temperature, top_k, top_p, slot):
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("placement",))
+def _insert(state, row_cache, row_mask, row_logits, prompt_row, length, budget, key, temperature, top_k, top_p, slot,
+            placement: Optional[Placement] = None):
     """Write one prefilled row into `slot`: its P cache columns end just before column t (mod S)."""
     B, S = state["kv_mask"].shape
     P = row_mask.shape[0]
@@ -231,7 +270,7 @@ def _insert(state, row_cache, row_mask, row_logits, prompt_row, length, budget, 
     else:
         cache = [{n: place(c[n], p[n]) for n in ("k", "v")} for c, p in zip(state["cache"], row_cache)]
     mask_row = jnp.roll(jnp.zeros((S,), bool).at[:P].set(row_mask), shift)
-    return dict(
+    return _pin(dict(
         state, cache=cache,
         kv_mask=jax.lax.dynamic_update_index_in_dim(state["kv_mask"], mask_row, slot, 0),
         logits=jax.lax.dynamic_update_index_in_dim(state["logits"], row_logits, slot, 0),
@@ -245,7 +284,7 @@ def _insert(state, row_cache, row_mask, row_logits, prompt_row, length, budget, 
         top_k=state["top_k"].at[slot].set(top_k),
         top_p=state["top_p"].at[slot].set(top_p),
         active=state["active"].at[slot].set(budget > 0),
-    )
+    ), placement)
 
 
 def compiled_programs() -> dict:
@@ -319,11 +358,14 @@ class Engine:
     detokenize: ids -> text, needed only for requests with stop strings.
     logprobs: None, or k >= 0: `generate` also returns log-probabilities (the chosen token's and the k
     most likely tokens').
-    prng_impl: the PRNG implementation of the slots' keys (default: jax's default)."""
+    prng_impl: the PRNG implementation of the slots' keys (default: jax's default).
+    mesh: place the decode state on this mesh, slots over its data axes (see `Placement`); slots must
+    divide by the data ways. Default: the state stays where jax puts it (one device)."""
 
     def __init__(self, model: GPT, params, cfg: SamplingConfig, *, slots: int = 16, max_prompt_len: Optional[int] = None,
                  max_len: Optional[int] = None, bucket: int = 64, steps_per_sync: int = 8,
-                 detokenize: Optional[Callable[[list], str]] = None, logprobs: Optional[int] = None, prng_impl=None):
+                 detokenize: Optional[Callable[[list], str]] = None, logprobs: Optional[int] = None, prng_impl=None,
+                 mesh: Optional[jax.sharding.Mesh] = None):
         if slots < 1 or steps_per_sync < 1:
             raise ValueError(f"slots={slots} and steps_per_sync={steps_per_sync} must be >= 1")
         if max_len is not None and max_prompt_len is not None:
@@ -336,12 +378,18 @@ class Engine:
         self.max_prompt_len, self.cache_len, self.history_len = sizes(model.config.n_positions, cfg.max_new_tokens,
                                                                       max_prompt_len, bucket, max_len)
         self.head = _head(params, model.config)
+        self.placement = None
+        if mesh is not None:
+            self.placement = Placement(mesh, tuple(a for a in ("data", "fsdp") if a in mesh.shape))
+            if slots % self.placement.ways:
+                raise ValueError(f"slots={slots} must be a multiple of the mesh's data ways ({self.placement.ways})")
 
     # --- the engine API ------------------------------------------------------------------------------
 
     def init_state(self) -> dict:
-        """An empty decode state (all slots free)."""
-        return empty_state(self.model.config, self.slots, self.cache_len, self.history_len, self.prng_impl)
+        """An empty decode state (all slots free), placed on the engine's mesh if it has one."""
+        state = empty_state(self.model.config, self.slots, self.cache_len, self.history_len, self.prng_impl)
+        return state if self.placement is None else jax.device_put(state, self.placement.shardings(state))
 
     def budget(self, max_new_tokens: Optional[int] = None) -> int:
         """A request's token budget: its own, at most the engine's max_new_tokens."""
@@ -393,17 +441,17 @@ class Engine:
                        jnp.int32(prefix.lengths[row]), jnp.int32(budget), self.key(key),
                        jnp.float32(cfg.temperature if temperature is None else temperature),
                        jnp.int32(cfg.top_k if top_k is None else top_k),
-                       jnp.float32(cfg.top_p if top_p is None else top_p), jnp.int32(slot))
+                       jnp.float32(cfg.top_p if top_p is None else top_p), jnp.int32(slot), placement=self.placement)
 
     def generate(self, state: dict, logprobs: bool = True):
         """Up to `steps_per_sync` steps for all slots: (state, tokens (n, B), emitted (n, B), logprobs).
         logprobs=False skips the engine's log-probabilities for this call (a second compiled variant)."""
         return generate_steps(self.model, self.params, self.head, state, cfg=self.cfg, n_steps=self.steps_per_sync,
-                              logprobs=self.logprobs if logprobs else None)
+                              logprobs=self.logprobs if logprobs else None, placement=self.placement)
 
     def free(self, state: dict, slot: int) -> dict:
         """End the request in `slot` now (a stop string, a cancelled request)."""
-        return _free_slot(state, jnp.int32(slot))
+        return _free_slot(state, jnp.int32(slot), placement=self.placement)
 
     # --- scheduling --------------------------------------------------------------------------------
 
