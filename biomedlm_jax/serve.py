@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
@@ -71,9 +72,15 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # a bad source or size, a missing or damaged checkpoint
         print(f"serve: error: {e}", file=sys.stderr)
         return 1
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal to the handler that was
+    # there before: this one, so that a stopped server exits 0 instead of dying of the signal
+    signal.signal(signal.SIGTERM, stop)
     try:
         srv.run(args.host, args.port)
-    except KeyboardInterrupt:  # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal
+    except KeyboardInterrupt:
         pass
     return 0
 
