@@ -53,7 +53,7 @@ def _one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
 
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     t0 = time.perf_counter()
-    ttft, chunks, text = None, 0, ""
+    ttft, text = None, ""
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {r.read()[:500]!r}")
@@ -63,7 +63,6 @@ def _one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
             piece = json.loads(line[6:])["choices"][0]["text"]
             if piece and ttft is None:
                 ttft = time.perf_counter() - t0
-            chunks += 1
             text += piece
     return {"latency": time.perf_counter() - t0, "ttft": ttft if ttft is not None else time.perf_counter() - t0,
             "text": text}

@@ -294,8 +294,8 @@ def compiled_programs() -> dict:
 
 
 def sizes(n_positions: int, max_new_tokens: int, max_prompt_len: Optional[int], bucket: int,
-          max_len: Optional[int] = None) -> tuple[int, int, int]:
-    """(max_prompt_len, cache_len, history_len) of an engine.
+          max_len: Optional[int] = None) -> tuple[int, int]:
+    """(max_prompt_len, cache_len) of an engine (a slot's token history is cache_len long too).
 
     Without max_len: the longest prompt it takes (default: all positions the answer budget leaves) and
     a cache of the prompt bucket-rounded + the budget. With max_len (the most tokens one request holds,
@@ -304,13 +304,12 @@ def sizes(n_positions: int, max_new_tokens: int, max_prompt_len: Optional[int], 
     if max_len is not None:
         if not 1 <= max_len <= n_positions:
             raise ValueError(f"max_len={max_len} must be in [1, n_positions={n_positions}]")
-        return max_len, max_len + bucket - 1, max_len + bucket - 1
+        return max_len, max_len + bucket - 1
     max_prompt_len = max_prompt_len or max(1, n_positions - max_new_tokens)
     if max_prompt_len + max_new_tokens > n_positions:
         raise ValueError(f"max_prompt_len={max_prompt_len} + max_new_tokens={max_new_tokens} exceeds "
                          f"n_positions={n_positions}")
-    cache_len = -(-max_prompt_len // bucket) * bucket + max_new_tokens
-    return max_prompt_len, cache_len, cache_len
+    return max_prompt_len, -(-max_prompt_len // bucket) * bucket + max_new_tokens
 
 
 def _key_impl(impl):
@@ -318,14 +317,15 @@ def _key_impl(impl):
     return jax.random.key_impl(jax.random.key(0, impl=impl))
 
 
-def empty_state(cfg, slots: int, cache_len: int, history_len: int, prng_impl=None) -> dict:
-    """A decode state with every slot free: one KV cache row of `cache_len` columns per slot."""
+def empty_state(cfg, slots: int, cache_len: int, prng_impl=None) -> dict:
+    """A decode state with every slot free: one KV cache row of `cache_len` columns per slot, and a
+    token history (prompt + output, for n-gram bans) as long."""
     B, S = slots, cache_len
     return {
         "cache": init_cache(cfg, B, S),
         "kv_mask": jnp.zeros((B, S), bool),
         "logits": jnp.zeros((B, cfg.vocab_size), jnp.float32),
-        "history": jnp.zeros((B, history_len), jnp.int32),
+        "history": jnp.zeros((B, S), jnp.int32),
         "hist_len": jnp.zeros((B,), jnp.int32),
         "pos": jnp.zeros((B,), jnp.int32),
         "n_gen": jnp.zeros((B,), jnp.int32),
@@ -343,8 +343,8 @@ def state_shapes(model: GPT, params, cfg: SamplingConfig, *, slots: int, max_pro
                  bucket: int = 64, max_len: Optional[int] = None) -> dict:
     """What an Engine would hold, as shapes only (params may be abstract): {"state", "head",
     "cache_len"}; with `generate_steps` this is the decode step to lower for another device."""
-    _, cache_len, history_len = sizes(model.config.n_positions, cfg.max_new_tokens, max_prompt_len, bucket, max_len)
-    return {"state": jax.eval_shape(lambda: empty_state(model.config, slots, cache_len, history_len)),
+    _, cache_len = sizes(model.config.n_positions, cfg.max_new_tokens, max_prompt_len, bucket, max_len)
+    return {"state": jax.eval_shape(lambda: empty_state(model.config, slots, cache_len)),
             "head": jax.eval_shape(lambda p: transposed_head(p, model.config), params), "cache_len": cache_len}
 
 
@@ -375,8 +375,8 @@ class Engine:
         self.detokenize, self.logprobs = detokenize, logprobs
         self.max_len = max_len
         self.prng_impl = _key_impl(prng_impl)
-        self.max_prompt_len, self.cache_len, self.history_len = sizes(model.config.n_positions, cfg.max_new_tokens,
-                                                                      max_prompt_len, bucket, max_len)
+        self.max_prompt_len, self.cache_len = sizes(model.config.n_positions, cfg.max_new_tokens, max_prompt_len,
+                                                    bucket, max_len)
         self.head = _head(params, model.config)
         self.placement = None
         if mesh is not None:
@@ -388,7 +388,7 @@ class Engine:
 
     def init_state(self) -> dict:
         """An empty decode state (all slots free), placed on the engine's mesh if it has one."""
-        state = empty_state(self.model.config, self.slots, self.cache_len, self.history_len, self.prng_impl)
+        state = empty_state(self.model.config, self.slots, self.cache_len, self.prng_impl)
         return state if self.placement is None else jax.device_put(state, self.placement.shardings(state))
 
     def budget(self, max_new_tokens: Optional[int] = None) -> int:
@@ -434,7 +434,7 @@ class Engine:
         with its token budget, PRNG key and sampling settings (default: the engine's config)."""
         budget = self.budget(max_new_tokens)
         self.check(len(prompt), budget)
-        hist = np.zeros((self.history_len,), np.int32)
+        hist = np.zeros((self.cache_len,), np.int32)
         hist[: len(prompt)] = prompt
         cfg = self.cfg
         return _insert(state, prefix.rows[row], prefix.mask[row], prefix.logits[row], jnp.asarray(hist),

@@ -132,10 +132,11 @@ class Completions:
         if max_tokens > limit:
             raise ApiError(400, f"'max_tokens' is {max_tokens}; this server allows at most {limit}", "max_tokens")
         for i, ids in enumerate(prompts):
-            if len(ids) + max_tokens > self.engine.max_len:
-                raise ApiError(400, f"this model's maximum context length is {self.engine.max_len} tokens; prompt "
-                               f"{i} has {len(ids)} tokens and max_tokens is {max_tokens}", "prompt",
-                               code="context_length_exceeded")
+            try:
+                self.engine.check(len(ids), max_tokens)
+            except ValueError as e:
+                raise ApiError(400, f"prompt {i}: {e} (this model's context: max_len={self.engine.max_len} tokens, "
+                               "prompt + max_tokens)", "prompt", code="context_length_exceeded") from None
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "'stop' takes up to 4 non-empty strings", "stop")
@@ -292,12 +293,17 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                 batcher.cancel(jobs[i])
             return choices[i]
 
+        def response(choice_list: list, **extra) -> dict:
+            return {"id": rid, "object": "text_completion", "created": stamp, "model": model_name,
+                    "choices": choice_list, **extra}
+
+        def choice_json(c: Choice, text: str, start: int = 0) -> dict:
+            return {"text": text, "index": c.index, "logprobs": c.logprobs_json(start), "finish_reason": c.finish_reason}
+
+        with_usage = bool(body.stream_options and body.stream_options.include_usage)
+
         def chunk(c: Choice, text: str, start: int) -> str:
-            data = {"id": rid, "object": "text_completion", "created": stamp, "model": model_name,
-                    "choices": [{"text": text, "index": c.index, "logprobs": c.logprobs_json(start),
-                                 "finish_reason": c.finish_reason}]}
-            if body.stream_options and body.stream_options.include_usage:
-                data["usage"] = None
+            data = response([choice_json(c, text, start)], **({"usage": None} if with_usage else {}))
             return f"data: {json.dumps(data)}\n\n"
 
         if not body.stream:
@@ -312,9 +318,7 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                 for job in jobs:
                     batcher.cancel(job)
             logline("ok")
-            return {"id": rid, "object": "text_completion", "created": stamp, "model": model_name,
-                    "choices": [{"text": c.text, "index": c.index, "logprobs": c.logprobs_json(),
-                                 "finish_reason": c.finish_reason} for c in choices], "usage": usage()}
+            return response([choice_json(c, c.text) for c in choices], usage=usage())
 
         async def events():
             sent_tokens = [0] * len(choices)
@@ -335,8 +339,8 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                         start = sent_tokens[c.index]
                         sent_tokens[c.index] = len(c.tokens)
                         yield chunk(c, text, start)
-                if body.stream_options and body.stream_options.include_usage:
-                    yield f"data: {json.dumps({'id': rid, 'object': 'text_completion', 'created': stamp, 'model': model_name, 'choices': [], 'usage': usage()})}\n\n"
+                if with_usage:
+                    yield f"data: {json.dumps(response([], usage=usage()))}\n\n"
                 yield "data: [DONE]\n\n"
                 status = "ok"
             finally:

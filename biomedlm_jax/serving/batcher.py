@@ -39,6 +39,7 @@ class Job:
         self.request, self.sink = request, sink
         self.id = next(Job._ids)
         self.cancelled = False
+        self.finished = False  # set by the engine thread when its last update is handed over
 
 
 class Batcher:
@@ -78,8 +79,9 @@ class Batcher:
             self._inbox.put(job)
 
     def cancel(self, job: Job) -> None:
-        """End a job: it never starts if still waiting, or its slot frees at the next sync."""
-        if not job.cancelled:
+        """End a job: it never starts if still waiting, or its slot frees at the next sync. A finished
+        job costs nothing (a handler may cancel all its jobs when it ends, whatever their state)."""
+        if not job.cancelled and not job.finished:
             job.cancelled = True
             self._inbox.put(("cancel", job))
 
@@ -125,6 +127,7 @@ class Batcher:
                     continue
                 if u.done:
                     del jobs[u.handle]
+                    job.finished = True
                     self.stats["finished"] += 1
                 job.sink(u)
             self.active = len(jobs)
