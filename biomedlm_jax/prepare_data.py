@@ -56,7 +56,9 @@ def main(argv=None) -> int:
         return 0
 
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.prepare_data", description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, help="comma-separated files/globs/dirs: PubMed XML, PMC JATS, PubTator, JSONL")
+    p.add_argument("--input", required=True,
+                   help="comma-separated files/globs/dirs, local or URLs (gs://...): PubMed XML, PMC JATS, PMC bulk "
+                        "packages (.tar.gz), PubTator, JSONL")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
     p.add_argument("--out", required=True)
     p.add_argument("--seq_len", type=int, default=1024)
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="auto", choices=("auto",) + readers.FORMATS)
     p.add_argument("--on_error", default="raise", choices=("raise", "skip"))
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--work_unit_mb", type=float, default=64,
+                   help="input files are grouped into work units of up to this many MB (one larger file is a unit "
+                        "of its own): a unit is one task and one cache, so many small files cost few tasks")
     p.add_argument("--runner", default=None,
                    help="run on Apache Beam with this runner (DirectRunner, DataflowRunner, FlinkRunner, ...); "
                         "every other Beam pipeline option (--direct_num_workers=N, --project, ...) is passed through. "
@@ -75,9 +80,9 @@ def main(argv=None) -> int:
     try:
         m = prepare(args.input.split(","), args.tokenizer, args.out, seq_len=args.seq_len,
                     eval_fraction=args.eval_fraction, rows_per_shard=args.rows_per_shard, on_error=args.on_error,
-                    fmt=args.format, overwrite=args.overwrite,
+                    fmt=args.format, overwrite=args.overwrite, unit_bytes=int(args.work_unit_mb * 2**20),
                     beam_args=None if args.runner is None else [f"--runner={args.runner}", *beam_args])
-    except (errors.DataError, FileExistsError, FileNotFoundError) as e:
+    except (errors.DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = m["read_stats"]

@@ -152,3 +152,6 @@ def textgen_files(folder, train, val):
         (folder / f"{split}.source").write_text("".join(e.question + "\n" for e in part), encoding="utf-8")
         (folder / f"{split}.target").write_text("".join(e.answer + "\n" for e in part), encoding="utf-8")
     return folder
+
+
+from fakegcs import fake_gcs  # noqa: E402,F401 - the fake GCS server fixture, for every test module

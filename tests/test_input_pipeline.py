@@ -124,18 +124,24 @@ def test_tf_dataset_yields_the_same_batches_and_resumes_by_position():
     np.testing.assert_array_equal(resumed[2]["targets"], want[5]["targets"])
 
 
-def test_remote_shard_reads_only_the_rows_asked_for_within_its_cache_bound(tmp_path):
-    """RemoteShard (how prepared shards on gs:// are read) through the path layer, here on a local file:
-    the rows of np.load, fetched by byte range; a batch's bytes are its own rows only; the cache stays
-    under its bound; a truncated shard names the file."""
+def test_range_reads_fetch_only_the_rows_asked_for_within_one_cache_bound(tmp_path):
+    """How prepared shards on gs:// are read (ShardedRows by byte range), here on local files: the
+    rows of np.load; a batch's bytes are its own rows only, one range per run of consecutive rows
+    within a shard; one cache bound for all shards; shapes from the manifest's records (nothing opened
+    before a read); a truncated shard names the file."""
     data = np.random.default_rng(0).integers(0, 50257, (300, 33)).astype(np.uint16)
-    path = tmp_path / "shard.npy"
-    np.save(path, data)
-    shard = shards.RemoteShard(str(path), cache_bytes=50 * 33 * 2)  # 50 rows
+    np.save(tmp_path / "a.npy", data[:120])
+    np.save(tmp_path / "b.npy", data[120:])
+    infos = [shards.ShardInfo(str(tmp_path / "a.npy"), 120, 33, "<u2", 128),
+             shards.ShardInfo(str(tmp_path / "b.npy"), 180, 33, "<u2", 128)]
+    shard = shards.ShardedRows(infos, cache_bytes=50 * 33 * 2, by_range=True)  # 50 rows in all
+    assert shard.requests == 0 and shard.bytes_read == 0
     assert len(shard) == 300 and shard.shape == (300, 33) and shard.dtype == np.uint16
-    idx = np.array([17, 3, 4, 5, 250, 4, 299, 0])
+    idx = np.array([17, 3, 4, 5, 250, 4, 299, 0, 119, 120])
     np.testing.assert_array_equal(shard[idx], data[idx])
     assert shard.bytes_read == len(set(idx.tolist())) * 33 * 2  # duplicates read once
+    # runs: 0, 3-5, 17, 119 | 120, 250, 299 (119 and 120 are in different shards)
+    assert shard.requests == 7
     before = shard.bytes_read
     np.testing.assert_array_equal(shard[[4, 5, 250]], data[[4, 5, 250]])  # from the cache
     assert shard.bytes_read == before
@@ -145,9 +151,9 @@ def test_remote_shard_reads_only_the_rows_asked_for_within_its_cache_bound(tmp_p
     with pytest.raises(IndexError):
         shard[[300]]
     cut = tmp_path / "cut.npy"
-    cut.write_bytes(path.read_bytes()[:-100])
+    cut.write_bytes((tmp_path / "b.npy").read_bytes()[:-100])
     with pytest.raises(errors.DataError, match=r"cut\.npy: truncated"):
-        shards.RemoteShard(str(cut))[[299]]
+        shards.ShardedRows([str(cut)], by_range=True)[[179]]
 
 
 def test_read_ahead_builds_the_next_batch_off_the_callers_thread_and_changes_nothing_else():

@@ -10,93 +10,13 @@ epath's fsspec backend for that reason.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
-import urllib.parse
-import urllib.request
 
 import numpy as np
 import pytest
 from conftest import REPO
-
-# Runs a module's CLI with epath's gs:// backend set to fsspec (gcsfs), which honours the emulator.
-RUN = ("import runpy, sys; from etils.epath import gpath; gpath._is_tf_installed = lambda: False; "
-       "mod = sys.argv.pop(1); runpy.run_module(mod, run_name='__main__', alter_sys=True)")
-
-
-SERVED: dict = {}  # object name -> bytes the fake server sent (media downloads)
-
-
-@pytest.fixture
-def fake_gcs(monkeypatch):
-    SERVED.clear()
-    from gcp_storage_emulator import server as emulator
-    from gcp_storage_emulator.handlers import objects
-
-    # The emulator's media download leaves out the x-goog-generation header that GCS sends and that
-    # tensorstore's conditional writes (OCDBT manifests) rely on; add it.
-    plain = objects.download
-
-    def download(request, response, storage, *args, **kwargs):
-        plain(request, response, storage, *args, **kwargs)
-        name = request.params.get("object_id", "")
-        SERVED[name] = SERVED.get(name, 0) + len(response._content or b"")
-        try:
-            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-        except Exception:  # noqa: BLE001 - not found: the 404 stands as it is
-            return
-        response["x-goog-generation"] = obj["generation"]
-        response["x-goog-metageneration"] = obj["metageneration"]
-
-    monkeypatch.setattr(objects, "download", download)
-    for _, methods in emulator.HANDLERS:
-        for method, handler in list(methods.items()):
-            if handler is plain:
-                monkeypatch.setitem(methods, method, download)
-    # gcsfs's default (experimental) file system first asks a gRPC control API, which the emulator lacks
-    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bkt")
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
-               GOOGLE_AUTH_TOKEN_FOR_TESTING="test", GOOGLE_CLOUD_PROJECT="test",
-               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
-    yield env
-    server.stop()
-
-
-def run(env, module, *args, ok=True):
-    r = subprocess.run([sys.executable, "-c", RUN, module, *args], capture_output=True, text=True, cwd=REPO,
-                       env=env, timeout=600)
-    if ok:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return r
-
-
-def ls(env, prefix):
-    """Object names under gs://bkt/PREFIX (the JSON API, read straight from the emulator)."""
-    q = urllib.parse.urlencode({"prefix": prefix})
-    with urllib.request.urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/bkt/o?{q}") as r:
-        return sorted(item["name"] for item in json.load(r).get("items", []))
-
-
-def cat(env, name) -> bytes:
-    quoted = urllib.parse.quote(name, safe="")
-    with urllib.request.urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/bkt/o/{quoted}?alt=media") as r:
-        return r.read()
-
-
-def get(env, prefix, dst):
-    for name in ls(env, prefix):
-        out = os.path.join(dst, os.path.relpath(name, prefix))
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "wb") as f:
-            f.write(cat(env, name))
+from fakegcs import SERVED, cat, get, ls, run
 
 
 def safetensors(path):
@@ -157,18 +77,13 @@ def test_gs_workdir_trains_resumes_and_converts(tmp_path, small_corpus, fake_gcs
 
 READ_BATCHES = r"""
 import json, sys
-from etils.epath import gpath
-gpath._is_tf_installed = lambda: False  # epath's fsspec backend, which the emulator serves
 import numpy as np
-from biomedlm_jax.core import paths
 from biomedlm_jax.data import input_pipeline as ip, shards as shards_lib
 remote_dir, local_dir, cache_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3])
-manifest = shards_lib.read_manifest(remote_dir)
-shards = [paths.join(remote_dir, s["file"]) for s in manifest["splits"]["train"]["shards"]]
 local = shards_lib.load_prepared(local_dir, "train").rows
 out = {"rows": len(local), "row_bytes": local.row_len * local.dtype.itemsize, "processes": []}
 for p in range(2):  # two hosts, each with half of every micro-batch
-    rows = shards_lib.ShardedRows(shards, cache_bytes=cache_bytes)
+    rows = shards_lib.load_prepared(remote_dir, "train", cache_bytes).rows  # opens no shard
     it, ref = (ip.BatchIterator(r, 8, seed=0, local_rows=(4 * p, 4 * p + 4)) for r in (rows, local))
     same, seen, cached = True, set(), 0
     for _ in range(6):
@@ -176,17 +91,18 @@ for p in range(2):  # two hosts, each with half of every micro-batch
         seen |= set(int(i) for i in idx)
         a, b = next(it), next(ref)
         same &= all(np.array_equal(a[k], b[k]) for k in b)
-        cached = max(cached, sum(s.cached_bytes for s in rows.shards))
+        cached = max(cached, rows.cached_bytes)
     out["processes"].append({"same": bool(same), "bytes_read": rows.bytes_read, "rows_seen": len(seen),
-                             "max_cached": cached})
+                             "max_cached": cached, "requests": rows.requests})
 print(json.dumps(out))
 """
 
 
 @pytest.mark.slow
 def test_a_prepared_corpus_on_gs_is_read_by_rows_within_a_memory_bound(tmp_path, small_corpus, fake_gcs):
-    """Each of two hosts reads only its own rows of each batch from gs:// (byte ranges), never whole
-    shards, with its cache under the bound; the batches are bit-identical to reading a local copy."""
+    """Each of two hosts reads only its own rows of each batch from gs:// (concurrent byte ranges of
+    exactly those rows), never whole shards, with one cache under the bound; the batches are
+    bit-identical to reading a local copy."""
     env = fake_gcs
     run(env, "biomedlm_jax.prepare_data", f"--input={small_corpus}", f"--tokenizer={REPO}/data/gpt2_tokenizer",
         "--out=gs://bkt/data", "--seq_len=32", "--eval_fraction=0.1", "--rows_per_shard=64")
@@ -204,4 +120,8 @@ def test_a_prepared_corpus_on_gs_is_read_by_rows_within_a_memory_bound(tmp_path,
         assert proc["bytes_read"] == proc["rows_seen"] * out["row_bytes"]  # its own rows, each once
         assert proc["max_cached"] <= bound
     assert sum(p["bytes_read"] for p in out["processes"]) < out["rows"] * out["row_bytes"] / 2  # 6 batches
-    assert served < on_disk / 4, (served, on_disk)  # no whole shards downloaded, no read-ahead of blocks
+    assert served < on_disk / 4, (served, on_disk)  # no whole shards downloaded
+    # only the rows asked for crossed the wire: no header reads (shapes from the manifest), no read-ahead
+    # block; at most one more batch per host, which the iterator's read-ahead thread was fetching
+    needed = sum(p["bytes_read"] for p in out["processes"])
+    assert needed <= served <= needed + 2 * 4 * out["row_bytes"], (served, out)

@@ -131,12 +131,12 @@ def test_a_killed_run_resumes_without_redoing_finished_files(tmp_path):
     src.mkdir()
     files = split_corpus(src, 8)
     cmd = [sys.executable, "-m", "biomedlm_jax.prepare_data", f"--input={src}", f"--tokenizer={GPT2}",
-           "--seq_len=128", "--rows_per_shard=1000"]
+           "--seq_len=128", "--rows_per_shard=1000", "--work_unit_mb=1"]  # one file (2.3 MB) per work unit
     out = tmp_path / "out"
     proc = subprocess.Popen(cmd + [f"--out={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cache = tmp_path / "out.work" / "files"
+    cache = tmp_path / "out.work" / "units"
 
-    def finished() -> int:  # whole cache files; one being written has a temporary name
+    def finished() -> int:  # finished units: the .npz is written after the unit's tokens
         return len([f for f in os.listdir(cache) if f.endswith(".npz")]) if cache.exists() else 0
 
     deadline = time.time() + 120
@@ -149,7 +149,8 @@ def test_a_killed_run_resumes_without_redoing_finished_files(tmp_path):
 
     r = subprocess.run(cmd + [f"--out={out}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"{len(files) - finished} of {len(files)} input files tokenized, {finished} reused" in r.stderr
+    assert (f"{len(files) - finished} of {len(files)} work units ({len(files)} input files) tokenized, "
+            f"{finished} reused") in r.stderr
     r = subprocess.run(cmd + [f"--out={tmp_path / 'whole'}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert outputs(out) == outputs(tmp_path / "whole") and not (tmp_path / "out.work").exists()

@@ -15,11 +15,14 @@ Only local paths are made absolute; `gs://bucket/run` stays as it is.
 from __future__ import annotations
 
 import contextlib
+import glob as glob_lib
 import os
 import posixpath
 import shutil
 import tempfile
-from typing import Iterator
+import threading
+import uuid
+from typing import Iterator, Sequence
 
 from etils import epath
 
@@ -63,13 +66,120 @@ def read_text(path) -> str:
     return Path(path).read_text(encoding="utf-8")
 
 
+def temporary_name(path) -> str:
+    """A sibling name for writing `path` before the rename that publishes it: unique per process,
+    thread and call, so two writers of one file (two threads, or two workers retrying one task)
+    never write into each other's temporary file."""
+    return f"{path}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def open_write(path) -> Iterator:
+    """A binary file to stream `path`'s content into. Local: a temporary name renamed over `path` when
+    the block ends without error (a reader never sees half a file). Object store: the backend's
+    streaming upload, which becomes visible only when closed."""
+    if is_remote(path):
+        with Path(path).open("wb") as f:
+            yield f
+        return
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def open_read(path):
+    """A binary file object for reading `path` (local or an object store), streamed."""
+    return open(path, "rb") if not is_remote(path) else Path(path).open("rb")
+
+
+def filesystem(path):
+    """(fsspec file system, path without the scheme) of a remote path."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(os.fspath(path))
+
+
+def _with_scheme(path: str, like: str) -> str:
+    scheme = like.split("://", 1)[0]
+    return path if "://" in path else f"{scheme}://{path}"
+
+
+def _version(info: dict) -> str:
+    """What identifies one version of an object: GCS's generation, else an ETag or a modification time."""
+    for key in ("generation", "ETag", "etag", "mtime", "LastModified", "updated", "md5Hash"):
+        if info.get(key) not in (None, ""):
+            return str(info[key])
+    return ""
+
+
+def glob_files(pattern: str) -> list[tuple[str, int, str]]:
+    """(path, size, version) of every file matching `pattern` (a glob, `**` recursing) or below it when
+    `pattern` is a folder, sorted by path. Local paths: glob and stat, the version being the mtime in
+    ns. Object stores: one listing, whose entries carry the size and generation, so nothing is asked
+    per object."""
+    if not is_remote(pattern):
+        pattern = os.path.expanduser(pattern)
+        if os.path.isdir(pattern):
+            hits = glob_lib.glob(os.path.join(pattern, "**", "*"), recursive=True)
+        else:
+            hits = glob_lib.glob(pattern, recursive=True)
+        out = []
+        for h in hits:
+            if os.path.isfile(h):
+                st = os.stat(h)
+                out.append((os.path.abspath(h), st.st_size, str(st.st_mtime_ns)))
+        return sorted(out)
+    fs, bare = filesystem(pattern)
+    if any(c in bare for c in "*?["):
+        found = fs.glob(bare, detail=True)
+    elif fs.isdir(bare):
+        found = fs.find(bare, detail=True)
+    else:
+        found = {bare: fs.info(bare)} if fs.exists(bare) else {}
+    return sorted((_with_scheme(name, pattern), int(info.get("size") or 0), _version(info))
+                  for name, info in found.items() if info.get("type", "file") == "file")
+
+
+def read_ranges(ranges: Sequence[tuple[str, int, int]]) -> list[bytes]:
+    """The bytes [start, end) of each (path, start, end), exactly those: local files by seek and read;
+    on an object store all of them at once as concurrent ranged GETs (fsspec's `cat_ranges`), with no
+    read-ahead block around them."""
+    if not ranges:
+        return []
+    remote = [is_remote(p) for p, _, _ in ranges]
+    out: list = [None] * len(ranges)
+    if any(remote):
+        idx = [i for i, r in enumerate(remote) if r]
+        fs, _ = filesystem(ranges[idx[0]][0])
+        bare = [filesystem(ranges[i][0])[1] for i in idx]
+        got = fs.cat_ranges(bare, [ranges[i][1] for i in idx], [ranges[i][2] for i in idx], on_error="raise")
+        for i, data in zip(idx, got):
+            out[i] = data
+    files: dict = {}
+    try:
+        for i, (path, a, b) in enumerate(ranges):
+            if not remote[i]:
+                f = files.get(path) or files.setdefault(path, open(path, "rb"))
+                f.seek(a)
+                out[i] = f.read(b - a)
+    finally:
+        for f in files.values():
+            f.close()
+    return out
+
+
 def write_text(path, text: str) -> None:
     """Write a whole file. Local files go through a temporary name and a rename, so a reader never
     sees half of one; an object store's upload is atomic already."""
     if is_remote(path):
         Path(path).write_text(text, encoding="utf-8")
         return
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -80,7 +190,7 @@ def write_bytes(path, data: bytes) -> None:
     if is_remote(path):
         Path(path).write_bytes(data)
         return
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
@@ -106,14 +216,17 @@ def rmtree(path) -> None:
 
 
 def rename(src, dst) -> None:
-    """Move a file or folder. Local: one atomic rename. Object store: copy every object, then delete
-    the source (object stores have no rename)."""
+    """Move a file or folder. Local: one atomic rename. Object store: copy every object (a folder's
+    COMMIT_FILES last, as `upload` does), then delete the source (object stores have no rename)."""
     if not (is_remote(src) or is_remote(dst)):
         os.rename(src, dst)
         return
-    folder = isdir(src)
-    _copy(src, dst)
-    rmtree(src) if folder else Path(src).unlink()
+    if isdir(src):
+        upload(src, dst)
+        rmtree(src)
+    else:
+        _copy(src, dst)
+        Path(src).unlink()
 
 
 def files_under(root) -> list[tuple[str, str]]:
@@ -182,7 +295,7 @@ COMMIT_FILES = ("manifest.json", "config.json")  # what readers look for first: 
 
 
 def upload(local_dir: str, out_dir) -> None:
-    """Copy a local folder's files into `out_dir` (any path), the files named in COMMIT_FILES last, so
+    """Copy a folder's files (`local_dir` may be remote too) into `out_dir` (any path), the files named in COMMIT_FILES last, so
     a reader that finds the manifest or config finds everything it lists."""
     makedirs(out_dir)
     for rel, src in sorted(files_under(local_dir), key=lambda f: (posixpath.basename(f[0]) in COMMIT_FILES, f[0])):

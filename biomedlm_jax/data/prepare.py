@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -18,91 +16,132 @@ from biomedlm_jax.data import readers, shards
 
 
 def work_dir(out: str) -> str:
-    """Where a run keeps its tokenized input files until it finishes: a rerun after a kill resumes there."""
+    """Where a run keeps its tokenized inputs until it finishes, beside the output (on the same store
+    for a gs:// output): a rerun after a kill resumes there."""
     return f"{out.rstrip('/')}.work"
 
+
+# Runners whose workers run elsewhere: every path must be a URL they can reach
+CLUSTER_RUNNERS = ("DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
+# Options by which a runner's workers get this package (the standard ways)
+PACKAGING = ("--setup_file", "--sdk_container_image", "--extra_package", "--extra_packages",
+             "--worker_harness_container_image")
+
+
+def _options(beam_args: Sequence[str]) -> dict:
+    out = {}
+    for a in beam_args:
+        name, _, value = a.partition("=")
+        out[name] = value
+    return out
+
+
+def check_runner(inputs: Sequence[str], tokenizer_dir: str, out: str, beam_args: Sequence[str]) -> None:
+    """Refuses a cluster runner (or workers in an external / docker environment) while any path is
+    local, naming the flag, and a cluster runner without a way to ship this package to its workers."""
+    opts = _options(beam_args)
+    runner = opts.get("--runner", "").rsplit(".", 1)[-1]
+    remote_workers = runner in CLUSTER_RUNNERS or opts.get("--environment_type", "").upper() in ("EXTERNAL", "DOCKER")
+    if not remote_workers:
+        return
+    where = f"--runner={runner}" if runner in CLUSTER_RUNNERS else f"--environment_type={opts['--environment_type']}"
+    for flag, values in (("--input", inputs), ("--tokenizer", [tokenizer_dir]), ("--out", [out])):
+        local = [v for v in values if not paths.is_remote(v)]
+        if local:
+            raise ValueError(f"{flag}={local[0]} is a local path, but with {where} the workers run on other "
+                             "machines and cannot read it: put it on storage every worker reaches (gs://...)")
+    if runner in CLUSTER_RUNNERS and not any(o in opts for o in PACKAGING):
+        raise ValueError(f"with {where} the workers must install biomedlm_jax: pass --setup_file=./setup.py "
+                         "(from the repository root), or --sdk_container_image with it installed")
 
 
 def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int = 1024,
              eval_fraction: float = 0.005, rows_per_shard: int = 65536, on_error: str = "raise",
-             fmt: str = "auto", batch_docs: int = 512) -> stages.Job:
+             fmt: str = "auto", batch_docs: int = 512, unit_bytes: int = stages.UNIT_BYTES) -> stages.Job:
+    """Lists the inputs once (sizes and versions from the listing), groups them into work units and
+    writes the list into WORK; the job carries only its path and digest."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: choose raise or skip")
-    files = readers.expand_files(list(inputs))
-    return stages.Job(files=tuple(os.path.abspath(f) for f in files), tokenizer=os.path.abspath(tokenizer_dir),
-                      work=work_dir(os.path.abspath(out)), seq_len=seq_len, eval_fraction=eval_fraction,
-                      rows_per_shard=rows_per_shard, fmt=fmt, on_error=on_error, batch_docs=batch_docs)
-
+    files = readers.list_files(list(inputs))
+    units = stages.group_units(files, unit_bytes)
+    tokenizer_dir = paths.resolve(tokenizer_dir)
+    tok = stages.load_tokenizer(tokenizer_dir)
+    work = work_dir(paths.resolve(out))
+    paths.makedirs(work)
+    listing = paths.join(work, "inputs.jsonl")
+    digest = stages.write_listing(listing, files, units)
+    return stages.Job(inputs=tuple(paths.resolve(i) if os.path.exists(i) else i for i in inputs), listing=listing,
+                      listing_sha256=digest, units=(units[-1] + 1) if units else 0, files=len(files),
+                      tokenizer=tokenizer_dir, tokenizer_sha256=shards.tokenizer_sha256(tok), work=work,
+                      seq_len=seq_len, eval_fraction=eval_fraction, rows_per_shard=rows_per_shard, fmt=fmt,
+                      on_error=on_error, batch_docs=batch_docs, vocab_size=tok.get_vocab_size())
 
 
 def run_local(job: stages.Job, progress: bool = True) -> tuple[dict, int]:
-    """The stages in one process, in order: (layout, number of input files tokenized, not reused)."""
+    """The stages in one process, in order: (layout, number of work units tokenized, not reused)."""
     t0 = last = time.time()
     done = 0
-    for i in range(len(job.files)):
-        done += stages.tokenize_file(job, i)
-        if progress and (time.time() - last > 5 or i + 1 == len(job.files)):
+    for u in range(job.units):
+        done += stages.tokenize_unit(job, u)
+        if progress and (time.time() - last > 5 or u + 1 == job.units):
             last = time.time()
-            print(f"[prepare] tokenized {i + 1:,}/{len(job.files):,} files ({i + 1 - done:,} reused) "
+            print(f"[prepare] tokenized {u + 1:,}/{job.units:,} work units ({u + 1 - done:,} reused) "
                   f"in {last - t0:.0f}s", file=sys.stderr, flush=True)
-    winners = stages.resolve_all(e for i in range(len(job.files)) for e in stages.record_events(job, i))
-    lay = stages.layout(job, [stages.plan_file(job, i, winners.get(i, [])) for i in range(len(job.files))])
+    winners = stages.resolve_all(e for u in range(job.units) for e in stages.record_events(job, u))
+    lay = stages.layout(job, [stages.plan_unit(job, u, winners.get(u, [])) for u in range(job.units)])
     for task in stages.shard_tasks(lay):
         stages.write_shard(job, task, lay)
     return lay, done
 
 
-
 def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int = 1024,
             eval_fraction: float = 0.005, rows_per_shard: int = 65536, on_error: str = "raise",
             fmt: str = "auto", overwrite: bool = False, batch_docs: int = 512, progress: bool = True,
-            beam_args: Optional[Sequence[str]] = None) -> dict:
-    """Tokenize and pack `inputs` into `out` (a local folder or an object-store URL, gs://...); returns
-    the manifest. With `beam_args` (Beam pipeline options, e.g. ["--runner=DirectRunner",
+            unit_bytes: int = stages.UNIT_BYTES, beam_args: Optional[Sequence[str]] = None) -> dict:
+    """Tokenize and pack `inputs` into `out`; returns the manifest. Every path may be local or a URL
+    (gs://...). With `beam_args` (Beam pipeline options, e.g. ["--runner=DirectRunner",
     "--direct_num_workers=2"]) the stages run as an Apache Beam pipeline; the output is the same.
 
-    The tokenized input files are kept in `OUT.work/` until the output is complete, so a run that is
-    killed or fails resumes where it stopped; `OUT` itself appears only when complete."""
-    if paths.is_remote(out):  # built in a local folder, then uploaded with the manifest last
-        if paths.exists(out) and not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-        with tempfile.TemporaryDirectory(prefix="biomedlm_jax-prepare-") as local:
-            manifest = prepare(inputs, tokenizer_dir, os.path.join(local, "out"), seq_len=seq_len,
-                               eval_fraction=eval_fraction, rows_per_shard=rows_per_shard, on_error=on_error,
-                               fmt=fmt, batch_docs=batch_docs, progress=progress, beam_args=beam_args)
-            paths.rmtree(out)
-            paths.upload(os.path.join(local, "out"), out)
-        return manifest
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
+    The tokenized inputs are kept in `OUT.work/` (beside OUT, on the same store) until the output is
+    complete, so a run that is killed or fails resumes where it stopped; `OUT` itself appears only when
+    complete (moved from `OUT.work/out`, its manifest last)."""
+    if beam_args is not None:
+        check_runner(inputs, tokenizer_dir, out, beam_args)
+    out = paths.resolve(out)
+    if paths.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     job = make_job(inputs, tokenizer_dir, out, seq_len=seq_len, eval_fraction=eval_fraction,
-                   rows_per_shard=rows_per_shard, on_error=on_error, fmt=fmt, batch_docs=batch_docs)
+                   rows_per_shard=rows_per_shard, on_error=on_error, fmt=fmt, batch_docs=batch_docs,
+                   unit_bytes=unit_bytes)
     t0 = time.time()
-    for stale in ("out", "plans", "shards"):  # everything but the tokenized files is redone
-        shutil.rmtree(os.path.join(job.work, stale), ignore_errors=True)
-    # A failure in here keeps OUT.work, so that a rerun resumes
-    if beam_args is not None:
-        from biomedlm_jax.data import prepare_beam  # needs the [beam] extra
+    for stale in ("out", "plans", "shards"):  # everything but the tokenized units is redone
+        paths.rmtree(paths.join(job.work, stale))
+    # A failure in here keeps OUT.work, so that a rerun resumes (unless nothing was tokenized yet)
+    try:
+        if beam_args is not None:
+            from biomedlm_jax.data import prepare_beam  # needs the [beam] extra
 
-        lay, tokenized = prepare_beam.run(job, beam_args)
-    else:
-        lay, tokenized = run_local(job, progress)
+            lay, tokenized = prepare_beam.run(job, beam_args)
+        else:
+            lay, tokenized = run_local(job, progress)
+    except BaseException:
+        units = paths.join(job.work, "units")
+        if not (paths.exists(units) and any(n.endswith(".npz") for n in paths.listdir(units))):
+            paths.rmtree(job.work)
+        raise
     try:
         stages.check_rows(job, lay)
     except errors.DataError:  # complete but too small: nothing to resume
-        shutil.rmtree(job.work, ignore_errors=True)
+        paths.rmtree(job.work)
         raise
     manifest = stages.finish(job, lay, seconds=time.time() - t0)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(job.out, out)
-    shutil.rmtree(job.work, ignore_errors=True)
+    paths.rmtree(out)
+    paths.rename(job.out, out)
+    paths.rmtree(job.work)
     if progress:
-        print(f"[prepare] {tokenized} of {len(job.files)} input files tokenized, "
-              f"{len(job.files) - tokenized} reused from an interrupted run", file=sys.stderr)
+        print(f"[prepare] {tokenized} of {job.units} work units ({job.files} input files) tokenized, "
+              f"{job.units - tokenized} reused from an interrupted run", file=sys.stderr)
     return manifest
-
 
 
 _PMID_URL = re.compile(r"(\d+)\s*$")

@@ -10,14 +10,17 @@ running mode is `multi_processing` (separate processes, not threads that share o
 
 The graph:
 
-    file numbers ─Reshuffle─> tokenize_file (writes WORK/files/*.npz; skipped when already there)
+    Impulse ─> unit numbers ─Reshuffle─> tokenize_unit (writes WORK/units/*; skipped when already there)
       └─> record_events ─GroupByKey(id)─> resolve ─┐
-      └──────────────(file, None)──────────────────┴─CoGroupByKey(file)─> plan_file
+      └──────────────(unit, None)──────────────────┴─CoGroupByKey(unit)─> plan_unit
             plans ─ToList─> layout (a singleton side input)
             layout ─> shard tasks ─Reshuffle─> write_shard(layout)
 
-The launcher then runs `prepare_stages.finish` (the doc-id index and the manifest), as the local run does. Workers read
-the inputs, the tokenizer and WORK by path: on a cluster these must be on storage every worker sees.
+The unit numbers are made at run time from a count, and the job holds the path of the input list
+in WORK, not the list, so the graph is the same size for ten inputs or ten million. The launcher then
+runs `prepare_stages.finish` (the doc-id index and the manifest), as the local run does. Workers read
+the inputs, the tokenizer and WORK by path or URL: on a cluster these must be URLs (gs://...) that
+every worker reaches, which `prepare.check_runner` enforces before the job starts.
 """
 from __future__ import annotations
 
@@ -26,17 +29,17 @@ from typing import Sequence
 from biomedlm_jax.data import prepare_stages as stages
 
 
-def _tokenize(i: int, job: stages.Job):
+def _tokenize(u: int, job: stages.Job):
     import apache_beam as beam
 
-    if stages.tokenize_file(job, i):
-        beam.metrics.Metrics.counter("prepare", "files_tokenized").inc()
-    return i
+    if stages.tokenize_unit(job, u):
+        beam.metrics.Metrics.counter("prepare", "units_tokenized").inc()
+    return u
 
 
 def _plan(kv, job: stages.Job) -> dict:
-    i, grouped = kv
-    return stages.plan_file(job, i, grouped["winners"])
+    u, grouped = kv
+    return stages.plan_unit(job, u, grouped["winners"])
 
 
 def pipeline_options(beam_args: Sequence[str]):
@@ -45,13 +48,13 @@ def pipeline_options(beam_args: Sequence[str]):
     args = list(beam_args)
     names = {a.split("=", 1)[0] for a in args}
     workers = [a.split("=", 1)[1] for a in args if a.startswith("--direct_num_workers=")]
-    if workers and int(workers[-1]) > 1 and "--direct_running_mode" not in names:
+    if workers and int(workers[-1]) > 1 and not names & {"--direct_running_mode", "--environment_type"}:
         args.append("--direct_running_mode=multi_processing")
     return PipelineOptions(args)
 
 
 def run(job: stages.Job, beam_args: Sequence[str]) -> tuple[dict, int]:
-    """Runs the stages of `job` on Beam; returns (layout, input files tokenized by this run)."""
+    """Runs the stages of `job` on Beam; returns (layout, work units tokenized by this run)."""
     try:
         import apache_beam as beam
     except ImportError as e:
@@ -59,20 +62,20 @@ def run(job: stages.Job, beam_args: Sequence[str]) -> tuple[dict, int]:
     from apache_beam.metrics.metric import MetricsFilter
 
     p = beam.Pipeline(options=pipeline_options(beam_args))
-    files = (p | "files" >> beam.Create(range(len(job.files))) | "spread files" >> beam.Reshuffle()
-             | "tokenize" >> beam.Map(_tokenize, job))
-    winners = (files | "records" >> beam.FlatMap(lambda i: stages.record_events(job, i))
+    units = (p | "start" >> beam.Impulse() | "units" >> beam.FlatMap(lambda _: range(job.units))
+             | "spread units" >> beam.Reshuffle() | "tokenize" >> beam.Map(_tokenize, job))
+    winners = (units | "records" >> beam.FlatMap(lambda u: stages.record_events(job, u))
                | "by id" >> beam.GroupByKey() | "resolve" >> beam.MapTuple(stages.resolve))
-    plans = ({"files": files | "key" >> beam.Map(lambda i: (i, None)), "winners": winners}
-             | "by file" >> beam.CoGroupByKey() | "plan" >> beam.Map(_plan, job))
+    plans = ({"units": units | "key" >> beam.Map(lambda u: (u, None)), "winners": winners}
+             | "by unit" >> beam.CoGroupByKey() | "plan" >> beam.Map(_plan, job))
     lay = plans | "all plans" >> beam.combiners.ToList() | "layout" >> beam.Map(lambda ps: stages.layout(job, ps))
     side = beam.pvalue.AsSingleton(lay)
     (lay | "shard tasks" >> beam.FlatMap(stages.shard_tasks) | "spread shards" >> beam.Reshuffle()
      | "write shards" >> beam.Map(lambda t, layout: stages.write_shard(job, t, layout), side))
     result = p.run()
     result.wait_until_finish()
-    counters = result.metrics().query(MetricsFilter().with_name("files_tokenized"))["counters"]
+    counters = result.metrics().query(MetricsFilter().with_name("units_tokenized"))["counters"]
     tokenized = sum(c.committed or c.attempted or 0 for c in counters)
     # The layout is a pure function of the plans, so the launcher recomputes it from them rather than
     # fetching it from the workers.
-    return stages.layout(job, [stages.plan_summary(job, i) for i in range(len(job.files))]), tokenized
+    return stages.layout(job, [stages.plan_summary(job, u) for u in range(job.units)]), tokenized

@@ -1,23 +1,34 @@
 """The stages of `prepare_data`, shared by the local run and the Apache Beam pipeline (prepare_beam).
 
-Each stage is a plain function of a `Job` (the settings) and a file or shard number, reading and
+Each stage is a plain function of a `Job` (the settings) and a work-unit or shard number, reading and
 writing the job's work folder, so any engine can run the stages in any order it likes and on any
 number of workers. The local run calls them in loops; the Beam pipeline maps them over collections.
 
-1. `tokenize_file(job, i)`: read input file i, tokenize its records (each + <|endoftext|>) and store
-   them in `WORK/files/<key>.npz`: ids, kind (document / empty / delete), token counts, tokens, read
-   counts. The key hashes the file's path, size and mtime with the tokenizer and reader settings, so a
-   rerun after a kill skips every file that finished (the expensive part), and a changed file is redone.
-2. `record_events(job, i)` → `(id, (i, r, kind))` per record; `resolve(id, events)` keeps the latest:
-   records are ordered by (input file, position in file), so a later file's record for a PMID replaces
-   the earlier one, and `<DeleteCitation>` in a PubMed update file removes it.
-3. `plan_file(job, i, winners)`: the records of file i that survive, each's split (by id hash), and
-   the tokens each split gets from the file, into `WORK/plans/<i>.npz`.
-4. `layout(job, totals)`: the documents' order is (file, position), so a file's surviving documents
-   of a split fill one contiguous token range. Prefix sums of the per-file totals give every file's
+Every path may be a URL (gs://...): the inputs, the tokenizer and WORK are read and written only
+through `core.paths`, so workers need no shared disk, and nothing depends on a worker's working
+directory or temporary folder. The job itself stays small however many inputs there are: the
+launcher lists the input files once (with each one's size and version: mtime, or the object's
+generation) into `WORK/inputs.jsonl`, and workers look a unit's files up by number.
+
+Work units: consecutive input files grouped up to `unit_bytes` (one big file is a unit of its own),
+so that per-file overhead (a cache, a plan, a task) stops dominating for one-article-per-file input.
+
+1. `tokenize_unit(job, u)`: read unit u's files, tokenize their records (each + <|endoftext|>) and store
+   them in `WORK/units/<key>.npz` (ids, kind: document / empty / delete, token counts, read counts) and
+   `<key>.tokens` (the tokens, raw, streamed to the file as they are made). The key hashes the files'
+   paths, sizes and versions with the tokenizer and reader settings, so a rerun after a kill skips
+   every unit that finished (the expensive part), and a changed file is redone.
+2. `record_events(job, u)` → `(id, (u, r, kind))` per record; `resolve(id, events)` keeps the latest:
+   records are ordered by (unit, position in unit), which is (input file, position in file), so a
+   later file's record for a PMID replaces the earlier one, and `<DeleteCitation>` in a PubMed update
+   file removes it.
+3. `plan_unit(job, u, winners)`: the records of unit u that survive, each's split (by id hash), and
+   the tokens each split gets from the unit, into `WORK/plans/<u>.npz`.
+4. `layout(job, totals)`: the documents' order is (unit, position), so a unit's surviving documents
+   of a split fill one contiguous token range. Prefix sums of the per-unit totals give every unit's
    start, and hence every document's offset, row and shard, without any other shared state.
-5. `write_shard(job, split, k, layout)` assembles rows [k·R, (k+1)·R) from the cached tokens of the
-   files that overlap it.
+5. `write_shard(job, (split, k), layout)` streams rows [k·R, (k+1)·R) into the shard, reading only the
+   token ranges it needs from the caches of the units that overlap it.
 6. `finish(job)` gathers the shard records and counts into manifest.json, writes the doc-id index of
    each split (ids and token counts from the caches, offsets from the layout) and saves the tokenizer.
 
@@ -32,7 +43,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 from bisect import bisect_right
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -45,13 +55,21 @@ from biomedlm_jax.data import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "validation")
 DOC, EMPTY, DELETE = 0, 1, 2  # record kinds
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+UNIT_BYTES = 64 << 20  # input bytes per work unit (files are grouped up to this; a bigger file is one unit)
+READ_BYTES = 16 << 20  # cached tokens fetched per request batch while a shard is written
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    files: tuple[str, ...]
-    tokenizer: str  # a tokenizer directory every worker can read
+    """Everything a worker needs, small whatever the number of inputs (the file list is in WORK)."""
+    inputs: tuple[str, ...]  # what the user gave (globs, folders, files), for messages and the manifest
+    listing: str  # WORK/inputs.jsonl: [path, size, version, unit] per input file
+    listing_sha256: str
+    units: int
+    files: int
+    tokenizer: str  # a tokenizer directory or URL every worker can read
+    tokenizer_sha256: str
     work: str  # WORK: caches, plans and the output being built (WORK/out)
     seq_len: int = 1024
     eval_fraction: float = 0.005
@@ -59,6 +77,7 @@ class Job:
     fmt: str = "auto"
     on_error: str = "raise"
     batch_docs: int = 512
+    vocab_size: int = 0
 
     @property
     def row_len(self) -> int:
@@ -68,15 +87,51 @@ class Job:
     def out(self) -> str:
         return paths.join(self.work, "out")
 
+    @property
+    def dtype(self):
+        return np.dtype(packing.token_dtype(self.vocab_size))
+
+
+def group_units(files: Sequence[tuple[str, int, str]], unit_bytes: int = UNIT_BYTES) -> list[int]:
+    """The unit of each file: consecutive files share a unit until their sizes add up to `unit_bytes`."""
+    units, unit, size = [], -1, unit_bytes
+    for _, n, _ in files:
+        if size + n > unit_bytes or unit < 0:
+            unit, size = unit + 1, 0
+        units.append(unit)
+        size += n
+    return units
+
+
+def write_listing(path: str, files: Sequence[tuple[str, int, str]], units: Sequence[int]) -> str:
+    """Writes the input list; returns its sha256 (part of the job, so a worker never reads a stale list)."""
+    text = "".join(json.dumps([f, n, v, u]) + "\n" for (f, n, v), u in zip(files, units))
+    paths.write_text(path, text)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _listing(path: str, sha256: str) -> tuple[tuple[tuple[str, int, str], ...], ...]:
+    text = paths.read_text(path)
+    if hashlib.sha256(text.encode()).hexdigest() != sha256:
+        raise RuntimeError(f"{path} changed while the job ran (another prepare_data run on the same --out?)")
+    units: list[list] = []
+    for line in text.splitlines():
+        f, n, v, u = json.loads(line)
+        while len(units) <= u:
+            units.append([])
+        units[u].append((f, n, v))
+    return tuple(tuple(u) for u in units)
+
+
+def unit_files(job: Job, u: int) -> tuple[tuple[str, int, str], ...]:
+    """(path, size, version) of the input files of unit u, in order."""
+    return _listing(job.listing, job.listing_sha256)[u]
+
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str):
     return tokenizer_lib.load_tokenizer(path)
-
-
-@functools.lru_cache(maxsize=4)
-def tokenizer_digest(path: str) -> str:
-    return shards_lib.tokenizer_sha256(load_tokenizer(path))
 
 
 def _save_npz(path: str, **arrays) -> None:
@@ -86,71 +141,71 @@ def _save_npz(path: str, **arrays) -> None:
 
 
 def _load_npz(path: str, *names: str) -> dict:
-    """The named arrays of an .npz in WORK, reading only those members (not a cache's tokens when the
-    caller wants its ids)."""
+    """The named arrays of an .npz in WORK, reading only those members."""
     with paths.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
         return {name: npz[name] for name in names}
 
 
-def cache_path(job: Job, i: int) -> str:
-    path = job.files[i]
-    st = os.stat(path)
-    key = json.dumps([CACHE_VERSION, os.path.abspath(path), st.st_size, st.st_mtime_ns,
-                      tokenizer_digest(job.tokenizer), job.fmt, job.on_error])
-    return paths.join(job.work, "files", f"{i:06d}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
+def cache_path(job: Job, u: int) -> str:
+    """WORK/units/<u>-<key>.npz; its tokens are beside it, `.tokens` for `.npz`."""
+    key = json.dumps([CACHE_VERSION, unit_files(job, u), job.tokenizer_sha256, job.fmt, job.on_error])
+    return paths.join(job.work, "units", f"{u:06d}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
+
+
+def tokens_path(job: Job, u: int) -> str:
+    return cache_path(job, u)[:-len(".npz")] + ".tokens"
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. read and tokenize one input file
+# 1. read and tokenize one work unit
 # ----------------------------------------------------------------------------------------------------
 
 
-def tokenize_file(job: Job, i: int) -> bool:
-    """Tokenize input file i into its cache unless a finished cache exists; True when it did the work."""
-    target = cache_path(job, i)
+def tokenize_unit(job: Job, u: int) -> bool:
+    """Tokenize unit u into its cache unless a finished cache exists; True when it did the work. The
+    tokens are streamed to WORK as each batch is encoded; the .npz, written last, marks it finished."""
+    target = cache_path(job, u)
     if paths.exists(target):
         return False
     tok = load_tokenizer(job.tokenizer)
     eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
     if eos is None:
         raise errors.DataError(f"{job.tokenizer}: the tokenizer has no {tokenizer_lib.EOS_TOKEN} token")
-    dtype = packing.token_dtype(tok.get_vocab_size())
-    stats = readers.ReadStats(files=1)
-    ids, kinds, lengths, pieces = [], [], [], []
+    files = unit_files(job, u)
+    stats = readers.ReadStats(files=len(files))
+    ids, kinds, lengths = [], [], []
     batch: list[tuple[int, str]] = []  # (record number, text) waiting for encode_batch
+    paths.makedirs(paths.join(job.work, "units"))
+    with paths.open_write(tokens_path(job, u)) as out:
 
-    def flush():
-        for (r, _), enc in zip(batch, tok.encode_batch([t for _, t in batch])):
-            lengths[r] = len(enc.ids) + 1
-            pieces.append((r, np.asarray(enc.ids + [eos], dtype)))
-        batch.clear()
+        def flush():  # batches are encoded in record order, so the tokens file is in record order
+            for (r, _), enc in zip(batch, tok.encode_batch([t for _, t in batch])):
+                lengths[r] = len(enc.ids) + 1
+                out.write(np.asarray(enc.ids + [eos], job.dtype).tobytes())
+            batch.clear()
 
-    try:
-        for doc_id, text in readers.read_records(job.files[i], stats, job.on_error, job.fmt):
-            r = len(ids)
-            ids.append(doc_id)
-            lengths.append(0)
-            if text is None:
-                kinds.append(DELETE)
-            elif not text.strip():
-                kinds.append(EMPTY)
-            else:
-                kinds.append(DOC)
-                batch.append((r, text))
-                if len(batch) >= job.batch_docs:
-                    flush()
+        for path, _, _ in files:
+            try:
+                for doc_id, text in readers.read_records(path, stats, job.on_error, job.fmt):
+                    r = len(ids)
+                    ids.append(doc_id)
+                    lengths.append(0)
+                    if text is None:
+                        kinds.append(DELETE)
+                    elif not text.strip():
+                        kinds.append(EMPTY)
+                    else:
+                        kinds.append(DOC)
+                        batch.append((r, text))
+                        if len(batch) >= job.batch_docs:
+                            flush()
+            except errors.DataError:
+                if job.on_error != "skip":  # the file could not even be opened as its format
+                    raise
+                stats.errors_skipped += 1
         flush()
-    except errors.DataError:
-        if job.on_error == "skip":  # the file could not even be opened as its format: counted, never fatal
-            stats.errors_skipped += 1
-        else:
-            raise
-    pieces.sort(key=lambda p: p[0])
-    tokens = np.concatenate([p for _, p in pieces]) if pieces else np.zeros(0, dtype)
-    paths.makedirs(paths.join(job.work, "files"))
     _save_npz(target, ids=np.asarray(ids, dtype=str), kinds=np.asarray(kinds, np.int8),
-              lengths=np.asarray(lengths, np.int64), tokens=tokens,
-              stats=np.asarray(json.dumps(stats.as_dict())))
+              lengths=np.asarray(lengths, np.int64), stats=np.asarray(json.dumps(stats.as_dict())))
     return True
 
 
@@ -159,46 +214,46 @@ def tokenize_file(job: Job, i: int) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def record_events(job: Job, i: int) -> Iterator[tuple[str, tuple[int, int, int]]]:
-    cache = _load_npz(cache_path(job, i), "ids", "kinds")
+def record_events(job: Job, u: int) -> Iterator[tuple[str, tuple[int, int, int]]]:
+    cache = _load_npz(cache_path(job, u), "ids", "kinds")
     for r, (doc_id, kind) in enumerate(zip(cache["ids"].tolist(), cache["kinds"].tolist())):
-        yield doc_id, (i, r, kind)
+        yield doc_id, (u, r, kind)
 
 
 def resolve(doc_id: str, events: Iterable[tuple[int, int, int]]) -> tuple[int, tuple[int, int, int, int]]:
-    """The latest record of an id: (its file, (its position, kind, records it replaced, 1 if it deleted
+    """The latest record of an id: (its unit, (its position, kind, records it replaced, 1 if it deleted
     an earlier record))."""
     events = sorted(events)
-    i, r, kind = events[-1]
+    u, r, kind = events[-1]
     records = sum(1 for e in events if e[2] != DELETE)  # records of this id that are not deletions
     # all but the last of them were replaced by a later one; a deletion at the end removes the last
-    return i, (r, kind, max(records - 1, 0), int(kind == DELETE and records > 0))
+    return u, (r, kind, max(records - 1, 0), int(kind == DELETE and records > 0))
 
 
 def resolve_all(events: Iterable[tuple[str, tuple[int, int, int]]]) -> dict[int, list]:
-    """`resolve` over every id, in memory (the local run): {file: [winner, ...]}."""
+    """`resolve` over every id, in memory (the local run): {unit: [winner, ...]}."""
     by_id: dict[str, list] = {}
     for doc_id, event in events:
         by_id.setdefault(doc_id, []).append(event)
     out: dict[int, list] = {}
     for doc_id, evs in by_id.items():
-        i, winner = resolve(doc_id, evs)
-        out.setdefault(i, []).append(winner)
+        u, winner = resolve(doc_id, evs)
+        out.setdefault(u, []).append(winner)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. per file: surviving documents, their splits and token totals
+# 3. per unit: surviving documents, their splits and token totals
 # ----------------------------------------------------------------------------------------------------
 
 
-def plan_path(job: Job, i: int) -> str:
-    return paths.join(job.work, "plans", f"{i:06d}.npz")
+def plan_path(job: Job, u: int) -> str:
+    return paths.join(job.work, "plans", f"{u:06d}.npz")
 
 
-def plan_file(job: Job, i: int, winners: Iterable[tuple[int, int, int, int]]) -> dict:
-    """Writes the plan of file i and returns {"file": i, "tokens": {split: n}, "counts": {...}}."""
-    cache = _load_npz(cache_path(job, i), "ids", "lengths", "stats")
+def plan_unit(job: Job, u: int, winners: Iterable[tuple[int, int, int, int]]) -> dict:
+    """Writes the plan of unit u and returns {"unit": u, "tokens": {split: n}, "counts": {...}}."""
+    cache = _load_npz(cache_path(job, u), "ids", "lengths", "stats")
     ids, lengths = cache["ids"].tolist(), cache["lengths"]
     counts = json.loads(str(cache["stats"]))
     counts.update(documents=0, empty=0, duplicates=0, deleted=0)
@@ -215,44 +270,38 @@ def plan_file(job: Job, i: int, winners: Iterable[tuple[int, int, int, int]]) ->
     counts["documents"] = len(kept)
     tokens = {"train": int(lengths[kept_a[~val_a]].sum()), "validation": int(lengths[kept_a[val_a]].sum())}
     docs = {"train": int((~val_a).sum()), "validation": int(val_a.sum())}
-    summary = {"file": i, "tokens": tokens, "docs": docs, "counts": counts}
+    summary = {"unit": u, "tokens": tokens, "docs": docs, "counts": counts}
     paths.makedirs(paths.join(job.work, "plans"))
-    _save_npz(plan_path(job, i), kept=kept_a, validation=val_a, summary=np.asarray(json.dumps(summary)))
+    _save_npz(plan_path(job, u), kept=kept_a, validation=val_a, summary=np.asarray(json.dumps(summary)))
     return summary
 
 
-def plan_summary(job: Job, i: int) -> dict:
-    """What `plan_file` returned for file i, read back from WORK."""
-    return json.loads(str(_load_npz(plan_path(job, i), "summary")["summary"]))
+def plan_summary(job: Job, u: int) -> dict:
+    """What `plan_unit` returned for unit u, read back from WORK."""
+    return json.loads(str(_load_npz(plan_path(job, u), "summary")["summary"]))
 
 
-def _split_tokens(job: Job, i: int, split: str, with_tokens: bool = True
-                  ) -> tuple[list[str], np.ndarray, Optional[np.ndarray]]:
-    """File i's surviving documents of `split` in order: (ids, token counts, their concatenated tokens)."""
-    cache = _load_npz(cache_path(job, i), "ids", "lengths", *(["tokens"] if with_tokens else []))
-    plan = _load_npz(plan_path(job, i), "kept", "validation")
+def _split_docs(job: Job, u: int, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Unit u's surviving documents of `split` in order: (ids, token counts, first token in the unit's
+    tokens file)."""
+    cache = _load_npz(cache_path(job, u), "ids", "lengths")
+    plan = _load_npz(plan_path(job, u), "kept", "validation")
     lengths, ids = cache["lengths"], cache["ids"]
     sel = plan["kept"][plan["validation"] == (split == "validation")]
-    flat = None
-    if with_tokens:
-        tokens = cache["tokens"]
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        parts = [tokens[starts[r]:ends[r]] for r in sel.tolist()]
-        flat = np.concatenate(parts) if parts else tokens[:0]
-    return [str(ids[r]) for r in sel.tolist()], lengths[sel], flat
+    starts = np.cumsum(lengths) - lengths
+    return [str(ids[r]) for r in sel.tolist()], lengths[sel], starts[sel]
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. where every file's documents go
+# 4. where every unit's documents go
 # ----------------------------------------------------------------------------------------------------
 
 
 def layout(job: Job, plans: Sequence[dict]) -> dict:
-    """From every file's plan summary: per split, each file's first token offset, the rows and shards."""
-    plans = sorted(plans, key=lambda p: p["file"])
-    if [p["file"] for p in plans] != list(range(len(job.files))):
-        raise RuntimeError(f"plans for {len(plans)} of {len(job.files)} input files")
+    """From every unit's plan summary: per split, each unit's first token offset, the rows and shards."""
+    plans = sorted(plans, key=lambda p: p["unit"])
+    if [p["unit"] for p in plans] != list(range(job.units)):
+        raise RuntimeError(f"plans for {len(plans)} of {job.units} work units")
     out: dict = {}
     for split in SPLITS:
         totals = np.asarray([p["tokens"][split] for p in plans], np.int64)
@@ -287,33 +336,68 @@ def shard_meta_path(job: Job, split: str, k: int) -> str:
     return paths.join(job.work, "shards", f"{split}-{k:05d}.json")
 
 
+def _token_ranges(job: Job, u: int, split: str, a: int, b: int) -> list[tuple[int, int]]:
+    """Byte ranges of unit u's tokens file holding tokens [a, b) of the unit's `split` stream (its
+    surviving documents of that split, concatenated); runs of adjacent documents are merged."""
+    _, lengths, starts = _split_docs(job, u, split)
+    ends = np.cumsum(lengths)
+    first = int(np.searchsorted(ends, a, side="right"))
+    ranges: list[tuple[int, int]] = []
+    item = job.dtype.itemsize
+    for d in range(first, len(lengths)):
+        lo = int(ends[d] - lengths[d])
+        if lo >= b:
+            break
+        s = int(starts[d]) + max(a - lo, 0)
+        e = int(starts[d]) + min(b, int(ends[d])) - lo
+        if ranges and ranges[-1][1] == s * item:
+            ranges[-1] = (ranges[-1][0], e * item)
+        else:
+            ranges.append((s * item, e * item))
+    return ranges
+
+
 def write_shard(job: Job, task: tuple[str, int], lay: dict) -> dict:
+    """Streams shard `task` = (split, k) into WORK/out: the .npy header, then the token ranges it needs,
+    fetched from the unit caches at most READ_BYTES at a time. Peak memory is one such batch, not the
+    shard; the sha256 is computed on the way."""
     split, k = task
     info, R, L = lay[split], job.rows_per_shard, job.row_len
     first, last = k * R, min((k + 1) * R, info["rows"])
     a, b = first * L, last * L
     starts = info["starts"]
-    dtype = packing.token_dtype(load_tokenizer(job.tokenizer).get_vocab_size())
-    out = np.empty(b - a, dtype)
-    filled = a
-    i = max(bisect_right(starts, a) - 1, 0)
-    while filled < b and i < len(job.files):
-        lo, hi = starts[i], starts[i + 1]
-        if hi > filled:
-            _, _, flat = _split_tokens(job, i, split)
-            take = flat[filled - lo: min(hi, b) - lo]
-            out[filled - a: filled - a + len(take)] = take
-            filled += len(take)
-        i += 1
-    if filled != b:
-        raise RuntimeError(f"shard {split} {k}: filled {filled - a} of {b - a} tokens")
-    rows = out.reshape(last - first, L)
-    buf = io.BytesIO()
-    np.save(buf, rows)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(job.dtype), "fortran_order": False, "shape": (last - first, L)})
+    digest = hashlib.sha256()
     name = shard_name(split, k)
     paths.makedirs(job.out)
-    paths.write_bytes(paths.join(job.out, name), buf.getvalue())
-    meta = {"file": name, "rows": int(last - first), "sha256": hashlib.sha256(rows.tobytes()).hexdigest()}
+    filled = a
+    with paths.open_write(paths.join(job.out, name)) as f:
+        f.write(header.getvalue())
+        u = max(bisect_right(starts, a) - 1, 0)
+        while filled < b and u < job.units:
+            lo, hi = starts[u], starts[u + 1]
+            if hi > filled:
+                ranges = _token_ranges(job, u, split, filled - lo, min(hi, b) - lo)
+                src = tokens_path(job, u)
+                while ranges:
+                    take, size = 0, 0
+                    while take < len(ranges) and (take == 0 or size + ranges[take][1] - ranges[take][0] <= READ_BYTES):
+                        size += ranges[take][1] - ranges[take][0]
+                        take += 1
+                    for (r0, r1), data in zip(ranges[:take], paths.read_ranges([(src, r0, r1) for r0, r1 in ranges[:take]])):
+                        if len(data) != r1 - r0:
+                            raise RuntimeError(f"{src}: {len(data)} of {r1 - r0} bytes at {r0} (a damaged cache)")
+                        f.write(data)
+                        digest.update(data)
+                        filled += len(data) // job.dtype.itemsize
+                    ranges = ranges[take:]
+            u += 1
+    if filled != b:
+        raise RuntimeError(f"shard {split} {k}: filled {filled - a} of {b - a} tokens")
+    meta = {"file": name, "rows": int(last - first), "sha256": digest.hexdigest(),
+            "header_bytes": len(header.getvalue())}
     paths.makedirs(paths.join(job.work, "shards"))
     paths.write_text(shard_meta_path(job, split, k), json.dumps(meta))
     return meta
@@ -321,12 +405,12 @@ def write_shard(job: Job, task: tuple[str, int], lay: dict) -> dict:
 
 def write_index(job: Job, split: str, lay: dict) -> None:
     """`doc id <TAB> first row` of every surviving document of `split`, in order, into WORK/out."""
-    with paths.Path(paths.join(job.out, f"{split}-docs.tsv")).open("w") as f:
-        for i in range(len(job.files)):
-            ids, lengths, _ = _split_tokens(job, i, split, with_tokens=False)
+    with paths.open_write(paths.join(job.out, f"{split}-docs.tsv")) as f:
+        for u in range(job.units):
+            ids, lengths, _ = _split_docs(job, u, split)
             if ids:
-                offsets = lay[split]["starts"][i] + np.concatenate([[0], np.cumsum(lengths)[:-1]])
-                f.write("".join(f"{d}\t{int(o) // job.row_len}\n" for d, o in zip(ids, offsets)))
+                offsets = lay[split]["starts"][u] + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+                f.write("".join(f"{d}\t{int(o) // job.row_len}\n" for d, o in zip(ids, offsets)).encode())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,7 +421,7 @@ def write_index(job: Job, split: str, lay: dict) -> None:
 def check_rows(job: Job, lay: dict) -> None:
     if not lay["train"]["rows"]:  # an empty dataset would only fail later, in the trainer
         raise errors.DataError(
-            f"{', '.join(job.files)}: no training row of {job.row_len} tokens ({lay['read_stats']['documents']} "
+            f"{', '.join(job.inputs)}: no training row of {job.row_len} tokens ({lay['read_stats']['documents']} "
             f"documents read, {lay['train']['tokens']} training tokens; read stats {lay['read_stats']}). Check the "
             "inputs, their --format, or use a smaller --seq_len.")
 
@@ -362,10 +446,11 @@ def finish(job: Job, lay: dict, seconds: Optional[float] = None) -> dict:
         "format": shards_lib.PREPARED_FORMAT,
         "seq_len": job.seq_len,
         "row_len": job.row_len,
-        "dtype": np.dtype(packing.token_dtype(tok.get_vocab_size())).name,
-        "tokenizer": {"sha256": tokenizer_digest(job.tokenizer), "vocab_size": tok.get_vocab_size(),
+        "dtype": job.dtype.name,
+        "tokenizer": {"sha256": job.tokenizer_sha256, "vocab_size": tok.get_vocab_size(),
                       "eos_id": tok.token_to_id(tokenizer_lib.EOS_TOKEN)},
-        "inputs": list(job.files),
+        "inputs": list(job.inputs),
+        "input_files": job.files,
         "eval_fraction": job.eval_fraction,
         "read_stats": lay["read_stats"],
         "splits": splits,

@@ -15,11 +15,12 @@ valid UTF-8 (decoded with U+FFFD replacement characters) are counted.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import glob
 import gzip
 import json
 import os
+import tarfile
 import xml.etree.ElementTree as ET
 import zlib
 from typing import Iterable, Iterator, Optional, Sequence
@@ -41,27 +42,49 @@ class ReadStats:
         return dataclasses.asdict(self)
 
 
-FORMATS = ("pubmed_xml", "pubtator", "jsonl", "jats", "text")
+FORMATS = ("pubmed_xml", "pubtator", "jsonl", "jats", "pmc_tar", "text")
+
+
+def list_files(patterns: str | Sequence[str]) -> list[tuple[str, int, str]]:
+    """(path, size, version) of each input file, sorted per pattern and de-duplicated, in time linear in
+    their number. A pattern is a file, a glob (`**` recurses) or a folder, local or on an object store
+    (gs://...). A folder contributes the files below it whose format is recognised (LICENSE and
+    README are skipped): by their first bytes for local files, by name on an object store, where
+    opening each of millions of objects would cost a request each. A pattern matching nothing is an
+    error naming it."""
+    from biomedlm_jax.core import paths
+
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p.strip()]
+    out: list[tuple[str, int, str]] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        pattern = pattern.strip()
+        hits = paths.glob_files(pattern)
+        if paths.isdir(pattern) if paths.is_remote(pattern) else os.path.isdir(os.path.expanduser(pattern)):
+            hits = [h for h in hits if _recognised(h[0], sniff=not paths.is_remote(pattern))]
+        if not hits:
+            raise FileNotFoundError(f"no file matches {pattern!r}")
+        for h in hits:
+            if h[0] not in seen:
+                seen.add(h[0])
+                out.append(h)
+    return out
 
 
 def expand_files(patterns: str | Sequence[str]) -> list[str]:
-    """Comma-separated globs (or a list of them) -> sorted, de-duplicated files; error if a glob matches none."""
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p.strip()]
-    files: list[str] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(pattern.strip())
-        hits = sorted(glob.glob(pattern, recursive=True))
-        if os.path.isdir(pattern):  # a directory: every file in it (recursively) whose format is recognised
-            hits = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-                          if os.path.isfile(p) and _recognised(p))
-        if not hits:
-            raise FileNotFoundError(f"no file matches {pattern!r}")
-        files += [h for h in hits if h not in files]
-    return files
+    """Comma-separated globs / files / folders (or a list of them) -> the files, as `list_files`."""
+    return [path for path, _, _ in list_files(patterns)]
 
 
-def _recognised(path: str) -> bool:
+# By name alone (no need to open the file): what a folder on an object store contributes
+_NAMED = (".xml", ".nxml", ".jsonl", ".pubtator", ".PubTator.txt", ".pubtator.txt", ".tar", ".tgz")
+
+
+def _recognised(path: str, sniff: bool = True) -> bool:
+    if not sniff:
+        name = path[:-3] if path.endswith(".gz") else path
+        return name.endswith(_NAMED)
     try:
         detect_format(path)
         return True
@@ -69,8 +92,17 @@ def _recognised(path: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
 def _open_binary(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    """The decompressed bytes of a local or remote file (gzip by the `.gz` name)."""
+    from biomedlm_jax.core import paths
+
+    with paths.open_read(path) as raw:
+        if path.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                yield f
+        else:
+            yield raw
 
 
 # What a damaged gzip raises while it is read: cut short (EOFError), not gzip, or corrupt inside.
@@ -117,6 +149,8 @@ def detect_format(path: str) -> str:
     """By extension, then by the first bytes (XML root element, PubTator `id|t|`, JSON object).
     Plain text is never guessed (a LICENSE.txt is not corpus); ask for it with fmt="text"."""
     name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith((".tar", ".tgz")):
+        return "pmc_tar"
     if name.endswith(".jsonl"):
         return "jsonl"
     if name.endswith((".pubtator", ".PubTator.txt", ".pubtator.txt")):
@@ -363,6 +397,45 @@ def read_jats(path: str, stats: Optional[ReadStats] = None, on_error: str = "rai
         yield doc_id or f"{os.path.basename(path)}", text
 
 
+# What reading a damaged tar member raises: a cut archive, a corrupt gzip stream, a bad header
+TAR_ERRORS = (tarfile.TarError, *GZIP_ERRORS)
+
+
+def read_pmc_tar(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
+    """PMC's bulk packages: a tar archive (`.tar.gz`, `.tgz` or `.tar`) of JATS `.xml` / `.nxml` files,
+    read member by member as one stream, never unpacked to disk; other members (PDFs, images) are
+    passed over. Each article is a record keyed like `read_jats`'s (PMCID, else PMID; else
+    `archive:member`). A member that is malformed XML is named `archive:member:line`; with
+    on_error="skip" it is counted and the next member is read. A truncated or corrupt archive is named
+    with the member being read when it broke; nothing after it can be read, so with "skip" the rest of
+    the archive is counted as one error."""
+    stats = stats if stats is not None else ReadStats()
+    from biomedlm_jax.core import paths
+
+    member = None
+    with paths.open_read(path) as raw:
+        try:
+            with tarfile.open(fileobj=raw, mode="r|*") as tar:  # a stream; gzip by its magic bytes
+                for member in tar:
+                    if not member.isfile() or not member.name.endswith((".xml", ".nxml")):
+                        continue
+                    where = f"{path}:{member.name}"
+                    f = tar.extractfile(member)
+                    try:
+                        for _, elem in ET.iterparse(f, events=("end",)):
+                            if elem.tag == "article":
+                                doc_id, text = jats_article(elem)
+                                elem.clear()
+                                yield doc_id or where, text
+                    except ET.ParseError as e:
+                        line = e.position[0] if getattr(e, "position", None) else "?"
+                        _fail(stats, on_error, f"{where}:{line}: malformed XML ({e})")
+                    member = None
+        except TAR_ERRORS as e:
+            at = f"{path}:{member.name}" if member is not None else path
+            _fail(stats, on_error, f"{at}: truncated or corrupt archive ({type(e).__name__}: {e})")
+
+
 def read_text(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
     """Plain text: blank-line-separated documents."""
     stats = stats if stats is not None else ReadStats()
@@ -380,7 +453,7 @@ def read_text(path: str, stats: Optional[ReadStats] = None, on_error: str = "rai
 
 
 READERS = {"pubmed_xml": read_pubmed_xml, "pubtator": read_pubtator, "jsonl": read_jsonl, "jats": read_jats,
-           "text": read_text}
+           "pmc_tar": read_pmc_tar, "text": read_text}
 
 
 def read_records(path: str, stats: ReadStats, on_error: str = "raise", fmt: str = "auto"
