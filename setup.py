@@ -7,7 +7,7 @@ accelerator host pick an extra:
     pip install -e .[cuda12]   # NVIDIA GPUs (CUDA 12 wheels from PyPI)
     pip install -e .[tpu]      # Cloud TPU VMs
     pip install -e .[eval]     # lm-evaluation-harness backend (python -m biomedlm_jax.lm_eval)
-    pip install -e .[gcs]      # gs:// workdirs without TensorFlow (gcsfs for etils.epath)
+    pip install -e .[gcs]      # (kept for old command lines: gcsfs is now part of the default install)
     pip install -e .[beam]     # prepare_data on Apache Beam (--runner=DirectRunner, DataflowRunner, ...)
     pip install -e .[test]     # pytest + torch (CPU) + transformers for parity tests (includes eval)
 """
@@ -41,6 +41,10 @@ INSTALL_REQUIRES = [
     # python -m biomedlm_jax.serve: the OpenAI-compatible HTTP server
     "fastapi==0.165.0",
     "uvicorn==0.55.0",
+    # gs:// through fsspec: listings with generations, concurrent byte-range reads (core/paths.py), and
+    # etils.epath's backend where TensorFlow is absent or EPATH_USE_TF=false. In the default install so
+    # that Beam workers given --setup_file=./setup.py (which installs no extras) can read gs:// paths.
+    "gcsfs==2026.10.1",
 ]
 
 # Running the notebooks (and executing them in the tests).
@@ -57,8 +61,7 @@ EVAL_REQUIRES = [
     "datasets==5.2.0",
 ]
 
-# Object-store workdirs (gs://) through etils.epath's fsspec backend, for images without TensorFlow
-# (with TensorFlow installed, as in the default install, epath reads gs:// through tf.io.gfile).
+# gcsfs moved into INSTALL_REQUIRES; the extra stays so that `pip install -e .[gcs]` still works.
 GCS_REQUIRES = ["gcsfs==2026.10.1"]
 
 # prepare_data on Apache Beam (DirectRunner/Prism locally; Dataflow, Flink, Spark on a cluster).

@@ -1,14 +1,18 @@
 """Corpus-preparation benchmark: throughput per worker, scaling over workers, peak memory.
 
     python -m biomedlm_jax.bench_prepare --tokenizer=DIR --source=abstracts.jsonl --scale=10 \
-        [--formats=jsonl,pubmed_xml,jats] [--workers=1,2] [--out=bench_prepare.jsonl]
+        [--formats=jsonl,pubmed_xml,jats,pmc_tar] [--workers=1,2] [--work_unit_mb=64] [--out=bench_prepare.jsonl]
+    python -m biomedlm_jax.bench_prepare shard-memory --input=... --tokenizer=DIR [--rows_per_shard=65536]
+    python -m biomedlm_jax.bench_prepare remote-read --corpus=PREPARED_DIR [--latency_ms=20] [--reader_path=CHECKOUT]
 
 From `--source` (JSONL with pmid/title/abstract, e.g. the shipped data/pubmed_abstracts/abstracts.jsonl)
 it writes a synthetic corpus `--scale` times larger in each format (each copy with its own ids):
 - `jsonl`: 8 files;
 - `pubmed_xml`: gzipped baseline files of 2,000 citations, abstracts in labelled sections;
 - `jats`: one PMC-style full-text article per file (title, abstract, a body of six sections built from
-  other abstracts, plus references, a table and a figure that the reader skips), as PMC ships them.
+  other abstracts, plus references, a table and a figure that the reader skips), as PMC's per-article
+  service ships them;
+- `pmc_tar`: the same articles in bulk packages of 2,000 (`.tar.gz`), as PMC's bulk service ships them.
 
 Then it runs `python -m biomedlm_jax.prepare_data` on it as a user would: locally (one process) and on
 Beam's DirectRunner with each `--workers` count, and reports per run the input MB/s, tokens/s, wall
@@ -27,7 +31,49 @@ import tempfile
 from biomedlm_jax.benchmarks.prepare import FORMATS, READ_EPOCH, run_measured, synthesize
 
 
+def remote_read(argv) -> int:
+    from biomedlm_jax.benchmarks import remote_read as rr
+
+    p = argparse.ArgumentParser(prog="python -m biomedlm_jax.bench_prepare remote-read", description=rr.__doc__.split("\n")[0])
+    p.add_argument("--corpus", required=True, help="a prepare_data output folder (local), uploaded to the fake server")
+    p.add_argument("--latency_ms", type=float, default=20, help="added to every request the fake server answers")
+    p.add_argument("--batch", type=int, default=32, help="global batch (rows), split over --hosts")
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--hosts", type=int, default=2)
+    p.add_argument("--reader_path", default=None, help="another checkout whose reader to measure")
+    p.add_argument("--out", default="bench_prepare.jsonl")
+    args = p.parse_args(argv)
+    row = rr.run(args.corpus, args.latency_ms, args.batch, args.batches, args.hosts, args.reader_path)
+    print(json.dumps(row), flush=True)
+    with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    return 0
+
+
+def shard_memory(argv) -> int:
+    from biomedlm_jax.benchmarks.prepare import shard_write_peak
+
+    p = argparse.ArgumentParser(prog="python -m biomedlm_jax.bench_prepare shard-memory",
+                                description="peak memory allocated while one shard is written, against its size")
+    p.add_argument("--input", required=True, help="comma-separated inputs, as prepare_data takes them")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--rows_per_shard", type=int, default=65536)
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--out", default="bench_prepare.jsonl")
+    args = p.parse_args(argv)
+    row = shard_write_peak(args.input.split(","), args.tokenizer, args.rows_per_shard, args.seq_len)
+    print(json.dumps(row), flush=True)
+    with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["remote-read"]:
+        return remote_read(argv[1:])
+    if argv[:1] == ["shard-memory"]:
+        return shard_memory(argv[1:])
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.bench_prepare", description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--source", required=True, help="JSONL with pmid, title, abstract")
@@ -37,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--batch", type=int, default=32, help="global batch of the reader epoch")
     p.add_argument("--workdir", default=None, help="where the corpora go (default: a temporary folder)")
+    p.add_argument("--work_unit_mb", type=float, default=None, help="passed to prepare_data (its default if not given)")
     p.add_argument("--out", default="bench_prepare.jsonl")
     args = p.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",") if w.strip() and int(w) > 0]
@@ -52,13 +99,14 @@ def main(argv=None) -> int:
                 out = os.path.join(root, fmt, engine)
                 cmd = [sys.executable, "-m", "biomedlm_jax.prepare_data", f"--input={os.path.join(root, fmt, 'input')}",
                        f"--tokenizer={args.tokenizer}", f"--out={out}", f"--seq_len={args.seq_len}", "--overwrite",
-                       *extra]
+                       *([f"--work_unit_mb={args.work_unit_mb}"] if args.work_unit_mb is not None else []), *extra]
                 wall, peak, r = run_measured(cmd)
                 if r.returncode:
                     raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
                 m = json.load(open(os.path.join(out, "manifest.json")))
                 tokens = sum(s["tokens"] + s["dropped_tokens"] for s in m["splits"].values())
                 rows.append({"kind": "prepare", "format": fmt, "engine": engine, "files": len(files),
+                             "work_unit_mb": args.work_unit_mb,
                              "documents": m["read_stats"]["documents"], "input_mb": round(in_bytes / 1e6, 2),
                              "tokens": tokens, "seconds": round(wall, 2), "input_mb_per_s": round(in_bytes / 1e6 / wall, 3),
                              "tokens_per_s": round(tokens / wall), "peak_rss_mb": round(peak / 2**20)})

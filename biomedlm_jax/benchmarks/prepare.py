@@ -4,14 +4,16 @@ of the whole process tree (`run_measured`)."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import subprocess
+import tarfile
 import threading
 import time
 from xml.sax.saxutils import escape
 
-FORMATS = ("jsonl", "pubmed_xml", "jats")
+FORMATS = ("jsonl", "pubmed_xml", "jats", "pmc_tar")
 
 
 
@@ -57,22 +59,38 @@ def synthesize(source: str, out: str, fmt: str, scale: int) -> list[str]:
                 flush()
         if batch:
             flush()
-    elif fmt == "jats":
+    elif fmt in ("jats", "pmc_tar"):
+        tar, members = None, 0
         for k, j, rec, base in _records(source, scale):
             body = "".join(
                 f"<sec><title>Section {s + 1}</title><p>{escape(base[(j + 7 * s + 1) % len(base)]['abstract'])}"
                 f"<xref ref-type=\"bibr\" rid=\"r{s}\">{s}</xref></p></sec>" for s in range(6))
-            path = os.path.join(out, f"PMC{rec['pmid']}.nxml")
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(f'<?xml version="1.0"?>\n<article><front><article-meta>'
-                        f'<article-id pub-id-type="pmc">{rec["pmid"]}</article-id>'
-                        f'<title-group><article-title>{escape(rec["title"])}</article-title></title-group>'
-                        f'<abstract><p>{escape(rec["abstract"])}</p></abstract></article-meta></front>'
-                        f'<body>{body}<table-wrap><table><tr><td>1</td></tr></table></table-wrap>'
-                        f'<fig><caption><p>A figure.</p></caption></fig></body>'
-                        f'<back><ref-list><ref id="r0"><mixed-citation>A reference.</mixed-citation></ref></ref-list>'
-                        f'</back></article>\n')
-            files.append(path)
+            article = (f'<?xml version="1.0"?>\n<article><front><article-meta>'
+                       f'<article-id pub-id-type="pmc">{rec["pmid"]}</article-id>'
+                       f'<title-group><article-title>{escape(rec["title"])}</article-title></title-group>'
+                       f'<abstract><p>{escape(rec["abstract"])}</p></abstract></article-meta></front>'
+                       f'<body>{body}<table-wrap><table><tr><td>1</td></tr></table></table-wrap>'
+                       f'<fig><caption><p>A figure.</p></caption></fig></body>'
+                       f'<back><ref-list><ref id="r0"><mixed-citation>A reference.</mixed-citation></ref></ref-list>'
+                       f'</back></article>\n')
+            if fmt == "jats":
+                path = os.path.join(out, f"PMC{rec['pmid']}.nxml")
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(article)
+                files.append(path)
+                continue
+            if tar is None or members == 2000:  # PMC's bulk packages: thousands of articles per .tar.gz
+                if tar is not None:
+                    tar.close()
+                files.append(os.path.join(out, f"oa_comm_xml.PMC{len(files):03d}xxxxxx.baseline.tar.gz"))
+                tar, members = tarfile.open(files[-1], "w:gz"), 0
+            data = article.encode("utf-8")
+            info = tarfile.TarInfo(f"PMC{rec['pmid']}/PMC{rec['pmid']}.nxml")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            members += 1
+        if tar is not None:
+            tar.close()
     else:
         raise ValueError(f"format {fmt!r}: choose from {FORMATS}")
     return files
@@ -135,3 +153,33 @@ for _ in range(n):
     next(it)
 print(n, time.perf_counter() - t0)
 """
+
+
+
+def shard_write_peak(inputs: list[str], tokenizer: str, rows_per_shard: int, seq_len: int = 1024) -> dict:
+    """Runs the preparation stages up to the layout in a temporary work folder, then writes the first
+    training shard under `tracemalloc` (which sees numpy's buffers and the bytes read): the peak memory
+    allocated while one shard is written, against the shard's size."""
+    import tempfile
+    import tracemalloc
+
+    from biomedlm_jax.data import prepare
+    from biomedlm_jax.data import prepare_stages as stages
+
+    with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
+        job = prepare.make_job(inputs, tokenizer, os.path.join(tmp, "out"), seq_len=seq_len,
+                               rows_per_shard=rows_per_shard)
+        for u in range(job.units):
+            stages.tokenize_unit(job, u)
+        winners = stages.resolve_all(e for u in range(job.units) for e in stages.record_events(job, u))
+        lay = stages.layout(job, [stages.plan_unit(job, u, winners.get(u, [])) for u in range(job.units)])
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        meta = stages.write_shard(job, ("train", 0), lay)
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    shard = meta["rows"] * job.row_len * job.dtype.itemsize
+    return {"kind": "shard_write", "rows": meta["rows"], "shard_mb": round(shard / 1e6, 2),
+            "peak_mb": round(peak / 1e6, 2), "peak_over_shard": round(peak / shard, 3),
+            "read_batch_mb": stages.READ_BYTES / 1e6, "seconds": round(seconds, 2), "units": job.units}
