@@ -61,8 +61,9 @@ def list_files(patterns: str | Sequence[str]) -> list[tuple[str, int, str]]:
     for pattern in patterns:
         pattern = pattern.strip()
         hits = paths.glob_files(pattern)
-        if paths.isdir(pattern) if paths.is_remote(pattern) else os.path.isdir(os.path.expanduser(pattern)):
-            hits = [h for h in hits if _recognised(h[0], sniff=not paths.is_remote(pattern))]
+        remote = paths.is_remote(pattern)
+        if paths.isdir(pattern) if remote else os.path.isdir(os.path.expanduser(pattern)):  # a folder
+            hits = [h for h in hits if _recognised(h[0], sniff=not remote)]
         if not hits:
             raise FileNotFoundError(f"no file matches {pattern!r}")
         for h in hits:
