@@ -2,12 +2,16 @@
 
     python -m biomedlm_jax.prepare_data --input='pubmed/baseline/*.xml.gz,pmc/**/*.nxml' \
         --tokenizer=DIR --out=DIR [--seq_len=1024 --eval_fraction=0.005 --rows_per_shard=65536 --on_error=skip]
+    python -m biomedlm_jax.prepare_data --input='gs://B/pubmed/*.xml.gz,gs://B/pmc/oa_comm/' --tokenizer=gs://B/tok \
+        --out=gs://B/data --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp \
+        --setup_file=./setup.py        # every path may be a URL; on a cluster every path must be
     python -m biomedlm_jax.prepare_data audit --corpus=DIR --pubmedqa=ori_pqal.json [--bioasq=training.json] [--out=F]
 
 Output directory:
 
     manifest.json            format, seq_len/row_len, token dtype, tokenizer sha256, inputs, read counts,
-                             per split: rows, tokens, documents, dropped tail, shard files + sha256, fingerprint
+                             per split: rows, tokens, documents, dropped tail, shard files (rows, sha256,
+                             header size), fingerprint
     train-00000.npy ...      (rows, seq_len + 1) uint16 (uint32 for vocabularies > 65,536), memory-mappable
     validation-00000.npy ...
     train-docs.tsv           doc_id <TAB> row where the document starts (the side index: ids never enter
@@ -16,9 +20,11 @@ Output directory:
 
 Documents are streamed (any size of corpus), de-duplicated by id, split into train/validation by a hash
 of the id (the same split as the TFDS builder and the trainer's in-memory path), tokenized in parallel
-batches, each followed by <|endoftext|>, and packed. The whole output is written to `OUT.tmp-*` and
-renamed at the end, so an interrupted run leaves nothing that looks complete, and an existing output is
-never overwritten without --overwrite.
+batches, each followed by <|endoftext|>, and packed. The output is built in `OUT.work/out` (beside OUT,
+on the same store) and moved to OUT at the end, manifest last, so an interrupted run leaves nothing
+that looks complete, and a rerun of the same command resumes from the tokenized units in `OUT.work`.
+An existing output is never overwritten without --overwrite. Input files are grouped into work units
+(--work_unit_mb): one task and one cache each. docs/data.md has the details and the measurements.
 
 Why .npy and not TFRecord: pretraining resumes by seeking to a row position (see input_pipeline), which
 needs random access. TFRecord files can only be read sequentially, and reading them needs TensorFlow,

@@ -125,6 +125,16 @@ def split_corpus(folder, parts: int) -> list[str]:
     return files
 
 
+def kill_midway(proc, finished, at_least: int = 2, poll: float = 0.005) -> int:
+    """SIGKILLs `proc` as soon as `finished()` (units done) reaches `at_least`; returns the final count."""
+    deadline = time.time() + 120
+    while time.time() < deadline and finished() < at_least:
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return finished()
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_redoing_finished_files(tmp_path):
     src = tmp_path / "in"
@@ -136,15 +146,9 @@ def test_a_killed_run_resumes_without_redoing_finished_files(tmp_path):
     proc = subprocess.Popen(cmd + [f"--out={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cache = tmp_path / "out.work" / "units"
 
-    def finished() -> int:  # finished units: the .npz is written after the unit's tokens
-        return len([f for f in os.listdir(cache) if f.endswith(".npz")]) if cache.exists() else 0
-
-    deadline = time.time() + 120
-    while time.time() < deadline and finished() < 2:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = finished()
+    # finished units: the .npz is written after the unit's tokens
+    finished = kill_midway(proc, lambda: len([f for f in os.listdir(cache) if f.endswith(".npz")])
+                           if cache.exists() else 0)
     assert 2 <= finished < len(files) and not out.exists()  # killed midway: no output that looks complete
 
     r = subprocess.run(cmd + [f"--out={out}"], capture_output=True, text=True, timeout=300)

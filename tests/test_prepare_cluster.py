@@ -5,16 +5,14 @@ Against the fake GCS server (tests/fakegcs.py), on the Beam DirectRunner with 2 
 start in another working directory with another TMPDIR than the launcher's."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from xml.sax.saxutils import escape
 
 import pytest
 from conftest import REPO
 from fakegcs import cat, get, ls, put_tree, run
-from test_prepare_beam import ABSTRACTS, GPT2, citation, outputs, pubmed_file, split_corpus
+from test_prepare_beam import ABSTRACTS, GPT2, citation, kill_midway, outputs, pubmed_file, split_corpus
 from test_readers import pmc_package
 
 from biomedlm_jax.data import prepare
@@ -124,15 +122,7 @@ def test_a_killed_run_resumes_from_the_gs_work_folder(tmp_path, fake_gcs):
     proc = subprocess.Popen([sys.executable, "-m", "biomedlm_jax.prepare_data", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
 
-    def finished() -> int:  # finished units: the .npz is written after the unit's tokens
-        return len([n for n in ls(env, "out.work/units/") if n.endswith(".npz")])
-
-    deadline = time.time() + 120
-    while time.time() < deadline and finished() < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = finished()
+    done = kill_midway(proc, lambda: len([n for n in ls(env, "out.work/units/") if n.endswith(".npz")]), poll=0.02)
     assert 2 <= done < len(files) and not ls(env, "out/")  # killed midway: no output that looks complete
 
     r = run(env, "biomedlm_jax.prepare_data", *args, cwd=tmp_path)

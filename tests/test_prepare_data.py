@@ -142,3 +142,28 @@ def test_pretraining_reads_a_prepared_corpus(prepared, tmp_path):
     c.seq_len = 32
     with pytest.raises(errors.DataError, match="fit seq_len=64, but the config has seq_len=32"):
         trainer.train_and_evaluate(c, str(tmp_path / "run2"))
+
+
+def test_work_units_group_consecutive_files_and_workers_read_only_their_units_lines(tmp_path):
+    from biomedlm_jax.data import prepare_stages as stages
+
+    files = [(f"gs://b/in/{k:03d}.nxml", n, f"gen{k}") for k, n in enumerate([10, 20, 30, 200, 5, 5, 90])]
+    units = stages.group_units(files, unit_bytes=60)
+    assert units == [0, 0, 0, 1, 2, 2, 3]  # in order; a file larger than a unit is one on its own
+    assert stages.group_units(files, unit_bytes=0) == list(range(7))
+    listing = stages.write_listing(str(tmp_path), files, units)
+    job = stages.Job(inputs=("gs://b/in/",), listing=listing, units=4, files=7, tokenizer="t", tokenizer_sha256="x",
+                     work=str(tmp_path))
+    assert [stages.unit_files(job, u) for u in range(4)] == [tuple(files[:3]), (files[3],), tuple(files[4:6]),
+                                                              (files[6],)]
+    # the name carries the list's digest: another list is another file, never read by this job's workers
+    other = stages.write_listing(str(tmp_path), files[:2], [0, 0])
+    assert other != listing and stages.unit_files(job, 0) == tuple(files[:3])
+    # a changed file (another version) is another cache key; the same files give the same key
+    again = stages.write_listing(str(tmp_path), files, units)
+    assert again == listing
+    changed = list(files)
+    changed[1] = (files[1][0], files[1][1], "gen-new")
+    job2 = stages.Job(**{**job.__dict__, "listing": stages.write_listing(str(tmp_path), changed, units)})
+    assert stages.cache_path(job2, 0) != stages.cache_path(job, 0)
+    assert stages.cache_path(job2, 2) == stages.cache_path(job, 2)

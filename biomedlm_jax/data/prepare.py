@@ -68,10 +68,9 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
     tok = stages.load_tokenizer(tokenizer_dir)
     work = work_dir(paths.resolve(out))
     paths.makedirs(work)
-    listing = paths.join(work, "inputs.jsonl")
-    digest = stages.write_listing(listing, files, units)
+    listing = stages.write_listing(work, files, units)
     return stages.Job(inputs=tuple(paths.resolve(i) if os.path.exists(i) else i for i in inputs), listing=listing,
-                      listing_sha256=digest, units=(units[-1] + 1) if units else 0, files=len(files),
+                      units=(units[-1] + 1) if units else 0, files=len(files),
                       tokenizer=tokenizer_dir, tokenizer_sha256=shards.tokenizer_sha256(tok), work=work,
                       seq_len=seq_len, eval_fraction=eval_fraction, rows_per_shard=rows_per_shard, fmt=fmt,
                       on_error=on_error, batch_docs=batch_docs, vocab_size=tok.get_vocab_size())

@@ -8,7 +8,8 @@ Every path may be a URL (gs://...): the inputs, the tokenizer and WORK are read 
 through `core.paths`, so workers need no shared disk, and nothing depends on a worker's working
 directory or temporary folder. The job itself stays small however many inputs there are: the
 launcher lists the input files once (with each one's size and version: mtime, or the object's
-generation) into `WORK/inputs.jsonl`, and workers look a unit's files up by number.
+generation) into `WORK/inputs-<digest>.jsonl` with each unit's byte offset beside it, and workers
+read just the lines of the unit they work on.
 
 Work units: consecutive input files grouped up to `unit_bytes` (one big file is a unit of its own),
 so that per-file overhead (a cache, a plan, a task) stops dominating for one-article-per-file input.
@@ -64,8 +65,7 @@ READ_BYTES = 16 << 20  # cached tokens fetched per request batch while a shard i
 class Job:
     """Everything a worker needs, small whatever the number of inputs (the file list is in WORK)."""
     inputs: tuple[str, ...]  # what the user gave (globs, folders, files), for messages and the manifest
-    listing: str  # WORK/inputs.jsonl: [path, size, version, unit] per input file
-    listing_sha256: str
+    listing: str  # WORK/inputs-<sha256>.jsonl: [path, size, version, unit] per input file
     units: int
     files: int
     tokenizer: str  # a tokenizer directory or URL every worker can read
@@ -103,30 +103,50 @@ def group_units(files: Sequence[tuple[str, int, str]], unit_bytes: int = UNIT_BY
     return units
 
 
-def write_listing(path: str, files: Sequence[tuple[str, int, str]], units: Sequence[int]) -> str:
-    """Writes the input list; returns its sha256 (part of the job, so a worker never reads a stale list)."""
-    text = "".join(json.dumps([f, n, v, u]) + "\n" for (f, n, v), u in zip(files, units))
+def write_listing(work: str, files: Sequence[tuple[str, int, str]], units: Sequence[int]) -> str:
+    """Writes the input list into WORK as `inputs-<sha256>.jsonl` (one `[path, size, version, unit]`
+    line per file, units in order) and `inputs-<sha256>.offsets.npy` (the byte offset of each unit's
+    first line, and the end); returns the list's path. The digest in the name means a worker can never
+    read another run's list, and the offsets let it read just its unit's lines: memory and bytes per
+    worker grow with the number of units, not of files."""
+    lines = [json.dumps([f, n, v, u]) + "\n" for (f, n, v), u in zip(files, units)]
+    text = "".join(lines)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+    path = paths.join(work, f"inputs-{digest}.jsonl")
+    offsets, pos = [], 0
+    for line, u in zip(lines, units):
+        if u == len(offsets):
+            offsets.append(pos)
+        pos += len(line.encode())
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(offsets + [pos], np.int64))
+    paths.write_bytes(path[:-len(".jsonl")] + ".offsets.npy", buf.getvalue())
     paths.write_text(path, text)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return path
 
 
-@functools.lru_cache(maxsize=2)
-def _listing(path: str, sha256: str) -> tuple[tuple[tuple[str, int, str], ...], ...]:
-    text = paths.read_text(path)
-    if hashlib.sha256(text.encode()).hexdigest() != sha256:
-        raise RuntimeError(f"{path} changed while the job ran (another prepare_data run on the same --out?)")
-    units: list[list] = []
-    for line in text.splitlines():
-        f, n, v, u = json.loads(line)
-        while len(units) <= u:
-            units.append([])
-        units[u].append((f, n, v))
-    return tuple(tuple(u) for u in units)
+@functools.lru_cache(maxsize=4)
+def _unit_offsets(listing: str) -> np.ndarray:
+    with paths.Path(listing[:-len(".jsonl")] + ".offsets.npy").open("rb") as f:
+        return np.load(f, allow_pickle=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit_files(listing: str, u: int) -> tuple[tuple[str, int, str], ...]:
+    offsets = _unit_offsets(listing)
+    (data,) = paths.read_ranges([(listing, int(offsets[u]), int(offsets[u + 1]))])
+    out = []
+    for line in data.decode("utf-8").splitlines():
+        f, n, v, unit = json.loads(line)
+        if unit != u:
+            raise RuntimeError(f"{listing}: unit {u}'s lines hold unit {unit} (a damaged input list)")
+        out.append((f, n, v))
+    return tuple(out)
 
 
 def unit_files(job: Job, u: int) -> tuple[tuple[str, int, str], ...]:
-    """(path, size, version) of the input files of unit u, in order."""
-    return _listing(job.listing, job.listing_sha256)[u]
+    """(path, size, version) of the input files of unit u, in order (read from WORK once per process)."""
+    return _unit_files(job.listing, u)
 
 
 @functools.lru_cache(maxsize=4)
