@@ -54,6 +54,8 @@ def corpus(tmp_path_factory):
     (d / "pmc").mkdir()
     pmc_package(d / "pmc" / "oa_comm_xml.PMC000xxxxxx.baseline.2026.tar.gz",
                 {f"PMC00{k}/article.nxml": 3000000 + k for k in range(6)}, extra={"PMC001/fig1.jpg": b"\xff\xd8"})
+    jats = (REPO / "tests" / "fixtures" / "pmc_jats_sample.xml").read_text(encoding="utf-8")
+    (d / "pmc" / "PMC7000001.nxml").write_text(jats, encoding="utf-8")  # one article as its own file
     with open(d / "abstracts.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in lines[120:])
     return d
@@ -66,7 +68,7 @@ def test_gs_inputs_tokenizer_work_and_output_on_two_beam_workers_equal_the_local
     kw = dict(seq_len=64, eval_fraction=0.1, rows_per_shard=300, progress=False)
     local = [f"{corpus}/pubmed26n*.xml.gz", f"{corpus}/pmc", f"{corpus}/abstracts.jsonl"]
     want = prepare.prepare(local, GPT2, str(tmp_path / "local"), **kw)  # default units: everything in one
-    assert want["read_stats"]["files"] == 4 and want["read_stats"]["deleted"] == 1
+    assert want["read_stats"]["files"] == 5 and want["read_stats"]["deleted"] == 1
     assert want["read_stats"]["duplicates"] == 1 and len(want["splits"]["train"]["shards"]) > 3
 
     launcher, workers = tmp_path / "launcher", tmp_path / "workers"
@@ -75,12 +77,12 @@ def test_gs_inputs_tokenizer_work_and_output_on_two_beam_workers_equal_the_local
     r = subprocess.run(
         [sys.executable, "-c", LAUNCH, "--input=gs://bkt/in/pubmed26n*.xml.gz,gs://bkt/in/pmc/,gs://bkt/in/abstracts.jsonl",
          "--tokenizer=gs://bkt/tok", "--out=gs://bkt/out", "--seq_len=64", "--eval_fraction=0.1",
-         "--rows_per_shard=300", "--work_unit_mb=0.001",  # one unit per file: 4 tasks for 2 workers
+         "--rows_per_shard=300", "--work_unit_mb=0.001",  # one unit per file: 5 tasks for 2 workers
          "--runner=DirectRunner", "--direct_num_workers=2"],
         capture_output=True, text=True, cwd=launcher, timeout=600,
         env=dict(env, WORKER_DIR=str(workers), TMPDIR=str(launcher / "tmp"), PYTHONPATH=str(REPO)))
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "4 of 4 work units (4 input files) tokenized" in r.stderr
+    assert "5 of 5 work units (5 input files) tokenized" in r.stderr
     assert len(list(workers.glob("started.*"))) == 2  # both workers ran in their own folder
     # nothing written in the launcher's folder (its TMPDIR holds only Beam's own staging) or the workers'
     assert [p.name for p in launcher.iterdir()] == ["tmp"] and not list((workers / "tmp").iterdir())

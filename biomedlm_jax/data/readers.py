@@ -134,9 +134,10 @@ def _head(path: str, n: int = 4096) -> bytes:
     """Up to n first bytes, also of a gzip cut short (its damage is reported when the file is read)."""
     out = b""
     with _open_binary(path) as f:
+        read = getattr(f, "read1", f.read)  # an object store's file objects have no read1
         try:
             while len(out) < n:
-                chunk = f.read1(n - len(out))
+                chunk = read(n - len(out))
                 if not chunk:
                     break
                 out += chunk
