@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server on the continuous-batching engine.
 
     python -m biomedlm_jax.serve --init_from=hf:DIR|orbax:WORKDIR [--quantize=int8] \
-        --slots=16 --max_len=1024 --host=127.0.0.1 --port=8000
+        --slots=16 --max_len=1024 [--mesh_shape=-1,1,1] --host=127.0.0.1 --port=8000
 
     curl -s localhost:8000/v1/completions -H 'content-type: application/json' \
         -d '{"model": "MODEL", "prompt": "Metformin is", "max_tokens": 32, "temperature": 0}'
@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--max_logprobs", type=int, default=5, help="the largest 'logprobs' a request may ask for")
     p.add_argument("--no_repeat_ngram_size", type=int, default=0, help="ban repeated n-grams (every request)")
     p.add_argument("--model_name", default=None, help="the model's id in the API (default: the checkpoint's folder)")
+    p.add_argument("--mesh_shape", default=None,
+                   help="data,fsdp,tensor over this host's devices (one may be -1), e.g. -1,1,1: slots split over "
+                        "replicas; 1,-1,1: weights sharded over all devices. Default: one device")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     errors.add_verbose_flag(p)
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
                            max_len=args.max_len, max_tokens_limit=args.max_tokens_limit, bucket=args.bucket,
                            steps_per_sync=args.steps_per_sync, max_queue=args.max_queue,
                            max_logprobs=args.max_logprobs, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                           mesh_shape=args.mesh_shape,
                            model_name=args.model_name or os.path.basename(args.init_from.split(":", 1)[-1].rstrip("/")))
     except (ValueError, FileNotFoundError) as e:  # a bad source or size, a missing or damaged checkpoint
         print(f"serve: error: {e}", file=sys.stderr)

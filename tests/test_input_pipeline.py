@@ -150,6 +150,11 @@ def test_range_reads_fetch_only_the_rows_asked_for_within_one_cache_bound(tmp_pa
         assert shard.cached_bytes <= 50 * 33 * 2
     with pytest.raises(IndexError):
         shard[[300]]
+    # a manifest written before shard records had header_bytes: the header is read once, lazily
+    old = shards.ShardedRows([shards.ShardInfo(i.path, i.rows, i.row_len, i.dtype) for i in infos], by_range=True)
+    assert old.requests == 0
+    np.testing.assert_array_equal(old[[5, 200, 201]], data[[5, 200, 201]])
+    assert old.requests == 2 + 2  # one header read per shard touched, then a range per run of rows
     cut = tmp_path / "cut.npy"
     cut.write_bytes((tmp_path / "b.npy").read_bytes()[:-100])
     with pytest.raises(errors.DataError, match=r"cut\.npy: truncated"):

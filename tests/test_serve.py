@@ -238,3 +238,27 @@ def test_serve_command_answers_the_openai_client_and_exits_0_on_sigterm(tmp_path
     assert proc.returncode == 0, out[-3000:]
     lines = [line for line in out.splitlines() if " completion cmpl-" in line]
     assert len(lines) == 2 and all("completion_tokens=8" in line and "ttft_ms=" in line for line in lines), out[-3000:]
+
+
+@pytest.mark.slow
+def test_a_server_on_a_mesh_shards_weights_and_slots_and_answers_as_one_device(tmp_path, tiny_lm, tok):
+    """`serve --mesh_shape=2,2,2` on this process's 8 devices: weights sharded by the trainer's rules,
+    decode slots split over data x fsdp, the same greedy answers as offline generation on one device."""
+    from biomedlm_jax.formats import hf
+
+    model, params = tiny_lm
+    hf.save_pretrained(model, params, str(tmp_path / "ckpt"), tokenizer=tok)
+    with pytest.raises(ValueError, match=r"--slots=6 must be a multiple of the mesh's data x fsdp ways \(4"):
+        server.build(f"hf:{tmp_path / 'ckpt'}", mesh_shape="2,2,2", slots=6, warmup=False)
+    srv = server.build(f"hf:{tmp_path / 'ckpt'}", mesh_shape="2,2,2", slots=4, max_len=256, bucket=16,
+                       steps_per_sync=2, model_name="tiny")
+    try:
+        kernels = [x for x in jax.tree.leaves(srv.engine.params) if x.ndim == 2]
+        assert all(len(x.sharding.device_set) == 8 for x in kernels)
+        assert any(x.addressable_shards[0].data.shape != x.shape for x in kernels)  # split, not replicated
+        with srv.serving() as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            r = client.completions.create(model="tiny", prompt=TEXTS, max_tokens=6, temperature=0)
+        assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [offline(tiny_lm, tok, t, 6) for t in TEXTS]
+    finally:
+        srv.close()

@@ -109,7 +109,7 @@ class JaxLM(TemplateLM):
         self.seed = int(seed)
         self.init_from = init_from
         # "1,-1,1" in Python, "1 -1 1" inside a harness model_args string (which splits on commas)
-        shape = tuple(int(x) for x in str(mesh_shape).replace(",", " ").split()) if mesh_shape else (-1, 1, 1)
+        shape = sharding.parse_mesh_shape(mesh_shape) if mesh_shape else (-1, 1, 1)
         self.mesh = sharding.make_mesh(shape, devices=jax.local_devices())
         ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
@@ -126,14 +126,8 @@ class JaxLM(TemplateLM):
 
     def _place(self, params):
         """Weights on the mesh: sharded by the model's logical axis names (the trainer's rules)."""
-        import flax.linen as nn
-
-        ids = jnp.ones((1, 8), jnp.int32)
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-            boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), ids)["params"])
-            shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), self.mesh, sharding.DEFAULT_RULES)
-        self._param_shardings = sharding.fit_shardings(sharding.values(boxed), shardings)
-        return jax.device_put(params, self._param_shardings)
+        placed, self._param_shardings = sharding.place_params(self.model, params, self.mesh)
+        return placed
 
     # --- the harness's properties -------------------------------------------------------------------
 

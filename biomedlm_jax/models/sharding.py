@@ -98,3 +98,25 @@ def values(boxed):
 def fit_shardings(abstract, shardings):
     """`fit_sharding` over a pytree of abstract arrays (anything with .shape) and their shardings."""
     return jax.tree.map(lambda a, s: fit_sharding(a.shape, s), abstract, shardings)
+
+
+def parse_mesh_shape(text: str) -> tuple[int, ...]:
+    """'1,-1,1' (or '1 -1 1', as a harness model_args string has it) -> (1, -1, 1)."""
+    try:
+        return tuple(int(x) for x in str(text).replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"mesh shape {text!r}: expected integers for (data, fsdp, tensor), e.g. 1,-1,1") from None
+
+
+def place_params(model, params, mesh: Mesh, rules=DEFAULT_RULES):
+    """`params` of a Flax GPT on `mesh`, sharded by the model's logical axis names and `rules` (the
+    trainer's); dimensions an axis does not divide are replicated (`fit_sharding`). Returns (placed
+    params, their shardings)."""
+    import jax.numpy as jnp
+
+    ids = jnp.ones((1, 8), jnp.int32)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids)["params"])
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    shardings = fit_shardings(values(boxed), shardings)
+    return jax.device_put(params, shardings), shardings

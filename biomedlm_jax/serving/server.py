@@ -25,7 +25,7 @@ class Server:
     def __init__(self, model, params, tokenizer, *, model_name: str, eos_id: int, slots: int = 16,
                  max_len: Optional[int] = None, max_tokens_limit: Optional[int] = None, bucket: int = 64,
                  steps_per_sync: int = 8, max_queue: Optional[int] = None, max_logprobs: int = 5,
-                 no_repeat_ngram_size: int = 0, warmup: bool = True):
+                 no_repeat_ngram_size: int = 0, warmup: bool = True, mesh=None):
         max_len = max_len or model.config.n_positions
         limit = max_len - 1 if max_tokens_limit is None else max_tokens_limit
         if not 0 <= limit < max_len:
@@ -34,7 +34,7 @@ class Server:
                              eos_id=eos_id, pad_id=eos_id)
         self.engine = engine_lib.Engine(model, params, cfg, slots=slots, max_len=max_len, bucket=bucket,
                                         steps_per_sync=steps_per_sync, detokenize=tokenizer.decode,
-                                        logprobs=max_logprobs)
+                                        logprobs=max_logprobs, mesh=mesh)
         if warmup:  # compile the decode step and a one-prompt prefill before the first client waits
             t0 = time.perf_counter()
             self.engine.run([engine_lib.Request([eos_id], 1)])
@@ -88,14 +88,29 @@ def in_thread(app, host: str = "127.0.0.1", port: int = 0):
 
 
 def build(init_from: str, *, quantize: str = "none", dtype: Optional[str] = None, model_name: str = "model",
-          **kw) -> Server:
-    """A Server for any checkpoint source (hf:, orbax:, peft:), with int8 weights if asked."""
+          mesh_shape: Optional[str] = None, **kw) -> Server:
+    """A Server for any checkpoint source (hf:, orbax:, peft:), with int8 weights if asked. With
+    `mesh_shape` ("data,fsdp,tensor" over this host's devices, one axis may be -1) the weights are
+    sharded by the trainer's rules and the decode slots split over data x fsdp; without it, one device."""
+    import jax
+
     from biomedlm_jax.data import tokenizer as tokenizer_lib
     from biomedlm_jax.formats import loading
     from biomedlm_jax.models import quantize as quantize_lib
+    from biomedlm_jax.models import sharding
 
     model, params, tok = loading.load_for_inference(init_from, dtype)
+    mesh = None
+    if mesh_shape:
+        mesh = sharding.make_mesh(sharding.parse_mesh_shape(mesh_shape), devices=jax.local_devices())
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        if kw.get("slots", 16) % ways:
+            raise ValueError(f"--slots={kw.get('slots', 16)} must be a multiple of the mesh's data x fsdp ways "
+                             f"({ways}, from --mesh_shape={mesh_shape})")
+        params, _ = sharding.place_params(model, params, mesh)  # int8 copies keep the placed shardings
     model, params = quantize_lib.quantize(model, params, quantize)
+    if mesh is not None:
+        kw["mesh"] = mesh
     eos = tok.token_to_id(tokenizer_lib.EOS_TOKEN)
     if eos is None:
         raise ValueError(f"{init_from}: the tokenizer has no {tokenizer_lib.EOS_TOKEN} token")
