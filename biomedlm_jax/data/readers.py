@@ -290,16 +290,23 @@ def _text(elem) -> str:
     return " ".join("".join(elem.itertext()).split()) if elem is not None else ""
 
 
+def _parse(f, where: str, tags: set, stats: ReadStats, on_error: str):
+    """Yields end-event elements of the XML stream `f` whose tag is in `tags`; malformed XML is named
+    `where:line`. Errors of the stream below (gzip, tar) pass through to the caller."""
+    try:
+        for _, elem in ET.iterparse(f, events=("end",)):
+            if elem.tag in tags:
+                yield elem
+    except ET.ParseError as e:
+        line = e.position[0] if getattr(e, "position", None) else "?"
+        _fail(stats, on_error, f"{where}:{line}: malformed XML ({e})")
+
+
 def _iterparse(path: str, tags: set, stats: ReadStats, on_error: str):
-    """Yields end-event elements whose tag is in `tags`; a parse error names file and line."""
+    """`_parse` over a file (gzip by its name); a damaged gzip names the file."""
     with _open_binary(path) as f:
         try:
-            for _, elem in ET.iterparse(f, events=("end",)):
-                if elem.tag in tags:
-                    yield elem
-        except ET.ParseError as e:
-            line = e.position[0] if getattr(e, "position", None) else "?"
-            _fail(stats, on_error, f"{path}:{line}: malformed XML ({e})")
+            yield from _parse(f, path, tags, stats, on_error)
         except GZIP_ERRORS as e:
             _fail(stats, on_error, _gzip_message(path, e))
 
@@ -393,10 +400,15 @@ def jats_article(article) -> tuple[Optional[str], str]:
 def read_jats(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
     """PMC open-access JATS XML: one or more <article> elements per file."""
     stats = stats if stats is not None else ReadStats()
-    for elem in _iterparse(path, {"article"}, stats, on_error):
+    yield from _jats_records(_iterparse(path, {"article"}, stats, on_error), os.path.basename(path))
+
+
+def _jats_records(articles, fallback_id: str) -> Iterator[tuple[str, str]]:
+    """(id, text) of each parsed <article>, freed once read; `fallback_id` for an article without ids."""
+    for elem in articles:
         doc_id, text = jats_article(elem)
         elem.clear()
-        yield doc_id or f"{os.path.basename(path)}", text
+        yield doc_id or fallback_id, text
 
 
 # What reading a damaged tar member raises: a cut archive, a corrupt gzip stream, a bad header
@@ -411,9 +423,9 @@ def read_pmc_tar(path: str, stats: Optional[ReadStats] = None, on_error: str = "
     on_error="skip" it is counted and the next member is read. A truncated or corrupt archive is named
     with the member being read when it broke; nothing after it can be read, so with "skip" the rest of
     the archive is counted as one error."""
-    stats = stats if stats is not None else ReadStats()
     from biomedlm_jax.core import paths
 
+    stats = stats if stats is not None else ReadStats()
     member = None
     with paths.open_read(path) as raw:
         try:
@@ -422,16 +434,8 @@ def read_pmc_tar(path: str, stats: Optional[ReadStats] = None, on_error: str = "
                     if not member.isfile() or not member.name.endswith((".xml", ".nxml")):
                         continue
                     where = f"{path}:{member.name}"
-                    f = tar.extractfile(member)
-                    try:
-                        for _, elem in ET.iterparse(f, events=("end",)):
-                            if elem.tag == "article":
-                                doc_id, text = jats_article(elem)
-                                elem.clear()
-                                yield doc_id or where, text
-                    except ET.ParseError as e:
-                        line = e.position[0] if getattr(e, "position", None) else "?"
-                        _fail(stats, on_error, f"{where}:{line}: malformed XML ({e})")
+                    yield from _jats_records(_parse(tar.extractfile(member), where, {"article"}, stats, on_error),
+                                             where)
                     member = None
         except TAR_ERRORS as e:
             at = f"{path}:{member.name}" if member is not None else path
