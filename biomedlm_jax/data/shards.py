@@ -113,23 +113,22 @@ class ShardedRows:
 
     def _read_remote(self, rows: np.ndarray) -> np.ndarray:
         missing = sorted(set(rows.tolist()) - self._cache.keys())
-        runs: list[tuple[int, int]] = []  # [first, last] global rows, never across a shard boundary
-        for r in missing:
-            if runs and r == runs[-1][1] + 1 and np.searchsorted(self.starts, r, side="right") == \
-                    np.searchsorted(self.starts, runs[-1][0], side="right"):
-                runs[-1] = (runs[-1][0], r)
+        shard_of = (np.searchsorted(self.starts, missing, side="right") - 1).tolist()
+        runs: list[list[int]] = []  # [shard, first, last]: consecutive rows within one shard
+        for r, k in zip(missing, shard_of):
+            if runs and runs[-1][0] == k and runs[-1][2] == r - 1:
+                runs[-1][2] = r
             else:
-                runs.append((r, r))
+                runs.append([k, r, r])
         ranges = []
-        for first, last in runs:
-            k = int(np.searchsorted(self.starts, first, side="right") - 1)
+        for k, first, last in runs:
             a = self._offset(k) + (first - int(self.starts[k])) * self._row_bytes
             ranges.append((self.infos[k].path, a, a + (last - first + 1) * self._row_bytes))
         fetched: dict[int, np.ndarray] = {}
-        for (first, last), (path, a, b), data in zip(runs, ranges, paths_lib.read_ranges(ranges)):
+        for (k, first, last), (path, a, b), data in zip(runs, ranges, paths_lib.read_ranges(ranges)):
             if len(data) != b - a:
-                raise DataError(f"{path}: truncated (rows {first - int(self.starts[np.searchsorted(self.starts, first, side='right') - 1])}.. "
-                                f"not there: {len(data)} of {b - a} bytes)")
+                raise DataError(f"{path}: truncated (rows {first - int(self.starts[k])}.. not there: "
+                                f"{len(data)} of {b - a} bytes)")
             block = np.frombuffer(data, self.dtype).reshape(last - first + 1, self.row_len)
             fetched.update((first + i, block[i]) for i in range(len(block)))
         self.bytes_read += sum(b - a for _, a, b in ranges)
