@@ -79,6 +79,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",  # make test TEST_WORKERS=N: the suite on N processes (opt-in, see README)
+        "pytest-timeout==2.4.0",  # make test --timeout: a hung test fails, naming itself, instead of the run hanging
         # Pinned: an unpinned `torch` pulls a multi-GB CUDA build. 2.13.0 is the CPU build.
         "torch==2.13.0",
         "transformers==5.24.0",

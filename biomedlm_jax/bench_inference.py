@@ -3,7 +3,7 @@
     python -m biomedlm_jax.bench_inference engine --model=bench-cpu --questions=256 --slots=16 --max_new=256 \
         [--medquad=data/medquad --tokenizer=data/gpt2_tokenizer --steps_per_sync=8 --peer]
     python -m biomedlm_jax.bench_inference decode --model=bench-cpu --batch=1 --prompt=128 --new=128 \
-        [--quantize=int8 --gguf=F16,Q8_0 --bandwidth=B]
+        [--quantize=int8 --gguf=F16,Q8_0 --llama_extra_bufts=auto|on|off|both --bandwidth=B]
 
 `engine` generates answers for the first `--questions` MedQuAD questions (prompt "Question: ...\nAnswer:")
 with each request's budget set to its reference answer's token count (at most `--max_new`): the
@@ -20,7 +20,10 @@ steps × batch width, the work each way paid for.
 fp32 and, with `--quantize=int8`, for Qwix int8 weights (`models/quantize.py`), with bytes per step
 (`decode_roofline` on the weights as stored) and the fraction of this host's measured memory
 bandwidth (`measure_bandwidth`, or `--bandwidth`). `--gguf=F16,Q8_0` also exports the weights to
-GGUF (`formats/gguf.py`) and times llama.cpp (llama-cpp-python) at batch 1 on the same prompt.
+GGUF (`formats/gguf.py`) and times llama.cpp (llama-cpp-python) at batch 1 on the same prompt, each
+file in a process of its own (a llama.cpp crash costs that row, marked `error`). llama.cpp's extra
+buffer types (AMX tiles, repacked weights) are off where AMX is reported, which avoids a crash there
+(docs/inference.md); `--llama_extra_bufts=both` times each file with them and without.
 
 `serve` puts `python -m biomedlm_jax.serve` (and, with `--llama_cpp`, llama-cpp-python's OpenAI server on
 the same weights as GGUF) under `--clients` concurrent streaming clients sending MedQuAD questions
@@ -73,6 +76,9 @@ def main(argv=None) -> int:
     de.add_argument("--gguf", default="", help="comma list of GGUF types (F16,Q8_0) to time in llama.cpp (batch 1)")
     de.add_argument("--bandwidth", type=float, default=0.0, help="memory bytes/s (default: measured here)")
     de.add_argument("--out", default="", help="folder for the GGUF files (default: a temporary one)")
+    de.add_argument("--llama_extra_bufts", default="auto", choices=("auto", "on", "off", "both"),
+                    help="llama.cpp's extra buffer types (AMX, repacked weights): auto = off where AMX is reported "
+                         "(a crash there, docs/inference.md), both = time each file with and without")
     se = sub.add_parser("serve", help="the HTTP server under 1..N concurrent streaming clients (and llama.cpp's)")
     se.add_argument("--model", default="bench-cpu")
     se.add_argument("--questions", type=int, default=64)
@@ -82,6 +88,8 @@ def main(argv=None) -> int:
     se.add_argument("--steps_per_sync", type=int, default=8)
     se.add_argument("--medquad", default=os.path.join("data", "medquad"), help="MedQuAD XML folder")
     se.add_argument("--tokenizer", default=os.path.join("data", "gpt2_tokenizer"))
+    se.add_argument("--llama_extra_bufts", default="auto", choices=("auto", "on", "off"),
+                    help="llama.cpp's extra buffer types for --llama_cpp's server (auto: off where AMX is reported)")
     se.add_argument("--llama_cpp", action="store_true", help="also llama-cpp-python's server on the GGUF export "
                     "(needs pip install -e .[serve-bench])")
     gm = sub.add_parser("gguf-memory", help="peak host memory of a GGUF export beyond the weights")
@@ -110,13 +118,14 @@ def main(argv=None) -> int:
         from biomedlm_jax.benchmarks.serving import bench_serve
 
         rows = bench_serve(args.model, args.questions, [int(c) for c in args.clients.split(",")], args.slots,
-                           args.max_new, args.medquad, args.tokenizer, args.steps_per_sync, args.llama_cpp)
+                           args.max_new, args.medquad, args.tokenizer, args.steps_per_sync, args.llama_cpp,
+                           args.llama_extra_bufts)
     elif args.cmd == "engine":
         rows = bench_engine(args.model, args.questions, args.slots, args.max_new, args.medquad, args.tokenizer,
                             args.steps_per_sync, args.peer, args.vocab)
     else:
         rows = bench_decode(args.model, args.batch, args.prompt, args.new, args.quantize, args.gguf, args.bandwidth,
-                            args.vocab, out_dir=args.out)
+                            args.vocab, out_dir=args.out, llama_extra_bufts=args.llama_extra_bufts)
     for row in rows:
         print(json.dumps(row), flush=True)
     return 0

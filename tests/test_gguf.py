@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import llama_side
 from conftest import REPO, textgen_files
+from isolation import run_isolated
 
 from biomedlm_jax.data import tokenizer as T
 from biomedlm_jax.formats import gguf as gguf_export
@@ -48,7 +50,7 @@ def test_llama_cpp_logits_match_ours(tmp_path, tok, variant):
     ours = np.asarray(model.apply({"params": params}, jnp.asarray([ids])))[0]
     for ftype, atol in (("F32", 1e-3), ("F16", 5e-3), ("Q8_0", None)):
         path = gguf_export.write_gguf(cfg, params, tok, str(tmp_path / f"m-{ftype}.gguf"), ftype)
-        theirs = gguf_export.llama_logits(gguf_export.load_llama(path, n_ctx=len(ids), logits_all=True), ids)
+        theirs = run_isolated(llama_side.logits, path, ids)  # a llama.cpp crash fails this test only
         assert theirs.shape == ours.shape
         if atol is not None:
             np.testing.assert_allclose(theirs, ours, atol=atol, err_msg=ftype)
@@ -73,11 +75,11 @@ def test_the_attention_fold_is_what_makes_a_biomedlm_model_match(tmp_path, tok):
     ids = tok.encode(TEXT).ids
     ours = np.asarray(model.apply({"params": params}, jnp.asarray([ids])))[0]
     path = gguf_export.write_gguf(cfg, params, tok, str(tmp_path / "fold.gguf"), "F16")
-    good = gguf_export.llama_logits(gguf_export.load_llama(path, n_ctx=len(ids), logits_all=True), ids)
+    good = run_isolated(llama_side.logits, path, ids)
     np.testing.assert_allclose(good, ours, atol=5e-3)
     unfolded = gguf_export.write_gguf(cfg.replace(scale_attn_by_inverse_layer_idx=False), params, tok,
                                       str(tmp_path / "nofold.gguf"), "F16")
-    bad = gguf_export.llama_logits(gguf_export.load_llama(unfolded, n_ctx=len(ids), logits_all=True), ids)
+    bad = run_isolated(llama_side.logits, unfolded, ids)
     assert np.abs(bad - ours).max() > 10 * 5e-3, np.abs(bad - ours).max()  # fails the check above 10x over
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     assert tensors["position_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F32
@@ -95,13 +97,13 @@ def test_tokenizer_travels_with_the_file(tmp_path, tok):
     cfg = gpt_config.get_config("tiny", vocab_size=50304)  # padded past the tokenizer's 50259
     model = M.GPT(cfg)
     path = gguf_export.write_gguf(cfg, M.init_params(model, jax.random.PRNGKey(0)), tok, str(tmp_path / "m.gguf"))
-    llm = gguf_export.load_llama(path, n_ctx=256)
     texts = [TEXT, "  Two  spaces\tand\nnewlines\n\n", "Ünïcödé: β-lactamase, 37 °C, IL-6→STAT3 🧬",
              "Question: what is BRCA1?<|startoftext|>It is a gene.<|endoftext|>"]
-    for text in texts:
-        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == tok.encode(text).ids, text
-        assert llm.detokenize(tok.encode(text).ids, special=True).decode("utf-8") == text
-    assert llm.n_vocab() == 50304 and llm.token_eos() == 50256
+    theirs = run_isolated(llama_side.tokenizer_view, path, texts, [tok.encode(t).ids for t in texts])
+    for text, ids, back in zip(texts, theirs["ids"], theirs["texts"]):
+        assert ids == tok.encode(text).ids, text
+        assert back == text
+    assert theirs["n_vocab"] == 50304 and theirs["eos"] == 50256
     reader = gguf.GGUFReader(path)
     field = reader.fields["tokenizer.ggml.padding_token_id"]
     assert int(field.parts[field.data[0]][0]) == 50257
@@ -118,10 +120,9 @@ def test_placeholder_vocabulary_file_loads_and_decodes_like_ours(tmp_path):
     model = M.GPT(cfg)
     params = M.init_params(model, jax.random.PRNGKey(2))
     path = gguf_export.write_gguf(cfg, params, None, str(tmp_path / "p.gguf"), "F32")
-    llm = gguf_export.load_llama(path, n_ctx=64)
-    assert llm.n_vocab() == 1000
     prompt = [5, 99, 700, 12]
-    assert gguf_export.llama_greedy(llm, prompt, 16)[0] == greedy(model, params, prompt, 16)
+    assert run_isolated(llama_side.greedy, path, [prompt], 16, n_ctx=64) == [greedy(model, params, prompt, 16)]
+    assert run_isolated(llama_side.tokenizer_view, path, [], [])["n_vocab"] == 1000
     with pytest.raises(gguf_export.GGUFExportError, match="needs >= 257 rows"):
         gguf_export.tokenizer_metadata(None, 200)
 
@@ -183,18 +184,21 @@ def test_a_finetuned_biomedlm_style_model_generates_the_same_tokens_in_llama_cpp
     model, params, tok = loading.load(f"orbax:{run}")
     assert model.config.vocab_size == 50259 and model.config.scale_attn_by_inverse_layer_idx
     eos = tok.token_to_id(T.EOS_TOKEN)
-    f16 = gguf_export.load_llama(str(files["F16"]), n_ctx=128)
-    q8 = gguf_export.load_llama(str(files["Q8_0"]), n_ctx=128, logits_all=True)
-    agree = []
+    prompts, ours = [], []
     for e in ex[64:72]:
-        prompt = tok.encode(e.question).ids[:48] + [tok.token_to_id("<|startoftext|>")]
-        assert f16.tokenize((e.question[:200] + "<|startoftext|>").encode(), add_bos=False, special=True)[-1] == prompt[-1]
-        ours = greedy(model, params, prompt, 32, eos)
-        theirs, _ = gguf_export.llama_greedy(f16, prompt, 32, eos)
-        assert theirs == ours, (e.question, tok.decode(ours), tok.decode(theirs))
-        ids = prompt + ours
+        prompts.append(tok.encode(e.question).ids[:48] + [tok.token_to_id("<|startoftext|>")])
+        ours.append(greedy(model, params, prompts[-1], 32, eos))
+    view = run_isolated(llama_side.tokenizer_view, str(files["F16"]), [e.question[:200] + "<|startoftext|>" for e in ex[64:72]], [])
+    assert [ids[-1] for ids in view["ids"]] == [p[-1] for p in prompts]  # the added token parsed whole
+    theirs = run_isolated(llama_side.greedy, str(files["F16"]), prompts, 32, eos)
+    for e, o, t in zip(ex[64:72], ours, theirs):
+        assert t == o, (e.question, tok.decode(o), tok.decode(t))
+    sequences = [p + o for p, o in zip(prompts, ours)]
+    q8 = run_isolated(llama_side.many_logits, str(files["Q8_0"]), sequences)  # Q8_0: what crashed on AMX hosts
+    agree = []
+    for ids, theirs_logits in zip(sequences, q8):
         ref = np.asarray(model.apply({"params": params}, jnp.asarray([ids])))[0]
-        agree.append(gguf_export.llama_logits(q8, ids).argmax(-1) == ref.argmax(-1))
+        agree.append(theirs_logits.argmax(-1) == ref.argmax(-1))
     share = np.concatenate(agree).mean()
     print(json.dumps({"q8_0_top1_agreement": float(share), "positions": int(np.concatenate(agree).size)}))
     assert share >= 0.95, share
@@ -207,3 +211,30 @@ def test_a_finetuned_biomedlm_style_model_generates_the_same_tokens_in_llama_cpp
     with pytest.raises(ValueError, match=r"MCQA classifier \(seqcls head\).*--to=hf:DIR"):
         workflows_convert.convert(f"orbax:{clf}", f"gguf:{tmp_path / 'c.gguf'}")
     assert not (tmp_path / "c.gguf").exists()
+
+
+SAPPHIRE_RAPIDS_FLAGS = ("flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep avx512f avx512dq avx512_bf16 avx512_vnni "
+                         "amx_bf16 avx512_fp16 amx_tile amx_int8 arch_lbr\n")
+EPYC_FLAGS = "flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep avx2 avx512f avx512dq avx512_bf16 avx512_vnni\n"
+
+
+def test_llama_cpp_extra_buffers_are_off_where_amx_is_reported(tmp_path):
+    """Issue 44: Q8_0 files segfault in llama.cpp's AMX matmul (llama.cpp issue 20824) unless its extra
+    buffer types are off. The loader turns them off when the CPU's flags (or the llama.cpp build)
+    report AMX, keeps llama.cpp's default elsewhere, and takes an explicit setting either way; the
+    setting reaches llama.cpp (its load log considers a preferred extra buffer type only when on)."""
+    for name, text, amx in (("spr", "processor\t: 0\n" + SAPPHIRE_RAPIDS_FLAGS, True), ("epyc", EPYC_FLAGS, False)):
+        (tmp_path / name).write_text(text)
+        assert gguf_export.cpu_has_amx(str(tmp_path / name)) is amx
+    assert gguf_export.cpu_has_amx(str(tmp_path / "absent")) is False
+    with pytest.raises(ValueError, match="extra_bufts='yes': choose from auto, on, off"):
+        gguf_export.extra_bufts_setting("yes")
+    cfg = gpt_config.get_config("tiny", vocab_size=1000)
+    path = gguf_export.write_gguf(cfg, M.init_params(M.GPT(cfg), jax.random.PRNGKey(0)), None, str(tmp_path / "q.gguf"), "Q8_0")
+    assert run_isolated(llama_side.loaded_extra_bufts, path, None, True) is False  # an AMX host
+    assert run_isolated(llama_side.loaded_extra_bufts, path, True, True) is True  # turned back on there
+    assert run_isolated(llama_side.loaded_extra_bufts, path, "off", False) is False
+    here = run_isolated(llama_side.loaded_extra_bufts, path)  # this host, as it is
+    assert here is not (gguf_export.cpu_has_amx() or run_isolated(llama_side.build_reports_amx))
+    assert "preferred buffer type" in run_isolated(llama_side.load_log, path, True)
+    assert "preferred buffer type" not in run_isolated(llama_side.load_log, path, False)

@@ -190,9 +190,24 @@ def _time_generate(model, params, prompts, new: int, repeats: int = 3) -> float:
 
 
 
+def _time_llama_cpp_isolated(path: str, prompt, new: int, repeats: int, extra_bufts: str):
+    """time_llama_cpp in a spawned process: seconds, or None if llama.cpp crashed it (issue 44: Q8_0
+    with extra buffers on an AMX host), so one crash costs a row, not the benchmark."""
+    import concurrent.futures
+    import multiprocessing
+
+    from biomedlm_jax.formats import gguf as gguf_export
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(gguf_export.time_llama_cpp, path, list(prompt), new, repeats, extra_bufts).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            return None
+
+
 def bench_decode(variant: str, batch: int, prompt: int, new: int, quantize: str = "", gguf: str = "",
                  bandwidth: float = 0.0, vocab: int = 0, repeats: int = 3, out_dir: str = "",
-                 dtype: str = "float32") -> list[dict]:
+                 dtype: str = "float32", llama_extra_bufts: str = "auto") -> list[dict]:
     import jax
 
 
@@ -232,10 +247,16 @@ def bench_decode(variant: str, batch: int, prompt: int, new: int, quantize: str 
             gguf_export.write_gguf(model.config, params, None, path, ftype)
             if batch != 1:
                 continue
-            dt = gguf_export.time_llama_cpp(path, prompts[0], new, repeats)
-            rows.append(dict(base, impl=f"llama.cpp-{ftype}", tokens_per_s=new / dt, ms_per_step=1e3 * dt / new,
-                             file_bytes=os.path.getsize(path),
-                             roofline_fraction=(new / dt) * os.path.getsize(path) / bandwidth))
+            # llama.cpp's extra buffer types (AMX tiles, repacked blocks): "both" times the file with and without
+            for setting in (("on", "off") if llama_extra_bufts == "both" else (llama_extra_bufts,)):
+                on = gguf_export.extra_bufts_setting(setting)
+                extra = dict(file_bytes=os.path.getsize(path), extra_bufts=on, cpu_amx=gguf_export.cpu_has_amx())
+                dt = _time_llama_cpp_isolated(path, prompts[0], new, repeats, "on" if on else "off")
+                if dt is None:
+                    rows.append(dict(base, impl=f"llama.cpp-{ftype}", error="llama.cpp crashed its process", **extra))
+                    continue
+                rows.append(dict(base, impl=f"llama.cpp-{ftype}", tokens_per_s=new / dt, ms_per_step=1e3 * dt / new,
+                                 roofline_fraction=(new / dt) * os.path.getsize(path) / bandwidth, **extra))
     return rows
 
 

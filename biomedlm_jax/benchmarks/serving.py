@@ -86,7 +86,8 @@ def load(url: str, model: str, prompts: Sequence[str], budgets: Sequence[int], c
 
 
 def bench_serve(variant: str, questions: int, clients: Sequence[int], slots: int, max_new: int, medquad: str,
-                tokenizer: str, steps_per_sync: int = 8, llama_cpp: bool = False) -> list[dict]:
+                tokenizer: str, steps_per_sync: int = 8, llama_cpp: bool = False,
+                llama_extra_bufts: str = "auto") -> list[dict]:
     import jax
 
     from biomedlm_jax.benchmarks.inference import random_model
@@ -115,7 +116,9 @@ def bench_serve(variant: str, questions: int, clients: Sequence[int], slots: int
                                      f"--max_queue={4 * max(clients)}"])]
         if llama_cpp:
             path = gguf.write_gguf(model.config, params, tok, os.path.join(tmp, "bench.gguf"), "F32")
-            servers.append(("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", path,
+            # llama_cpp.server with extra buffer types as gguf.load_llama sets them (off where AMX is reported)
+            server = "from biomedlm_jax.formats import gguf; gguf.llama_cpp_server_main()"
+            servers.append(("llama.cpp", [sys.executable, "-c", server, f"--extra_bufts={llama_extra_bufts}", "--model", path,
                                           "--model_alias", "bench", "--n_ctx", str(max_len),
                                           "--interrupt_requests", "False"]))  # queue, do not cut, requests
         texts = {}

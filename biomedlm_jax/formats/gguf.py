@@ -28,6 +28,7 @@ head that llama.cpp's GPT-2 graph has no place for: `convert` refuses them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -253,12 +254,102 @@ def write_gguf(cfg, params, tok, path: str, ftype: str = "F16", name: str = "bio
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_llama(path: str, n_ctx: int = 0, n_threads: Optional[int] = None, logits_all: bool = False):
-    """llama_cpp.Llama on a GGUF file, on the CPU, quiet (logits_all: keep every position's logits)."""
+# llama.cpp's CPU backend "extra buffer types" (llama_model_params.use_extra_bufts, on by default) copy
+# the weights into layouts of its own at load time: AMX tiles on CPUs with Intel AMX (Sapphire Rapids
+# and later Xeons) and repacked (interleaved) blocks for some quantized types. On AMX hosts the AMX
+# path segfaults in ggml_backend_amx_mul_mat (llama.cpp issue 20824, open, no upstream fix): every
+# Q8_0 GPT-2 file crashed llama-cpp-python 0.3.36 there, at every width tried, while F32 and F16 ran.
+# With extra buffers off the same files run. So they are off wherever AMX is reported, and on
+# elsewhere (llama.cpp's default); `extra_bufts=True` turns them back on. llama.cpp's own command
+# line calls this `--no-repack` (-nr, env LLAMA_ARG_NO_REPACK); docs/inference.md has the details.
+EXTRA_BUFTS_CHOICES = ("auto", "on", "off")
+
+
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU's flags (Linux /proc/cpuinfo) include Intel AMX (amx_int8, amx_bf16 or amx_tile)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags") and {"amx_int8", "amx_bf16", "amx_tile"} & set(line.split()):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def llama_cpp_reports_amx() -> bool:
+    """Whether the installed llama.cpp build reports AMX (`AMX_INT8 = 1` in llama_print_system_info;
+    llama-cpp-python builds llama.cpp for the CPU of the host that installs it)."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+def extra_bufts_setting(choice) -> bool:
+    """The `use_extra_bufts` to load with: True/"on" and False/"off" as given; None/"auto" is off when
+    AMX is reported (by the CPU's flags or by the llama.cpp build) and on otherwise."""
+    if choice in (True, "on"):
+        return True
+    if choice in (False, "off"):
+        return False
+    if choice not in (None, "auto"):
+        raise ValueError(f"extra_bufts={choice!r}: choose from {', '.join(EXTRA_BUFTS_CHOICES)}")
+    return not (cpu_has_amx() or llama_cpp_reports_amx())
+
+
+@contextlib.contextmanager
+def llama_extra_bufts(on: bool):
+    """Every llama_cpp.Llama created inside loads with `use_extra_bufts=on` (llama-cpp-python has no
+    argument for it: its Llama starts from llama_model_default_params(), which this wraps)."""
+    import llama_cpp.llama_cpp as C
+
+    default = C.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = on
+        return p
+
+    C.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        C.llama_model_default_params = default
+
+
+def load_llama(path: str, n_ctx: int = 0, n_threads: Optional[int] = None, logits_all: bool = False,
+               extra_bufts=None):
+    """llama_cpp.Llama on a GGUF file, on the CPU, quiet (logits_all: keep every position's logits).
+    extra_bufts: None/"auto" (off where AMX is reported, see above), True/"on" or False/"off"."""
     from llama_cpp import Llama
 
-    return Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), n_batch=512,
-                 n_gpu_layers=0, verbose=False, logits_all=logits_all)
+    on = extra_bufts_setting(extra_bufts)
+    with llama_extra_bufts(on):
+        llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), n_batch=512,
+                    n_gpu_layers=0, verbose=False, logits_all=logits_all)
+    if bool(llm.model_params.use_extra_bufts) != on:  # a llama-cpp-python that no longer starts from the defaults
+        raise RuntimeError(f"llama-cpp-python loaded {path} with use_extra_bufts="
+                           f"{bool(llm.model_params.use_extra_bufts)}, not {on}")
+    return llm
+
+
+def llama_cpp_server_main(argv: Optional[Sequence[str]] = None) -> None:
+    """llama-cpp-python's OpenAI server (`python -m llama_cpp.server ARGS`) with extra buffers set as
+    load_llama sets them: `--extra_bufts=auto|on|off` (default auto) before the server's own flags."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    choice = "auto"
+    for a in list(argv):
+        if a.startswith("--extra_bufts="):
+            choice = a.split("=", 1)[1]
+            argv.remove(a)
+    on = extra_bufts_setting(choice)
+    from llama_cpp.server.__main__ import main
+
+    sys.argv = ["llama_cpp.server"] + argv
+    with llama_extra_bufts(on):
+        main()
 
 
 def llama_logits(llm, ids: Sequence[int]) -> np.ndarray:
@@ -291,9 +382,9 @@ def llama_greedy(llm, prompt: Sequence[int], new: int, eos: Optional[int] = None
     return out, logits
 
 
-def time_llama_cpp(path: str, prompt: Sequence[int], new: int, repeats: int = 3) -> float:
+def time_llama_cpp(path: str, prompt: Sequence[int], new: int, repeats: int = 3, extra_bufts=None) -> float:
     """Best seconds over `repeats` of prefill + `new` greedy steps in llama.cpp at batch 1."""
-    llm = load_llama(path, n_ctx=len(prompt) + new + 1)
+    llm = load_llama(path, n_ctx=len(prompt) + new + 1, extra_bufts=extra_bufts)
     llama_greedy(llm, prompt, min(new, 4))  # warm up
     best = float("inf")
     for _ in range(repeats):
