@@ -218,12 +218,17 @@ def test_choice_head_learns_a_synthetic_task(tmp_path):
     synthetic_items(tmp_path / "dev.jsonl", 200, 1)
     c = configlib.load_config_file(str(REPO / "configs" / "mcqa.py"), "medqa-tiny")
     c.data.tokenizer, c.data.train, c.data.dev, c.data.carve_dev_fraction = GPT2, str(tmp_path / "train.jsonl"), str(tmp_path / "dev.jsonl"), 0.0
-    c.seq_len, c.global_batch_size, c.num_train_steps, c.learning_rate, c.warmup_steps = 24, 32, 300, 3e-3, 20
-    c.eval_every_steps, c.checkpoint_every_steps, c.progress_bar, c.mesh_shape = 50, 300, False, (1, 1, 1)
+    c.seq_len, c.global_batch_size, c.num_train_steps, c.learning_rate, c.warmup_steps = 24, 32, 600, 3e-3, 20
+    c.eval_every_steps, c.checkpoint_every_steps, c.progress_bar, c.mesh_shape = 100, 600, False, (1, 1, 1)
     s = train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1], task=mcqa.MCQATask(c))
-    # Chance is 0.25. With these settings (300 steps) the best dev accuracy measured 0.92-0.98 over three
-    # training-data seeds (600 steps: 0.945-0.995 over five, at twice the time).
-    assert s["best_accuracy"] >= 0.9, s
+    # What the choice head guarantees is learning far above chance (0.25; one standard deviation of a
+    # chance-level score on 200 items is 0.03), not a figure tuned on one host. Matching the option to a
+    # question word is learnt in a sudden step whose timing varies with the seed and the CPU's rounding:
+    # at 300 steps the best accuracy was 0.66-0.93 over four seeds on an AMD EPYC and 0.85 on an AMX
+    # Xeon (issue 44), so the old 0.9 bound failed on both. At 600 steps (the schedule's learning rate
+    # stays higher for longer) it was 0.975-1.0 over seeds 0, 2, 4 and 5 on the EPYC (2026-12-06), and
+    # 0.7, 15 standard deviations above chance, leaves a margin of 0.27 below every run measured.
+    assert s["best_accuracy"] >= 0.7, s
     # the harness reads the best checkpoint and reproduces its dev accuracy
     from biomedlm_jax.evaluation import mcqa_eval
 
