@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps_per_sync", type=int, default=8, help="decode steps between host syncs")
     p.add_argument("--max_queue", type=int, default=None, help="prompts waiting for a slot (default: 4 x slots)")
     p.add_argument("--max_logprobs", type=int, default=5, help="the largest 'logprobs' a request may ask for")
+    p.add_argument("--max_body_bytes", type=int, default=2 << 20, help="the largest request body accepted; "
+                   "a larger one gets a 400 before it is read (default 2 MiB)")
     p.add_argument("--no_repeat_ngram_size", type=int, default=0, help="ban repeated n-grams (every request)")
     p.add_argument("--model_name", default=None, help="the model's id in the API (default: the checkpoint's folder)")
     p.add_argument("--mesh_shape", default=None,
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
             p.error(f"--{flag} must be >= 1")
     if args.max_logprobs < 0:
         p.error("--max_logprobs must be >= 0")
+    if args.max_body_bytes < 1:
+        p.error("--max_body_bytes must be >= 1")
 
     from biomedlm_jax.models import quantize
 
@@ -71,6 +75,7 @@ def main(argv=None) -> int:
                            max_len=args.max_len, max_tokens_limit=args.max_tokens_limit, bucket=args.bucket,
                            steps_per_sync=args.steps_per_sync, max_queue=args.max_queue,
                            max_logprobs=args.max_logprobs, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                           max_body_bytes=args.max_body_bytes,
                            mesh_shape=args.mesh_shape,
                            model_name=args.model_name or os.path.basename(args.init_from.split(":", 1)[-1].rstrip("/")))
     except (ValueError, FileNotFoundError) as e:  # a bad source or size, a missing or damaged checkpoint

@@ -6,9 +6,13 @@
     GET  /v1/models        the one model served
     GET  /health           ok, slots, active, queued and counters
 
-Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for bad JSON, unknown
-fields, out-of-range values and prompts that do not fit the context (naming the field), 404 for
-another model's name, 429 with Retry-After when the queue is full. A client that disconnects, streamed
+Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, on every route: 400 for bad
+JSON, unknown fields, out-of-range values (top_k above the vocabulary, a seed outside int64), prompts
+that do not fit the context (naming the field; a text too long to fit is refused before it is
+tokenized), more prompts than the queue can ever hold, and a body over --max_body_bytes; 404 for
+another model's name and unknown routes (/v1/chat/completions says to use /v1/completions), 405 for
+a wrong method, 429 with Retry-After when the queue is full now, 503 when the engine thread has died
+(/health then answers 503 too). A client that disconnects, streamed
 or not, frees its slot at the engine's next sync. Each request logs one line: prompts, tokens, time to
 first token, latency, finish reasons.
 
@@ -31,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from biomedlm_jax.inference import engine as engine_lib
 from biomedlm_jax.serving.batcher import Batcher, Job, Overloaded
@@ -53,9 +58,9 @@ class CompletionRequest(BaseModel):
     max_tokens: Optional[int] = Field(16, ge=0)
     temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(0, ge=0)
+    top_k: Optional[int] = Field(0, ge=0)  # and at most the vocabulary (Completions.jobs)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, lt=2**63)
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     logprobs: Optional[int] = Field(None, ge=0)
@@ -102,6 +107,9 @@ class Completions:
         self.batcher, self.tok, self.model_name = batcher, tokenizer, model_name
         self.eos_id, self.max_logprobs = eos_id, max_logprobs
         self.engine = batcher.engine
+        # No token is longer than the longest vocabulary entry (byte-level: at most one character per
+        # byte), so a text longer than max_len such tokens cannot fit: refused before tokenizing it.
+        self.max_prompt_chars = self.engine.max_len * max(map(len, tokenizer.get_vocab()), default=1)
 
     def prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -111,9 +119,15 @@ class Completions:
             raise ApiError(400, "'prompt' is empty", "prompt")
         if isinstance(p[0], int):
             p = [p]
+        if len(p) > self.batcher.max_queue:
+            raise ApiError(400, f"{len(p)} prompts in one request; this server queues at most {self.batcher.max_queue} "
+                           "(its --max_queue): send fewer per request", "prompt", code="too_many_prompts")
         out = []
         vocab = self.engine.model.config.vocab_size
         for i, item in enumerate(p):
+            if isinstance(item, str) and len(item) > self.max_prompt_chars:
+                raise ApiError(400, f"prompt {i}: {len(item)} characters cannot fit this model's context "
+                               f"(max_len={self.engine.max_len} tokens)", "prompt", code="context_length_exceeded")
             ids = self.tok.encode(item).ids if isinstance(item, str) else list(item)
             if any(not 0 <= t < vocab for t in ids):
                 raise ApiError(400, f"'prompt' {i}: token ids must be in [0, {vocab})", "prompt")
@@ -124,6 +138,9 @@ class Completions:
         if self.model_name and req.model not in (None, self.model_name):
             raise ApiError(404, f"the model '{req.model}' does not exist; this server has '{self.model_name}'",
                            "model", code="model_not_found")
+        vocab = self.engine.model.config.vocab_size
+        if req.top_k and req.top_k > vocab:
+            raise ApiError(400, f"'top_k' must be at most the vocabulary size, {vocab}", "top_k")
         if req.logprobs is not None and req.logprobs > self.max_logprobs:
             raise ApiError(400, f"'logprobs' must be at most {self.max_logprobs} (the server's --max_logprobs)",
                            "logprobs")
@@ -211,8 +228,51 @@ class Choice:
                 "text_offset": offsets}
 
 
-def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_logprobs: int = 5) -> FastAPI:
-    app = FastAPI(title="biomedlm-jax", docs_url=None, redoc_url=None)
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 400 (OpenAI's error shape) before it is
+    read (by its Content-Length) or as soon as the bytes received pass the limit (a chunked body)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _refuse(self) -> JSONResponse:
+        return ApiError(400, f"the request body is larger than this server's limit of {self.limit} bytes "
+                        "(its --max_body_bytes)", code="request_too_large").response()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse()(scope, receive, send)
+        seen, too_large = 0, False
+
+        async def limited_receive():
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # the app gets an unparseable end of body, and its answer is replaced
+                    too_large = True
+                    return {"type": "http.request", "body": b"\x00", "more_body": False}
+            return message
+
+        async def guarded_send(message):
+            if not too_large:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+        if too_large:
+            await self._refuse()(scope, receive, send)
+
+
+ROUTES = "POST /v1/completions, GET /v1/models, GET /health"
+
+
+def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_logprobs: int = 5,
+               max_body_bytes: int = 2 << 20) -> FastAPI:
+    app = FastAPI(title="biomedlm-jax", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     comp = Completions(batcher, tokenizer, model_name, eos_id, max_logprobs)
     created = int(time.time())
 
@@ -224,10 +284,25 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
     async def _api_error(request, exc):
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):  # unknown routes (404) and methods (405), in OpenAI's shape
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404 and request.url.path.rstrip("/") == "/v1/chat/completions":
+            message = (f"{where}: this server has no chat endpoint (a BioMedLM model has no chat template); "
+                       "send the text as 'prompt' to POST /v1/completions")
+        elif exc.status_code in (404, 405):
+            message = f"{where}: no such route; this server has {ROUTES}"
+        else:
+            message = f"{where}: {exc.detail}"
+        return ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
+                        headers=getattr(exc, "headers", None)).response()
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "slots": batcher.engine.slots, "active": batcher.active,
-                "queued": batcher.queued, "max_len": batcher.engine.max_len, **batcher.stats}
+        body = {"status": "ok" if batcher.alive else "engine_down", "model": model_name,
+                "slots": batcher.engine.slots, "active": batcher.active, "queued": batcher.queued,
+                "max_len": batcher.engine.max_len, **batcher.stats}
+        return JSONResponse(body, status_code=200 if batcher.alive else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -237,7 +312,11 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         t0 = time.perf_counter()
-        prompts = comp.prompts(body)
+        if not batcher.alive:
+            raise ApiError(503, "the engine is not running; see the server's log", kind="server_error",
+                           code="engine_down")
+        # tokenizing (and checking ids) runs off the event loop, which keeps answering other clients
+        prompts = await asyncio.to_thread(comp.prompts, body)
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         sinks = [(lambda item, i=i: loop.call_soon_threadsafe(inbox.put_nowait, (i, item))) for i in range(len(prompts))]

@@ -9,7 +9,10 @@ queue and enter the engine as its slots free, so continuous batching runs across
 The thread loops: take cancellations, admit waiting jobs into free slots (one prefill for all of
 them), run one engine sync (`steps_per_sync` decode steps), hand each job its new tokens. With nothing
 to do it sleeps on the queue. A job the engine refuses, or an engine failure, reaches the job's sink as
-an exception; after a failure the engine state is rebuilt, so later requests are served.
+an exception; after a failure the engine state is rebuilt, so later requests are served. The whole
+loop body is inside that handling, and a sink that fails costs only its job; should the thread still
+die, `alive` turns False (the API's /health answers 503). A queued job that is cancelled frees its
+queue place at once.
 """
 from __future__ import annotations
 
@@ -39,7 +42,17 @@ class Job:
         self.request, self.sink = request, sink
         self.id = next(Job._ids)
         self.cancelled = False
+        self.taken = False  # set (under the batcher's lock) when the engine thread takes it from the queue
         self.finished = False  # set by the engine thread when its last update is handed over
+
+
+def _hand(job: Job, item) -> None:
+    """job.sink(item); a sink that fails (its client's event loop gone) costs that job only."""
+    try:
+        job.sink(item)
+    except Exception:  # noqa: BLE001
+        log.exception("could not hand an update to request %d; dropping it", job.id)
+        job.cancelled = True
 
 
 class Batcher:
@@ -53,9 +66,11 @@ class Batcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="biomedlm-engine", daemon=True)
         self.stats = collections.Counter()  # admitted, finished, cancelled, refused (overload), failed
+        self._started = False
         self.active = 0
 
     def start(self) -> "Batcher":
+        self._started = True
         self._thread.start()
         return self
 
@@ -67,6 +82,11 @@ class Batcher:
     @property
     def queued(self) -> int:
         return self._waiting
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has died (a batcher not started yet only queues, and is alive)."""
+        return not self._started or self._thread.is_alive()
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue jobs (all of them or, when the queue cannot hold them, none: Overloaded)."""
@@ -81,9 +101,15 @@ class Batcher:
     def cancel(self, job: Job) -> None:
         """End a job: it never starts if still waiting, or its slot frees at the next sync. A finished
         job costs nothing (a handler may cancel all its jobs when it ends, whatever their state)."""
-        if not job.cancelled and not job.finished:
+        with self._lock:
+            if job.cancelled or job.finished:
+                return
             job.cancelled = True
-            self._inbox.put(("cancel", job))
+            if not job.taken:  # still queued: its place frees now, not when the engine reaches it
+                self._waiting -= 1
+                self.stats["cancelled"] += 1
+                return
+        self._inbox.put(("cancel", job))
 
     # --- the engine thread ---------------------------------------------------------------------------
 
@@ -92,20 +118,20 @@ class Batcher:
         pending: collections.deque = collections.deque()
         jobs: dict = {}  # id -> Job, for jobs in a slot
         while not self._stop.is_set():
-            self._drain(pending, sched, jobs, block=not sched.busy() and not pending)
+            batch = []
             try:
-                batch = []
+                self._drain(pending, sched, jobs, block=not sched.busy() and not pending)
                 while pending and len(batch) < sched.free_slots():
                     job = pending.popleft()
                     with self._lock:
+                        if job.cancelled:  # counted by cancel()
+                            continue
+                        job.taken = True
                         self._waiting -= 1
-                    if job.cancelled:
-                        self.stats["cancelled"] += 1
-                        continue
                     try:
                         self.engine.check(len(job.request.prompt), job.request.max_new_tokens)
                     except ValueError as e:
-                        job.sink(e)
+                        _hand(job, e)
                         continue
                     batch.append(job)
                 updates = sched.admit([(j.id, j.request) for j in batch])
@@ -117,8 +143,9 @@ class Batcher:
                 log.exception("engine failure; %d requests in flight fail", len(jobs) + len(batch))
                 self.stats["failed"] += len(jobs) + len(batch)
                 for job in list(jobs.values()) + batch:
-                    job.sink(e)
+                    _hand(job, e)
                 jobs.clear()
+                self.active = 0
                 sched = engine_lib.Scheduler(self.engine)
                 continue
             for u in updates:
@@ -129,7 +156,7 @@ class Batcher:
                     del jobs[u.handle]
                     job.finished = True
                     self.stats["finished"] += 1
-                job.sink(u)
+                _hand(job, u)
             self.active = len(jobs)
 
     def _drain(self, pending, sched, jobs, block: bool) -> None:
