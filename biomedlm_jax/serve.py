@@ -42,8 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps_per_sync", type=int, default=8, help="decode steps between host syncs")
     p.add_argument("--max_queue", type=int, default=None, help="prompts waiting for a slot (default: 4 x slots)")
     p.add_argument("--max_logprobs", type=int, default=5, help="the largest 'logprobs' a request may ask for")
-    p.add_argument("--max_body_bytes", type=int, default=2 << 20, help="the largest request body accepted; "
-                   "a larger one gets a 400 before it is read (default 2 MiB)")
+    p.add_argument("--max_body_bytes", type=int, default=None, help="the largest request body accepted; a larger "
+                   "one gets a 400 before it is read (default: max_queue x max_len x 8 bytes + 64 KiB, what the "
+                   "largest acceptable request needs)")
     p.add_argument("--no_repeat_ngram_size", type=int, default=0, help="ban repeated n-grams (every request)")
     p.add_argument("--model_name", default=None, help="the model's id in the API (default: the checkpoint's folder)")
     p.add_argument("--mesh_shape", default=None,
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             p.error(f"--{flag} must be >= 1")
     if args.max_logprobs < 0:
         p.error("--max_logprobs must be >= 0")
-    if args.max_body_bytes < 1:
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
         p.error("--max_body_bytes must be >= 1")
 
     from biomedlm_jax.models import quantize

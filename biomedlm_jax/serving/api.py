@@ -9,7 +9,7 @@
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, on every route: 400 for bad
 JSON, unknown fields, out-of-range values (top_k above the vocabulary, a seed outside int64), prompts
 that do not fit the context (naming the field; a text too long to fit is refused before it is
-tokenized), more prompts than the queue can ever hold, and a body over --max_body_bytes; 404 for
+tokenized), more prompts than the queue can ever hold, and a body over --max_body_bytes (default: what the largest acceptable request needs); 404 for
 another model's name and unknown routes (/v1/chat/completions says to use /v1/completions), 405 for
 a wrong method, 429 with Retry-After when the queue is full now, 503 when the engine thread has died
 (/health then answers 503 too). A client that disconnects, streamed
@@ -31,10 +31,11 @@ import uuid
 from typing import Literal, Optional, Union
 
 import jax
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from biomedlm_jax.inference import engine as engine_lib
@@ -85,7 +86,8 @@ class ApiError(Exception):
                                        "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
-def _validation_error(exc: RequestValidationError) -> ApiError:
+def _validation_error(exc) -> ApiError:
+    """The 400 for a RequestValidationError or a pydantic ValidationError (first error, field named)."""
     err = exc.errors()[0]
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None
@@ -129,7 +131,8 @@ class Completions:
                 raise ApiError(400, f"prompt {i}: {len(item)} characters cannot fit this model's context "
                                f"(max_len={self.engine.max_len} tokens)", "prompt", code="context_length_exceeded")
             ids = self.tok.encode(item).ids if isinstance(item, str) else list(item)
-            if any(not 0 <= t < vocab for t in ids):
+            arr = np.asarray(ids, dtype=np.int64)
+            if arr.size and (arr.min() < 0 or arr.max() >= vocab):
                 raise ApiError(400, f"'prompt' {i}: token ids must be in [0, {vocab})", "prompt")
             out.append(ids or [self.eos_id])
         return out
@@ -269,10 +272,17 @@ class BodyLimit:
 ROUTES = "POST /v1/completions, GET /v1/models, GET /health"
 
 
+def default_body_limit(max_queue: int, max_len: int) -> int:
+    """The largest body an acceptable request needs: every prompt the queue can hold at the full
+    context, 8 bytes a token (a JSON token id with its comma, or a token's text, escapes included, for
+    ordinary text), plus 64 KiB for the other fields. 16 slots at 1,024 tokens: 576 KiB."""
+    return max_queue * max_len * 8 + (64 << 10)
+
+
 def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_logprobs: int = 5,
-               max_body_bytes: int = 2 << 20) -> FastAPI:
+               max_body_bytes: Optional[int] = None) -> FastAPI:
     app = FastAPI(title="biomedlm-jax", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes or default_body_limit(batcher.max_queue, batcher.engine.max_len))
     comp = Completions(batcher, tokenizer, model_name, eos_id, max_logprobs)
     created = int(time.time())
 
@@ -310,8 +320,13 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                                             "owned_by": "biomedlm-jax", "max_model_len": batcher.engine.max_len}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
         t0 = time.perf_counter()
+        raw = await request.body()
+        try:  # parsed and validated in a worker thread: a large body does not hold up the event loop
+            body = await asyncio.to_thread(CompletionRequest.model_validate_json, raw)
+        except ValidationError as e:
+            raise _validation_error(e) from None
         if not batcher.alive:
             raise ApiError(503, "the engine is not running; see the server's log", kind="server_error",
                            code="engine_down")

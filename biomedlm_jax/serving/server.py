@@ -25,7 +25,7 @@ class Server:
     def __init__(self, model, params, tokenizer, *, model_name: str, eos_id: int, slots: int = 16,
                  max_len: Optional[int] = None, max_tokens_limit: Optional[int] = None, bucket: int = 64,
                  steps_per_sync: int = 8, max_queue: Optional[int] = None, max_logprobs: int = 5,
-                 no_repeat_ngram_size: int = 0, warmup: bool = True, mesh=None, max_body_bytes: int = 2 << 20):
+                 no_repeat_ngram_size: int = 0, warmup: bool = True, mesh=None, max_body_bytes: Optional[int] = None):
         max_len = max_len or model.config.n_positions
         limit = max_len - 1 if max_tokens_limit is None else max_tokens_limit
         if not 0 <= limit < max_len:
@@ -40,7 +40,8 @@ class Server:
             self.engine.run([engine_lib.Request([eos_id], 1)])
             log.info("warm-up compile: %.1f s", time.perf_counter() - t0)
         self.batcher = Batcher(self.engine, max_queue or 4 * slots).start()
-        self.app = api.create_app(self.batcher, tokenizer, model_name, eos_id, max_logprobs, max_body_bytes)
+        self.app = api.create_app(self.batcher, tokenizer, model_name, eos_id, max_logprobs,
+                                  max_body_bytes or api.default_body_limit(self.batcher.max_queue, max_len))
         self.model_name = model_name
 
     def run(self, host: str, port: int) -> None:
