@@ -50,6 +50,12 @@ def main(argv=None) -> int:
     p.add_argument("--mesh_shape", default=None,
                    help="data,fsdp,tensor over this host's devices (one may be -1), e.g. -1,1,1: slots split over "
                         "replicas; 1,-1,1: weights sharded over all devices. Default: one device")
+    p.add_argument("--api_key", default=os.environ.get("BIOMEDLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: the "
+                        "BIOMEDLM_API_KEY environment variable; unset: no key)")
+    p.add_argument("--cors_origins", default="", help="comma list of origins browsers may call from (default none)")
+    p.add_argument("--shutdown_timeout", type=float, default=30.0,
+                   help="on SIGTERM / SIGINT, seconds requests in flight may take to finish (default 30)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     errors.add_verbose_flag(p)
@@ -59,6 +65,8 @@ def main(argv=None) -> int:
             p.error(f"--{flag} must be >= 1")
     if args.max_logprobs < 0:
         p.error("--max_logprobs must be >= 0")
+    if args.shutdown_timeout < 0:
+        p.error("--shutdown_timeout must be >= 0")
     if args.max_body_bytes is not None and args.max_body_bytes < 1:
         p.error("--max_body_bytes must be >= 1")
 
@@ -77,6 +85,8 @@ def main(argv=None) -> int:
                            steps_per_sync=args.steps_per_sync, max_queue=args.max_queue,
                            max_logprobs=args.max_logprobs, no_repeat_ngram_size=args.no_repeat_ngram_size,
                            max_body_bytes=args.max_body_bytes,
+                           api_key=args.api_key or None, shutdown_timeout=args.shutdown_timeout,
+                           cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
                            mesh_shape=args.mesh_shape,
                            model_name=args.model_name or os.path.basename(args.init_from.split(":", 1)[-1].rstrip("/")))
     except (ValueError, FileNotFoundError) as e:  # a bad source or size, a missing or damaged checkpoint

@@ -403,3 +403,54 @@ def test_engine_faults_fail_their_jobs_and_a_dead_engine_is_reported(tiny_lm, to
         assert h.status_code == 503 and h.json()["status"] == "engine_down", h.text
         r = httpx.post(url + "/v1/completions", json=body, timeout=10)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down", r.text
+
+
+def test_api_key_request_ids_access_log_cors_and_tokenize(tiny_lm, tok, caplog):
+    """Operations (issue 42): --api_key (401 in OpenAI's shape without it; /health stays open), an
+    X-Request-Id on every response (the client's, or a new one), one access-log line per response
+    whatever its status, CORS for the configured origins, and /tokenize + /detokenize."""
+    model, params = tiny_lm
+    eng = E.Engine(model, params, sampling.SamplingConfig(max_new_tokens=8, temperature=0.0, eos_id=EOS), slots=1,
+                   max_len=64, bucket=16, detokenize=tok.decode)
+    batcher = Batcher(eng, max_queue=4).start()
+    app = api.create_app(batcher, tok, "tiny", EOS, api_key="s3cret", cors_origins=["https://notebook.example"])
+    key = {"Authorization": "Bearer s3cret"}
+    caplog.set_level("INFO", logger="biomedlm_jax.serve")
+    with server.in_thread(app) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert client.completions.create(model="tiny", prompt="BRCA1", max_tokens=3, temperature=0).choices[0].text
+        assert httpx.get(url + "/health").status_code == 200  # load balancers need no key
+
+        r = httpx.get(url + "/v1/models", headers=dict(key, **{"X-Request-Id": "trace-42.a"}))
+        assert r.headers["x-request-id"] == "trace-42.a"
+        made = httpx.get(url + "/v1/models", headers=dict(key, **{"X-Request-Id": "bad id; forged=1"}))
+        assert len(made.headers["x-request-id"]) == 32 and made.headers["x-request-id"].isalnum()
+        assert httpx.get(url + "/nope", headers=key).headers["x-request-id"]
+
+        text = "Metformin (500 mg) lowers HbA1c; β-blockers too.<|endoftext|>"
+        r = httpx.post(url + "/tokenize", json={"prompt": text}, headers=key)
+        assert r.json() == {"tokens": tok.encode(text).ids, "count": len(tok.encode(text).ids), "max_model_len": 64}
+        r = httpx.post(url + "/detokenize", json={"tokens": tok.encode(text).ids}, headers=key)
+        assert r.json() == {"prompt": text}
+        r = httpx.post(url + "/detokenize", json={"tokens": [1, 60000]}, headers=key)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+
+        pre = httpx.options(url + "/v1/completions", headers={"Origin": "https://notebook.example",
+                                                              "Access-Control-Request-Method": "POST",
+                                                              "Access-Control-Request-Headers": "authorization"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://notebook.example"
+        other = httpx.options(url + "/v1/completions", headers={"Origin": "https://evil.example",
+                                                                "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+    batcher.close()
+    access = [r.getMessage() for r in caplog.records if r.getMessage().startswith("access ")]
+    for status, path in ((401, "/v1/completions"), (200, "/v1/completions"), (200, "/health"), (404, "/nope"),
+                         (200, "/tokenize"), (400, "/detokenize"), (200, "/v1/models")):
+        assert any(f" {path} {status} " in line for line in access), (status, path, access)
+    assert any("request_id=trace-42.a" in line for line in access)
+    assert not any("forged" in line for line in access)

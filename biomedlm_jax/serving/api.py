@@ -4,7 +4,13 @@
                            temperature, top_p, top_k (an extension, as vLLM has it), stop, seed, stream
                            (server-sent events), logprobs (0..--max_logprobs), n=1, echo=false
     GET  /v1/models        the one model served
-    GET  /health           ok, slots, active, queued and counters
+    POST /tokenize         {"prompt"} -> {"tokens", "count", "max_model_len"}  (vLLM's shape)
+    POST /detokenize       {"tokens"} -> {"prompt"}
+    GET  /health           ok, slots, active, queued and counters (503 when the engine thread has died)
+
+With --api_key every route but /health needs `Authorization: Bearer KEY` (401 otherwise); with
+--cors_origins browsers on those origins may call it. Every response, whatever its status, carries an
+`X-Request-Id` (the client's, or a new one) and gets one access-log line.
 
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, on every route: 400 for bad
 JSON, unknown fields, out-of-range values (top_k above the vocabulary, a seed outside int64), prompts
@@ -28,7 +34,7 @@ import logging
 import secrets
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -269,7 +275,74 @@ class BodyLimit:
             await self._refuse()(scope, receive, send)
 
 
-ROUTES = "POST /v1/completions, GET /v1/models, GET /health"
+_REQUEST_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-:")
+
+
+class AccessLog:
+    """ASGI middleware: every response, whatever its status (refusals included), gets one log line
+    (method, path, status, milliseconds, request id, client) and an `X-Request-Id` header: the client's
+    own (up to 128 of [A-Za-z0-9._-:]) or a new one. The id is in scope["state"]["request_id"]."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if 0 < len(given) <= 128 and set(given) <= _REQUEST_ID_CHARS else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = ["-"]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = dict(message, headers=list(message.get("headers") or ()) + [(b"x-request-id", rid.encode())])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            log.info("access %s %s %s %.0fms request_id=%s client=%s", scope["method"], scope["path"], status[0],
+                     1e3 * (time.perf_counter() - t0), rid, client[0])
+
+
+class ApiKey:
+    """ASGI middleware: with a key set, every route but /health needs `Authorization: Bearer KEY`
+    (compared in constant time); otherwise 401 in OpenAI's shape."""
+
+    OPEN = ("/health",)
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.OPEN or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        auth = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        scheme, _, given = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(given.strip(), self.key):
+            return await self.app(scope, receive, send)
+        error = ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY' (the server's --api_key)",
+                         code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await error.response()(scope, receive, send)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    prompt: str
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    tokens: list[StrictInt]
+
+
+ROUTES = "POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health"
 
 
 def default_body_limit(max_queue: int, max_len: int) -> int:
@@ -280,9 +353,20 @@ def default_body_limit(max_queue: int, max_len: int) -> int:
 
 
 def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_logprobs: int = 5,
-               max_body_bytes: Optional[int] = None) -> FastAPI:
+               max_body_bytes: Optional[int] = None, api_key: Optional[str] = None,
+               cors_origins: Sequence[str] = ()) -> FastAPI:
     app = FastAPI(title="biomedlm-jax", docs_url=None, redoc_url=None, openapi_url=None)
+    # middleware, innermost first: body limit, API key, CORS (preflights answered before the key check),
+    # access log and request id (outermost: every response is logged, refusals included)
     app.add_middleware(BodyLimit, limit=max_body_bytes or default_body_limit(batcher.max_queue, batcher.engine.max_len))
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    app.add_middleware(AccessLog)
     comp = Completions(batcher, tokenizer, model_name, eos_id, max_logprobs)
     created = int(time.time())
 
@@ -314,6 +398,38 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                 "max_len": batcher.engine.max_len, **batcher.stats}
         return JSONResponse(body, status_code=200 if batcher.alive else 503)
 
+    def check_model(name: Optional[str]) -> None:
+        if model_name and name not in (None, model_name):
+            raise ApiError(404, f"the model '{name}' does not exist; this server has '{model_name}'", "model",
+                           code="model_not_found")
+
+    async def parse(request: Request, kind):
+        try:  # parsed and validated in a worker thread: a large body does not hold up the event loop
+            return await asyncio.to_thread(kind.model_validate_json, await request.body())
+        except ValidationError as e:
+            raise _validation_error(e) from None
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's shape: {"prompt"} -> {"tokens", "count", "max_model_len"}."""
+        body = await parse(request, TokenizeRequest)
+        check_model(body.model)
+        if len(body.prompt) > comp.max_prompt_chars:
+            raise ApiError(400, f"'prompt' is {len(body.prompt)} characters: more than this model's context "
+                           f"(max_len={batcher.engine.max_len} tokens) can hold", "prompt", code="context_length_exceeded")
+        ids = await asyncio.to_thread(lambda: tokenizer.encode(body.prompt).ids)
+        return {"tokens": ids, "count": len(ids), "max_model_len": batcher.engine.max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """{"tokens"} -> {"prompt"} (the text those ids decode to)."""
+        body = await parse(request, DetokenizeRequest)
+        check_model(body.model)
+        vocab = batcher.engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise ApiError(400, f"'tokens': ids must be in [0, {vocab})", "tokens")
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens, skip_special_tokens=False)}
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
@@ -322,11 +438,7 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
     @app.post("/v1/completions")
     async def completions(request: Request):
         t0 = time.perf_counter()
-        raw = await request.body()
-        try:  # parsed and validated in a worker thread: a large body does not hold up the event loop
-            body = await asyncio.to_thread(CompletionRequest.model_validate_json, raw)
-        except ValidationError as e:
-            raise _validation_error(e) from None
+        body = await parse(request, CompletionRequest)
         if not batcher.alive:
             raise ApiError(503, "the engine is not running; see the server's log", kind="server_error",
                            code="engine_down")
@@ -355,8 +467,10 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
             u = usage()
             ttft = "-" if first[0] is None else f"{1e3 * (first[0] - t0):.0f}"
             log.info("completion %s %s prompts=%d prompt_tokens=%d completion_tokens=%d ttft_ms=%s latency_ms=%.0f "
-                     "finish=%s stream=%s", rid, status, len(prompts), u["prompt_tokens"], u["completion_tokens"], ttft,
-                     1e3 * (time.perf_counter() - t0), ",".join(str(c.finish_reason) for c in choices), bool(body.stream))
+                     "finish=%s stream=%s request_id=%s", rid, status, len(prompts), u["prompt_tokens"],
+                     u["completion_tokens"], ttft, 1e3 * (time.perf_counter() - t0),
+                     ",".join(str(c.finish_reason) for c in choices), bool(body.stream),
+                     request.scope.get("state", {}).get("request_id", "-"))
 
         checked = [time.perf_counter()]
 

@@ -11,7 +11,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from biomedlm_jax.inference import engine as engine_lib
 from biomedlm_jax.inference.sampling import SamplingConfig
@@ -25,7 +25,8 @@ class Server:
     def __init__(self, model, params, tokenizer, *, model_name: str, eos_id: int, slots: int = 16,
                  max_len: Optional[int] = None, max_tokens_limit: Optional[int] = None, bucket: int = 64,
                  steps_per_sync: int = 8, max_queue: Optional[int] = None, max_logprobs: int = 5,
-                 no_repeat_ngram_size: int = 0, warmup: bool = True, mesh=None, max_body_bytes: Optional[int] = None):
+                 no_repeat_ngram_size: int = 0, warmup: bool = True, mesh=None, max_body_bytes: Optional[int] = None,
+                 api_key: Optional[str] = None, cors_origins: Sequence[str] = (), shutdown_timeout: float = 30.0):
         max_len = max_len or model.config.n_positions
         limit = max_len - 1 if max_tokens_limit is None else max_tokens_limit
         if not 0 <= limit < max_len:
@@ -41,7 +42,9 @@ class Server:
             log.info("warm-up compile: %.1f s", time.perf_counter() - t0)
         self.batcher = Batcher(self.engine, max_queue or 4 * slots).start()
         self.app = api.create_app(self.batcher, tokenizer, model_name, eos_id, max_logprobs,
-                                  max_body_bytes or api.default_body_limit(self.batcher.max_queue, max_len))
+                                  max_body_bytes or api.default_body_limit(self.batcher.max_queue, max_len),
+                                  api_key=api_key, cors_origins=cors_origins)
+        self.shutdown_timeout = shutdown_timeout
         self.model_name = model_name
 
     def run(self, host: str, port: int) -> None:
@@ -49,7 +52,8 @@ class Server:
         log.info("serving %s on http://%s:%d/v1 (%d slots, max_len %d)", self.model_name, host, port,
                  self.engine.slots, self.engine.max_len)
         try:
-            _uvicorn(self.app, host=host, port=port).run()
+            # on SIGINT / SIGTERM: stop accepting, let requests in flight finish for at most shutdown_timeout s
+            _uvicorn(self.app, host=host, port=port, timeout_graceful_shutdown=self.shutdown_timeout).run()
         finally:
             self.batcher.close()
 
