@@ -31,7 +31,8 @@ demo: $(VENV)/.installed
 # --durations: CI's log names the slowest tests, the ones to look at when the suite grows.
 # TEST_WORKERS=N runs the suite on N pytest-xdist processes, a test file per worker at a time
 # (--dist=loadfile keeps a module's fixtures in one process). The default is 2, one per core of the CI
-# box: 336 tests in 1,040 s on a clean clone against about 1,400-1,600 s in one process (2026-12-06). TEST_WORKERS=0 runs
+# box: 354 tests in 1,469 s on a clean clone (2026-12-06; 336 in 1,040 s earlier that day) against about
+# 1,400-1,600 s for 329 tests in one process. TEST_WORKERS=0 runs
 # one process. An early 2-worker run once aborted at XLA:CPU's 40 s collective timeout in the demo's
 # 8-device subprocess; the tests now give collectives 600 s and that subprocess one device (README, Tests).
 #
@@ -41,7 +42,7 @@ demo: $(VENV)/.installed
 #   test it was running fails, naming the worker and the test; its queued files go to the other worker.
 #   A replaced worker once left a run idle for more than ten minutes on an AMX Xeon.
 # - --timeout=TEST_TIMEOUT with the thread method: a test still running after TEST_TIMEOUT seconds
-#   (20 minutes, about 6x the slowest test's ~200 s) has every thread's stack dumped and its process
+#   (20 minutes, about 10x the slowest test's ~110 s) has every thread's stack dumped and its process
 #   ended: a failure that names it, even when it is stuck in native code, which a signal cannot interrupt.
 #   Under xdist that failure reads "worker 'gwN' crashed while running 'TEST'", and pytest-timeout's own
 #   stack dump goes to the worker's stdout, which nobody reads; so pytest's faulthandler dumps every
