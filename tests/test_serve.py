@@ -454,3 +454,25 @@ def test_api_key_request_ids_access_log_cors_and_tokenize(tiny_lm, tok, caplog):
         assert any(f" {path} {status} " in line for line in access), (status, path, access)
     assert any("request_id=trace-42.a" in line for line in access)
     assert not any("forged" in line for line in access)
+
+
+def test_text_offsets_are_exact_when_a_character_spans_tokens(tok):
+    """logprobs' text_offset: where each token's text starts in the completion. Characters of several
+    UTF-8 bytes (🧬, β, °, →) are split over byte-level tokens; counting each token's own decoded length
+    drifted by the U+FFFD placeholders (issue 42). Reference: the complete characters in the bytes
+    before each token (a byte-level token's vocabulary entry has one character per byte)."""
+    text = "β-lactamase at 37 °C 🧬🧬 and IL-6→STAT3."
+    ids = tok.encode(text).ids
+    data, want, n_bytes = text.encode("utf-8"), [], 0
+    for t in ids:
+        want.append(len(data[:n_bytes].decode("utf-8", errors="ignore")))
+        n_bytes += len(tok.id_to_token(t))
+    assert n_bytes == len(data)
+    choice = api.Choice(0, tok, EOS, (), logprobs=1)
+    for k in range(0, len(ids), 3):  # updates of three tokens, as the engine hands them over
+        part = ids[k: k + 3]
+        choice.add(E.Update(0, part, [(-0.1, [(t, -0.1)]) for t in part]))
+    got = choice.logprobs_json()
+    assert choice.text == text and any("\ufffd" in t for t in got["tokens"])  # some tokens are partial characters
+    assert got["text_offset"] == want
+    assert choice.logprobs_json(start=5)["text_offset"] == want[5:]  # a streamed chunk's offsets are absolute

@@ -183,6 +183,7 @@ class Choice:
     def __init__(self, index: int, tok, eos_id: int, stop, logprobs: Optional[int]):
         self.index, self.tok, self.eos_id, self.stop = index, tok, eos_id, tuple(stop)
         self.tokens, self.logprobs, self.n_top = [], [], logprobs
+        self.offsets: list[int] = []  # with logprobs: each token's text_offset (see add)
         self.sent = 0  # characters streamed
         self.finish_reason: Optional[str] = None
         self.text, self.cut = "", False
@@ -193,6 +194,11 @@ class Choice:
         for t, lp in zip(update.tokens, update.logprobs or [None] * len(update.tokens)):
             if t == self.eos_id:
                 break
+            if self.n_top is not None:
+                # where this token's text starts: the complete characters before it. A character split
+                # over several tokens (UTF-8 bytes) decodes to U+FFFD until its last byte arrives, so
+                # a trailing U+FFFD is not yet text (a genuine trailing U+FFFD would be miscounted).
+                self.offsets.append(len(self.tok.decode(self.tokens).rstrip("\ufffd")))
             self.tokens.append(t)
             self.logprobs.append(lp)
         self.text = self.tok.decode(self.tokens)
@@ -208,7 +214,7 @@ class Choice:
         keep = 0
         while keep < len(self.tokens) and len(self.tok.decode(self.tokens[:keep])) < len(self.text):
             keep += 1
-        del self.tokens[keep:], self.logprobs[keep:]
+        del self.tokens[keep:], self.logprobs[keep:], self.offsets[keep:]
 
     @property
     def done(self) -> bool:
@@ -228,10 +234,7 @@ class Choice:
         if self.n_top is None:
             return None
         toks = [self.tok.decode([t]) for t in self.tokens[start:]]
-        offsets, pos = [], len(self.tok.decode(self.tokens[:start])) if start else 0
-        for s in toks:
-            offsets.append(pos)
-            pos += len(s)
+        offsets = self.offsets[start:]
         return {"tokens": toks, "token_logprobs": [lp[0] for lp in self.logprobs[start:]],
                 "top_logprobs": [{self.tok.decode([t]): v for t, v in lp[1][: self.n_top]} for lp in self.logprobs[start:]],
                 "text_offset": offsets}
