@@ -24,7 +24,7 @@ from biomedlm_jax.inference import sampling
 from biomedlm_jax.models import gpt as M
 from biomedlm_jax.models import gpt_config
 from biomedlm_jax.serving import api, server
-from biomedlm_jax.serving.batcher import Batcher
+from biomedlm_jax.serving.batcher import Batcher, Job
 
 EOS = 50256
 TEXTS = ["Metformin is", "The patient presented with a three-day history of fever, cough and", "BRCA1",
@@ -476,3 +476,47 @@ def test_text_offsets_are_exact_when_a_character_spans_tokens(tok):
     assert choice.text == text and any("\ufffd" in t for t in got["tokens"])  # some tokens are partial characters
     assert got["text_offset"] == want
     assert choice.logprobs_json(start=5)["text_offset"] == want[5:]  # a streamed chunk's offsets are absolute
+
+
+def test_a_job_whose_admission_fails_fails_alone(tiny_lm, tok, monkeypatch):
+    """Admission is per job (issue 42): an insert that fails for one prompt of a batch fails that job;
+    the jobs admitted with it and the job already decoding finish with their greedy tokens."""
+    model, params = tiny_lm
+    cfg = sampling.SamplingConfig(max_new_tokens=40, temperature=0.0, eos_id=None)
+    eng = E.Engine(model, params, cfg, slots=4, max_len=64, bucket=16, detokenize=tok.decode)
+    real_insert = eng.insert
+
+    def insert(prefix, state, slot, prompt, *a, **k):
+        if 999 in prompt:
+            raise RuntimeError("injected insert fault")
+        return real_insert(prefix, state, slot, prompt, *a, **k)
+
+    monkeypatch.setattr(eng, "insert", insert)
+    batcher = Batcher(eng, max_queue=8)
+    results: dict = {}
+
+    def sink_for(name):
+        def sink(item):
+            if isinstance(item, Exception):
+                results[name] = item
+            elif item.done:
+                results[name] = item.output
+        return sink
+
+    prompts = {"long": [5, 6, 7], "a": [11, 12], "bad": [999, 3], "b": [21, 22, 23, 24]}
+    jobs = {n: Job(E.Request(p, 24 if n != "long" else 40), sink_for(n)) for n, p in prompts.items()}
+    batcher.start()
+    batcher.submit([jobs["long"]])
+    deadline = time.time() + 60
+    while batcher.active == 0 and time.time() < deadline:  # "long" is decoding
+        time.sleep(0.01)
+    batcher.submit([jobs["a"], jobs["bad"], jobs["b"]])  # admitted together, one of them faulty
+    while len(results) < 4 and time.time() < deadline:
+        time.sleep(0.02)
+    batcher.close()
+    assert isinstance(results.get("bad"), RuntimeError), results
+    for name in ("long", "a", "b"):
+        want = G.generate(model, params, [prompts[name]], jax.random.PRNGKey(0),
+                          sampling.SamplingConfig(max_new_tokens=jobs[name].request.max_new_tokens, temperature=0.0))[0]
+        assert results[name] == want, name
+    assert batcher.stats["failed"] == 1

@@ -9,7 +9,9 @@ queue and enter the engine as its slots free, so continuous batching runs across
 The thread loops: take cancellations, admit waiting jobs into free slots (one prefill for all of
 them), run one engine sync (`steps_per_sync` decode steps), hand each job its new tokens. With nothing
 to do it sleeps on the queue. A job the engine refuses, or an engine failure, reaches the job's sink as
-an exception; after a failure the engine state is rebuilt, so later requests are served. The whole
+an exception. A job whose admission fails (prefill or insert) fails alone: the batch it came with is
+admitted one job at a time, and the jobs decoding go on. After a failure of the decode step itself
+the engine state is rebuilt and the jobs it held fail, so later requests are served. The whole
 loop body is inside that handling, and a sink that fails costs only its job; should the thread still
 die, `alive` turns False (the API's /health answers 503). A queued job that is cancelled frees its
 queue place at once.
@@ -134,7 +136,7 @@ class Batcher:
                         _hand(job, e)
                         continue
                     batch.append(job)
-                updates = sched.admit([(j.id, j.request) for j in batch])
+                updates, batch = self._admit(sched, batch)
                 jobs.update((j.id, j) for j in batch)
                 self.stats["admitted"] += len(batch)
                 if sched.busy():
@@ -158,6 +160,29 @@ class Batcher:
                     self.stats["finished"] += 1
                 _hand(job, u)
             self.active = len(jobs)
+
+    def _admit(self, sched, batch: list) -> tuple[list, list]:
+        """Admit `batch` (one prefill for all); if that fails, admit the jobs not yet in a slot one at a
+        time, so a job whose admission fails (a prompt the prefill or insert cannot take) fails alone
+        and the others, and the jobs already decoding, go on. Returns (updates, the jobs admitted)."""
+        try:
+            return sched.admit([(j.id, j.request) for j in batch]), batch
+        except Exception:  # noqa: BLE001 - find the job(s) at fault
+            log.warning("admitting %d requests together failed; admitting them one at a time", len(batch),
+                        exc_info=True)
+        placed = {o[0] for o in sched.owner if o is not None}
+        updates, admitted = [], []
+        for job in batch:
+            if job.id not in placed:
+                try:
+                    updates += sched.admit([(job.id, job.request)])
+                except Exception as e:  # noqa: BLE001 - this job alone fails
+                    log.exception("request %d could not be admitted; it fails alone", job.id)
+                    self.stats["failed"] += 1
+                    _hand(job, e)
+                    continue
+            admitted.append(job)
+        return updates, admitted
 
     def _drain(self, pending, sched, jobs, block: bool) -> None:
         """Move new jobs to `pending` and apply cancellations; wait for something when idle."""
