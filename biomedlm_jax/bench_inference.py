@@ -51,6 +51,7 @@ import json
 import os
 
 from biomedlm_jax.benchmarks.inference import bench_decode, bench_engine, bench_quality
+from biomedlm_jax.formats import gguf
 
 
 def main(argv=None) -> int:
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     de.add_argument("--gguf", default="", help="comma list of GGUF types (F16,Q8_0) to time in llama.cpp (batch 1)")
     de.add_argument("--bandwidth", type=float, default=0.0, help="memory bytes/s (default: measured here)")
     de.add_argument("--out", default="", help="folder for the GGUF files (default: a temporary one)")
-    de.add_argument("--llama_extra_bufts", default="auto", choices=("auto", "on", "off", "both"),
+    de.add_argument("--llama_extra_bufts", default="auto", choices=gguf.EXTRA_BUFTS_CHOICES + ("both",),
                     help="llama.cpp's extra buffer types (AMX, repacked weights): auto = off where AMX is reported "
                          "(a crash there, docs/inference.md), both = time each file with and without")
     se = sub.add_parser("serve", help="the HTTP server under 1..N concurrent streaming clients (and llama.cpp's)")
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     se.add_argument("--steps_per_sync", type=int, default=8)
     se.add_argument("--medquad", default=os.path.join("data", "medquad"), help="MedQuAD XML folder")
     se.add_argument("--tokenizer", default=os.path.join("data", "gpt2_tokenizer"))
-    se.add_argument("--llama_extra_bufts", default="auto", choices=("auto", "on", "off"),
+    se.add_argument("--llama_extra_bufts", default="auto", choices=gguf.EXTRA_BUFTS_CHOICES,
                     help="llama.cpp's extra buffer types for --llama_cpp's server (auto: off where AMX is reported)")
     se.add_argument("--llama_cpp", action="store_true", help="also llama-cpp-python's server on the GGUF export "
                     "(needs pip install -e .[serve-bench])")

@@ -156,5 +156,4 @@ def textgen_files(folder, train, val):
 
 from fakegcs import fake_gcs  # noqa: E402,F401 - the fake GCS server fixture, for every test module
 # On SIGTERM (.ci/run's time bound), print the tests that were running, then end (tests/suite_guard.py).
-from suite_guard import (pytest_runtest_logfinish, pytest_runtest_logstart, pytest_sessionstart,  # noqa: E402,F401
-                         pytest_terminal_summary, pytest_xdist_node_collection_finished)
+from suite_guard import *  # noqa: E402,F401,F403

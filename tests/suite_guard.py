@@ -17,6 +17,10 @@ import time
 
 import pytest
 
+# the hooks a conftest takes with `from suite_guard import *` (tests/conftest.py, test_suite_guard's trees)
+__all__ = ["pytest_runtest_logstart", "pytest_runtest_logfinish", "pytest_xdist_node_collection_finished",
+           "pytest_terminal_summary", "pytest_sessionstart"]
+
 _running: dict[str, float] = {}
 _collected: set[str] = set()  # under xdist, what the workers collected (the controller collects nothing)
 _finished: set[str] = set()

@@ -14,8 +14,7 @@ from isolation import run_isolated
 
 CONFTEST = f"""import sys
 sys.path.insert(0, {str(REPO / 'tests')!r})
-from suite_guard import (pytest_runtest_logfinish, pytest_runtest_logstart, pytest_sessionstart,
-                         pytest_terminal_summary, pytest_xdist_node_collection_finished)
+from suite_guard import *
 """
 
 

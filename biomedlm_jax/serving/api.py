@@ -39,7 +39,6 @@ from typing import Literal, Optional, Sequence, Union
 import jax
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -92,8 +91,8 @@ class ApiError(Exception):
                                        "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
-def _validation_error(exc) -> ApiError:
-    """The 400 for a RequestValidationError or a pydantic ValidationError (first error, field named)."""
+def _validation_error(exc: ValidationError) -> ApiError:
+    """The 400 for a request body pydantic refused (its first error, the field named)."""
     err = exc.errors()[0]
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None
@@ -119,6 +118,23 @@ class Completions:
         # byte), so a text longer than max_len such tokens cannot fit: refused before tokenizing it.
         self.max_prompt_chars = self.engine.max_len * max(map(len, tokenizer.get_vocab()), default=1)
 
+    def check_model(self, name: Optional[str]) -> None:
+        if self.model_name and name not in (None, self.model_name):
+            raise ApiError(404, f"the model '{name}' does not exist; this server has '{self.model_name}'",
+                           "model", code="model_not_found")
+
+    def check_fits(self, text: str, what: str) -> None:
+        """Refuse, before tokenizing, a text too long for any tokenization of it to fit the context."""
+        if len(text) > self.max_prompt_chars:
+            raise ApiError(400, f"{what}: {len(text)} characters cannot fit this model's context "
+                           f"(max_len={self.engine.max_len} tokens)", "prompt", code="context_length_exceeded")
+
+    def check_ids(self, ids, what: str, param: str) -> None:
+        vocab = self.engine.model.config.vocab_size
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+            raise ApiError(400, f"{what}: token ids must be in [0, {vocab})", param)
+
     def prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
         if isinstance(p, str):
@@ -131,22 +147,16 @@ class Completions:
             raise ApiError(400, f"{len(p)} prompts in one request; this server queues at most {self.batcher.max_queue} "
                            "(its --max_queue): send fewer per request", "prompt", code="too_many_prompts")
         out = []
-        vocab = self.engine.model.config.vocab_size
         for i, item in enumerate(p):
-            if isinstance(item, str) and len(item) > self.max_prompt_chars:
-                raise ApiError(400, f"prompt {i}: {len(item)} characters cannot fit this model's context "
-                               f"(max_len={self.engine.max_len} tokens)", "prompt", code="context_length_exceeded")
+            if isinstance(item, str):
+                self.check_fits(item, f"prompt {i}")
             ids = self.tok.encode(item).ids if isinstance(item, str) else list(item)
-            arr = np.asarray(ids, dtype=np.int64)
-            if arr.size and (arr.min() < 0 or arr.max() >= vocab):
-                raise ApiError(400, f"'prompt' {i}: token ids must be in [0, {vocab})", "prompt")
+            self.check_ids(ids, f"'prompt' {i}", "prompt")
             out.append(ids or [self.eos_id])
         return out
 
     def jobs(self, req: CompletionRequest, prompts: list, sinks: list) -> list[Job]:
-        if self.model_name and req.model not in (None, self.model_name):
-            raise ApiError(404, f"the model '{req.model}' does not exist; this server has '{self.model_name}'",
-                           "model", code="model_not_found")
+        self.check_model(req.model)
         vocab = self.engine.model.config.vocab_size
         if req.top_k and req.top_k > vocab:
             raise ApiError(400, f"'top_k' must be at most the vocabulary size, {vocab}", "top_k")
@@ -373,10 +383,6 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
     comp = Completions(batcher, tokenizer, model_name, eos_id, max_logprobs)
     created = int(time.time())
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc):
-        return _validation_error(exc).response()
-
     @app.exception_handler(ApiError)
     async def _api_error(request, exc):
         return exc.response()
@@ -401,11 +407,6 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                 "max_len": batcher.engine.max_len, **batcher.stats}
         return JSONResponse(body, status_code=200 if batcher.alive else 503)
 
-    def check_model(name: Optional[str]) -> None:
-        if model_name and name not in (None, model_name):
-            raise ApiError(404, f"the model '{name}' does not exist; this server has '{model_name}'", "model",
-                           code="model_not_found")
-
     async def parse(request: Request, kind):
         try:  # parsed and validated in a worker thread: a large body does not hold up the event loop
             return await asyncio.to_thread(kind.model_validate_json, await request.body())
@@ -416,10 +417,8 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
     async def tokenize(request: Request):
         """vLLM's shape: {"prompt"} -> {"tokens", "count", "max_model_len"}."""
         body = await parse(request, TokenizeRequest)
-        check_model(body.model)
-        if len(body.prompt) > comp.max_prompt_chars:
-            raise ApiError(400, f"'prompt' is {len(body.prompt)} characters: more than this model's context "
-                           f"(max_len={batcher.engine.max_len} tokens) can hold", "prompt", code="context_length_exceeded")
+        comp.check_model(body.model)
+        comp.check_fits(body.prompt, "'prompt'")
         ids = await asyncio.to_thread(lambda: tokenizer.encode(body.prompt).ids)
         return {"tokens": ids, "count": len(ids), "max_model_len": batcher.engine.max_len}
 
@@ -427,10 +426,8 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
     async def detokenize(request: Request):
         """{"tokens"} -> {"prompt"} (the text those ids decode to)."""
         body = await parse(request, DetokenizeRequest)
-        check_model(body.model)
-        vocab = batcher.engine.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise ApiError(400, f"'tokens': ids must be in [0, {vocab})", "tokens")
+        comp.check_model(body.model)
+        comp.check_ids(body.tokens, "'tokens'", "tokens")
         return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens, skip_special_tokens=False)}
 
     @app.get("/v1/models")

@@ -68,11 +68,9 @@ class Batcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="biomedlm-engine", daemon=True)
         self.stats = collections.Counter()  # admitted, finished, cancelled, refused (overload), failed
-        self._started = False
         self.active = 0
 
     def start(self) -> "Batcher":
-        self._started = True
         self._thread.start()
         return self
 
@@ -88,7 +86,7 @@ class Batcher:
     @property
     def alive(self) -> bool:
         """False once the engine thread has died (a batcher not started yet only queues, and is alive)."""
-        return not self._started or self._thread.is_alive()
+        return self._thread.ident is None or self._thread.is_alive()
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue jobs (all of them or, when the queue cannot hold them, none: Overloaded)."""

@@ -41,8 +41,7 @@ class Server:
             self.engine.run([engine_lib.Request([eos_id], 1)])
             log.info("warm-up compile: %.1f s", time.perf_counter() - t0)
         self.batcher = Batcher(self.engine, max_queue or 4 * slots).start()
-        self.app = api.create_app(self.batcher, tokenizer, model_name, eos_id, max_logprobs,
-                                  max_body_bytes or api.default_body_limit(self.batcher.max_queue, max_len),
+        self.app = api.create_app(self.batcher, tokenizer, model_name, eos_id, max_logprobs, max_body_bytes,
                                   api_key=api_key, cors_origins=cors_origins)
         self.shutdown_timeout = shutdown_timeout
         self.model_name = model_name
