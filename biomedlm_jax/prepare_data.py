@@ -37,7 +37,7 @@ import argparse
 import sys
 
 from biomedlm_jax.core import errors
-from biomedlm_jax.data import readers
+from biomedlm_jax.data import pmc_cloud, readers
 from biomedlm_jax.data.prepare import audit, prepare
 
 
@@ -63,8 +63,9 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.prepare_data", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True,
-                   help="comma-separated files/globs/dirs, local or URLs (gs://...): PubMed XML, PMC JATS, PMC bulk "
-                        "packages (.tar.gz), PubTator, JSONL")
+                   help="comma-separated files/globs/dirs, local or URLs (gs://..., s3://...): PubMed XML, PMC JATS, "
+                        "PMC's Cloud Service (s3://pmc-oa-opendata/, read from its inventory; or globs of its "
+                        "metadata/PMC*.json), PMC bulk packages (.tar.gz), PubTator, JSONL")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or tokenizer.json")
     p.add_argument("--out", required=True)
     p.add_argument("--seq_len", type=int, default=1024)
@@ -76,6 +77,13 @@ def main(argv=None) -> int:
     p.add_argument("--work_unit_mb", type=float, default=64,
                    help="input files are grouped into work units of up to this many MB (one larger file is a unit "
                         "of its own): a unit is one task and one cache, so many small files cost few tasks")
+    p.add_argument("--pmc_license", default=",".join(pmc_cloud.DEFAULT_LICENSES),
+                   help="PMC Cloud Service licence subsets to keep, comma-separated: oa_comm (CC0, CC BY, CC BY-SA, "
+                        "CC BY-ND: commercial use allowed; the default), oa_noncomm, phe_timebound, or all")
+    p.add_argument("--no_dedupe_text", dest="dedupe_text", action="store_false",
+                   help="keep documents whose normalized text an earlier document already has")
+    p.add_argument("--fetch_concurrency", type=int, default=readers.FETCH_CONCURRENCY,
+                   help="PMC Cloud Service objects fetched at once per work unit")
     p.add_argument("--runner", default=None,
                    help="run on Apache Beam with this runner (DirectRunner, DataflowRunner, FlinkRunner, ...); "
                         "every other Beam pipeline option (--direct_num_workers=N, --project, ...) is passed through. "
@@ -87,8 +95,10 @@ def main(argv=None) -> int:
         m = prepare(args.input.split(","), args.tokenizer, args.out, seq_len=args.seq_len,
                     eval_fraction=args.eval_fraction, rows_per_shard=args.rows_per_shard, on_error=args.on_error,
                     fmt=args.format, overwrite=args.overwrite, unit_bytes=int(args.work_unit_mb * 2**20),
-                    beam_args=None if args.runner is None else [f"--runner={args.runner}", *beam_args])
-    except (errors.DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+                    beam_args=None if args.runner is None else [f"--runner={args.runner}", *beam_args],
+                    pmc_license=args.pmc_license, dedupe_text=args.dedupe_text,
+                    fetch_concurrency=args.fetch_concurrency)
+    except (errors.DataError, FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = m["read_stats"]

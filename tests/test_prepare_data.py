@@ -29,25 +29,40 @@ def prepared(tmp_path_factory):
 
 
 def latest_documents(files):
-    """PubMed's semantics, written the obvious way: the last record of an id wins, at its position;
-    a deletion removes the id; empty documents are dropped."""
+    """PubMed's semantics and the curation, written the obvious way: the last record of an id wins, at
+    its position; a deletion removes the id; empty documents and those curation drops are left out; a
+    text already seen (case and spacing aside) is left out. Returns the Docs kept, in order."""
     last = {}
     for f in files:
-        for pos, (doc_id, text) in enumerate(readers.read_records(f, readers.ReadStats())):
-            last.pop(doc_id, None)
-            last[doc_id] = text  # re-inserted: the id now sits at its latest record's position
-    return [(d, t) for d, t in last.items() if t is not None and t.strip()]
+        for doc in readers.read_records(f, readers.ReadStats()):
+            last.pop(doc.id, None)
+            last[doc.id] = doc  # re-inserted: the id now sits at its latest record's position
+    out, seen = [], set()
+    for doc in last.values():
+        if doc.text is None or doc.drop or not doc.text.strip():
+            continue
+        norm = " ".join(doc.text.casefold().split())
+        if norm not in seen:
+            seen.add(norm)
+            out.append(doc)
+    return out
 
 
 def test_rows_equal_in_memory_packing_and_manifest_counts(prepared):
     out, m, inputs = prepared
     tok = tokenizer_lib.load_tokenizer(GPT2)
     docs = latest_documents(inputs)
-    assert m["read_stats"]["documents"] == len(docs) == 1692 + 3 + 1
-    # the fixture's PMID 10000001 comes twice: the revised (later) record is the one packed
-    assert m["read_stats"]["duplicates"] == 1 and dict(docs)["10000001"].startswith("A revised version")
+    assert m["read_stats"]["documents"] == len(docs) == 1692 + 1 + 1
+    # the fixture's PMID 10000001 comes twice: the revised (later) record replaces it, and has no
+    # abstract, so neither is packed; nor is 10000003 (a title alone)
+    assert m["read_stats"]["duplicates"] == 1 and m["read_stats"]["no_abstract"] == 2
+    assert "10000001" not in {d.id for d in docs} and "10000002" in {d.id for d in docs}
+    assert m["card"]["dropped"]["no_abstract"] == 2 and m["card"]["dropped"]["empty"] == 1
+    assert sum(c["documents"] for cells in m["card"]["sources"].values() for c in cells.values()) == len(docs)
     for split, want_val in (("train", False), ("validation", True)):
-        want = packing.pack_documents([d for d in docs if packing.in_eval_split(d[0], 0.1) == want_val], tok, 65)
+        # the split is by article: the PMID where a record names one (the JATS fixture names 20000001)
+        want = packing.pack_documents([(d.id, d.text) for d in docs if packing.in_eval_split(d.key, 0.1) == want_val],
+                                      tok, 65)
         got = shards.load_prepared(str(out), split)
         assert len(got.rows) == m["splits"][split]["rows"] == len(want.rows)
         np.testing.assert_array_equal(got.rows[np.arange(len(got.rows))], want.rows)

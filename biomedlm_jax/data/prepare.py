@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from biomedlm_jax.core import errors, paths
 from biomedlm_jax.data import prepare_stages as stages
-from biomedlm_jax.data import readers, shards
+from biomedlm_jax.data import pmc_cloud, readers, shards
 
 
 def work_dir(out: str) -> str:
@@ -57,12 +57,15 @@ def check_runner(inputs: Sequence[str], tokenizer_dir: str, out: str, beam_args:
 
 def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int = 1024,
              eval_fraction: float = 0.005, rows_per_shard: int = 65536, on_error: str = "raise",
-             fmt: str = "auto", batch_docs: int = 512, unit_bytes: int = stages.UNIT_BYTES) -> stages.Job:
+             fmt: str = "auto", batch_docs: int = 512, unit_bytes: int = stages.UNIT_BYTES,
+             pmc_license: str | Sequence[str] = pmc_cloud.DEFAULT_LICENSES, dedupe_text: bool = True,
+             fetch_concurrency: int = readers.FETCH_CONCURRENCY) -> stages.Job:
     """Lists the inputs once (sizes and versions from the listing), groups them into work units and
     writes the list into WORK; the job carries only its path and digest."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: choose raise or skip")
-    files = readers.list_files(list(inputs))
+    licenses = pmc_cloud.parse_licenses(pmc_license)
+    files, older = readers.list_inputs(list(inputs))
     units = stages.group_units(files, unit_bytes)
     tokenizer_dir = paths.resolve(tokenizer_dir)
     tok = stages.load_tokenizer(tokenizer_dir)
@@ -73,7 +76,9 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
                       units=(units[-1] + 1) if units else 0, files=len(files),
                       tokenizer=tokenizer_dir, tokenizer_sha256=shards.tokenizer_sha256(tok), work=work,
                       seq_len=seq_len, eval_fraction=eval_fraction, rows_per_shard=rows_per_shard, fmt=fmt,
-                      on_error=on_error, batch_docs=batch_docs, vocab_size=tok.get_vocab_size())
+                      on_error=on_error, batch_docs=batch_docs, vocab_size=tok.get_vocab_size(),
+                      licenses=licenses, older_versions=older, dedupe_text=dedupe_text,
+                      fetch_concurrency=fetch_concurrency)
 
 
 def run_local(job: stages.Job, progress: bool = True) -> tuple[dict, int]:
@@ -87,7 +92,9 @@ def run_local(job: stages.Job, progress: bool = True) -> tuple[dict, int]:
             print(f"[prepare] tokenized {u + 1:,}/{job.units:,} work units ({u + 1 - done:,} reused) "
                   f"in {last - t0:.0f}s", file=sys.stderr, flush=True)
     winners = stages.resolve_all(e for u in range(job.units) for e in stages.record_events(job, u))
-    lay = stages.layout(job, [stages.plan_unit(job, u, winners.get(u, [])) for u in range(job.units)])
+    dups = stages.duplicates_all(winners)
+    lay = stages.layout(job, [stages.plan_unit(job, u, winners.get(u, []), dups.get(u, ()))
+                              for u in range(job.units)])
     for task in stages.shard_tasks(lay):
         stages.write_shard(job, task, lay)
     return lay, done
@@ -96,7 +103,9 @@ def run_local(job: stages.Job, progress: bool = True) -> tuple[dict, int]:
 def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int = 1024,
             eval_fraction: float = 0.005, rows_per_shard: int = 65536, on_error: str = "raise",
             fmt: str = "auto", overwrite: bool = False, batch_docs: int = 512, progress: bool = True,
-            unit_bytes: int = stages.UNIT_BYTES, beam_args: Optional[Sequence[str]] = None) -> dict:
+            unit_bytes: int = stages.UNIT_BYTES, beam_args: Optional[Sequence[str]] = None,
+            pmc_license: str | Sequence[str] = pmc_cloud.DEFAULT_LICENSES, dedupe_text: bool = True,
+            fetch_concurrency: int = readers.FETCH_CONCURRENCY) -> dict:
     """Tokenize and pack `inputs` into `out`; returns the manifest. Every path may be local or a URL
     (gs://...). With `beam_args` (Beam pipeline options, e.g. ["--runner=DirectRunner",
     "--direct_num_workers=2"]) the stages run as an Apache Beam pipeline; the output is the same.
@@ -111,7 +120,8 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     job = make_job(inputs, tokenizer_dir, out, seq_len=seq_len, eval_fraction=eval_fraction,
                    rows_per_shard=rows_per_shard, on_error=on_error, fmt=fmt, batch_docs=batch_docs,
-                   unit_bytes=unit_bytes)
+                   unit_bytes=unit_bytes, pmc_license=pmc_license, dedupe_text=dedupe_text,
+                   fetch_concurrency=fetch_concurrency)
     t0 = time.time()
     for stale in ("out", "plans", "shards"):  # everything but the tokenized units is redone
         paths.rmtree(paths.join(job.work, stale))
@@ -140,6 +150,8 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
     if progress:
         print(f"[prepare] {tokenized} of {job.units} work units ({job.files} input files) tokenized, "
               f"{job.units - tokenized} reused from an interrupted run", file=sys.stderr)
+        for line in stages.card_lines(manifest):
+            print(f"[prepare] {line}", file=sys.stderr)
     return manifest
 
 

@@ -11,8 +11,9 @@ running mode is `multi_processing` (separate processes, not threads that share o
 The graph:
 
     Impulse ─> unit numbers ─Reshuffle─> tokenize_unit (writes WORK/units/*; skipped when already there)
-      └─> record_events ─GroupByKey(id)─> resolve ─┐
-      └──────────────(unit, None)──────────────────┴─CoGroupByKey(unit)─> plan_unit
+      └─> record_events ─GroupByKey(id)─> resolve ─┬──────────────────────────────────────────────┐
+                                                    └─> text_events ─GroupByKey(text hash)─> later_copies ─┤
+      └──────────────(unit, None)──────────────────────────────────────────────────────CoGroupByKey(unit)─> plan_unit
             plans ─ToList─> layout (a singleton side input)
             layout ─> shard tasks ─Reshuffle─> write_shard(layout)
 
@@ -39,7 +40,7 @@ def _tokenize(u: int, job: stages.Job):
 
 def _plan(kv, job: stages.Job) -> dict:
     u, grouped = kv
-    return stages.plan_unit(job, u, grouped["winners"])
+    return stages.plan_unit(job, u, grouped["winners"], grouped["duplicates"])
 
 
 def pipeline_options(beam_args: Sequence[str]):
@@ -66,7 +67,10 @@ def run(job: stages.Job, beam_args: Sequence[str]) -> tuple[dict, int]:
              | "spread units" >> beam.Reshuffle() | "tokenize" >> beam.Map(_tokenize, job))
     winners = (units | "records" >> beam.FlatMap(lambda u: stages.record_events(job, u))
                | "by id" >> beam.GroupByKey() | "resolve" >> beam.MapTuple(stages.resolve))
-    plans = ({"units": units | "key" >> beam.Map(lambda u: (u, None)), "winners": winners}
+    duplicates = (winners | "texts" >> beam.FlatMapTuple(stages.text_events) | "by text" >> beam.GroupByKey()
+                  | "later copies" >> beam.FlatMapTuple(stages.later_copies))
+    plans = ({"units": units | "key" >> beam.Map(lambda u: (u, None)), "winners": winners,
+              "duplicates": duplicates}
              | "by unit" >> beam.CoGroupByKey() | "plan" >> beam.Map(_plan, job))
     lay = plans | "all plans" >> beam.combiners.ToList() | "layout" >> beam.Map(lambda ps: stages.layout(job, ps))
     side = beam.pvalue.AsSingleton(lay)

@@ -55,8 +55,9 @@ from biomedlm_jax.data import shards as shards_lib
 from biomedlm_jax.data import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "validation")
-DOC, EMPTY, DELETE = 0, 1, 2  # record kinds
-CACHE_VERSION = 2
+DOC, EMPTY, DELETE = 0, 1, 2  # record kinds; a record curation leaves out is DROPPED + its reason's index
+DROPPED = 3
+CACHE_VERSION = 3  # 3: split keys, curation (dropped records), text hashes, sources
 UNIT_BYTES = 64 << 20  # input bytes per work unit (files are grouped up to this; a bigger file is one unit)
 READ_BYTES = 16 << 20  # cached tokens fetched per request batch while a shard is written
 
@@ -78,6 +79,10 @@ class Job:
     on_error: str = "raise"
     batch_docs: int = 512
     vocab_size: int = 0
+    licenses: tuple[str, ...] = ("oa_comm",)  # PMC Cloud Service licence subsets kept
+    older_versions: int = 0  # PMC article versions left out when listed (a later version exists)
+    dedupe_text: bool = True  # drop documents whose normalized text an earlier document has
+    fetch_concurrency: int = readers.FETCH_CONCURRENCY
 
     @property
     def row_len(self) -> int:
@@ -93,9 +98,14 @@ class Job:
 
 
 def group_units(files: Sequence[tuple[str, int, str]], unit_bytes: int = UNIT_BYTES) -> list[int]:
-    """The unit of each file: consecutive files share a unit until their sizes add up to `unit_bytes`."""
+    """The unit of each file: consecutive files share a unit until their sizes add up to `unit_bytes`.
+    A PMC Cloud Service metadata entry counts as its article (`pmc_cloud.weight`), so a unit of them
+    holds about unit_bytes / 64 KB articles."""
+    from biomedlm_jax.data import pmc_cloud
+
     units, unit, size = [], -1, unit_bytes
-    for _, n, _ in files:
+    for entry in files:
+        n = pmc_cloud.weight(entry) if pmc_cloud.is_metadata(entry[0]) else entry[1]
         if size + n > unit_bytes or unit < 0:
             unit, size = unit + 1, 0
         units.append(unit)
@@ -168,7 +178,8 @@ def _load_npz(path: str, *names: str) -> dict:
 
 def cache_path(job: Job, u: int) -> str:
     """WORK/units/<u>-<key>.npz; its tokens are beside it, `.tokens` for `.npz`."""
-    key = json.dumps([CACHE_VERSION, unit_files(job, u), job.tokenizer_sha256, job.fmt, job.on_error])
+    key = json.dumps([CACHE_VERSION, unit_files(job, u), job.tokenizer_sha256, job.fmt, job.on_error,
+                      list(job.licenses)])
     return paths.join(job.work, "units", f"{u:06d}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
 
 
@@ -181,9 +192,17 @@ def tokens_path(job: Job, u: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
+def text_hash(text: str) -> int:
+    """A 63-bit hash of a document's normalized text (case-folded, whitespace collapsed): equal for
+    exact duplicates up to case and spacing."""
+    norm = " ".join(text.casefold().split())
+    return int.from_bytes(hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
 def tokenize_unit(job: Job, u: int) -> bool:
     """Tokenize unit u into its cache unless a finished cache exists; True when it did the work. The
-    tokens are streamed to WORK as each batch is encoded; the .npz, written last, marks it finished."""
+    tokens are streamed to WORK as each batch is encoded; the .npz, written last, marks it finished.
+    Per record the cache keeps its id, kind, token count, split key, text hash and source format."""
     target = cache_path(job, u)
     if paths.exists(target):
         return False
@@ -193,8 +212,9 @@ def tokenize_unit(job: Job, u: int) -> bool:
         raise errors.DataError(f"{job.tokenizer}: the tokenizer has no {tokenizer_lib.EOS_TOKEN} token")
     files = unit_files(job, u)
     stats = readers.ReadStats(files=len(files))
-    ids, kinds, lengths = [], [], []
+    ids, kinds, lengths, keys, hashes, sources = [], [], [], [], [], []
     batch: list[tuple[int, str]] = []  # (record number, text) waiting for encode_batch
+    formats: dict[str, int] = {}
     paths.makedirs(paths.join(job.work, "units"))
     with paths.open_write(tokens_path(job, u)) as out:
 
@@ -204,28 +224,33 @@ def tokenize_unit(job: Job, u: int) -> bool:
                 out.write(np.asarray(enc.ids + [eos], job.dtype).tobytes())
             batch.clear()
 
-        for path, _, _ in files:
-            try:
-                for doc_id, text in readers.read_records(path, stats, job.on_error, job.fmt):
-                    r = len(ids)
-                    ids.append(doc_id)
-                    lengths.append(0)
-                    if text is None:
-                        kinds.append(DELETE)
-                    elif not text.strip():
-                        kinds.append(EMPTY)
-                    else:
-                        kinds.append(DOC)
-                        batch.append((r, text))
-                        if len(batch) >= job.batch_docs:
-                            flush()
-            except errors.DataError:
-                if job.on_error != "skip":  # the file could not even be opened as its format
-                    raise
-                stats.errors_skipped += 1
+        for path, doc in readers.read_unit([f for f, _, _ in files], stats, job.on_error, job.fmt, job.licenses,
+                                           job.fetch_concurrency):
+            r = len(ids)
+            ids.append(doc.id)
+            keys.append(doc.key)
+            lengths.append(0)
+            if path not in formats:
+                formats[path] = readers.FORMATS.index(readers.file_format(path, job.fmt))
+            sources.append(formats[path])
+            hashes.append(0)
+            if doc.text is None:
+                kinds.append(DELETE)
+            elif doc.drop:
+                kinds.append(DROPPED + readers.DROP_REASONS.index(doc.drop))
+            elif not doc.text.strip():
+                kinds.append(EMPTY)
+            else:
+                kinds.append(DOC)
+                hashes[r] = text_hash(doc.text)
+                batch.append((r, doc.text))
+                if len(batch) >= job.batch_docs:
+                    flush()
         flush()
     _save_npz(target, ids=np.asarray(ids, dtype=str), kinds=np.asarray(kinds, np.int8),
-              lengths=np.asarray(lengths, np.int64), stats=np.asarray(json.dumps(stats.as_dict())))
+              lengths=np.asarray(lengths, np.int64), keys=np.asarray(keys, dtype=str),
+              hashes=np.asarray(hashes, np.int64), sources=np.asarray(sources, np.int8),
+              stats=np.asarray(json.dumps(stats.as_dict())))
     return True
 
 
@@ -234,23 +259,24 @@ def tokenize_unit(job: Job, u: int) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def record_events(job: Job, u: int) -> Iterator[tuple[str, tuple[int, int, int]]]:
-    cache = _load_npz(cache_path(job, u), "ids", "kinds")
-    for r, (doc_id, kind) in enumerate(zip(cache["ids"].tolist(), cache["kinds"].tolist())):
-        yield doc_id, (u, r, kind)
+def record_events(job: Job, u: int) -> Iterator[tuple[str, tuple[int, int, int, int]]]:
+    cache = _load_npz(cache_path(job, u), "ids", "kinds", "hashes")
+    for r, (doc_id, kind, h) in enumerate(zip(cache["ids"].tolist(), cache["kinds"].tolist(),
+                                              cache["hashes"].tolist())):
+        yield doc_id, (u, r, kind, h)
 
 
-def resolve(doc_id: str, events: Iterable[tuple[int, int, int]]) -> tuple[int, tuple[int, int, int, int]]:
+def resolve(doc_id: str, events: Iterable[tuple[int, int, int, int]]) -> tuple[int, tuple[int, int, int, int, int]]:
     """The latest record of an id: (its unit, (its position, kind, records it replaced, 1 if it deleted
-    an earlier record))."""
+    an earlier record, its text hash))."""
     events = sorted(events)
-    u, r, kind = events[-1]
+    u, r, kind, h = events[-1]
     records = sum(1 for e in events if e[2] != DELETE)  # records of this id that are not deletions
     # all but the last of them were replaced by a later one; a deletion at the end removes the last
-    return u, (r, kind, max(records - 1, 0), int(kind == DELETE and records > 0))
+    return u, (r, kind, max(records - 1, 0), int(kind == DELETE and records > 0), h)
 
 
-def resolve_all(events: Iterable[tuple[str, tuple[int, int, int]]]) -> dict[int, list]:
+def resolve_all(events: Iterable[tuple[str, tuple[int, int, int, int]]]) -> dict[int, list]:
     """`resolve` over every id, in memory (the local run): {unit: [winner, ...]}."""
     by_id: dict[str, list] = {}
     for doc_id, event in events:
@@ -259,6 +285,33 @@ def resolve_all(events: Iterable[tuple[str, tuple[int, int, int]]]) -> dict[int,
     for doc_id, evs in by_id.items():
         u, winner = resolve(doc_id, evs)
         out.setdefault(u, []).append(winner)
+    return out
+
+
+def text_events(u: int, winner: tuple) -> Iterator[tuple[int, tuple[int, int]]]:
+    """(text hash, (unit, position)) of a surviving document, for exact de-duplication by text."""
+    r, kind, _, _, h = winner
+    if kind == DOC:
+        yield h, (u, r)
+
+
+def later_copies(h: int, places: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """(unit, position) of every document whose text an earlier one (in input order) has: all but the first."""
+    yield from sorted(places)[1:]
+
+
+def duplicates_all(winners: dict[int, list]) -> dict[int, list]:
+    """`later_copies` over every surviving document, in memory: {unit: [position, ...]}."""
+    by_hash: dict[int, list] = {}
+    for u, ws in winners.items():
+        for w in ws:
+            for h, place in text_events(u, w):
+                by_hash.setdefault(h, []).append(place)
+    out: dict[int, list] = {}
+    for h, places in by_hash.items():
+        if len(places) > 1:
+            for u, r in later_copies(h, places):
+                out.setdefault(u, []).append(r)
     return out
 
 
@@ -271,26 +324,42 @@ def plan_path(job: Job, u: int) -> str:
     return paths.join(job.work, "plans", f"{u:06d}.npz")
 
 
-def plan_unit(job: Job, u: int, winners: Iterable[tuple[int, int, int, int]]) -> dict:
-    """Writes the plan of unit u and returns {"unit": u, "tokens": {split: n}, "counts": {...}}."""
-    cache = _load_npz(cache_path(job, u), "ids", "lengths", "stats")
-    ids, lengths = cache["ids"].tolist(), cache["lengths"]
+def plan_unit(job: Job, u: int, winners: Iterable[tuple[int, int, int, int, int]],
+              duplicates: Iterable[int] = ()) -> dict:
+    """Writes the plan of unit u and returns {"unit": u, "tokens": {split: n}, "docs": {split: n},
+    "sources": {format: {split: {"documents", "tokens"}}}, "counts": {...}}. `duplicates`: positions
+    of documents an earlier document's text repeats (left out when job.dedupe_text). A document's
+    split is a hash of its key (the article's PMID where known), not of its id."""
+    cache = _load_npz(cache_path(job, u), "ids", "keys", "lengths", "sources", "stats")
+    keys, lengths, sources = cache["keys"].tolist(), cache["lengths"], cache["sources"].tolist()
     counts = json.loads(str(cache["stats"]))
-    counts.update(documents=0, empty=0, duplicates=0, deleted=0)
+    counts.update(documents=0, empty=0, duplicates=0, deleted=0, duplicate_text=0,
+                  **{reason: 0 for reason in readers.DROP_REASONS})
+    dup = set(duplicates) if job.dedupe_text else set()
     kept, validation = [], []
-    for r, kind, replaced, deleted in sorted(winners):
+    by_source: dict = {}
+    for r, kind, replaced, deleted, _ in sorted(winners):
         counts["duplicates"] += replaced
         counts["deleted"] += deleted
         if kind == EMPTY:
             counts["empty"] += 1
+        elif kind >= DROPPED:
+            counts[readers.DROP_REASONS[kind - DROPPED]] += 1
+        elif kind == DOC and r in dup:
+            counts["duplicate_text"] += 1
         elif kind == DOC:
             kept.append(r)
-            validation.append(packing.in_eval_split(ids[r], job.eval_fraction))
+            val = packing.in_eval_split(keys[r], job.eval_fraction)
+            validation.append(val)
+            cell = by_source.setdefault(readers.FORMATS[sources[r]], {}).setdefault(
+                "validation" if val else "train", {"documents": 0, "tokens": 0})
+            cell["documents"] += 1
+            cell["tokens"] += int(lengths[r])
     kept_a, val_a = np.asarray(kept, np.int64), np.asarray(validation, bool)
     counts["documents"] = len(kept)
     tokens = {"train": int(lengths[kept_a[~val_a]].sum()), "validation": int(lengths[kept_a[val_a]].sum())}
     docs = {"train": int((~val_a).sum()), "validation": int(val_a.sum())}
-    summary = {"unit": u, "tokens": tokens, "docs": docs, "counts": counts}
+    summary = {"unit": u, "tokens": tokens, "docs": docs, "sources": by_source, "counts": counts}
     paths.makedirs(paths.join(job.work, "plans"))
     _save_npz(plan_path(job, u), kept=kept_a, validation=val_a, summary=np.asarray(json.dumps(summary)))
     return summary
@@ -331,10 +400,18 @@ def layout(job: Job, plans: Sequence[dict]) -> dict:
                       "shards": -(-rows // job.rows_per_shard),
                       "documents": int(sum(p["docs"][split] for p in plans))}
     counts: dict = {}
+    sources: dict = {}
     for p in plans:
         for k, v in p["counts"].items():
             counts[k] = counts.get(k, 0) + v
+        for src, cells in p.get("sources", {}).items():
+            for split, cell in cells.items():
+                acc = sources.setdefault(src, {}).setdefault(split, {"documents": 0, "tokens": 0})
+                acc["documents"] += cell["documents"]
+                acc["tokens"] += cell["tokens"]
+    counts["older_version"] = counts.get("older_version", 0) + job.older_versions
     out["read_stats"] = {k: counts.get(k, 0) for k in readers.ReadStats().as_dict()}
+    out["sources"] = {src: sources[src] for src in sorted(sources)}
     return out
 
 
@@ -446,6 +523,30 @@ def check_rows(job: Job, lay: dict) -> None:
             "inputs, their --format, or use a smaller --seq_len.")
 
 
+CARD_DROPS = ("no_abstract", "duplicate_text", "language", "retracted", "license", "older_version", "empty",
+              "duplicates", "deleted", "errors_skipped")
+
+
+def card(job: Job, lay: dict) -> dict:
+    """The data card: documents and tokens (before packing) per source format and split, and the
+    records left out, by reason."""
+    stats = lay["read_stats"]
+    return {"sources": lay.get("sources", {}), "dropped": {k: stats.get(k, 0) for k in CARD_DROPS},
+            "split_key": "the article's PMID where the record names one, else its id",
+            "pmc_licenses": list(job.licenses), "dedupe_text": job.dedupe_text}
+
+
+def card_lines(manifest: dict) -> list[str]:
+    """The card as the run's last lines."""
+    c = manifest.get("card", {})
+    out = []
+    for src, cells in c.get("sources", {}).items():
+        out.append(f"{src}: " + ", ".join(f"{split} {v['documents']:,} documents / {v['tokens']:,} tokens"
+                                          for split, v in sorted(cells.items())))
+    out.append("dropped: " + ", ".join(f"{k} {v:,}" for k, v in c.get("dropped", {}).items()))
+    return out
+
+
 def finish(job: Job, lay: dict, seconds: Optional[float] = None) -> dict:
     """Writes manifest.json, the doc-id indexes and the tokenizer into WORK/out; returns the manifest."""
     tok = load_tokenizer(job.tokenizer)
@@ -473,6 +574,7 @@ def finish(job: Job, lay: dict, seconds: Optional[float] = None) -> dict:
         "input_files": job.files,
         "eval_fraction": job.eval_fraction,
         "read_stats": lay["read_stats"],
+        "card": card(job, lay),
         "splits": splits,
     }
     if seconds is not None:

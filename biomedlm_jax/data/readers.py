@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import io
 import json
 import os
+import re
 import tarfile
 import xml.etree.ElementTree as ET
 import zlib
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from biomedlm_jax.core.errors import DataError
 
@@ -37,40 +39,90 @@ class ReadStats:
     errors_skipped: int = 0  # malformed records skipped with on_error="skip"
     non_utf8_lines: int = 0  # lines decoded with replacement characters
     files: int = 0
+    # Curation: records left out, by reason (see `Doc.drop`); prepare_data adds duplicate_text
+    no_abstract: int = 0  # a PubMed citation (or JSONL title/abstract record) with a title and no abstract
+    retracted: int = 0  # PubMed "Retracted Publication", or PMC metadata is_retracted
+    language: int = 0  # a JATS article whose xml:lang is not English
+    license: int = 0  # a PMC Cloud Service article outside the chosen license subsets (or not open access)
+    older_version: int = 0  # a PMC article version with a later version listed (counted when listed)
+    duplicate_text: int = 0  # the same normalized text as an earlier document (prepare_data, across sources)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-FORMATS = ("pubmed_xml", "pubtator", "jsonl", "jats", "pmc_tar", "text")
+FORMATS = ("pubmed_xml", "pubtator", "jsonl", "jats", "pmc_tar", "pmc_cloud", "text")
+DROP_REASONS = ("no_abstract", "retracted", "language", "license")
+
+
+class Doc(NamedTuple):
+    """One record of an input file, as `read_records` yields it.
+
+    - `id`: PMID, `PMC...` or another id; a later record of the same id replaces an earlier one.
+    - `text`: the document; None when a PubMed update deletes the id.
+    - `key`: the article this record belongs to, for the train/validation split: the PMID where the
+      record names one (a JATS `pub-id-type="pmid"`), else the id. An abstract and its full text then
+      share a key, and hence a split.
+    - `drop`: why curation leaves the record out ("" = kept): one of DROP_REASONS."""
+    id: str
+    text: Optional[str]
+    key: str = ""
+    drop: str = ""
+
+
+def _doc(doc_id: str, text: Optional[str], key: str = "", drop: str = "") -> Doc:
+    return Doc(doc_id, text, key or doc_id, drop)
 
 
 def list_files(patterns: str | Sequence[str]) -> list[tuple[str, int, str]]:
     """(path, size, version) of each input file, sorted per pattern and de-duplicated, in time linear in
     their number. A pattern is a file, a glob (`**` recurses) or a folder, local or on an object store
-    (gs://...). A folder contributes the files below it whose format is recognised (LICENSE and
+    (gs://..., s3://...). A folder contributes the files below it whose format is recognised (LICENSE and
     README are skipped): by their first bytes for local files, by name on an object store, where
     opening each of millions of objects would cost a request each. A pattern matching nothing is an
-    error naming it."""
+    error naming it. PMC Cloud Service inputs are listed by `list_inputs`'s rules (this returns its files)."""
+    return list_inputs(patterns)[0]
+
+
+def list_inputs(patterns: str | Sequence[str]) -> tuple[list[tuple[str, int, str]], int]:
+    """`list_files`, and how many PMC article versions were left out for a later version.
+
+    PMC Cloud Service inputs (data/pmc_cloud.py): a folder on an object store with an
+    `inventory-reports/` (the bucket itself: `s3://pmc-oa-opendata/`) is listed from its newest
+    inventory, not object by object; a glob or folder whose files include article metadata objects
+    (`metadata/PMCn.v.json`, `PMCn.v/PMCn.v.json`) contributes those alone (the XML, text and media
+    beside them are reached through them). Of each PMCID only the latest version is kept, ordered by
+    PMCID."""
     from biomedlm_jax.core import paths
+    from biomedlm_jax.data import pmc_cloud
 
     if isinstance(patterns, str):
         patterns = [p for p in patterns.split(",") if p.strip()]
     out: list[tuple[str, int, str]] = []
+    articles: list[tuple[str, int, str]] = []
     seen: set[str] = set()
     for pattern in patterns:
         pattern = pattern.strip()
-        hits = paths.glob_files(pattern)
         remote = paths.is_remote(pattern)
-        if paths.isdir(pattern) if remote else os.path.isdir(os.path.expanduser(pattern)):  # a folder
+        folder = paths.isdir(pattern) if remote else os.path.isdir(os.path.expanduser(pattern))
+        listed = pmc_cloud.list_articles(pattern) if folder else None
+        hits = listed if listed is not None else paths.glob_files(pattern)
+        meta = [h for h in hits if pmc_cloud.is_metadata(h[0])]
+        if meta:
+            hits = meta
+        elif folder:
             hits = [h for h in hits if _recognised(h[0], sniff=not remote)]
         if not hits:
             raise FileNotFoundError(f"no file matches {pattern!r}")
         for h in hits:
             if h[0] not in seen:
                 seen.add(h[0])
-                out.append(h)
-    return out
+                (articles if meta else out).append(h)
+    older = 0
+    if articles:
+        latest, older = pmc_cloud.latest_versions(articles)
+        out += latest
+    return out, older
 
 
 def expand_files(patterns: str | Sequence[str]) -> list[str]:
@@ -224,14 +276,18 @@ def json_lines(path: str, stats: Optional[ReadStats] = None, on_error: str = "ra
         yield lineno, record
 
 
-def read_jsonl(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
+def read_jsonl(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[Doc]:
+    """A record with `title` and no `abstract` (nor `text`) is a citation without an abstract: dropped.
+    Its split key is its `pmid` when it has one."""
     stats = stats if stats is not None else ReadStats()
     for lineno, record in json_lines(path, stats, on_error):
         text = record_text(record)
         if text is None:
             _fail(stats, on_error, f"{path}:{lineno}: expected an object with 'text' or 'title'/'abstract'")
             continue
-        yield record_id(record, f"{os.path.basename(path)}:{lineno}"), text
+        doc_id = record_id(record, f"{os.path.basename(path)}:{lineno}")
+        drop = "no_abstract" if "text" not in record and record.get("title") and not record.get("abstract") else ""
+        yield _doc(doc_id, text, str(record.get("pmid") or ""), drop)
 
 
 def _fail(stats: ReadStats, on_error: str, message: str) -> None:
@@ -245,13 +301,17 @@ def _fail(stats: ReadStats, on_error: str, message: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def read_pubtator(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
-    """`PMID|t|title`, `PMID|a|abstract`, tab-separated annotation lines, blank line between documents."""
+def read_pubtator(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[Doc]:
+    """`PMID|t|title`, `PMID|a|abstract`, tab-separated annotation lines, blank line between documents.
+    A title without an abstract is dropped (no_abstract)."""
     stats = stats if stats is not None else ReadStats()
     pmid, title, abstract = None, "", ""
 
     def flush():
-        return (pmid, "\n".join(x for x in (title.strip(), abstract.strip()) if x)) if pmid is not None else None
+        if pmid is None:
+            return None
+        text = "\n".join(x for x in (title.strip(), abstract.strip()) if x)
+        return _doc(pmid, text, drop="no_abstract" if title.strip() and not abstract.strip() else "")
 
     for lineno, line in _lines(path, stats, on_error):
         if not line.strip():
@@ -290,132 +350,219 @@ def _text(elem) -> str:
     return " ".join("".join(elem.itertext()).split()) if elem is not None else ""
 
 
-def _parse(f, where: str, tags: set, stats: ReadStats, on_error: str):
+def _parse(f, where: str, tags: set, stats: ReadStats, on_error: str, free: frozenset = frozenset()):
     """Yields end-event elements of the XML stream `f` whose tag is in `tags`; malformed XML is named
-    `where:line`. Errors of the stream below (gzip, tar) pass through to the caller."""
+    `where:line`. Once an element whose tag is in `free` has ended (and was yielded, if asked for),
+    everything read so far is dropped from the tree (the root's children), so memory stays flat however
+    many records a file holds: clearing an element alone leaves it, empty, in its parent. Errors of the
+    stream below (gzip, tar) pass through to the caller."""
+    root = None
     try:
-        for _, elem in ET.iterparse(f, events=("end",)):
+        for event, elem in ET.iterparse(f, events=("start", "end")):
+            if root is None:
+                root = elem
+            if event != "end":
+                continue
             if elem.tag in tags:
                 yield elem
+            if elem.tag in free:
+                root.clear()
     except ET.ParseError as e:
         line = e.position[0] if getattr(e, "position", None) else "?"
         _fail(stats, on_error, f"{where}:{line}: malformed XML ({e})")
 
 
-def _iterparse(path: str, tags: set, stats: ReadStats, on_error: str):
+def _iterparse(path: str, tags: set, stats: ReadStats, on_error: str, free: frozenset = frozenset()):
     """`_parse` over a file (gzip by its name); a damaged gzip names the file."""
     with _open_binary(path) as f:
         try:
-            yield from _parse(f, path, tags, stats, on_error)
+            yield from _parse(f, path, tags, stats, on_error, free)
         except GZIP_ERRORS as e:
             _fail(stats, on_error, _gzip_message(path, e))
 
 
+RETRACTED = "Retracted Publication"  # PubMed's publication type of an article that was retracted
+
+
 def pubmed_article(citation) -> tuple[Optional[str], str]:
     """(PMID, title + abstract) of a MedlineCitation element; labelled abstract sections are joined as
-    'LABEL: text'."""
+    'LABEL: text'. Only `Article/Abstract` is read: PubMed's English abstract. `OtherAbstract` (an
+    abstract in another language, or a publisher's second abstract) is left out; PubMed's `Language`
+    is the article's language, not the abstract's, so it decides nothing here."""
+    pmid, text, _ = pubmed_citation(citation)
+    return pmid, text
+
+
+def pubmed_citation(citation) -> tuple[Optional[str], str, str]:
+    """(PMID, text, why it is dropped or ""): no_abstract for a title without an abstract, retracted
+    for a "Retracted Publication"."""
     pmid = citation.findtext("PMID")
     article = citation.find("Article")
     title = _text(article.find("ArticleTitle")) if article is not None else ""
     parts = []
+    types = set()
     if article is not None:
         for sec in article.findall("Abstract/AbstractText"):
             body = _text(sec)
             label = sec.get("Label")
             if body:
                 parts.append(f"{label}: {body}" if label else body)
+        types = {(t.text or "").strip() for t in article.findall("PublicationTypeList/PublicationType")}
     text = "\n".join(x for x in (title, " ".join(parts)) if x)
-    return (pmid.strip() if pmid else None), text
+    drop = "retracted" if RETRACTED in types else ("no_abstract" if title and not parts else "")
+    return (pmid.strip() if pmid else None), text, drop
 
 
 def read_pubmed_xml(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise",
-                    deletions: bool = False) -> Iterator[tuple[str, Optional[str]]]:
+                    deletions: bool = False) -> Iterator[Doc]:
     """PubMed baseline/update files: PubmedArticleSet/PubmedArticle/MedlineCitation (gzip or plain).
-    With `deletions`, each PMID of an update file's `<DeleteCitation>` is yielded as (pmid, None)."""
+    With `deletions`, each PMID of an update file's `<DeleteCitation>` is yielded with text None.
+    Memory does not grow with the file: each PubmedArticle is dropped from the tree once read."""
     stats = stats if stats is not None else ReadStats()
-    for elem in _iterparse(path, {"MedlineCitation", "DeleteCitation"}, stats, on_error):
+    free = frozenset({"PubmedArticle", "PubmedBookArticle", "DeleteCitation"})
+    for elem in _iterparse(path, {"MedlineCitation", "DeleteCitation"}, stats, on_error, free):
         if elem.tag == "DeleteCitation":
             pmids = [p.text.strip() for p in elem.findall("PMID") if p.text and p.text.strip()]
-            elem.clear()
             if deletions:
-                yield from ((pmid, None) for pmid in pmids)
+                yield from (_doc(pmid, None) for pmid in pmids)
             continue
-        pmid, text = pubmed_article(elem)
-        elem.clear()
+        pmid, text, drop = pubmed_citation(elem)
         if pmid is None:
             _fail(stats, on_error, f"{path}: a MedlineCitation without a PMID")
             continue
-        yield pmid, text
+        yield _doc(pmid, text, drop=drop)
 
 
+# JATS elements whose text is not running prose: references, tables, figures, display formulas,
+# supplements, acknowledgements, footnotes, appendices. Inline formulas keep their text.
 _JATS_SKIP = {"ref-list", "table-wrap", "table", "fig", "fig-group", "supplementary-material", "disp-formula",
-              "inline-formula", "xref", "graphic", "media", "ack", "fn-group", "app-group"}
+              "graphic", "inline-graphic", "media", "ack", "fn-group", "app-group"}
+_XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+_SKIP_ABSTRACTS = {"graphical", "teaser", "toc"}  # abstract-type values that are not an abstract's prose
+# What a citation leaves behind once its xrefs are gone: brackets holding only separators, and runs of
+# separators before punctuation ("risk , ." → "risk.")
+_SEP = r"(?:[,;\u2013\u2014-]|and)"
+_EMPTY_BRACKETS = re.compile(r"\s*[(\[]\s*(?:" + _SEP + r"\s*)*[)\]]")
+_LOOSE_SEPARATORS = re.compile(r"\s*(?:[,;]\s*)+(?=[.,;:)\]]|$)")
+_ONLY_SEPARATORS = re.compile(r"^\s*(?:" + _SEP + r"\s*)*$")
 
 
-def _jats_paragraphs(elem) -> list[str]:
-    out = []
+def _english(lang: Optional[str]) -> bool:
+    """True for no language given or an English tag (en, en-US, EN)."""
+    return not lang or lang.strip().lower().split("-")[0] == "en"
 
-    def walk(e):
-        if e.tag in _JATS_SKIP:
-            return
-        if e.tag in ("p", "title"):
-            out.append(_text_skipping(e))
-            return
-        for child in e:
-            walk(child)
 
-    walk(elem)
-    return [p for p in out if p]
+class _Jats:
+    """Text of one JATS article: citation references go with their brackets and separators; figure,
+    table and other references keep their text, or the target's label ("Fig. 2") when empty."""
+
+    def __init__(self, article):
+        self.labels = {}
+        for e in article.iter():
+            if e.get("id") and e.find("label") is not None:
+                self.labels[e.get("id")] = _text(e.find("label"))
+
+    def paragraphs(self, elem) -> list[str]:
+        out = []
+
+        def walk(e):
+            if e.tag in _JATS_SKIP:
+                return
+            if e.tag in ("p", "title"):
+                out.append(self.text(e))
+                return
+            for child in e:
+                walk(child)
+
+        walk(elem)
+        return [p for p in out if p]
+
+    def text(self, elem) -> str:
+        raw, _ = self._inline(elem)
+        text = " ".join(raw.split())
+        text = _EMPTY_BRACKETS.sub("", text)
+        text = _LOOSE_SEPARATORS.sub("", text)
+        return " ".join(text.split())
+
+    def _inline(self, elem) -> tuple[str, bool]:
+        """(text, whether a citation was removed inside)."""
+        parts, cited = [elem.text or ""], False
+        for child in elem:
+            if child.tag == "xref":
+                if child.get("ref-type") == "bibr":
+                    cited = True
+                else:
+                    label = _text(child) or self.labels.get((child.get("rid") or "").split(" ")[0], "")
+                    parts.append(label)
+            elif child.tag not in _JATS_SKIP:
+                inner, inner_cited = self._inline(child)
+                if inner_cited and _ONLY_SEPARATORS.match(inner):
+                    inner = ""  # <sup><xref>1</xref>,<xref>2</xref></sup>: nothing of it is prose
+                cited |= inner_cited
+                parts.append(inner)
+            parts.append(child.tail or "")
+        return "".join(parts), cited
 
 
 def _text_skipping(elem) -> str:
-    parts = [elem.text or ""]
-    for child in elem:
-        if child.tag not in _JATS_SKIP:
-            parts.append(_text_skipping(child))
-        parts.append(child.tail or "")
-    return " ".join("".join(parts).split())
+    return _Jats(elem).text(elem)
 
 
 def jats_article(article) -> tuple[Optional[str], str]:
     """(PMCID or PMID, title + abstract + body paragraphs) of a JATS <article>."""
+    doc = jats_doc(article)
+    return doc.id or None, doc.text or ""
+
+
+def jats_doc(article, fallback_id: str = "") -> Doc:
+    """The `Doc` of a JATS <article>: id PMCID (else PMID, else `fallback_id`), split key its PMID when
+    it has one. Dropped (language) when the article's xml:lang is not English. Abstracts in another
+    language and graphical / teaser abstracts are left out of the text."""
     meta = article.find("front/article-meta")
     ids = {}
     if meta is not None:
         for aid in meta.findall("article-id"):
             ids[aid.get("pub-id-type")] = (aid.text or "").strip()
     doc_id = ids.get("pmc") or ids.get("pmcid") or ids.get("pmid")
-    if doc_id and ids.get("pmc") and not doc_id.upper().startswith("PMC"):
+    if doc_id and (ids.get("pmc") or ids.get("pmcid")) and not doc_id.upper().startswith("PMC"):
         doc_id = "PMC" + doc_id
-    title = _text_skipping(meta.find("title-group/article-title")) if meta is not None and meta.find("title-group/article-title") is not None else ""
+    doc_id = doc_id or fallback_id
+    jats = _Jats(article)
+    title_el = meta.find("title-group/article-title") if meta is not None else None
+    title = jats.text(title_el) if title_el is not None else ""
     abstract = []
     if meta is not None:
         for ab in meta.findall("abstract"):
-            abstract += _jats_paragraphs(ab)
+            if ab.get("abstract-type") in _SKIP_ABSTRACTS or not _english(ab.get(_XML_LANG)):
+                continue
+            abstract += jats.paragraphs(ab)
     body = article.find("body")
-    paragraphs = _jats_paragraphs(body) if body is not None else []
-    return doc_id, "\n".join(x for x in [title, *abstract, *paragraphs] if x)
+    paragraphs = jats.paragraphs(body) if body is not None else []
+    text = "\n".join(x for x in [title, *abstract, *paragraphs] if x)
+    drop = "" if _english(article.get(_XML_LANG)) else "language"
+    return _doc(doc_id, text, ids.get("pmid", ""), drop)
 
 
-def read_jats(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
+def read_jats(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[Doc]:
     """PMC open-access JATS XML: one or more <article> elements per file."""
     stats = stats if stats is not None else ReadStats()
-    yield from _jats_records(_iterparse(path, {"article"}, stats, on_error), os.path.basename(path))
+    yield from _jats_records(_iterparse(path, {"article"}, stats, on_error, frozenset({"article"})),
+                             os.path.basename(path))
 
 
-def _jats_records(articles, fallback_id: str) -> Iterator[tuple[str, str]]:
-    """(id, text) of each parsed <article>, freed once read; `fallback_id` for an article without ids."""
+def _jats_records(articles, fallback_id: str) -> Iterator[Doc]:
+    """The Doc of each parsed <article>, freed once read; `fallback_id` for an article without ids."""
     for elem in articles:
-        doc_id, text = jats_article(elem)
+        doc = jats_doc(elem, fallback_id)
         elem.clear()
-        yield doc_id or fallback_id, text
+        yield doc
 
 
 # What reading a damaged tar member raises: a cut archive, a corrupt gzip stream, a bad header
 TAR_ERRORS = (tarfile.TarError, *GZIP_ERRORS)
 
 
-def read_pmc_tar(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
+def read_pmc_tar(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[Doc]:
     """PMC's bulk packages: a tar archive (`.tar.gz`, `.tgz` or `.tar`) of JATS `.xml` / `.nxml` files,
     read member by member as one stream, never unpacked to disk; other members (PDFs, images) are
     passed over. Each article is a record keyed like `read_jats`'s (PMCID, else PMID; else
@@ -434,15 +581,15 @@ def read_pmc_tar(path: str, stats: Optional[ReadStats] = None, on_error: str = "
                     if not member.isfile() or not member.name.endswith((".xml", ".nxml")):
                         continue
                     where = f"{path}:{member.name}"
-                    yield from _jats_records(_parse(tar.extractfile(member), where, {"article"}, stats, on_error),
-                                             where)
+                    yield from _jats_records(_parse(tar.extractfile(member), where, {"article"}, stats, on_error,
+                                                    frozenset({"article"})), where)
                     member = None
         except TAR_ERRORS as e:
             at = f"{path}:{member.name}" if member is not None else path
             _fail(stats, on_error, f"{at}: truncated or corrupt archive ({type(e).__name__}: {e})")
 
 
-def read_text(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[tuple[str, str]]:
+def read_text(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[Doc]:
     """Plain text: blank-line-separated documents."""
     stats = stats if stats is not None else ReadStats()
     buf, start = [], 1
@@ -452,47 +599,136 @@ def read_text(path: str, stats: Optional[ReadStats] = None, on_error: str = "rai
                 start = lineno
             buf.append(line)
         elif buf:
-            yield f"{os.path.basename(path)}:{start}", "\n".join(buf)
+            yield _doc(f"{os.path.basename(path)}:{start}", "\n".join(buf))
             buf = []
     if buf:
-        yield f"{os.path.basename(path)}:{start}", "\n".join(buf)
+        yield _doc(f"{os.path.basename(path)}:{start}", "\n".join(buf))
+
+
+def read_pmc_cloud(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise",
+                   licenses: Sequence[str] = ("oa_comm",), fetched=None) -> Iterator[Doc]:
+    """One article of the PMC Cloud Service, given its metadata object (data/pmc_cloud.py): a Doc of
+    its JATS XML, or a dropped Doc (license, retracted) without fetching the XML. `fetched` is what
+    `pmc_cloud.fetch` returned when the unit fetched it ahead (concurrently)."""
+    from biomedlm_jax.data import pmc_cloud
+
+    stats = stats if stats is not None else ReadStats()
+    acc, version = pmc_cloud.article_version(path)
+    meta, data, drop = fetched if fetched is not None else pmc_cloud.fetch(path, licenses)
+    if drop:
+        yield _doc(acc, "", str(meta.get("pmid") or ""), drop)
+        return
+    where = pmc_cloud.xml_path(path)
+    docs = list(_jats_records(_parse(io.BytesIO(data), where, {"article"}, stats, on_error, frozenset({"article"})),
+                              acc))
+    if not docs:
+        _fail(stats, on_error, f"{where}: no JATS <article> in it")
+        return
+    doc = docs[0]
+    # the id is the PMCID without its version, so a newer version replaces an older one everywhere
+    yield Doc(acc, doc.text, str(meta.get("pmid") or "") or (doc.key if doc.key != doc.id else "") or acc, doc.drop)
 
 
 READERS = {"pubmed_xml": read_pubmed_xml, "pubtator": read_pubtator, "jsonl": read_jsonl, "jats": read_jats,
-           "pmc_tar": read_pmc_tar, "text": read_text}
+           "pmc_tar": read_pmc_tar, "pmc_cloud": read_pmc_cloud, "text": read_text}
+FETCH_CONCURRENCY = 32  # requests in flight per work unit for PMC Cloud Service articles
 
 
-def read_records(path: str, stats: ReadStats, on_error: str = "raise", fmt: str = "auto"
-                 ) -> Iterator[tuple[str, Optional[str]]]:
-    """One file's records in order: (id, text), or (id, None) where a PubMed update deletes the id."""
-    kind = detect_format(path) if fmt == "auto" else fmt
-    if kind not in READERS:
-        raise ValueError(f"format {kind!r}: choose from {sorted(READERS)} or auto")
+def file_format(path: str, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        if fmt not in READERS:
+            raise ValueError(f"format {fmt!r}: choose from {sorted(READERS)} or auto")
+        return fmt
+    from biomedlm_jax.data import pmc_cloud
+
+    return "pmc_cloud" if pmc_cloud.is_metadata(path) else detect_format(path)
+
+
+def read_records(path: str, stats: ReadStats, on_error: str = "raise", fmt: str = "auto",
+                 licenses: Sequence[str] = ("oa_comm",), fetched=None) -> Iterator[Doc]:
+    """One file's records in order, as `Doc`s: text None where a PubMed update deletes the id, `drop`
+    naming why curation leaves a record out."""
+    kind = file_format(path, fmt)
     if kind == "pubmed_xml":
         return read_pubmed_xml(path, stats, on_error, deletions=True)
+    if kind == "pmc_cloud":
+        return read_pmc_cloud(path, stats, on_error, licenses, fetched)
     return READERS[kind](path, stats, on_error)
 
 
+def read_unit(files: Sequence[str], stats: ReadStats, on_error: str = "raise", fmt: str = "auto",
+              licenses: Sequence[str] = ("oa_comm",), concurrency: int = FETCH_CONCURRENCY
+              ) -> Iterator[tuple[str, Doc]]:
+    """(file, Doc) over many files in order. PMC Cloud Service articles, one or two small objects each,
+    are fetched ahead on `concurrency` threads (at most 2 × concurrency waiting), so a unit of a
+    thousand articles costs about a thousand round trips divided by `concurrency`, not a thousand.
+    A file that cannot be read raises DataError naming it, or, with on_error="skip", is counted."""
+    import concurrent.futures as cf
+    from collections import deque
+
+    from biomedlm_jax.data import pmc_cloud
+
+    kinds = [file_format(f, fmt) if fmt != "auto" or pmc_cloud.is_metadata(f) else "auto" for f in files]
+    pool = cf.ThreadPoolExecutor(max(1, concurrency)) if "pmc_cloud" in kinds else None
+    ahead: deque = deque()
+    nxt = 0
+
+    def top_up():  # `ahead` holds the fetches of files i.. (in order), at most 2 × concurrency
+        nonlocal nxt
+        while pool is not None and nxt < len(files) and len(ahead) < 2 * concurrency:
+            if kinds[nxt] == "pmc_cloud":
+                ahead.append((nxt, pool.submit(pmc_cloud.fetch, files[nxt], licenses)))
+            nxt += 1
+
+    try:
+        for i, path in enumerate(files):
+            top_up()
+            fetched = None
+            if ahead and ahead[0][0] == i:
+                _, future = ahead.popleft()
+                try:
+                    fetched = future.result()
+                except DataError as e:
+                    if on_error != "skip":
+                        raise
+                    stats.errors_skipped += 1
+                    continue
+            try:
+                for doc in read_records(path, stats, on_error, fmt, licenses, fetched):
+                    yield path, doc
+            except DataError:
+                if on_error != "skip":  # the file could not even be opened as its format
+                    raise
+                stats.errors_skipped += 1
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def read_documents(files: Iterable[str], stats: Optional[ReadStats] = None, on_error: str = "raise",
-                   fmt: str = "auto", dedupe: bool = True) -> Iterator[tuple[str, str]]:
-    """(doc_id, text) over many files of any supported format: empty documents dropped, ids de-duplicated."""
+                   fmt: str = "auto", dedupe: bool = True, licenses: Sequence[str] = ("oa_comm",)
+                   ) -> Iterator[tuple[str, str]]:
+    """(doc_id, text) over many files of any supported format: empty documents and those curation
+    leaves out (counted by reason) dropped, ids de-duplicated (the first copy kept)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: choose raise or skip")
     stats = stats if stats is not None else ReadStats()
     seen: set[str] = set()
-    for path in files:
-        kind = detect_format(path) if fmt == "auto" else fmt
-        if kind not in READERS:
-            raise ValueError(f"format {kind!r}: choose from {sorted(READERS)} or auto")
-        stats.files += 1
-        for doc_id, text in READERS[kind](path, stats, on_error):
-            if not text.strip():
-                stats.empty += 1
+    files = list(files)
+    stats.files += len(files)
+    for _, doc in read_unit(files, stats, on_error, fmt, licenses):
+        if doc.text is None:
+            continue
+        if doc.drop:
+            setattr(stats, doc.drop, getattr(stats, doc.drop) + 1)
+            continue
+        if not doc.text.strip():
+            stats.empty += 1
+            continue
+        if dedupe:
+            if doc.id in seen:
+                stats.duplicates += 1
                 continue
-            if dedupe:
-                if doc_id in seen:
-                    stats.duplicates += 1
-                    continue
-                seen.add(doc_id)
-            stats.documents += 1
-            yield doc_id, text
+            seen.add(doc.id)
+        stats.documents += 1
+        yield doc.id, doc.text
