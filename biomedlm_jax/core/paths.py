@@ -11,10 +11,19 @@ Two things an object store cannot do are handled here rather than at each call s
   * there is no append: `append_lines` rewrites the object with the new lines added.
 
 Only local paths are made absolute; `gs://bucket/run` stays as it is.
+
+One file layer in every process: object stores go through fsspec (gcsfs for gs://, s3fs for s3://),
+whether TensorFlow is installed or not. etils.epath would otherwise pick TensorFlow's gfile when
+TensorFlow is importable, a layer that spools each written object to local disk and cannot copy on
+the server; importing this module sets `EPATH_USE_TF=false` unless the user set it (and so do the
+Beam workers and subprocesses it starts, which inherit the environment). `s3://` buckets are read
+anonymously when no AWS credentials are found (public buckets such as PMC's), and an
+`AWS_ENDPOINT_URL` in the environment (a mirror, a test server) is honoured by botocore.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob as glob_lib
 import os
 import posixpath
@@ -24,7 +33,37 @@ import threading
 import uuid
 from typing import Iterator, Sequence
 
-from etils import epath
+os.environ.setdefault("EPATH_USE_TF", "false")  # before etils.epath decides its backend (see above)
+
+from etils import epath  # noqa: E402
+
+try:  # a process that used epath before importing this module may have decided already
+    from etils.epath import gpath as _gpath
+
+    _gpath._is_tf_installed.cache_clear()
+except (ImportError, AttributeError):  # another etils layout: its own default stands
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def _s3_defaults() -> None:
+    """Anonymous s3:// reads where botocore finds no credentials (fsspec's per-protocol defaults, which
+    epath's fsspec backend uses too). A user's own `anon` setting is kept."""
+    import fsspec
+
+    conf = fsspec.config.conf.setdefault("s3", {})
+    if "anon" not in conf:
+        try:
+            import botocore.session
+
+            conf["anon"] = botocore.session.get_session().get_credentials() is None
+        except Exception:  # noqa: BLE001 - no botocore, or a broken config: try anonymously
+            conf["anon"] = True
+
+
+def _prepare(path) -> None:
+    if str(path).startswith("s3://"):
+        _s3_defaults()
 
 
 def is_remote(path) -> bool:
@@ -43,6 +82,7 @@ def join(path, *parts) -> str:
 
 
 def Path(path) -> epath.Path:  # noqa: N802 - a constructor
+    _prepare(path)
     return epath.Path(os.fspath(path))
 
 
@@ -101,6 +141,7 @@ def filesystem(path):
     """(fsspec file system, path without the scheme) of a remote path."""
     import fsspec
 
+    _prepare(path)
     return fsspec.core.url_to_fs(os.fspath(path))
 
 
