@@ -37,7 +37,12 @@ def server(latency_s: float = 0.0):
 
         srv._server.app = slow
     host, port = srv.get_host_and_port()
-    return srv, f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    import urllib.request
+
+    # moto keeps its buckets in module state, shared by every server of this process: start empty
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")).read()
+    return srv, url
 
 
 def environment(url: str) -> dict:
@@ -90,10 +95,12 @@ def fake_s3(monkeypatch):
 def _clear_s3_caches():
     """fsspec caches file system instances and listings, and core.paths its anonymous-access choice."""
     import s3fs
+    from etils.epath import backend
 
     from biomedlm_jax.core import paths
 
     s3fs.S3FileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()  # etils keeps one file system per scheme
     paths._s3_defaults.cache_clear()
 
 

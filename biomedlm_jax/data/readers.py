@@ -619,10 +619,12 @@ def read_pmc_cloud(path: str, stats: Optional[ReadStats] = None, on_error: str =
         yield _doc(acc, "", str(meta.get("pmid") or ""), drop)
         return
     where = pmc_cloud.xml_path(path)
+    errors_before = stats.errors_skipped
     docs = list(_jats_records(_parse(io.BytesIO(data), where, {"article"}, stats, on_error, frozenset({"article"})),
                               acc))
     if not docs:
-        _fail(stats, on_error, f"{where}: no JATS <article> in it")
+        if stats.errors_skipped == errors_before:  # (malformed XML skipped is counted once, by _parse)
+            _fail(stats, on_error, f"{where}: no JATS <article> in it")
         return
     doc = docs[0]
     # the id is the PMCID without its version, so a newer version replaces an older one everywhere
