@@ -135,3 +135,43 @@ def test_a_killed_run_resumes_from_the_gs_work_folder(tmp_path, fake_gcs):
                             progress=False)
     assert whole["splits"]["train"]["rows"] > 0
     assert comparable(tmp_path / "resumed") == comparable(tmp_path / "whole") and not ls(env, "out.work")
+
+
+# The CLI with every copy, move and upload of the path layer recorded: what the launcher moves itself.
+RECORDED = r"""
+import json, os, runpy, sys
+from biomedlm_jax.core import paths
+calls = []
+for name in ("rename", "upload", "copytree", "_copy", "downloaded", "local_copy"):
+    plain = getattr(paths, name)
+    def spy(*a, _plain=plain, _name=name, **k):
+        calls.append([_name, *map(str, a)])
+        return _plain(*a, **k)
+    setattr(paths, name, spy)
+sys.argv = [sys.argv[0]] + sys.argv[1:]
+try:
+    runpy.run_module("biomedlm_jax.prepare_data", run_name="__main__", alter_sys=True)
+finally:
+    open(os.environ["CALLS"], "w").write(json.dumps(calls))
+"""
+
+
+def test_shards_are_written_straight_to_the_bucket_and_the_manifest_commits_them(corpus, tmp_path, fake_gcs):
+    env = dict(fake_gcs, CALLS=str(tmp_path / "calls.json"))
+    env.pop("EPATH_USE_TF")  # nothing set: the package itself puts every process on fsspec
+    put_tree(env, corpus, "in")
+    put_tree(env, GPT2, "tok")
+    r = subprocess.run([sys.executable, "-c", RECORDED, "--input=gs://bkt/in/", "--tokenizer=gs://bkt/tok",
+                        "--out=gs://bkt/out", "--seq_len=64", "--rows_per_shard=50", "--runner=DirectRunner",
+                        "--direct_num_workers=2"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    calls = json.loads((tmp_path / "calls.json").read_text())
+    # the launcher moved no shard: what it copied is the tokenizer (read to hash it, saved beside the shards)
+    assert calls and not [c for c in calls if c[0] == "rename"], calls
+    assert all("gs://bkt/tok" in c[1] or c[-1] == "gs://bkt/out/tokenizer" for c in calls), calls
+    names = ls(env, "out/")
+    shards = [n for n in names if n.endswith(".npy")]
+    assert len(shards) > 2 and "out/manifest.json" in names and not ls(env, "out.work")
+    manifest = json.loads(cat(env, "out/manifest.json"))
+    assert sorted(s["file"] for split in manifest["splits"].values() for s in split["shards"]) == \
+        sorted(n.split("/", 1)[1] for n in shards)

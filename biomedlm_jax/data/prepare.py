@@ -78,7 +78,7 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
                       seq_len=seq_len, eval_fraction=eval_fraction, rows_per_shard=rows_per_shard, fmt=fmt,
                       on_error=on_error, batch_docs=batch_docs, vocab_size=tok.get_vocab_size(),
                       licenses=licenses, older_versions=older, dedupe_text=dedupe_text,
-                      fetch_concurrency=fetch_concurrency)
+                      fetch_concurrency=fetch_concurrency, out_dir=paths.resolve(out))
 
 
 def run_local(job: stages.Job, progress: bool = True) -> tuple[dict, int]:
@@ -107,17 +107,27 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
             pmc_license: str | Sequence[str] = pmc_cloud.DEFAULT_LICENSES, dedupe_text: bool = True,
             fetch_concurrency: int = readers.FETCH_CONCURRENCY) -> dict:
     """Tokenize and pack `inputs` into `out`; returns the manifest. Every path may be local or a URL
-    (gs://...). With `beam_args` (Beam pipeline options, e.g. ["--runner=DirectRunner",
+    (gs://..., s3://...). With `beam_args` (Beam pipeline options, e.g. ["--runner=DirectRunner",
     "--direct_num_workers=2"]) the stages run as an Apache Beam pipeline; the output is the same.
 
     The tokenized inputs are kept in `OUT.work/` (beside OUT, on the same store) until the output is
-    complete, so a run that is killed or fails resumes where it stopped; `OUT` itself appears only when
-    complete (moved from `OUT.work/out`, its manifest last)."""
+    complete, so a run that is killed or fails resumes where it stopped. Workers write the shards
+    straight into OUT and the launcher writes `manifest.json` last: that is the commit (readers take
+    only a folder with a manifest), and no shard is ever copied or moved. An OUT without a manifest
+    beside its OUT.work is an interrupted run's, redone by the next run; any other existing OUT is
+    kept unless `overwrite`, which removes its manifest first."""
     if beam_args is not None:
         check_runner(inputs, tokenizer_dir, out, beam_args)
     out = paths.resolve(out)
-    if paths.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    work = work_dir(out)
+    manifest_path = paths.join(out, shards.MANIFEST)
+    if paths.exists(out):
+        if paths.exists(manifest_path) or not paths.exists(work):
+            if not overwrite:
+                raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+            if paths.exists(manifest_path):
+                paths.Path(manifest_path).unlink()  # first: from here on no reader takes OUT as complete
+        paths.rmtree(out)
     job = make_job(inputs, tokenizer_dir, out, seq_len=seq_len, eval_fraction=eval_fraction,
                    rows_per_shard=rows_per_shard, on_error=on_error, fmt=fmt, batch_docs=batch_docs,
                    unit_bytes=unit_bytes, pmc_license=pmc_license, dedupe_text=dedupe_text,
@@ -125,6 +135,11 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
     t0 = time.time()
     for stale in ("out", "plans", "shards"):  # everything but the tokenized units is redone
         paths.rmtree(paths.join(job.work, stale))
+
+    def give_up():  # nothing to resume: no work folder, and no OUT that a rerun would refuse
+        paths.rmtree(job.work)
+        paths.rmtree(out)
+
     # A failure in here keeps OUT.work, so that a rerun resumes (unless nothing was tokenized yet)
     try:
         if beam_args is not None:
@@ -136,16 +151,14 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
     except BaseException:
         units = paths.join(job.work, "units")
         if not (paths.exists(units) and any(n.endswith(".npz") for n in paths.listdir(units))):
-            paths.rmtree(job.work)
+            give_up()
         raise
     try:
         stages.check_rows(job, lay)
     except errors.DataError:  # complete but too small: nothing to resume
-        paths.rmtree(job.work)
+        give_up()
         raise
     manifest = stages.finish(job, lay, seconds=time.time() - t0)
-    paths.rmtree(out)
-    paths.rename(job.out, out)
     paths.rmtree(job.work)
     if progress:
         print(f"[prepare] {tokenized} of {job.units} work units ({job.files} input files) tokenized, "

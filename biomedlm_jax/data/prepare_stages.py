@@ -71,7 +71,8 @@ class Job:
     files: int
     tokenizer: str  # a tokenizer directory or URL every worker can read
     tokenizer_sha256: str
-    work: str  # WORK: caches, plans and the output being built (WORK/out)
+    work: str  # WORK: caches, plans, shard records
+    out_dir: str = ""  # OUT: workers write shards straight here; manifest.json, written last, commits it
     seq_len: int = 1024
     eval_fraction: float = 0.005
     rows_per_shard: int = 65536
@@ -90,7 +91,7 @@ class Job:
 
     @property
     def out(self) -> str:
-        return paths.join(self.work, "out")
+        return self.out_dir or paths.join(self.work, "out")
 
     @property
     def dtype(self):
@@ -455,7 +456,7 @@ def _token_ranges(job: Job, u: int, split: str, a: int, b: int) -> list[tuple[in
 
 
 def write_shard(job: Job, task: tuple[str, int], lay: dict) -> dict:
-    """Streams shard `task` = (split, k) into WORK/out: the .npy header, then the token ranges it needs,
+    """Streams shard `task` = (split, k) into OUT: the .npy header, then the token ranges it needs,
     fetched from the unit caches at most READ_BYTES at a time. Peak memory is one such batch, not the
     shard; the sha256 is computed on the way."""
     split, k = task
@@ -501,7 +502,7 @@ def write_shard(job: Job, task: tuple[str, int], lay: dict) -> dict:
 
 
 def write_index(job: Job, split: str, lay: dict) -> None:
-    """`doc id <TAB> first row` of every surviving document of `split`, in order, into WORK/out."""
+    """`doc id <TAB> first row` of every surviving document of `split`, in order, into OUT."""
     with paths.open_write(paths.join(job.out, f"{split}-docs.tsv")) as f:
         for u in range(job.units):
             ids, lengths, _ = _split_docs(job, u, split)
@@ -548,7 +549,8 @@ def card_lines(manifest: dict) -> list[str]:
 
 
 def finish(job: Job, lay: dict, seconds: Optional[float] = None) -> dict:
-    """Writes manifest.json, the doc-id indexes and the tokenizer into WORK/out; returns the manifest."""
+    """Writes the doc-id indexes, the tokenizer and, last, manifest.json (the commit: a reader takes a
+    folder with a manifest as complete) into OUT; returns the manifest."""
     tok = load_tokenizer(job.tokenizer)
     splits = {}
     for split in SPLITS:
