@@ -84,6 +84,11 @@ def main(argv=None) -> int:
                    help="keep documents whose normalized text an earlier document already has")
     p.add_argument("--fetch_concurrency", type=int, default=readers.FETCH_CONCURRENCY,
                    help="PMC Cloud Service objects fetched at once per work unit")
+    p.add_argument("--work_dir", default=None,
+                   help="the work folder (tokenized units, for resuming); default OUT.work, beside OUT")
+    p.add_argument("--keep_work", action="store_true",
+                   help="keep the tokenized units after success: a later run with the same --work_dir over a newer "
+                        "PMC listing fetches and tokenizes only the articles added or revised")
     p.add_argument("--runner", default=None,
                    help="run on Apache Beam with this runner (DirectRunner, DataflowRunner, FlinkRunner, ...); "
                         "every other Beam pipeline option (--direct_num_workers=N, --project, ...) is passed through. "
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
                     fmt=args.format, overwrite=args.overwrite, unit_bytes=int(args.work_unit_mb * 2**20),
                     beam_args=None if args.runner is None else [f"--runner={args.runner}", *beam_args],
                     pmc_license=args.pmc_license, dedupe_text=args.dedupe_text,
-                    fetch_concurrency=args.fetch_concurrency)
+                    fetch_concurrency=args.fetch_concurrency, work=args.work_dir, keep_work=args.keep_work)
     except (errors.DataError, FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -160,3 +160,37 @@ def test_two_beam_workers_equal_the_local_run(fake_s3, tmp_path):
         elif n.endswith((".npy", ".tsv")):
             assert (outs["local"] / n).read_bytes() == (outs["beam"] / n).read_bytes(), n
     assert np.load(outs["local"] / "train-00000.npy").shape[1] == 17
+
+
+def test_a_newer_listing_fetches_and_tokenizes_only_what_changed(fake_s3, tmp_path, monkeypatch):
+    _, s3 = fake_s3
+    public_bucket(s3)
+    for i in range(30):  # PMCIDs 4000..4058 in two blocks of 32 ids (unit_bytes 2 MB / 64 KB)
+        put_article(s3, f"PMC{4000 + 2 * i}", 1, jats(f"PMC{4000 + 2 * i}", "", f"T{i}", sentence(i, "a"), "B."))
+    put_inventory(s3, "2026-12-01T01-00Z")
+    work, out = str(tmp_path / "cache"), str(tmp_path / "out")
+    kw = dict(seq_len=16, eval_fraction=0.2, rows_per_shard=8, progress=False, unit_bytes=2 << 20, work=work,
+              keep_work=True)
+    m1 = prepare.prepare([ROOT], GPT2, out, **kw)
+    assert m1["read_stats"]["reused"] == 0 and m1["splits"]["train"]["documents"] + \
+        m1["splits"]["validation"]["documents"] == 30
+    # the next day: one article revised (a version 2), one replaced in place (new XML and metadata), one added
+    put_article(s3, "PMC4010", 2, jats("PMC4010", "", "Revised", sentence(100, "r"), "B."))
+    put_article(s3, "PMC4020", 1, jats("PMC4020", "", "Corrected", sentence(101, "c"), "B."))
+    put_article(s3, "PMC4061", 1, jats("PMC4061", "", "New", sentence(102, "n"), "B."))
+    put_inventory(s3, "2026-12-02T01-00Z")
+    fetched = []
+    plain = pmc_cloud.fetch
+    monkeypatch.setattr(pmc_cloud, "fetch", lambda path, licenses: fetched.append(path) or plain(path, licenses))
+    m2 = prepare.prepare([ROOT], GPT2, out, overwrite=True, **kw)
+    assert sorted(f.rsplit("/", 1)[1] for f in fetched) == ["PMC4010.2.json", "PMC4020.1.json", "PMC4061.1.json"]
+    assert m2["read_stats"]["reused"] == 30 - 2 and m2["read_stats"]["older_version"] == 1
+    # the same bytes as a run from nothing over the newer listing
+    fresh = prepare.prepare([ROOT], GPT2, str(tmp_path / "fresh"), **dict(kw, work=None, keep_work=False))
+    for name in sorted(os.listdir(out)):
+        if name.endswith((".npy", ".tsv")):
+            assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+    assert fresh["splits"] == m2["splits"]
+    # the superseded caches are gone: one per block
+    assert sorted(n.split("-")[0] for n in os.listdir(tmp_path / "cache" / "units") if n.endswith(".npz")) == \
+        ["pmc0000125", "pmc0000126"]

@@ -158,6 +158,14 @@ def _version(info: dict) -> str:
     return ""
 
 
+def forget_listings(path) -> None:
+    """Drops what fsspec remembers of an object store's listings (its file systems are cached per
+    process), so that a listing made now sees objects written since: a second run in one process
+    (a notebook) over a bucket that changed."""
+    if is_remote(path):
+        filesystem(path)[0].invalidate_cache()
+
+
 def glob_files(pattern: str) -> list[tuple[str, int, str]]:
     """(path, size, version) of every file matching `pattern` (a glob, `**` recursing) or below it when
     `pattern` is a folder, sorted by path. Local paths: glob and stat, the version being the mtime in
@@ -176,6 +184,7 @@ def glob_files(pattern: str) -> list[tuple[str, int, str]]:
                 out.append((os.path.abspath(h), st.st_size, str(st.st_mtime_ns)))
         return sorted(out)
     fs, bare = filesystem(pattern)
+    fs.invalidate_cache()  # a listing is of the store as it is now (see forget_listings)
     if any(c in bare for c in "*?["):
         found = fs.glob(bare, detail=True)
     elif fs.isdir(bare):

@@ -165,6 +165,7 @@ def list_inventory(root: str) -> list[tuple[str, int, str]]:
     ROOT/inventory-reports/<bucket>/metadata/: the newest dated folder with a manifest.json, whose
     `files` are CSV.gz files laid out as its `fileSchema` says (Bucket, Key, LastModifiedDate, ETag)."""
     root = root.rstrip("/")
+    paths.forget_listings(root)
     base = paths.join(root, INVENTORY)
     dated = []
     for bucket in paths.listdir(base):

@@ -36,7 +36,8 @@ def _options(beam_args: Sequence[str]) -> dict:
     return out
 
 
-def check_runner(inputs: Sequence[str], tokenizer_dir: str, out: str, beam_args: Sequence[str]) -> None:
+def check_runner(inputs: Sequence[str], tokenizer_dir: str, out: str, beam_args: Sequence[str],
+                 work: Optional[str] = None) -> None:
     """Refuses a cluster runner (or workers in an external / docker environment) while any path is
     local, naming the flag, and a cluster runner without a way to ship this package to its workers."""
     opts = _options(beam_args)
@@ -45,7 +46,8 @@ def check_runner(inputs: Sequence[str], tokenizer_dir: str, out: str, beam_args:
     if not remote_workers:
         return
     where = f"--runner={runner}" if runner in CLUSTER_RUNNERS else f"--environment_type={opts['--environment_type']}"
-    for flag, values in (("--input", inputs), ("--tokenizer", [tokenizer_dir]), ("--out", [out])):
+    for flag, values in (("--input", inputs), ("--tokenizer", [tokenizer_dir]), ("--out", [out]),
+                         ("--work_dir", [work] if work else [])):
         local = [v for v in values if not paths.is_remote(v)]
         if local:
             raise ValueError(f"{flag}={local[0]} is a local path, but with {where} the workers run on other "
@@ -59,7 +61,7 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
              eval_fraction: float = 0.005, rows_per_shard: int = 65536, on_error: str = "raise",
              fmt: str = "auto", batch_docs: int = 512, unit_bytes: int = stages.UNIT_BYTES,
              pmc_license: str | Sequence[str] = pmc_cloud.DEFAULT_LICENSES, dedupe_text: bool = True,
-             fetch_concurrency: int = readers.FETCH_CONCURRENCY) -> stages.Job:
+             fetch_concurrency: int = readers.FETCH_CONCURRENCY, work: Optional[str] = None) -> stages.Job:
     """Lists the inputs once (sizes and versions from the listing), groups them into work units and
     writes the list into WORK; the job carries only its path and digest."""
     if on_error not in ("raise", "skip"):
@@ -69,7 +71,7 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
     units = stages.group_units(files, unit_bytes)
     tokenizer_dir = paths.resolve(tokenizer_dir)
     tok = stages.load_tokenizer(tokenizer_dir)
-    work = work_dir(paths.resolve(out))
+    work = paths.resolve(work) if work else work_dir(paths.resolve(out))
     paths.makedirs(work)
     listing = stages.write_listing(work, files, units)
     return stages.Job(inputs=tuple(paths.resolve(i) if os.path.exists(i) else i for i in inputs), listing=listing,
@@ -78,7 +80,8 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
                       seq_len=seq_len, eval_fraction=eval_fraction, rows_per_shard=rows_per_shard, fmt=fmt,
                       on_error=on_error, batch_docs=batch_docs, vocab_size=tok.get_vocab_size(),
                       licenses=licenses, older_versions=older, dedupe_text=dedupe_text,
-                      fetch_concurrency=fetch_concurrency, out_dir=paths.resolve(out))
+                      fetch_concurrency=fetch_concurrency, out_dir=paths.resolve(out),
+                      pmc_block_ids=max(1, unit_bytes // pmc_cloud.ARTICLE_BYTES))
 
 
 def run_local(job: stages.Job, progress: bool = True) -> tuple[dict, int]:
@@ -105,7 +108,8 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
             fmt: str = "auto", overwrite: bool = False, batch_docs: int = 512, progress: bool = True,
             unit_bytes: int = stages.UNIT_BYTES, beam_args: Optional[Sequence[str]] = None,
             pmc_license: str | Sequence[str] = pmc_cloud.DEFAULT_LICENSES, dedupe_text: bool = True,
-            fetch_concurrency: int = readers.FETCH_CONCURRENCY) -> dict:
+            fetch_concurrency: int = readers.FETCH_CONCURRENCY, work: Optional[str] = None,
+            keep_work: bool = False) -> dict:
     """Tokenize and pack `inputs` into `out`; returns the manifest. Every path may be local or a URL
     (gs://..., s3://...). With `beam_args` (Beam pipeline options, e.g. ["--runner=DirectRunner",
     "--direct_num_workers=2"]) the stages run as an Apache Beam pipeline; the output is the same.
@@ -115,11 +119,15 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
     straight into OUT and the launcher writes `manifest.json` last: that is the commit (readers take
     only a folder with a manifest), and no shard is ever copied or moved. An OUT without a manifest
     beside its OUT.work is an interrupted run's, redone by the next run; any other existing OUT is
-    kept unless `overwrite`, which removes its manifest first."""
+    kept unless `overwrite`, which removes its manifest first.
+
+    `work` puts the work folder elsewhere than OUT.work; with `keep_work` its tokenized units stay after
+    success, so that a later run over a newer PMC listing (with the same `work`) fetches and tokenizes
+    only the articles that changed."""
     if beam_args is not None:
-        check_runner(inputs, tokenizer_dir, out, beam_args)
+        check_runner(inputs, tokenizer_dir, out, beam_args, work)
     out = paths.resolve(out)
-    work = work_dir(out)
+    work = paths.resolve(work) if work else work_dir(out)
     manifest_path = paths.join(out, shards.MANIFEST)
     if paths.exists(out):
         if paths.exists(manifest_path) or not paths.exists(work):
@@ -131,7 +139,7 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
     job = make_job(inputs, tokenizer_dir, out, seq_len=seq_len, eval_fraction=eval_fraction,
                    rows_per_shard=rows_per_shard, on_error=on_error, fmt=fmt, batch_docs=batch_docs,
                    unit_bytes=unit_bytes, pmc_license=pmc_license, dedupe_text=dedupe_text,
-                   fetch_concurrency=fetch_concurrency)
+                   fetch_concurrency=fetch_concurrency, work=work)
     t0 = time.time()
     for stale in ("out", "plans", "shards"):  # everything but the tokenized units is redone
         paths.rmtree(paths.join(job.work, stale))
@@ -159,10 +167,19 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
         give_up()
         raise
     manifest = stages.finish(job, lay, seconds=time.time() - t0)
-    paths.rmtree(job.work)
+    if keep_work:  # the tokenized units stay for the next listing; this run's plans and lists go
+        for name in paths.listdir(job.work):
+            if name != "units":
+                target = paths.join(job.work, name)
+                paths.rmtree(target) if paths.isdir(target) else paths.Path(target).unlink()
+    else:
+        paths.rmtree(job.work)
     if progress:
         print(f"[prepare] {tokenized} of {job.units} work units ({job.files} input files) tokenized, "
               f"{job.units - tokenized} reused from an interrupted run", file=sys.stderr)
+        if lay["read_stats"].get("reused"):
+            print(f"[prepare] {lay['read_stats']['reused']:,} PMC records unchanged since the listing the work "
+                  "cache holds: taken from it, not fetched again", file=sys.stderr)
         for line in stages.card_lines(manifest):
             print(f"[prepare] {line}", file=sys.stderr)
     return manifest

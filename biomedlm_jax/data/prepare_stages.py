@@ -84,6 +84,7 @@ class Job:
     older_versions: int = 0  # PMC article versions left out when listed (a later version exists)
     dedupe_text: bool = True  # drop documents whose normalized text an earlier document has
     fetch_concurrency: int = readers.FETCH_CONCURRENCY
+    pmc_block_ids: int = UNIT_BYTES // (64 << 10)  # PMCIDs per unit of PMC Cloud Service articles
 
     @property
     def row_len(self) -> int:
@@ -100,18 +101,38 @@ class Job:
 
 def group_units(files: Sequence[tuple[str, int, str]], unit_bytes: int = UNIT_BYTES) -> list[int]:
     """The unit of each file: consecutive files share a unit until their sizes add up to `unit_bytes`.
-    A PMC Cloud Service metadata entry counts as its article (`pmc_cloud.weight`), so a unit of them
-    holds about unit_bytes / 64 KB articles."""
+
+    PMC Cloud Service articles (metadata entries, ordered by PMCID) are grouped by PMCID block instead:
+    PMCIDs [k·B, (k+1)·B) form a unit, B = unit_bytes / 64 KB (`pmc_cloud.ARTICLE_BYTES`; 1,024 for
+    64 MB). A unit's articles then depend on its block alone, so a newer listing changes only the units
+    whose articles were added, revised or removed (see `tokenize_unit` for the reuse within them)."""
     from biomedlm_jax.data import pmc_cloud
 
     units, unit, size = [], -1, unit_bytes
+    block = None
+    per_block = max(1, unit_bytes // pmc_cloud.ARTICLE_BYTES)
     for entry in files:
-        n = pmc_cloud.weight(entry) if pmc_cloud.is_metadata(entry[0]) else entry[1]
-        if size + n > unit_bytes or unit < 0:
-            unit, size = unit + 1, 0
+        av = pmc_cloud.article_version(entry[0])
+        if av is not None:
+            b = int(av[0][3:]) // per_block
+            if b != block:
+                unit, block, size = unit + 1, b, 0
+            units.append(unit)
+            continue
+        if size + entry[1] > unit_bytes or unit < 0 or block is not None:
+            unit, size, block = unit + 1, 0, None
         units.append(unit)
-        size += n
+        size += entry[1]
     return units
+
+
+def pmc_block(job: "Job", u: int) -> Optional[int]:
+    """The PMCID block of a unit of PMC Cloud Service articles (see `group_units`), None for other units."""
+    from biomedlm_jax.data import pmc_cloud
+
+    first = unit_files(job, u)[0][0]
+    av = pmc_cloud.article_version(first)
+    return int(av[0][3:]) // job.pmc_block_ids if av is not None else None
 
 
 def write_listing(work: str, files: Sequence[tuple[str, int, str]], units: Sequence[int]) -> str:
@@ -177,11 +198,46 @@ def _load_npz(path: str, *names: str) -> dict:
         return {name: npz[name] for name in names}
 
 
+def _settings_key(job: Job) -> list:
+    """What a unit's tokens depend on besides its files."""
+    return [CACHE_VERSION, job.tokenizer_sha256, job.fmt, job.on_error, list(job.licenses)]
+
+
 def cache_path(job: Job, u: int) -> str:
-    """WORK/units/<u>-<key>.npz; its tokens are beside it, `.tokens` for `.npz`."""
-    key = json.dumps([CACHE_VERSION, unit_files(job, u), job.tokenizer_sha256, job.fmt, job.on_error,
-                      list(job.licenses)])
-    return paths.join(job.work, "units", f"{u:06d}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
+    """WORK/units/<u>-<key>.npz (`pmc<block>-<key>.npz` for a unit of PMC Cloud Service articles, whose
+    number may shift between listings); its tokens are beside it, `.tokens` for `.npz`."""
+    key = json.dumps([*_settings_key(job), unit_files(job, u)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    block = pmc_block(job, u)
+    name = f"{u:06d}-{digest}" if block is None else f"pmc{block:07d}-{digest}"
+    return paths.join(job.work, "units", f"{name}.npz")
+
+
+def _reusable(job: Job, u: int) -> dict:
+    """For a unit of PMC Cloud Service articles: {(metadata path, version): (cache, first record, end)}
+    of the articles that an earlier cache of the same block (an earlier listing's, made with the same
+    settings) holds, read from that cache; {} for other units or when there is none."""
+    block = pmc_block(job, u)
+    folder = paths.join(job.work, "units")
+    if block is None or not paths.exists(folder):
+        return {}
+    mine = cache_path(job, u)
+    found = {}
+    settings = json.dumps(_settings_key(job))
+    for name in paths.listdir(folder):
+        path = paths.join(folder, name)
+        if not (name.startswith(f"pmc{block:07d}-") and name.endswith(".npz")) or path == mine:
+            continue
+        old = _load_npz(path, "files", "entries", "settings")
+        if str(old["settings"]) != settings:
+            continue
+        files = json.loads(str(old["files"]))
+        entries = old["entries"]
+        for i, (f, _, v) in enumerate(files):
+            rs = np.flatnonzero(entries == i)
+            if len(rs):
+                found[(f, v)] = (path, int(rs[0]), int(rs[-1]) + 1)
+    return found
 
 
 def tokens_path(job: Job, u: int) -> str:
@@ -203,7 +259,13 @@ def text_hash(text: str) -> int:
 def tokenize_unit(job: Job, u: int) -> bool:
     """Tokenize unit u into its cache unless a finished cache exists; True when it did the work. The
     tokens are streamed to WORK as each batch is encoded; the .npz, written last, marks it finished.
-    Per record the cache keeps its id, kind, token count, split key, text hash and source format."""
+    Per record the cache keeps its id, kind, token count, split key, text hash, source format and the
+    input file it came from.
+
+    A unit of PMC Cloud Service articles whose block an earlier listing also tokenized (a cache kept
+    in WORK with --keep_work) takes every article whose metadata version is unchanged from that cache,
+    tokens included, and fetches and tokenizes only the articles added or revised; the earlier cache
+    is then removed. The result is the same as tokenizing the whole unit."""
     target = cache_path(job, u)
     if paths.exists(target):
         return False
@@ -212,46 +274,85 @@ def tokenize_unit(job: Job, u: int) -> bool:
     if eos is None:
         raise errors.DataError(f"{job.tokenizer}: the tokenizer has no {tokenizer_lib.EOS_TOKEN} token")
     files = unit_files(job, u)
+    reuse = _reusable(job, u)
     stats = readers.ReadStats(files=len(files))
-    ids, kinds, lengths, keys, hashes, sources = [], [], [], [], [], []
+    cols: dict[str, list] = {k: [] for k in ("ids", "kinds", "lengths", "keys", "hashes", "sources", "entries")}
     batch: list[tuple[int, str]] = []  # (record number, text) waiting for encode_batch
     formats: dict[str, int] = {}
+    fresh = [i for i, (f, _, v) in enumerate(files) if (f, v) not in reuse]
+    old_caches: dict[str, dict] = {}
+    reused = 0
     paths.makedirs(paths.join(job.work, "units"))
     with paths.open_write(tokens_path(job, u)) as out:
 
         def flush():  # batches are encoded in record order, so the tokens file is in record order
             for (r, _), enc in zip(batch, tok.encode_batch([t for _, t in batch])):
-                lengths[r] = len(enc.ids) + 1
+                cols["lengths"][r] = len(enc.ids) + 1
                 out.write(np.asarray(enc.ids + [eos], job.dtype).tobytes())
             batch.clear()
 
-        for path, doc in readers.read_unit([f for f, _, _ in files], stats, job.on_error, job.fmt, job.licenses,
-                                           job.fetch_concurrency):
-            r = len(ids)
-            ids.append(doc.id)
-            keys.append(doc.key)
-            lengths.append(0)
+        def add(i: int, doc: readers.Doc):
+            path = files[i][0]
+            r = len(cols["ids"])
             if path not in formats:
                 formats[path] = readers.FORMATS.index(readers.file_format(path, job.fmt))
-            sources.append(formats[path])
-            hashes.append(0)
+            for k, v in (("ids", doc.id), ("keys", doc.key), ("lengths", 0), ("sources", formats[path]),
+                         ("hashes", 0), ("entries", i)):
+                cols[k].append(v)
             if doc.text is None:
-                kinds.append(DELETE)
+                cols["kinds"].append(DELETE)
             elif doc.drop:
-                kinds.append(DROPPED + readers.DROP_REASONS.index(doc.drop))
+                cols["kinds"].append(DROPPED + readers.DROP_REASONS.index(doc.drop))
             elif not doc.text.strip():
-                kinds.append(EMPTY)
+                cols["kinds"].append(EMPTY)
             else:
-                kinds.append(DOC)
-                hashes[r] = text_hash(doc.text)
+                cols["kinds"].append(DOC)
+                cols["hashes"][r] = text_hash(doc.text)
                 batch.append((r, doc.text))
                 if len(batch) >= job.batch_docs:
                     flush()
+
+        def copy(i: int):  # an unchanged article: its records and tokens from the earlier cache
+            cache, a, b = reuse[(files[i][0], files[i][2])]
+            if cache not in old_caches:
+                old_caches[cache] = _load_npz(cache, "ids", "kinds", "lengths", "keys", "hashes", "sources")
+            old = old_caches[cache]
+            flush()
+            lengths = old["lengths"]
+            first = int(lengths[:a].sum())
+            n = int(lengths[a:b].sum())
+            if n:
+                src = cache[:-len(".npz")] + ".tokens"
+                item = job.dtype.itemsize
+                (data,) = paths.read_ranges([(src, first * item, (first + n) * item)])
+                out.write(data)
+            for k in ("ids", "kinds", "lengths", "keys", "hashes", "sources"):
+                cols[k] += old[k][a:b].tolist()
+            cols["entries"] += [i] * (b - a)
+
+        read = readers.read_unit([files[i][0] for i in fresh], stats, job.on_error, job.fmt, job.licenses,
+                                 job.fetch_concurrency)
+        pending = next(read, None)
+        position = {f: i for i, (f, _, _) in enumerate(files)}
+        for i in range(len(files)):
+            if (files[i][0], files[i][2]) in reuse:
+                copy(i)
+                reused += reuse[(files[i][0], files[i][2])][2] - reuse[(files[i][0], files[i][2])][1]
+                continue
+            while pending is not None and position[pending[0]] == i:
+                add(i, pending[1])
+                pending = next(read, None)
         flush()
-    _save_npz(target, ids=np.asarray(ids, dtype=str), kinds=np.asarray(kinds, np.int8),
-              lengths=np.asarray(lengths, np.int64), keys=np.asarray(keys, dtype=str),
-              hashes=np.asarray(hashes, np.int64), sources=np.asarray(sources, np.int8),
-              stats=np.asarray(json.dumps(stats.as_dict())))
+    counts = stats.as_dict()
+    _save_npz(target, ids=np.asarray(cols["ids"], dtype=str), kinds=np.asarray(cols["kinds"], np.int8),
+              lengths=np.asarray(cols["lengths"], np.int64), keys=np.asarray(cols["keys"], dtype=str),
+              hashes=np.asarray(cols["hashes"], np.int64), sources=np.asarray(cols["sources"], np.int8),
+              entries=np.asarray(cols["entries"], np.int64), files=np.asarray(json.dumps(files)),
+              settings=np.asarray(json.dumps(_settings_key(job))), stats=np.asarray(json.dumps(counts)),
+              reused=np.asarray(reused))
+    for cache in {c for c, _, _ in reuse.values()}:  # superseded by this unit's cache
+        paths.Path(cache).unlink(missing_ok=True)
+        paths.Path(cache[:-len(".npz")] + ".tokens").unlink(missing_ok=True)
     return True
 
 
@@ -331,9 +432,10 @@ def plan_unit(job: Job, u: int, winners: Iterable[tuple[int, int, int, int, int]
     "sources": {format: {split: {"documents", "tokens"}}}, "counts": {...}}. `duplicates`: positions
     of documents an earlier document's text repeats (left out when job.dedupe_text). A document's
     split is a hash of its key (the article's PMID where known), not of its id."""
-    cache = _load_npz(cache_path(job, u), "ids", "keys", "lengths", "sources", "stats")
+    cache = _load_npz(cache_path(job, u), "ids", "keys", "lengths", "sources", "stats", "reused")
     keys, lengths, sources = cache["keys"].tolist(), cache["lengths"], cache["sources"].tolist()
     counts = json.loads(str(cache["stats"]))
+    counts["reused"] = int(cache["reused"])
     counts.update(documents=0, empty=0, duplicates=0, deleted=0, duplicate_text=0,
                   **{reason: 0 for reason in readers.DROP_REASONS})
     dup = set(duplicates) if job.dedupe_text else set()

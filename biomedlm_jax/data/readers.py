@@ -46,6 +46,7 @@ class ReadStats:
     license: int = 0  # a PMC Cloud Service article outside the chosen license subsets (or not open access)
     older_version: int = 0  # a PMC article version with a later version listed (counted when listed)
     duplicate_text: int = 0  # the same normalized text as an earlier document (prepare_data, across sources)
+    reused: int = 0  # PMC records taken from an earlier listing's work cache, not fetched again (prepare_data)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
