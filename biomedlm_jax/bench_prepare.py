@@ -79,10 +79,12 @@ def pmc_fetch(argv) -> int:
     p.add_argument("--articles", type=int, default=400)
     p.add_argument("--latency_ms", default="20,50", help="added to every read the fake server answers")
     p.add_argument("--concurrency", default="1,32", help="--fetch_concurrency values to run")
+    p.add_argument("--servers", default="minimal,moto",
+                   help="fake S3 servers: minimal (benchmarks/pmc_fetch.py, thousands of requests/s) and/or moto")
     p.add_argument("--out", default="bench_prepare.jsonl")
     args = p.parse_args(argv)
     rows = pf.run(args.tokenizer, args.source, args.articles, [float(x) for x in args.latency_ms.split(",")],
-                  [int(x) for x in args.concurrency.split(",")])
+                  [int(x) for x in args.concurrency.split(",")], tuple(args.servers.split(",")))
     with open(args.out, "a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

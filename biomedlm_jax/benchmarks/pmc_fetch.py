@@ -41,6 +41,86 @@ sys.stdin.read()
 srv.stop()
 """
 
+# A minimal S3 for reads (GET/HEAD object, HEAD bucket, ListObjectsV2 with prefix, delimiter and
+# continuation), objects in memory, every request answered after `latency` on its own thread, HTTP/1.1
+# keep-alive. moto spends ~10 ms of CPU per request on this host and tops out near 100 requests/s,
+# which would measure moto; this serves thousands. Objects are written with PUT (unsigned or not).
+FAST_SERVER = r"""
+import hashlib, socket, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+from xml.sax.saxutils import escape
+latency = float(sys.argv[1])
+objects = {}  # (bucket, key) -> (bytes, etag)
+lock = threading.Lock()
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def setup(self):
+        super().setup()  # headers and body go out in two writes: without this, Nagle + delayed ACK add ~40 ms
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def log_message(self, *a): pass
+    def send(self, code, body=b"", headers=()):
+        self.send_response(code)
+        for k, v in headers: self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD": self.wfile.write(body)
+    def split(self):
+        u = urlsplit(self.path)
+        parts = unquote(u.path).lstrip("/").split("/", 1)
+        return parts[0], (parts[1] if len(parts) > 1 else ""), parse_qs(u.query)
+    def do_PUT(self):
+        bucket, key, _ = self.split()
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if key:
+            with lock: objects[(bucket, key)] = (body, hashlib.md5(body).hexdigest())
+        self.send(200, b"", [("ETag", '"x"')])
+    def do_HEAD(self): self.do_GET()
+    def do_GET(self):
+        if "Authorization" not in self.headers: time.sleep(latency)
+        bucket, key, q = self.split()
+        if not key and "list-type" in q: return self.list(bucket, q)
+        if not key: return self.send(200)
+        hit = objects.get((bucket, key))
+        if hit is None:
+            return self.send(404, b"<Error><Code>NoSuchKey</Code><Message>no</Message></Error>", [("Content-Type", "application/xml")])
+        body, etag = hit
+        self.send(200, body, [("ETag", f'"{etag}"'), ("Last-Modified", "Tue, 01 Dec 2026 00:00:00 GMT"),
+                              ("Content-Type", "application/octet-stream")])
+    def list(self, bucket, q):
+        prefix, delim = q.get("prefix", [""])[0], q.get("delimiter", [""])[0]
+        start, most = q.get("continuation-token", [""])[0], int(q.get("max-keys", ["1000"])[0])
+        keys = sorted(k for b, k in objects if b == bucket and k.startswith(prefix) and k > start)
+        contents, prefixes, last, n = [], [], "", 0
+        for k in keys:
+            if n >= most: break
+            rest = k[len(prefix):]
+            if delim and delim in rest:
+                p = prefix + rest.split(delim, 1)[0] + delim
+                if p not in prefixes:
+                    prefixes.append(p); n += 1
+            else:
+                contents.append(k); n += 1
+            last = k
+        truncated = n >= most and keys and last != keys[-1]
+        xml = ["<?xml version='1.0' encoding='UTF-8'?><ListBucketResult xmlns='http://s3.amazonaws.com/doc/2006-03-01/'>",
+               f"<Name>{bucket}</Name><Prefix>{escape(prefix)}</Prefix><KeyCount>{n}</KeyCount><MaxKeys>{most}</MaxKeys>",
+               f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"]
+        if truncated: xml.append(f"<NextContinuationToken>{escape(last)}</NextContinuationToken>")
+        for k in contents:
+            body, etag = objects[(bucket, k)]
+            xml.append(f"<Contents><Key>{escape(k)}</Key><LastModified>2026-12-01T00:00:00.000Z</LastModified>"
+                       f"<ETag>&quot;{etag}&quot;</ETag><Size>{len(body)}</Size><StorageClass>STANDARD</StorageClass></Contents>")
+        for p in prefixes: xml.append(f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>")
+        xml.append("</ListBucketResult>")
+        self.send(200, "".join(xml).encode(), [("Content-Type", "application/xml")])
+srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+srv.daemon_threads = True
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+print(f"http://127.0.0.1:{srv.server_address[1]}", flush=True)
+sys.stdin.read()
+"""
+
 BUCKET = "pmc-oa-opendata"
 
 
@@ -83,7 +163,8 @@ def _prepare(inputs: str, tokenizer: str, out: str, env: dict, extra: list[str])
         return wall, json.load(f)
 
 
-def run(tokenizer: str, source: str, articles: int, latencies_ms: list[float], concurrencies: list[int]) -> list[dict]:
+def run(tokenizer: str, source: str, articles: int, latencies_ms: list[float], concurrencies: list[int],
+        servers: tuple[str, ...] = ("minimal", "moto")) -> list[dict]:
     from biomedlm_jax.benchmarks.prepare import synthesize
 
     rows = []
@@ -100,8 +181,9 @@ def run(tokenizer: str, source: str, articles: int, latencies_ms: list[float], c
                      "articles": m["read_stats"]["documents"], "seconds": round(wall, 2),
                      "articles_per_s": round(m["read_stats"]["documents"] / wall, 1), "tokens_per_s": round(tokens / wall)})
         print(json.dumps(rows[-1]), flush=True)
-        for latency in latencies_ms:
-            srv = subprocess.Popen([sys.executable, "-c", SERVER, str(latency / 1000)], stdin=subprocess.PIPE,
+        for server, latency in [(sv, lat) for sv in servers for lat in latencies_ms]:
+            code = FAST_SERVER if server == "minimal" else SERVER
+            srv = subprocess.Popen([sys.executable, "-c", code, str(latency / 1000)], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, text=True)
             try:
                 url = srv.stdout.readline().strip()
@@ -111,7 +193,7 @@ def run(tokenizer: str, source: str, articles: int, latencies_ms: list[float], c
                                        _env(url), [f"--fetch_concurrency={c}"])
                     tokens = sum(s["tokens"] + s["dropped_tokens"] for s in m["splits"].values())
                     n = m["read_stats"]["documents"]
-                    rows.append({"kind": "pmc_fetch", "where": "fake S3", "latency_ms": latency, "concurrency": c,
+                    rows.append({"kind": "pmc_fetch", "where": f"fake S3 ({server})", "latency_ms": latency, "concurrency": c,
                                  "articles": n, "seconds": round(wall, 2), "articles_per_s": round(n / wall, 1),
                                  "tokens_per_s": round(tokens / wall)})
                     print(json.dumps(rows[-1]), flush=True)

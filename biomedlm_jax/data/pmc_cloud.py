@@ -120,8 +120,7 @@ def _md5(url: str) -> str:
 def _read(path: str) -> bytes:
     """An object's bytes; a missing object or a refused request is a DataError naming it."""
     try:
-        with paths.open_read(path) as f:
-            return f.read()
+        return paths.read_bytes(path)
     except FileNotFoundError as e:
         raise DataError(f"{path}: listed but not found (a listing older than the bucket, or a removed "
                         "article version)") from e
