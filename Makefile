@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.py | $(PY)
 
 $(VENV)/.installed-test: setup.py $(VENV)/.installed
 	$(PIP) -e '.[test]'
-	$(PY) -c "import torch, transformers, pytest, xdist, lm_eval, accelerate, gcsfs, s3fs, moto, gcp_storage_emulator, peft, apache_beam, llama_cpp, libtpu, openai, httpx2"
+	$(PY) -c "import torch, transformers, pytest, xdist, lm_eval, accelerate, gcsfs, s3fs, moto, datasketch, lingua, gcp_storage_emulator, peft, apache_beam, llama_cpp, libtpu, openai, httpx2"
 	touch $@
 
 install: $(VENV)/.installed

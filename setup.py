@@ -9,6 +9,7 @@ accelerator host pick an extra:
     pip install -e .[eval]     # lm-evaluation-harness backend (python -m biomedlm_jax.lm_eval)
     pip install -e .[gcs]      # (kept for old command lines: gcsfs is now part of the default install)
     pip install -e .[beam]     # prepare_data on Apache Beam (--runner=DirectRunner, DataflowRunner, ...)
+    pip install -e .[curation] # prepare_data --near_dedupe (datasketch) and --detect_language (lingua)
     pip install -e .[test]     # pytest + torch (CPU) + transformers for parity tests (includes eval)
 """
 from setuptools import find_packages, setup
@@ -69,6 +70,9 @@ EVAL_REQUIRES = [
 # gcsfs moved into INSTALL_REQUIRES; the extra stays so that `pip install -e .[gcs]` still works.
 GCS_REQUIRES = ["gcsfs==2026.10.1"]
 
+# prepare_data --near_dedupe (MinHash) and --detect_language (lingua's models are in its 96 MB wheel).
+CURATION_REQUIRES = ["datasketch==2.0.0", "lingua-language-detector==2.1.1"]
+
 # prepare_data on Apache Beam (DirectRunner/Prism locally; Dataflow, Flink, Spark on a cluster).
 BEAM_REQUIRES = ["apache-beam==2.77.0", "pyarrow==25.0.1"]
 
@@ -101,6 +105,7 @@ EXTRAS_REQUIRE = {
         "llama-cpp-python==0.3.36",
         *GCS_REQUIRES,
         *BEAM_REQUIRES,
+        *CURATION_REQUIRES,
         *NOTEBOOK_REQUIRES,
         *EVAL_REQUIRES,
     ],
@@ -110,6 +115,7 @@ EXTRAS_REQUIRE = {
                     "pydantic-settings==2.16.3", "PyYAML==6.0.4"],
     "gcs": GCS_REQUIRES,
     "beam": BEAM_REQUIRES,
+    "curation": CURATION_REQUIRES,
     "notebooks": NOTEBOOK_REQUIRES,
 }
 

@@ -6,6 +6,7 @@
     python -m biomedlm_jax.bench_prepare remote-read --corpus=PREPARED_DIR [--latency_ms=20] [--reader_path=CHECKOUT]
     python -m biomedlm_jax.bench_prepare pmc-fetch --tokenizer=DIR --source=abstracts.jsonl [--articles=400] \
         [--latency_ms=20,50] [--concurrency=1,32]      (benchmarks/pmc_fetch.py; needs moto, the [test] extra)
+    python -m biomedlm_jax.bench_prepare curation-cost --tokenizer=DIR --source=abstracts.jsonl [--scale=2]
 
 From `--source` (JSONL with pmid/title/abstract, e.g. the shipped data/pubmed_abstracts/abstracts.jsonl)
 it writes a synthetic corpus `--scale` times larger in each format (each copy with its own ids):
@@ -91,8 +92,47 @@ def pmc_fetch(argv) -> int:
     return 0
 
 
+def curation_cost(argv) -> int:
+    """Seconds and documents per second of prepare_data with each optional filter, against none."""
+    import time
+
+    from biomedlm_jax.benchmarks.prepare import synthesize
+    from biomedlm_jax.data import prepare
+
+    p = argparse.ArgumentParser(prog="python -m biomedlm_jax.bench_prepare curation-cost",
+                                description="the cost of --near_dedupe and --detect_language (the [curation] extra)")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--source", required=True, help="JSONL with pmid, title, abstract")
+    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--formats", default="jsonl,jats")
+    p.add_argument("--out", default="bench_prepare.jsonl")
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-curation-") as tmp:
+        for fmt in args.formats.split(","):
+            folder = os.path.join(tmp, fmt)
+            synthesize(args.source, folder, fmt, args.scale)
+            for name, flags in (("none", {}), ("near_dedupe", {"near_dedupe": True}),
+                                ("detect_language", {"detect_language": True})):
+                t0 = time.perf_counter()
+                m = prepare.prepare([folder], args.tokenizer, os.path.join(tmp, f"out-{fmt}-{name}"), seq_len=1024,
+                                    progress=False, **flags)
+                wall = time.perf_counter() - t0
+                docs = m["read_stats"]["documents"] + m["read_stats"]["duplicate_text"] + m["read_stats"]["language"]
+                rows.append({"kind": "curation_cost", "format": fmt, "filter": name, "documents": docs,
+                             "seconds": round(wall, 2), "docs_per_s": round(docs / wall, 1),
+                             "dropped": {k: m["card"]["dropped"][k] for k in ("duplicate_text", "language")}})
+                print(json.dumps(rows[-1]), flush=True)
+    with open(args.out, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["curation-cost"]:
+        return curation_cost(argv[1:])
     if argv[:1] == ["remote-read"]:
         return remote_read(argv[1:])
     if argv[:1] == ["pmc-fetch"]:

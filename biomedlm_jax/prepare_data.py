@@ -82,6 +82,11 @@ def main(argv=None) -> int:
                         "CC BY-ND: commercial use allowed; the default), oa_noncomm, phe_timebound, or all")
     p.add_argument("--no_dedupe_text", dest="dedupe_text", action="store_false",
                    help="keep documents whose normalized text an earlier document already has")
+    p.add_argument("--near_dedupe", action="store_true",
+                   help="also drop near-duplicates (MinHash over word 5-grams, 16 bands of 8; needs the [curation] extra)")
+    p.add_argument("--detect_language", action="store_true",
+                   help="also drop documents a language detector (lingua) finds not English, for records whose "
+                        "language fields are missing or wrong (needs the [curation] extra)")
     p.add_argument("--fetch_concurrency", type=int, default=readers.FETCH_CONCURRENCY,
                    help="PMC Cloud Service objects fetched at once per work unit")
     p.add_argument("--work_dir", default=None,
@@ -102,7 +107,8 @@ def main(argv=None) -> int:
                     fmt=args.format, overwrite=args.overwrite, unit_bytes=int(args.work_unit_mb * 2**20),
                     beam_args=None if args.runner is None else [f"--runner={args.runner}", *beam_args],
                     pmc_license=args.pmc_license, dedupe_text=args.dedupe_text,
-                    fetch_concurrency=args.fetch_concurrency, work=args.work_dir, keep_work=args.keep_work)
+                    fetch_concurrency=args.fetch_concurrency, work=args.work_dir, keep_work=args.keep_work,
+                    near_dedupe=args.near_dedupe, detect_language=args.detect_language)
     except (errors.DataError, FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

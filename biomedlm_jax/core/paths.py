@@ -52,6 +52,8 @@ def _s3_defaults() -> None:
     import fsspec
 
     conf = fsspec.config.conf.setdefault("s3", {})
+    # botocore's connection pool (10 by default) would cap concurrent reads (readers.FETCH_CONCURRENCY)
+    conf.setdefault("config_kwargs", {}).setdefault("max_pool_connections", 64)
     if "anon" not in conf:
         try:
             import botocore.session

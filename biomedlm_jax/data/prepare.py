@@ -61,7 +61,8 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
              eval_fraction: float = 0.005, rows_per_shard: int = 65536, on_error: str = "raise",
              fmt: str = "auto", batch_docs: int = 512, unit_bytes: int = stages.UNIT_BYTES,
              pmc_license: str | Sequence[str] = pmc_cloud.DEFAULT_LICENSES, dedupe_text: bool = True,
-             fetch_concurrency: int = readers.FETCH_CONCURRENCY, work: Optional[str] = None) -> stages.Job:
+             fetch_concurrency: int = readers.FETCH_CONCURRENCY, work: Optional[str] = None,
+             near_dedupe: bool = False, detect_language: bool = False) -> stages.Job:
     """Lists the inputs once (sizes and versions from the listing), groups them into work units and
     writes the list into WORK; the job carries only its path and digest."""
     if on_error not in ("raise", "skip"):
@@ -81,7 +82,8 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
                       on_error=on_error, batch_docs=batch_docs, vocab_size=tok.get_vocab_size(),
                       licenses=licenses, older_versions=older, dedupe_text=dedupe_text,
                       fetch_concurrency=fetch_concurrency, out_dir=paths.resolve(out),
-                      pmc_block_ids=max(1, unit_bytes // pmc_cloud.ARTICLE_BYTES))
+                      pmc_block_ids=max(1, unit_bytes // pmc_cloud.ARTICLE_BYTES), near_dedupe=near_dedupe,
+                      detect_language=detect_language)
 
 
 def run_local(job: stages.Job, progress: bool = True) -> tuple[dict, int]:
@@ -109,7 +111,7 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
             unit_bytes: int = stages.UNIT_BYTES, beam_args: Optional[Sequence[str]] = None,
             pmc_license: str | Sequence[str] = pmc_cloud.DEFAULT_LICENSES, dedupe_text: bool = True,
             fetch_concurrency: int = readers.FETCH_CONCURRENCY, work: Optional[str] = None,
-            keep_work: bool = False) -> dict:
+            keep_work: bool = False, near_dedupe: bool = False, detect_language: bool = False) -> dict:
     """Tokenize and pack `inputs` into `out`; returns the manifest. Every path may be local or a URL
     (gs://..., s3://...). With `beam_args` (Beam pipeline options, e.g. ["--runner=DirectRunner",
     "--direct_num_workers=2"]) the stages run as an Apache Beam pipeline; the output is the same.
@@ -139,7 +141,8 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
     job = make_job(inputs, tokenizer_dir, out, seq_len=seq_len, eval_fraction=eval_fraction,
                    rows_per_shard=rows_per_shard, on_error=on_error, fmt=fmt, batch_docs=batch_docs,
                    unit_bytes=unit_bytes, pmc_license=pmc_license, dedupe_text=dedupe_text,
-                   fetch_concurrency=fetch_concurrency, work=work)
+                   fetch_concurrency=fetch_concurrency, work=work, near_dedupe=near_dedupe,
+                   detect_language=detect_language)
     t0 = time.time()
     for stale in ("out", "plans", "shards"):  # everything but the tokenized units is redone
         paths.rmtree(paths.join(job.work, stale))

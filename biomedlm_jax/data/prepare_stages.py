@@ -58,6 +58,7 @@ SPLITS = ("train", "validation")
 DOC, EMPTY, DELETE = 0, 1, 2  # record kinds; a record curation leaves out is DROPPED + its reason's index
 DROPPED = 3
 CACHE_VERSION = 3  # 3: split keys, curation (dropped records), text hashes, sources
+BANDS = 16  # MinHash bands per document with near_dedupe (data/curation.py's BANDS)
 UNIT_BYTES = 64 << 20  # input bytes per work unit (files are grouped up to this; a bigger file is one unit)
 READ_BYTES = 16 << 20  # cached tokens fetched per request batch while a shard is written
 
@@ -85,6 +86,8 @@ class Job:
     dedupe_text: bool = True  # drop documents whose normalized text an earlier document has
     fetch_concurrency: int = readers.FETCH_CONCURRENCY
     pmc_block_ids: int = UNIT_BYTES // (64 << 10)  # PMCIDs per unit of PMC Cloud Service articles
+    near_dedupe: bool = False  # also drop near-duplicates (MinHash bands, data/curation.py)
+    detect_language: bool = False  # also drop documents a language detector finds not English
 
     @property
     def row_len(self) -> int:
@@ -200,7 +203,8 @@ def _load_npz(path: str, *names: str) -> dict:
 
 def _settings_key(job: Job) -> list:
     """What a unit's tokens depend on besides its files."""
-    return [CACHE_VERSION, job.tokenizer_sha256, job.fmt, job.on_error, list(job.licenses)]
+    return [CACHE_VERSION, job.tokenizer_sha256, job.fmt, job.on_error, list(job.licenses), job.near_dedupe,
+            job.detect_language]
 
 
 def cache_path(job: Job, u: int) -> str:
@@ -276,7 +280,12 @@ def tokenize_unit(job: Job, u: int) -> bool:
     files = unit_files(job, u)
     reuse = _reusable(job, u)
     stats = readers.ReadStats(files=len(files))
-    cols: dict[str, list] = {k: [] for k in ("ids", "kinds", "lengths", "keys", "hashes", "sources", "entries")}
+    cols: dict[str, list] = {k: [] for k in ("ids", "kinds", "lengths", "keys", "hashes", "sources", "entries",
+                                             "bands")}
+    if job.near_dedupe or job.detect_language:
+        from biomedlm_jax.data import curation
+    width = BANDS if job.near_dedupe else 0
+    no_bands = (0,) * width  # a record's MinHash band keys until it is known to be a document
     batch: list[tuple[int, str]] = []  # (record number, text) waiting for encode_batch
     formats: dict[str, int] = {}
     fresh = [i for i, (f, _, v) in enumerate(files) if (f, v) not in reuse]
@@ -297,17 +306,23 @@ def tokenize_unit(job: Job, u: int) -> bool:
             if path not in formats:
                 formats[path] = readers.FORMATS.index(readers.file_format(path, job.fmt))
             for k, v in (("ids", doc.id), ("keys", doc.key), ("lengths", 0), ("sources", formats[path]),
-                         ("hashes", 0), ("entries", i)):
+                         ("hashes", 0), ("entries", i), ("bands", no_bands)):
                 cols[k].append(v)
+            drop = doc.drop
+            if (job.detect_language and not drop and doc.text and doc.text.strip()
+                    and not curation.is_english(doc.text)):
+                drop = "language"
             if doc.text is None:
                 cols["kinds"].append(DELETE)
-            elif doc.drop:
-                cols["kinds"].append(DROPPED + readers.DROP_REASONS.index(doc.drop))
+            elif drop:
+                cols["kinds"].append(DROPPED + readers.DROP_REASONS.index(drop))
             elif not doc.text.strip():
                 cols["kinds"].append(EMPTY)
             else:
                 cols["kinds"].append(DOC)
                 cols["hashes"][r] = text_hash(doc.text)
+                if job.near_dedupe:
+                    cols["bands"][r] = tuple(curation.minhash_bands(doc.text).tolist())
                 batch.append((r, doc.text))
                 if len(batch) >= job.batch_docs:
                     flush()
@@ -315,7 +330,7 @@ def tokenize_unit(job: Job, u: int) -> bool:
         def copy(i: int):  # an unchanged article: its records and tokens from the earlier cache
             cache, a, b = reuse[(files[i][0], files[i][2])]
             if cache not in old_caches:
-                old_caches[cache] = _load_npz(cache, "ids", "kinds", "lengths", "keys", "hashes", "sources")
+                old_caches[cache] = _load_npz(cache, "ids", "kinds", "lengths", "keys", "hashes", "sources", "bands")
             old = old_caches[cache]
             flush()
             lengths = old["lengths"]
@@ -328,6 +343,7 @@ def tokenize_unit(job: Job, u: int) -> bool:
                 out.write(data)
             for k in ("ids", "kinds", "lengths", "keys", "hashes", "sources"):
                 cols[k] += old[k][a:b].tolist()
+            cols["bands"] += [tuple(row) for row in old["bands"][a:b].tolist()]
             cols["entries"] += [i] * (b - a)
 
         read = readers.read_unit([files[i][0] for i in fresh], stats, job.on_error, job.fmt, job.licenses,
@@ -348,6 +364,7 @@ def tokenize_unit(job: Job, u: int) -> bool:
               lengths=np.asarray(cols["lengths"], np.int64), keys=np.asarray(cols["keys"], dtype=str),
               hashes=np.asarray(cols["hashes"], np.int64), sources=np.asarray(cols["sources"], np.int8),
               entries=np.asarray(cols["entries"], np.int64), files=np.asarray(json.dumps(files)),
+              bands=np.asarray(cols["bands"], np.int64).reshape(len(cols["ids"]), width),
               settings=np.asarray(json.dumps(_settings_key(job))), stats=np.asarray(json.dumps(counts)),
               reused=np.asarray(reused))
     for cache in {c for c, _, _ in reuse.values()}:  # superseded by this unit's cache
@@ -361,21 +378,23 @@ def tokenize_unit(job: Job, u: int) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def record_events(job: Job, u: int) -> Iterator[tuple[str, tuple[int, int, int, int]]]:
-    cache = _load_npz(cache_path(job, u), "ids", "kinds", "hashes")
+def record_events(job: Job, u: int) -> Iterator[tuple[str, tuple]]:
+    """(id, (unit, position, kind, text hash, MinHash band keys)) per record of unit u."""
+    cache = _load_npz(cache_path(job, u), "ids", "kinds", "hashes", "bands")
+    bands = [tuple(row) for row in cache["bands"].tolist()]
     for r, (doc_id, kind, h) in enumerate(zip(cache["ids"].tolist(), cache["kinds"].tolist(),
                                               cache["hashes"].tolist())):
-        yield doc_id, (u, r, kind, h)
+        yield doc_id, (u, r, kind, h, bands[r])
 
 
-def resolve(doc_id: str, events: Iterable[tuple[int, int, int, int]]) -> tuple[int, tuple[int, int, int, int, int]]:
+def resolve(doc_id: str, events: Iterable[tuple]) -> tuple[int, tuple]:
     """The latest record of an id: (its unit, (its position, kind, records it replaced, 1 if it deleted
-    an earlier record, its text hash))."""
+    an earlier record, its text hash, its band keys))."""
     events = sorted(events)
-    u, r, kind, h = events[-1]
+    u, r, kind, h, bands = events[-1]
     records = sum(1 for e in events if e[2] != DELETE)  # records of this id that are not deletions
     # all but the last of them were replaced by a later one; a deletion at the end removes the last
-    return u, (r, kind, max(records - 1, 0), int(kind == DELETE and records > 0), h)
+    return u, (r, kind, max(records - 1, 0), int(kind == DELETE and records > 0), h, bands)
 
 
 def resolve_all(events: Iterable[tuple[str, tuple[int, int, int, int]]]) -> dict[int, list]:
@@ -391,10 +410,14 @@ def resolve_all(events: Iterable[tuple[str, tuple[int, int, int, int]]]) -> dict
 
 
 def text_events(u: int, winner: tuple) -> Iterator[tuple[int, tuple[int, int]]]:
-    """(text hash, (unit, position)) of a surviving document, for exact de-duplication by text."""
-    r, kind, _, _, h = winner
+    """(text hash, (unit, position)) of a surviving document, for exact de-duplication by text, and
+    (band key, (unit, position)) for each of its MinHash bands when near_dedupe computed them: a
+    document that shares a key with an earlier one is dropped."""
+    r, kind, _, _, h, bands = winner
     if kind == DOC:
         yield h, (u, r)
+        for key in bands:
+            yield key, (u, r)
 
 
 def later_copies(h: int, places: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
@@ -426,7 +449,7 @@ def plan_path(job: Job, u: int) -> str:
     return paths.join(job.work, "plans", f"{u:06d}.npz")
 
 
-def plan_unit(job: Job, u: int, winners: Iterable[tuple[int, int, int, int, int]],
+def plan_unit(job: Job, u: int, winners: Iterable[tuple],
               duplicates: Iterable[int] = ()) -> dict:
     """Writes the plan of unit u and returns {"unit": u, "tokens": {split: n}, "docs": {split: n},
     "sources": {format: {split: {"documents", "tokens"}}}, "counts": {...}}. `duplicates`: positions
@@ -441,7 +464,7 @@ def plan_unit(job: Job, u: int, winners: Iterable[tuple[int, int, int, int, int]
     dup = set(duplicates) if job.dedupe_text else set()
     kept, validation = [], []
     by_source: dict = {}
-    for r, kind, replaced, deleted, _ in sorted(winners):
+    for r, kind, replaced, deleted, *_ in sorted(winners):
         counts["duplicates"] += replaced
         counts["deleted"] += deleted
         if kind == EMPTY:
@@ -636,7 +659,8 @@ def card(job: Job, lay: dict) -> dict:
     stats = lay["read_stats"]
     return {"sources": lay.get("sources", {}), "dropped": {k: stats.get(k, 0) for k in CARD_DROPS},
             "split_key": "the article's PMID where the record names one, else its id",
-            "pmc_licenses": list(job.licenses), "dedupe_text": job.dedupe_text}
+            "pmc_licenses": list(job.licenses), "dedupe_text": job.dedupe_text, "near_dedupe": job.near_dedupe,
+            "detect_language": job.detect_language}
 
 
 def card_lines(manifest: dict) -> list[str]:
