@@ -80,6 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--pmc_license", default=",".join(pmc_cloud.DEFAULT_LICENSES),
                    help="PMC Cloud Service licence subsets to keep, comma-separated: oa_comm (CC0, CC BY, CC BY-SA, "
                         "CC BY-ND: commercial use allowed; the default), oa_noncomm, phe_timebound, or all")
+    p.add_argument("--pmc_withdrawn", default=None,
+                   help="a file (or URL) naming PMCIDs to leave out, e.g. NLM's list of PHE articles whose licence "
+                        "expired: for mirrors or inventories older than NLM's removal of them")
     p.add_argument("--no_dedupe_text", dest="dedupe_text", action="store_false",
                    help="keep documents whose normalized text an earlier document already has")
     p.add_argument("--near_dedupe", action="store_true",
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
                     beam_args=None if args.runner is None else [f"--runner={args.runner}", *beam_args],
                     pmc_license=args.pmc_license, dedupe_text=args.dedupe_text,
                     fetch_concurrency=args.fetch_concurrency, work=args.work_dir, keep_work=args.keep_work,
-                    near_dedupe=args.near_dedupe, detect_language=args.detect_language)
+                    near_dedupe=args.near_dedupe, detect_language=args.detect_language,
+                    pmc_withdrawn=args.pmc_withdrawn)
     except (errors.DataError, FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

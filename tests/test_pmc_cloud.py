@@ -42,11 +42,11 @@ def test_the_bucket_is_read_from_its_inventory_latest_versions_and_chosen_licenc
     _, s3 = fake_s3
     assert lay_out(s3) == 7
     put_inventory(s3, "2026-11-30T01-00Z")  # an older inventory beside it is not the one read
-    files, older = readers.list_inputs([ROOT])
+    files, listed = readers.list_inputs([ROOT])
     # one entry per PMCID, its latest version, in PMCID order (PMC1000 after PMC103, not between)
     assert [f.rsplit("/", 1)[1] for f, _, _ in files] == [
         "PMC99.1.json", "PMC100.2.json", "PMC101.1.json", "PMC102.1.json", "PMC103.1.json", "PMC1000.1.json"]
-    assert older == 1 and all(v for _, _, v in files)  # ETags, from the inventory
+    assert listed == {"older_version": 1, "withdrawn": 0} and all(v for _, _, v in files)  # ETags, from the inventory
     out = tmp_path / "out"
     m = prepare.prepare([ROOT], GPT2, str(out), seq_len=16, eval_fraction=0.0, rows_per_shard=64, progress=False)
     dropped = m["card"]["dropped"]
@@ -58,6 +58,11 @@ def test_the_bucket_is_read_from_its_inventory_latest_versions_and_chosen_licenc
     stats = readers.ReadStats()
     docs = dict(readers.read_documents([f for f, _, _ in files], stats))
     assert docs["PMC100"].startswith("New title\n" + sentence(1, "v2"))
+    # a list of withdrawn articles (NLM's, for a mirror older than their removal) leaves them out
+    (tmp_path / "withdrawn.csv").write_text("PMCID,Reason\nPMC1000,licence expired\n")
+    m3 = prepare.prepare([ROOT], GPT2, str(tmp_path / "w"), seq_len=16, eval_fraction=0.0, rows_per_shard=64,
+                         progress=False, pmc_withdrawn=str(tmp_path / "withdrawn.csv"))
+    assert m3["card"]["dropped"]["withdrawn"] == 1 and m3["splits"]["train"]["documents"] == 1
     # non-commercial articles only when asked for
     m2 = prepare.prepare([ROOT], GPT2, str(tmp_path / "nc"), seq_len=16, eval_fraction=0.0, rows_per_shard=64,
                          progress=False, pmc_license="oa_comm,oa_noncomm")
@@ -67,10 +72,10 @@ def test_the_bucket_is_read_from_its_inventory_latest_versions_and_chosen_licenc
 def test_globs_of_metadata_objects_work_without_an_inventory(fake_s3):
     _, s3 = fake_s3
     lay_out(s3)
-    files, older = readers.list_inputs(["s3://pmc-oa-opendata/metadata/PMC10*.json"])
+    files, listed = readers.list_inputs(["s3://pmc-oa-opendata/metadata/PMC10*.json"])
     assert [f.rsplit("/", 1)[1] for f, _, _ in files] == ["PMC100.2.json", "PMC101.1.json", "PMC102.1.json",
                                                           "PMC103.1.json", "PMC1000.1.json"]
-    assert older == 1
+    assert listed["older_version"] == 1
     # a glob over article prefixes names the same article once, through its own PMCn.v.json
     files, _ = readers.list_inputs(["s3://pmc-oa-opendata/PMC100.*/*"])
     assert [f for f, _, _ in files] == ["s3://pmc-oa-opendata/PMC100.2/PMC100.2.json"]

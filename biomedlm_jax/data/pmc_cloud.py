@@ -222,6 +222,28 @@ def list_articles(pattern: str) -> Optional[list[tuple[str, int, str]]]:
     return None
 
 
+def read_withdrawn(path: str) -> set[str]:
+    """PMCIDs from a list of withdrawn articles (NLM's list of PHE articles whose licence expired, or
+    any file naming PMCIDs): every `PMC<digits>` token in the file, whatever its layout (CSV, one per
+    line). A file without one is an error naming it."""
+    from biomedlm_jax.core import paths
+
+    try:
+        text = paths.read_text(path)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: the list of withdrawn articles is not there") from e
+    ids = set(re.findall(r"\bPMC\d+\b", text))
+    if not ids:
+        raise DataError(f"{path}: no PMCID (PMC followed by digits) in the list of withdrawn articles")
+    return ids
+
+
+def without(entries: Sequence[tuple[str, int, str]], withdrawn: set[str]) -> tuple[list, int]:
+    """The metadata entries whose PMCID is not in `withdrawn`, and how many were left out."""
+    kept = [e for e in entries if article_version(e[0])[0] not in withdrawn]
+    return kept, len(entries) - len(kept)
+
+
 def weight(entry: tuple[str, int, str]) -> int:
     """What a metadata entry counts for when inputs are grouped into work units: its article, whose
     size the listing does not give, taken as ARTICLE_BYTES."""

@@ -62,13 +62,14 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
              fmt: str = "auto", batch_docs: int = 512, unit_bytes: int = stages.UNIT_BYTES,
              pmc_license: str | Sequence[str] = pmc_cloud.DEFAULT_LICENSES, dedupe_text: bool = True,
              fetch_concurrency: int = readers.FETCH_CONCURRENCY, work: Optional[str] = None,
-             near_dedupe: bool = False, detect_language: bool = False) -> stages.Job:
+             near_dedupe: bool = False, detect_language: bool = False,
+             pmc_withdrawn: Optional[str] = None) -> stages.Job:
     """Lists the inputs once (sizes and versions from the listing), groups them into work units and
     writes the list into WORK; the job carries only its path and digest."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: choose raise or skip")
     licenses = pmc_cloud.parse_licenses(pmc_license)
-    files, older = readers.list_inputs(list(inputs))
+    files, listed = readers.list_inputs(list(inputs), pmc_cloud.read_withdrawn(pmc_withdrawn) if pmc_withdrawn else None)
     units = stages.group_units(files, unit_bytes)
     tokenizer_dir = paths.resolve(tokenizer_dir)
     tok = stages.load_tokenizer(tokenizer_dir)
@@ -80,7 +81,8 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
                       tokenizer=tokenizer_dir, tokenizer_sha256=shards.tokenizer_sha256(tok), work=work,
                       seq_len=seq_len, eval_fraction=eval_fraction, rows_per_shard=rows_per_shard, fmt=fmt,
                       on_error=on_error, batch_docs=batch_docs, vocab_size=tok.get_vocab_size(),
-                      licenses=licenses, older_versions=older, dedupe_text=dedupe_text,
+                      licenses=licenses, older_versions=listed["older_version"], withdrawn=listed["withdrawn"],
+                      dedupe_text=dedupe_text,
                       fetch_concurrency=fetch_concurrency, out_dir=paths.resolve(out),
                       pmc_block_ids=max(1, unit_bytes // pmc_cloud.ARTICLE_BYTES), near_dedupe=near_dedupe,
                       detect_language=detect_language)
@@ -111,7 +113,8 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
             unit_bytes: int = stages.UNIT_BYTES, beam_args: Optional[Sequence[str]] = None,
             pmc_license: str | Sequence[str] = pmc_cloud.DEFAULT_LICENSES, dedupe_text: bool = True,
             fetch_concurrency: int = readers.FETCH_CONCURRENCY, work: Optional[str] = None,
-            keep_work: bool = False, near_dedupe: bool = False, detect_language: bool = False) -> dict:
+            keep_work: bool = False, near_dedupe: bool = False, detect_language: bool = False,
+            pmc_withdrawn: Optional[str] = None) -> dict:
     """Tokenize and pack `inputs` into `out`; returns the manifest. Every path may be local or a URL
     (gs://..., s3://...). With `beam_args` (Beam pipeline options, e.g. ["--runner=DirectRunner",
     "--direct_num_workers=2"]) the stages run as an Apache Beam pipeline; the output is the same.
@@ -142,7 +145,7 @@ def prepare(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: int
                    rows_per_shard=rows_per_shard, on_error=on_error, fmt=fmt, batch_docs=batch_docs,
                    unit_bytes=unit_bytes, pmc_license=pmc_license, dedupe_text=dedupe_text,
                    fetch_concurrency=fetch_concurrency, work=work, near_dedupe=near_dedupe,
-                   detect_language=detect_language)
+                   detect_language=detect_language, pmc_withdrawn=pmc_withdrawn)
     t0 = time.time()
     for stale in ("out", "plans", "shards"):  # everything but the tokenized units is redone
         paths.rmtree(paths.join(job.work, stale))

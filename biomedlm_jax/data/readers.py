@@ -1,6 +1,7 @@
-"""Document readers for the pretraining corpus: PubMed baseline XML, PubTator, JSONL, PMC JATS XML.
+"""Document readers for the pretraining corpus: PubMed baseline XML, PubTator, JSONL, PMC JATS XML
+(data/jats.py), PMC's Cloud Service (data/pmc_cloud.py); what they yield is in data/records.py.
 
-Every reader yields `(doc_id, text)` and streams: XML goes through `iterparse` and each article is
+Every reader yields a `Doc` (id, text, split key, curation verdict) and streams: XML goes through `iterparse` and each article is
 freed once read, so a 30 GB baseline file never sits in memory. A document is title + abstract
 (PubMed / PubTator / JSONL) or title + abstract + body paragraphs (PMC JATS, without references,
 tables and figures). Ids are PMIDs, or `PMC...` for full texts, and survive tokenization and packing
@@ -15,64 +16,16 @@ valid UTF-8 (decoded with U+FFFD replacement characters) are counted.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import gzip
 import io
 import json
 import os
-import re
-import tarfile
-import xml.etree.ElementTree as ET
-import zlib
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 from biomedlm_jax.core.errors import DataError
-
-
-@dataclasses.dataclass
-class ReadStats:
-    documents: int = 0  # yielded
-    empty: int = 0  # no text after extraction
-    duplicates: int = 0  # records replaced by another record of the same id
-    deleted: int = 0  # ids removed by a PubMed <DeleteCitation> (prepare_data)
-    errors_skipped: int = 0  # malformed records skipped with on_error="skip"
-    non_utf8_lines: int = 0  # lines decoded with replacement characters
-    files: int = 0
-    # Curation: records left out, by reason (see `Doc.drop`); prepare_data adds duplicate_text
-    no_abstract: int = 0  # a PubMed citation (or JSONL title/abstract record) with a title and no abstract
-    retracted: int = 0  # PubMed "Retracted Publication", or PMC metadata is_retracted
-    language: int = 0  # a JATS article whose xml:lang is not English
-    license: int = 0  # a PMC Cloud Service article outside the chosen license subsets (or not open access)
-    older_version: int = 0  # a PMC article version with a later version listed (counted when listed)
-    duplicate_text: int = 0  # the same normalized text as an earlier document (prepare_data, across sources)
-    reused: int = 0  # PMC records taken from an earlier listing's work cache, not fetched again (prepare_data)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-FORMATS = ("pubmed_xml", "pubtator", "jsonl", "jats", "pmc_tar", "pmc_cloud", "text")
-DROP_REASONS = ("no_abstract", "retracted", "language", "license")
-
-
-class Doc(NamedTuple):
-    """One record of an input file, as `read_records` yields it.
-
-    - `id`: PMID, `PMC...` or another id; a later record of the same id replaces an earlier one.
-    - `text`: the document; None when a PubMed update deletes the id.
-    - `key`: the article this record belongs to, for the train/validation split: the PMID where the
-      record names one (a JATS `pub-id-type="pmid"`), else the id. An abstract and its full text then
-      share a key, and hence a split.
-    - `drop`: why curation leaves the record out ("" = kept): one of DROP_REASONS."""
-    id: str
-    text: Optional[str]
-    key: str = ""
-    drop: str = ""
-
-
-def _doc(doc_id: str, text: Optional[str], key: str = "", drop: str = "") -> Doc:
-    return Doc(doc_id, text, key or doc_id, drop)
+from biomedlm_jax.data.jats import (TAR_ERRORS, jats_article, jats_doc, read_jats, read_pmc_tar,  # noqa: F401
+                                    jats_records)
+from biomedlm_jax.data.records import (DROP_REASONS, FORMATS, GZIP_ERRORS, Doc, ReadStats,  # noqa: F401
+                                       make_doc, fail, gzip_message, iterparse_file, open_binary, parse_xml, xml_text)
 
 
 def list_files(patterns: str | Sequence[str]) -> list[tuple[str, int, str]]:
@@ -85,8 +38,10 @@ def list_files(patterns: str | Sequence[str]) -> list[tuple[str, int, str]]:
     return list_inputs(patterns)[0]
 
 
-def list_inputs(patterns: str | Sequence[str]) -> tuple[list[tuple[str, int, str]], int]:
-    """`list_files`, and how many PMC article versions were left out for a later version.
+def list_inputs(patterns: str | Sequence[str], withdrawn: Optional[set] = None
+                ) -> tuple[list[tuple[str, int, str]], dict]:
+    """`list_files`, and how many PMC article versions were left out when listed: {"older_version": n
+    (a later version is listed), "withdrawn": n (the PMCID is in `withdrawn`)}.
 
     PMC Cloud Service inputs (data/pmc_cloud.py): a folder on an object store with an
     `inventory-reports/` (the bucket itself: `s3://pmc-oa-opendata/`) is listed from its newest
@@ -119,11 +74,13 @@ def list_inputs(patterns: str | Sequence[str]) -> tuple[list[tuple[str, int, str
             if h[0] not in seen:
                 seen.add(h[0])
                 (articles if meta else out).append(h)
-    older = 0
+    counts = {"older_version": 0, "withdrawn": 0}
     if articles:
-        latest, older = pmc_cloud.latest_versions(articles)
+        latest, counts["older_version"] = pmc_cloud.latest_versions(articles)
+        if withdrawn:
+            latest, counts["withdrawn"] = pmc_cloud.without(latest, withdrawn)
         out += latest
-    return out, older
+    return out, counts
 
 
 def expand_files(patterns: str | Sequence[str]) -> list[str]:
@@ -146,31 +103,10 @@ def _recognised(path: str, sniff: bool = True) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _open_binary(path: str):
-    """The decompressed bytes of a local or remote file (gzip by the `.gz` name)."""
-    from biomedlm_jax.core import paths
-
-    with paths.open_read(path) as raw:
-        if path.endswith(".gz"):
-            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
-                yield f
-        else:
-            yield raw
-
-
-# What a damaged gzip raises while it is read: cut short (EOFError), not gzip, or corrupt inside.
-GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
-
-
-def _gzip_message(path: str, e: BaseException) -> str:
-    return f"{path}: truncated or corrupt gzip ({type(e).__name__}: {e})"
-
-
 def _lines(path: str, stats: ReadStats, on_error: str = "raise") -> Iterator[tuple[int, str]]:
     """(line number, text) with invalid UTF-8 replaced and counted; a damaged gzip ends the file."""
     lineno = 0
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         try:
             for lineno, raw in enumerate(f, 1):
                 try:
@@ -180,13 +116,13 @@ def _lines(path: str, stats: ReadStats, on_error: str = "raise") -> Iterator[tup
                     stats.non_utf8_lines += 1
                 yield lineno, line.rstrip("\r\n")
         except GZIP_ERRORS as e:
-            _fail(stats, on_error, _gzip_message(f"{path}:{lineno + 1}", e))
+            fail(stats, on_error, gzip_message(f"{path}:{lineno + 1}", e))
 
 
 def _head(path: str, n: int = 4096) -> bytes:
     """Up to n first bytes, also of a gzip cut short (its damage is reported when the file is read)."""
     out = b""
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         read = getattr(f, "read1", f.read)  # an object store's file objects have no read1
         try:
             while len(out) < n:
@@ -196,7 +132,7 @@ def _head(path: str, n: int = 4096) -> bytes:
                 out += chunk
         except GZIP_ERRORS as e:
             if not out:
-                raise DataError(_gzip_message(path, e)) from e
+                raise DataError(gzip_message(path, e)) from e
     return out
 
 
@@ -269,10 +205,10 @@ def json_lines(path: str, stats: Optional[ReadStats] = None, on_error: str = "ra
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            _fail(stats, on_error, f"{path}:{lineno}: not valid JSON ({e.msg})")
+            fail(stats, on_error, f"{path}:{lineno}: not valid JSON ({e.msg})")
             continue
         if not isinstance(record, dict):
-            _fail(stats, on_error, f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            fail(stats, on_error, f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             continue
         yield lineno, record
 
@@ -284,17 +220,11 @@ def read_jsonl(path: str, stats: Optional[ReadStats] = None, on_error: str = "ra
     for lineno, record in json_lines(path, stats, on_error):
         text = record_text(record)
         if text is None:
-            _fail(stats, on_error, f"{path}:{lineno}: expected an object with 'text' or 'title'/'abstract'")
+            fail(stats, on_error, f"{path}:{lineno}: expected an object with 'text' or 'title'/'abstract'")
             continue
         doc_id = record_id(record, f"{os.path.basename(path)}:{lineno}")
         drop = "no_abstract" if "text" not in record and record.get("title") and not record.get("abstract") else ""
-        yield _doc(doc_id, text, str(record.get("pmid") or ""), drop)
-
-
-def _fail(stats: ReadStats, on_error: str, message: str) -> None:
-    if on_error != "skip":
-        raise DataError(message + "  (pass --on_error=skip to skip such records)")
-    stats.errors_skipped += 1
+        yield make_doc(doc_id, text, str(record.get("pmid") or ""), drop)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,7 +242,7 @@ def read_pubtator(path: str, stats: Optional[ReadStats] = None, on_error: str = 
         if pmid is None:
             return None
         text = "\n".join(x for x in (title.strip(), abstract.strip()) if x)
-        return _doc(pmid, text, drop="no_abstract" if title.strip() and not abstract.strip() else "")
+        return make_doc(pmid, text, drop="no_abstract" if title.strip() and not abstract.strip() else "")
 
     for lineno, line in _lines(path, stats, on_error):
         if not line.strip():
@@ -336,7 +266,7 @@ def read_pubtator(path: str, stats: Optional[ReadStats] = None, on_error: str = 
         elif "\t" in line and pmid is not None and line.split("\t", 1)[0] == pmid:
             continue  # an annotation or relation line
         else:
-            _fail(stats, on_error, f"{path}:{lineno}: not a PubTator line (expected 'PMID|t|', 'PMID|a|' or an annotation)")
+            fail(stats, on_error, f"{path}:{lineno}: not a PubTator line (expected 'PMID|t|', 'PMID|a|' or an annotation)")
     doc = flush()
     if doc:
         yield doc
@@ -345,41 +275,6 @@ def read_pubtator(path: str, stats: Optional[ReadStats] = None, on_error: str = 
 # ----------------------------------------------------------------------------------------------------
 # XML (PubMed baseline, PMC JATS)
 # ----------------------------------------------------------------------------------------------------
-
-
-def _text(elem) -> str:
-    return " ".join("".join(elem.itertext()).split()) if elem is not None else ""
-
-
-def _parse(f, where: str, tags: set, stats: ReadStats, on_error: str, free: frozenset = frozenset()):
-    """Yields end-event elements of the XML stream `f` whose tag is in `tags`; malformed XML is named
-    `where:line`. Once an element whose tag is in `free` has ended (and was yielded, if asked for),
-    everything read so far is dropped from the tree (the root's children), so memory stays flat however
-    many records a file holds: clearing an element alone leaves it, empty, in its parent. Errors of the
-    stream below (gzip, tar) pass through to the caller."""
-    root = None
-    try:
-        for event, elem in ET.iterparse(f, events=("start", "end")):
-            if root is None:
-                root = elem
-            if event != "end":
-                continue
-            if elem.tag in tags:
-                yield elem
-            if elem.tag in free:
-                root.clear()
-    except ET.ParseError as e:
-        line = e.position[0] if getattr(e, "position", None) else "?"
-        _fail(stats, on_error, f"{where}:{line}: malformed XML ({e})")
-
-
-def _iterparse(path: str, tags: set, stats: ReadStats, on_error: str, free: frozenset = frozenset()):
-    """`_parse` over a file (gzip by its name); a damaged gzip names the file."""
-    with _open_binary(path) as f:
-        try:
-            yield from _parse(f, path, tags, stats, on_error, free)
-        except GZIP_ERRORS as e:
-            _fail(stats, on_error, _gzip_message(path, e))
 
 
 RETRACTED = "Retracted Publication"  # PubMed's publication type of an article that was retracted
@@ -399,12 +294,12 @@ def pubmed_citation(citation) -> tuple[Optional[str], str, str]:
     for a "Retracted Publication"."""
     pmid = citation.findtext("PMID")
     article = citation.find("Article")
-    title = _text(article.find("ArticleTitle")) if article is not None else ""
+    title = xml_text(article.find("ArticleTitle")) if article is not None else ""
     parts = []
     types = set()
     if article is not None:
         for sec in article.findall("Abstract/AbstractText"):
-            body = _text(sec)
+            body = xml_text(sec)
             label = sec.get("Label")
             if body:
                 parts.append(f"{label}: {body}" if label else body)
@@ -421,173 +316,17 @@ def read_pubmed_xml(path: str, stats: Optional[ReadStats] = None, on_error: str 
     Memory does not grow with the file: each PubmedArticle is dropped from the tree once read."""
     stats = stats if stats is not None else ReadStats()
     free = frozenset({"PubmedArticle", "PubmedBookArticle", "DeleteCitation"})
-    for elem in _iterparse(path, {"MedlineCitation", "DeleteCitation"}, stats, on_error, free):
+    for elem in iterparse_file(path, {"MedlineCitation", "DeleteCitation"}, stats, on_error, free):
         if elem.tag == "DeleteCitation":
             pmids = [p.text.strip() for p in elem.findall("PMID") if p.text and p.text.strip()]
             if deletions:
-                yield from (_doc(pmid, None) for pmid in pmids)
+                yield from (make_doc(pmid, None) for pmid in pmids)
             continue
         pmid, text, drop = pubmed_citation(elem)
         if pmid is None:
-            _fail(stats, on_error, f"{path}: a MedlineCitation without a PMID")
+            fail(stats, on_error, f"{path}: a MedlineCitation without a PMID")
             continue
-        yield _doc(pmid, text, drop=drop)
-
-
-# JATS elements whose text is not running prose: references, tables, figures, display formulas,
-# supplements, acknowledgements, footnotes, appendices. Inline formulas keep their text.
-_JATS_SKIP = {"ref-list", "table-wrap", "table", "fig", "fig-group", "supplementary-material", "disp-formula",
-              "graphic", "inline-graphic", "media", "ack", "fn-group", "app-group"}
-_XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
-_SKIP_ABSTRACTS = {"graphical", "teaser", "toc"}  # abstract-type values that are not an abstract's prose
-# What a citation leaves behind once its xrefs are gone: brackets holding only separators, and runs of
-# separators before punctuation ("risk , ." → "risk.")
-_SEP = r"(?:[,;\u2013\u2014-]|and)"
-_EMPTY_BRACKETS = re.compile(r"\s*[(\[]\s*(?:" + _SEP + r"\s*)*[)\]]")
-_LOOSE_SEPARATORS = re.compile(r"\s*(?:[,;]\s*)+(?=[.,;:)\]]|$)")
-_ONLY_SEPARATORS = re.compile(r"^\s*(?:" + _SEP + r"\s*)*$")
-
-
-def _english(lang: Optional[str]) -> bool:
-    """True for no language given or an English tag (en, en-US, EN)."""
-    return not lang or lang.strip().lower().split("-")[0] == "en"
-
-
-class _Jats:
-    """Text of one JATS article: citation references go with their brackets and separators; figure,
-    table and other references keep their text, or the target's label ("Fig. 2") when empty."""
-
-    def __init__(self, article):
-        self.labels = {}
-        for e in article.iter():
-            if e.get("id") and e.find("label") is not None:
-                self.labels[e.get("id")] = _text(e.find("label"))
-
-    def paragraphs(self, elem) -> list[str]:
-        out = []
-
-        def walk(e):
-            if e.tag in _JATS_SKIP:
-                return
-            if e.tag in ("p", "title"):
-                out.append(self.text(e))
-                return
-            for child in e:
-                walk(child)
-
-        walk(elem)
-        return [p for p in out if p]
-
-    def text(self, elem) -> str:
-        raw, _ = self._inline(elem)
-        text = " ".join(raw.split())
-        text = _EMPTY_BRACKETS.sub("", text)
-        text = _LOOSE_SEPARATORS.sub("", text)
-        return " ".join(text.split())
-
-    def _inline(self, elem) -> tuple[str, bool]:
-        """(text, whether a citation was removed inside)."""
-        parts, cited = [elem.text or ""], False
-        for child in elem:
-            if child.tag == "xref":
-                if child.get("ref-type") == "bibr":
-                    cited = True
-                else:
-                    label = _text(child) or self.labels.get((child.get("rid") or "").split(" ")[0], "")
-                    parts.append(label)
-            elif child.tag not in _JATS_SKIP:
-                inner, inner_cited = self._inline(child)
-                if inner_cited and _ONLY_SEPARATORS.match(inner):
-                    inner = ""  # <sup><xref>1</xref>,<xref>2</xref></sup>: nothing of it is prose
-                cited |= inner_cited
-                parts.append(inner)
-            parts.append(child.tail or "")
-        return "".join(parts), cited
-
-
-def _text_skipping(elem) -> str:
-    return _Jats(elem).text(elem)
-
-
-def jats_article(article) -> tuple[Optional[str], str]:
-    """(PMCID or PMID, title + abstract + body paragraphs) of a JATS <article>."""
-    doc = jats_doc(article)
-    return doc.id or None, doc.text or ""
-
-
-def jats_doc(article, fallback_id: str = "") -> Doc:
-    """The `Doc` of a JATS <article>: id PMCID (else PMID, else `fallback_id`), split key its PMID when
-    it has one. Dropped (language) when the article's xml:lang is not English. Abstracts in another
-    language and graphical / teaser abstracts are left out of the text."""
-    meta = article.find("front/article-meta")
-    ids = {}
-    if meta is not None:
-        for aid in meta.findall("article-id"):
-            ids[aid.get("pub-id-type")] = (aid.text or "").strip()
-    doc_id = ids.get("pmc") or ids.get("pmcid") or ids.get("pmid")
-    if doc_id and (ids.get("pmc") or ids.get("pmcid")) and not doc_id.upper().startswith("PMC"):
-        doc_id = "PMC" + doc_id
-    doc_id = doc_id or fallback_id
-    jats = _Jats(article)
-    title_el = meta.find("title-group/article-title") if meta is not None else None
-    title = jats.text(title_el) if title_el is not None else ""
-    abstract = []
-    if meta is not None:
-        for ab in meta.findall("abstract"):
-            if ab.get("abstract-type") in _SKIP_ABSTRACTS or not _english(ab.get(_XML_LANG)):
-                continue
-            abstract += jats.paragraphs(ab)
-    body = article.find("body")
-    paragraphs = jats.paragraphs(body) if body is not None else []
-    text = "\n".join(x for x in [title, *abstract, *paragraphs] if x)
-    drop = "" if _english(article.get(_XML_LANG)) else "language"
-    return _doc(doc_id, text, ids.get("pmid", ""), drop)
-
-
-def read_jats(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[Doc]:
-    """PMC open-access JATS XML: one or more <article> elements per file."""
-    stats = stats if stats is not None else ReadStats()
-    yield from _jats_records(_iterparse(path, {"article"}, stats, on_error, frozenset({"article"})),
-                             os.path.basename(path))
-
-
-def _jats_records(articles, fallback_id: str) -> Iterator[Doc]:
-    """The Doc of each parsed <article>, freed once read; `fallback_id` for an article without ids."""
-    for elem in articles:
-        doc = jats_doc(elem, fallback_id)
-        elem.clear()
-        yield doc
-
-
-# What reading a damaged tar member raises: a cut archive, a corrupt gzip stream, a bad header
-TAR_ERRORS = (tarfile.TarError, *GZIP_ERRORS)
-
-
-def read_pmc_tar(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[Doc]:
-    """PMC's bulk packages: a tar archive (`.tar.gz`, `.tgz` or `.tar`) of JATS `.xml` / `.nxml` files,
-    read member by member as one stream, never unpacked to disk; other members (PDFs, images) are
-    passed over. Each article is a record keyed like `read_jats`'s (PMCID, else PMID; else
-    `archive:member`). A member that is malformed XML is named `archive:member:line`; with
-    on_error="skip" it is counted and the next member is read. A truncated or corrupt archive is named
-    with the member being read when it broke; nothing after it can be read, so with "skip" the rest of
-    the archive is counted as one error."""
-    from biomedlm_jax.core import paths
-
-    stats = stats if stats is not None else ReadStats()
-    member = None
-    with paths.open_read(path) as raw:
-        try:
-            with tarfile.open(fileobj=raw, mode="r|*") as tar:  # a stream; gzip by its magic bytes
-                for member in tar:
-                    if not member.isfile() or not member.name.endswith((".xml", ".nxml")):
-                        continue
-                    where = f"{path}:{member.name}"
-                    yield from _jats_records(_parse(tar.extractfile(member), where, {"article"}, stats, on_error,
-                                                    frozenset({"article"})), where)
-                    member = None
-        except TAR_ERRORS as e:
-            at = f"{path}:{member.name}" if member is not None else path
-            _fail(stats, on_error, f"{at}: truncated or corrupt archive ({type(e).__name__}: {e})")
+        yield make_doc(pmid, text, drop=drop)
 
 
 def read_text(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise") -> Iterator[Doc]:
@@ -600,10 +339,10 @@ def read_text(path: str, stats: Optional[ReadStats] = None, on_error: str = "rai
                 start = lineno
             buf.append(line)
         elif buf:
-            yield _doc(f"{os.path.basename(path)}:{start}", "\n".join(buf))
+            yield make_doc(f"{os.path.basename(path)}:{start}", "\n".join(buf))
             buf = []
     if buf:
-        yield _doc(f"{os.path.basename(path)}:{start}", "\n".join(buf))
+        yield make_doc(f"{os.path.basename(path)}:{start}", "\n".join(buf))
 
 
 def read_pmc_cloud(path: str, stats: Optional[ReadStats] = None, on_error: str = "raise",
@@ -617,15 +356,15 @@ def read_pmc_cloud(path: str, stats: Optional[ReadStats] = None, on_error: str =
     acc, version = pmc_cloud.article_version(path)
     meta, data, drop = fetched if fetched is not None else pmc_cloud.fetch(path, licenses)
     if drop:
-        yield _doc(acc, "", str(meta.get("pmid") or ""), drop)
+        yield make_doc(acc, "", str(meta.get("pmid") or ""), drop)
         return
     where = pmc_cloud.xml_path(path)
     errors_before = stats.errors_skipped
-    docs = list(_jats_records(_parse(io.BytesIO(data), where, {"article"}, stats, on_error, frozenset({"article"})),
+    docs = list(jats_records(parse_xml(io.BytesIO(data), where, {"article"}, stats, on_error, frozenset({"article"})),
                               acc))
     if not docs:
-        if stats.errors_skipped == errors_before:  # (malformed XML skipped is counted once, by _parse)
-            _fail(stats, on_error, f"{where}: no JATS <article> in it")
+        if stats.errors_skipped == errors_before:  # (malformed XML skipped is counted once, by parse_xml)
+            fail(stats, on_error, f"{where}: no JATS <article> in it")
         return
     doc = docs[0]
     # the id is the PMCID without its version, so a newer version replaces an older one everywhere
@@ -691,7 +430,7 @@ def read_unit(files: Sequence[str], stats: ReadStats, on_error: str = "raise", f
                 _, future = ahead.popleft()
                 try:
                     fetched = future.result()
-                except DataError as e:
+                except DataError:
                     if on_error != "skip":
                         raise
                     stats.errors_skipped += 1
