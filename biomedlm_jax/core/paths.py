@@ -168,6 +168,20 @@ def forget_listings(path) -> None:
         filesystem(path)[0].invalidate_cache()
 
 
+def names_with_prefix(folder, prefix: str) -> list[str]:
+    """Names of the files in `folder` (not below it) that start with `prefix`, sorted. On an object store
+    one listing restricted to the prefix (gcsfs and s3fs list by prefix), not of the whole folder."""
+    if not is_remote(folder):
+        return sorted(n for n in os.listdir(folder) if n.startswith(prefix)) if os.path.isdir(folder) else []
+    fs, bare = filesystem(folder)
+    bare = bare.rstrip("/")
+    try:
+        found = fs.find(bare, prefix=prefix, maxdepth=1)
+    except TypeError:  # a file system without prefix listing
+        found = [f for f in fs.find(bare, maxdepth=1) if posixpath.basename(f).startswith(prefix)]
+    return sorted(posixpath.basename(f) for f in found if posixpath.dirname(f).rstrip("/") == bare)
+
+
 def glob_files(pattern: str) -> list[tuple[str, int, str]]:
     """(path, size, version) of every file matching `pattern` (a glob, `**` recursing) or below it when
     `pattern` is a folder, sorted by path. Local paths: glob and stat, the version being the mtime in

@@ -185,15 +185,15 @@ def reusable_articles(job: Job, u: int) -> dict:
     of the articles that an earlier cache of the same block (an earlier listing's, made with the same
     settings) holds, read from that cache; {} for other units or when there is none."""
     block = pmc_block(job, u)
-    folder = paths.join(job.work, "units")
-    if block is None or not paths.exists(folder):
+    if block is None:
         return {}
+    folder = paths.join(job.work, "units")
     mine = cache_path(job, u)
     found = {}
     settings = json.dumps(settings_key(job))
-    for name in paths.listdir(folder):
+    for name in paths.names_with_prefix(folder, f"pmc{block:07d}-"):  # one listing of this block's caches
         path = paths.join(folder, name)
-        if not (name.startswith(f"pmc{block:07d}-") and name.endswith(".npz")) or path == mine:
+        if not name.endswith(".npz") or path == mine:
             continue
         old = load_npz(path, "files", "entries", "settings")
         if str(old["settings"]) != settings:
