@@ -139,7 +139,7 @@ def test_a_unit_fetches_its_articles_concurrently_within_its_bound(fake_s3, monk
 
     monkeypatch.setattr(pmc_cloud, "_read", counted)
     stats = readers.ReadStats()
-    got = [doc.id for _, doc in readers.read_unit(files, stats, concurrency=6)]
+    got = [doc.id for _, _, doc in readers.read_unit(files, stats, concurrency=6)]
     assert got == [f"PMC{5000 + i}" for i in range(40)]  # in order, whatever order the fetches ended in
     assert 1 < peak[0] <= 6
 

@@ -83,16 +83,6 @@ class _Jats:
         return "".join(parts), cited
 
 
-def _text_skipping(elem) -> str:
-    return _Jats(elem).text(elem)
-
-
-def jats_article(article) -> tuple[Optional[str], str]:
-    """(PMCID or PMID, title + abstract + body paragraphs) of a JATS <article>."""
-    doc = jats_doc(article)
-    return doc.id or None, doc.text or ""
-
-
 def jats_doc(article, fallback_id: str = "") -> Doc:
     """The `Doc` of a JATS <article>: id PMCID (else PMID, else `fallback_id`), split key its PMID when
     it has one. Dropped (language) when the article's xml:lang is not English. Abstracts in another

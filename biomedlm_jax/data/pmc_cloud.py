@@ -18,7 +18,7 @@ gone). NLM's `README.txt` in the bucket describes the layout (docs/data.md quote
 
 An input is a metadata object (`.../metadata/PMCn.v.json` or `.../PMCn.v/PMCn.v.json`); its article
 is the XML beside it (`.../PMCn.v/PMCn.v.xml`, derived from the listing's path, so mirrors and other
-buckets work too). The launcher lists them (`list_articles`: the bucket's newest inventory when the
+buckets work too). The launcher lists them (`list_inventory`: the bucket's newest inventory when the
 input is a folder that has one, else a listing of the glob or folder), keeps the latest version of
 each PMCID (`latest_versions`), and orders them by PMCID. Reading one (`fetch`) costs two requests:
 the metadata, then, for an article that is kept, its XML, whose MD5 is checked against the metadata.
@@ -39,7 +39,6 @@ from typing import Optional, Sequence
 from biomedlm_jax.core import paths
 from biomedlm_jax.core.errors import DataError
 
-BUCKET = "s3://pmc-oa-opendata"
 INVENTORY = "inventory-reports"
 
 # The licence subsets NLM names (pmc.ncbi.nlm.nih.gov/tools/pmcaws), by the metadata's license_code.
@@ -156,7 +155,12 @@ def fetch(meta_path: str, licenses: Sequence[str]) -> tuple[dict, Optional[bytes
 
 
 def has_inventory(root: str) -> bool:
-    return paths.is_remote(root) and paths.exists(paths.join(root.rstrip("/"), INVENTORY))
+    """Whether `root`, a folder on an object store, holds an S3 Inventory (the bucket itself does). It
+    looks at the store as it is now (`paths.forget_listings`), as `list_inventory` then reads it."""
+    if not paths.is_remote(root):
+        return False
+    paths.forget_listings(root)
+    return paths.exists(paths.join(root.rstrip("/"), INVENTORY))
 
 
 def list_inventory(root: str) -> list[tuple[str, int, str]]:
@@ -164,7 +168,6 @@ def list_inventory(root: str) -> list[tuple[str, int, str]]:
     ROOT/inventory-reports/<bucket>/metadata/: the newest dated folder with a manifest.json, whose
     `files` are CSV.gz files laid out as its `fileSchema` says (Bucket, Key, LastModifiedDate, ETag)."""
     root = root.rstrip("/")
-    paths.forget_listings(root)
     base = paths.join(root, INVENTORY)
     dated = []
     for bucket in paths.listdir(base):
@@ -214,20 +217,10 @@ def latest_versions(entries: Sequence[tuple[str, int, str]]) -> tuple[list[tuple
     return kept, older
 
 
-def list_articles(pattern: str) -> Optional[list[tuple[str, int, str]]]:
-    """The metadata objects of a PMC Cloud Service input, or None when `pattern` is not one: a folder
-    with an inventory (read from it), or a glob / folder whose files include metadata objects."""
-    if has_inventory(pattern):
-        return list_inventory(pattern)
-    return None
-
-
 def read_withdrawn(path: str) -> set[str]:
     """PMCIDs from a list of withdrawn articles (NLM's list of PHE articles whose licence expired, or
     any file naming PMCIDs): every `PMC<digits>` token in the file, whatever its layout (CSV, one per
     line). A file without one is an error naming it."""
-    from biomedlm_jax.core import paths
-
     try:
         text = paths.read_text(path)
     except FileNotFoundError as e:
@@ -244,10 +237,9 @@ def without(entries: Sequence[tuple[str, int, str]], withdrawn: set[str]) -> tup
     return kept, len(entries) - len(kept)
 
 
-def weight(entry: tuple[str, int, str]) -> int:
-    """What a metadata entry counts for when inputs are grouped into work units: its article, whose
-    size the listing does not give, taken as ARTICLE_BYTES."""
-    return max(entry[1], ARTICLE_BYTES)
-
-
 ARTICLE_BYTES = 64 << 10  # a PMC article's JATS XML, roughly (median ~50-100 KB): 1,024 per 64 MB unit
+
+
+def block_ids(unit_bytes: int) -> int:
+    """PMCIDs per work unit of articles (a block): unit_bytes / ARTICLE_BYTES, at least 1."""
+    return max(1, unit_bytes // ARTICLE_BYTES)

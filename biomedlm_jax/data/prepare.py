@@ -84,7 +84,7 @@ def make_job(inputs: Sequence[str], tokenizer_dir: str, out: str, *, seq_len: in
                       licenses=licenses, older_versions=listed["older_version"], withdrawn=listed["withdrawn"],
                       dedupe_text=dedupe_text,
                       fetch_concurrency=fetch_concurrency, out_dir=paths.resolve(out),
-                      pmc_block_ids=max(1, unit_bytes // pmc_cloud.ARTICLE_BYTES), near_dedupe=near_dedupe,
+                      pmc_block_ids=pmc_cloud.block_ids(unit_bytes), near_dedupe=near_dedupe,
                       detect_language=detect_language)
 
 

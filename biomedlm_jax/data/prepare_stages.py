@@ -52,11 +52,10 @@ from biomedlm_jax.data import packing, readers
 from biomedlm_jax.data import shards as shards_lib
 from biomedlm_jax.data import tokenizer as tokenizer_lib
 
-from biomedlm_jax.data.prepare_units import (BANDS, CACHE_VERSION, DELETE, DOC, DROPPED, EMPTY,  # noqa: F401
-                                             READ_BYTES, SPLITS, UNIT_BYTES, Job, load_npz, reusable_articles,
-                                             save_npz, settings_key, cache_path, group_units, load_tokenizer,
-                                             pmc_block, text_hash, tokenize_unit, tokens_path, unit_files,
-                                             write_listing)
+# Stage 1 and what it rests on live in prepare_units; these names are re-exported, as callers know them
+from biomedlm_jax.data.prepare_units import (DELETE, DOC, DROPPED, EMPTY, READ_BYTES, SPLITS,  # noqa: F401
+                                             UNIT_BYTES, Job, cache_path, group_units, load_npz, load_tokenizer,
+                                             save_npz, tokenize_unit, tokens_path, unit_files, write_listing)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from biomedlm_jax.core import errors, paths
-from biomedlm_jax.data import packing, readers
+from biomedlm_jax.data import packing, pmc_cloud, readers
 from biomedlm_jax.data import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "validation")
@@ -48,7 +48,7 @@ class Job:
     withdrawn: int = 0  # PMC articles left out when listed (on the --pmc_withdrawn list)
     dedupe_text: bool = True  # drop documents whose normalized text an earlier document has
     fetch_concurrency: int = readers.FETCH_CONCURRENCY
-    pmc_block_ids: int = UNIT_BYTES // (64 << 10)  # PMCIDs per unit of PMC Cloud Service articles
+    pmc_block_ids: int = pmc_cloud.block_ids(UNIT_BYTES)  # PMCIDs per unit of PMC Cloud Service articles
     near_dedupe: bool = False  # also drop near-duplicates (MinHash bands, data/curation.py)
     detect_language: bool = False  # also drop documents a language detector finds not English
 
@@ -72,11 +72,9 @@ def group_units(files: Sequence[tuple[str, int, str]], unit_bytes: int = UNIT_BY
     PMCIDs [k·B, (k+1)·B) form a unit, B = unit_bytes / 64 KB (`pmc_cloud.ARTICLE_BYTES`; 1,024 for
     64 MB). A unit's articles then depend on its block alone, so a newer listing changes only the units
     whose articles were added, revised or removed (see `tokenize_unit` for the reuse within them)."""
-    from biomedlm_jax.data import pmc_cloud
-
     units, unit, size = [], -1, unit_bytes
     block = None
-    per_block = max(1, unit_bytes // pmc_cloud.ARTICLE_BYTES)
+    per_block = pmc_cloud.block_ids(unit_bytes)
     for entry in files:
         av = pmc_cloud.article_version(entry[0])
         if av is not None:
@@ -94,8 +92,6 @@ def group_units(files: Sequence[tuple[str, int, str]], unit_bytes: int = UNIT_BY
 
 def pmc_block(job: "Job", u: int) -> Optional[int]:
     """The PMCID block of a unit of PMC Cloud Service articles (see `group_units`), None for other units."""
-    from biomedlm_jax.data import pmc_cloud
-
     first = unit_files(job, u)[0][0]
     av = pmc_cloud.article_version(first)
     return int(av[0][3:]) // job.pmc_block_ids if av is not None else None
@@ -250,7 +246,6 @@ def tokenize_unit(job: Job, u: int) -> bool:
     width = BANDS if job.near_dedupe else 0
     no_bands = (0,) * width  # a record's MinHash band keys until it is known to be a document
     batch: list[tuple[int, str]] = []  # (record number, text) waiting for encode_batch
-    formats: dict[str, int] = {}
     fresh = [i for i, (f, _, v) in enumerate(files) if (f, v) not in reuse]
     old_caches: dict[str, dict] = {}
     reused = 0
@@ -263,12 +258,9 @@ def tokenize_unit(job: Job, u: int) -> bool:
                 out.write(np.asarray(enc.ids + [eos], job.dtype).tobytes())
             batch.clear()
 
-        def add(i: int, doc: readers.Doc):
-            path = files[i][0]
+        def add(i: int, kind: str, doc: readers.Doc):
             r = len(cols["ids"])
-            if path not in formats:
-                formats[path] = readers.FORMATS.index(readers.file_format(path, job.fmt))
-            for k, v in (("ids", doc.id), ("keys", doc.key), ("lengths", 0), ("sources", formats[path]),
+            for k, v in (("ids", doc.id), ("keys", doc.key), ("lengths", 0), ("sources", readers.FORMATS.index(kind)),
                          ("hashes", 0), ("entries", i), ("bands", no_bands)):
                 cols[k].append(v)
             drop = doc.drop
@@ -290,7 +282,7 @@ def tokenize_unit(job: Job, u: int) -> bool:
                 if len(batch) >= job.batch_docs:
                     flush()
 
-        def copy(i: int):  # an unchanged article: its records and tokens from the earlier cache
+        def copy(i: int) -> int:  # an unchanged article: its records and tokens from the earlier cache
             cache, a, b = reuse[(files[i][0], files[i][2])]
             if cache not in old_caches:
                 old_caches[cache] = load_npz(cache, "ids", "kinds", "lengths", "keys", "hashes", "sources", "bands")
@@ -308,6 +300,7 @@ def tokenize_unit(job: Job, u: int) -> bool:
                 cols[k] += old[k][a:b].tolist()
             cols["bands"] += [tuple(row) for row in old["bands"][a:b].tolist()]
             cols["entries"] += [i] * (b - a)
+            return b - a
 
         read = readers.read_unit([files[i][0] for i in fresh], stats, job.on_error, job.fmt, job.licenses,
                                  job.fetch_concurrency)
@@ -315,11 +308,10 @@ def tokenize_unit(job: Job, u: int) -> bool:
         position = {f: i for i, (f, _, _) in enumerate(files)}
         for i in range(len(files)):
             if (files[i][0], files[i][2]) in reuse:
-                copy(i)
-                reused += reuse[(files[i][0], files[i][2])][2] - reuse[(files[i][0], files[i][2])][1]
+                reused += copy(i)
                 continue
             while pending is not None and position[pending[0]] == i:
-                add(i, pending[1])
+                add(i, *pending[1:])
                 pending = next(read, None)
         flush()
     counts = stats.as_dict()

@@ -22,10 +22,10 @@ import os
 from typing import Iterable, Iterator, Optional, Sequence
 
 from biomedlm_jax.core.errors import DataError
-from biomedlm_jax.data.jats import (TAR_ERRORS, jats_article, jats_doc, read_jats, read_pmc_tar,  # noqa: F401
-                                    jats_records)
+from biomedlm_jax.data.jats import jats_records, read_jats, read_pmc_tar
+# DROP_REASONS, FORMATS, Doc, ReadStats: re-exported, the names callers know readers by
 from biomedlm_jax.data.records import (DROP_REASONS, FORMATS, GZIP_ERRORS, Doc, ReadStats,  # noqa: F401
-                                       make_doc, fail, gzip_message, iterparse_file, open_binary, parse_xml, xml_text)
+                                       fail, gzip_message, iterparse_file, make_doc, open_binary, parse_xml, xml_text)
 
 
 def list_files(patterns: str | Sequence[str]) -> list[tuple[str, int, str]]:
@@ -61,8 +61,10 @@ def list_inputs(patterns: str | Sequence[str], withdrawn: Optional[set] = None
         pattern = pattern.strip()
         remote = paths.is_remote(pattern)
         folder = paths.isdir(pattern) if remote else os.path.isdir(os.path.expanduser(pattern))
-        listed = pmc_cloud.list_articles(pattern) if folder else None
-        hits = listed if listed is not None else paths.glob_files(pattern)
+        if folder and pmc_cloud.has_inventory(pattern):
+            hits = pmc_cloud.list_inventory(pattern)
+        else:
+            hits = paths.glob_files(pattern)
         meta = [h for h in hits if pmc_cloud.is_metadata(h[0])]
         if meta:
             hits = meta
@@ -280,18 +282,12 @@ def read_pubtator(path: str, stats: Optional[ReadStats] = None, on_error: str = 
 RETRACTED = "Retracted Publication"  # PubMed's publication type of an article that was retracted
 
 
-def pubmed_article(citation) -> tuple[Optional[str], str]:
-    """(PMID, title + abstract) of a MedlineCitation element; labelled abstract sections are joined as
-    'LABEL: text'. Only `Article/Abstract` is read: PubMed's English abstract. `OtherAbstract` (an
-    abstract in another language, or a publisher's second abstract) is left out; PubMed's `Language`
-    is the article's language, not the abstract's, so it decides nothing here."""
-    pmid, text, _ = pubmed_citation(citation)
-    return pmid, text
-
-
 def pubmed_citation(citation) -> tuple[Optional[str], str, str]:
-    """(PMID, text, why it is dropped or ""): no_abstract for a title without an abstract, retracted
-    for a "Retracted Publication"."""
+    """(PMID, title + abstract, why it is dropped or "") of a MedlineCitation element: no_abstract for a
+    title without an abstract, retracted for a "Retracted Publication". Labelled abstract sections are
+    joined as 'LABEL: text'. Only `Article/Abstract` is read: PubMed's English abstract. `OtherAbstract`
+    (an abstract in another language, or a publisher's second abstract) is left out; PubMed's
+    `Language` is the article's language, not the abstract's, so it decides nothing here."""
     pmid = citation.findtext("PMID")
     article = citation.find("Article")
     title = xml_text(article.find("ArticleTitle")) if article is not None else ""
@@ -353,7 +349,7 @@ def read_pmc_cloud(path: str, stats: Optional[ReadStats] = None, on_error: str =
     from biomedlm_jax.data import pmc_cloud
 
     stats = stats if stats is not None else ReadStats()
-    acc, version = pmc_cloud.article_version(path)
+    acc, _ = pmc_cloud.article_version(path)
     meta, data, drop = fetched if fetched is not None else pmc_cloud.fetch(path, licenses)
     if drop:
         yield make_doc(acc, "", str(meta.get("pmid") or ""), drop)
@@ -367,8 +363,10 @@ def read_pmc_cloud(path: str, stats: Optional[ReadStats] = None, on_error: str =
             fail(stats, on_error, f"{where}: no JATS <article> in it")
         return
     doc = docs[0]
-    # the id is the PMCID without its version, so a newer version replaces an older one everywhere
-    yield Doc(acc, doc.text, str(meta.get("pmid") or "") or (doc.key if doc.key != doc.id else "") or acc, doc.drop)
+    # the id is the PMCID without its version, so a newer version replaces an older one everywhere; the
+    # split key is the PMID of the metadata, else the one the XML names, else that id
+    pmid = str(meta.get("pmid") or "") or (doc.key if doc.key != doc.id else "")
+    yield make_doc(acc, doc.text, pmid, doc.drop)
 
 
 READERS = {"pubmed_xml": read_pubmed_xml, "pubtator": read_pubtator, "jsonl": read_jsonl, "jats": read_jats,
@@ -390,7 +388,11 @@ def read_records(path: str, stats: ReadStats, on_error: str = "raise", fmt: str 
                  licenses: Sequence[str] = ("oa_comm",), fetched=None) -> Iterator[Doc]:
     """One file's records in order, as `Doc`s: text None where a PubMed update deletes the id, `drop`
     naming why curation leaves a record out."""
-    kind = file_format(path, fmt)
+    return _read_kind(file_format(path, fmt), path, stats, on_error, licenses, fetched)
+
+
+def _read_kind(kind: str, path: str, stats: ReadStats, on_error: str, licenses: Sequence[str],
+               fetched=None) -> Iterator[Doc]:
     if kind == "pubmed_xml":
         return read_pubmed_xml(path, stats, on_error, deletions=True)
     if kind == "pmc_cloud":
@@ -400,8 +402,8 @@ def read_records(path: str, stats: ReadStats, on_error: str = "raise", fmt: str 
 
 def read_unit(files: Sequence[str], stats: ReadStats, on_error: str = "raise", fmt: str = "auto",
               licenses: Sequence[str] = ("oa_comm",), concurrency: int = FETCH_CONCURRENCY
-              ) -> Iterator[tuple[str, Doc]]:
-    """(file, Doc) over many files in order. PMC Cloud Service articles, one or two small objects each,
+              ) -> Iterator[tuple[str, str, Doc]]:
+    """(file, its format, Doc) over many files in order. PMC Cloud Service articles, one or two small objects each,
     are fetched ahead on `concurrency` threads (at most 2 × concurrency waiting), so a unit of a
     thousand articles costs about a thousand round trips divided by `concurrency`, not a thousand.
     A file that cannot be read raises DataError naming it, or, with on_error="skip", is counted."""
@@ -410,15 +412,15 @@ def read_unit(files: Sequence[str], stats: ReadStats, on_error: str = "raise", f
 
     from biomedlm_jax.data import pmc_cloud
 
-    kinds = [file_format(f, fmt) if fmt != "auto" or pmc_cloud.is_metadata(f) else "auto" for f in files]
-    pool = cf.ThreadPoolExecutor(max(1, concurrency)) if "pmc_cloud" in kinds else None
+    cloud = [fmt == "pmc_cloud" or (fmt == "auto" and pmc_cloud.is_metadata(f)) for f in files]
+    pool = cf.ThreadPoolExecutor(max(1, concurrency)) if any(cloud) else None
     ahead: deque = deque()
     nxt = 0
 
     def top_up():  # `ahead` holds the fetches of files i.. (in order), at most 2 × concurrency
         nonlocal nxt
         while pool is not None and nxt < len(files) and len(ahead) < 2 * concurrency:
-            if kinds[nxt] == "pmc_cloud":
+            if cloud[nxt]:
                 ahead.append((nxt, pool.submit(pmc_cloud.fetch, files[nxt], licenses)))
             nxt += 1
 
@@ -436,8 +438,9 @@ def read_unit(files: Sequence[str], stats: ReadStats, on_error: str = "raise", f
                     stats.errors_skipped += 1
                     continue
             try:
-                for doc in read_records(path, stats, on_error, fmt, licenses, fetched):
-                    yield path, doc
+                kind = "pmc_cloud" if cloud[i] else file_format(path, fmt)  # (a format unknown is a DataError)
+                for doc in _read_kind(kind, path, stats, on_error, licenses, fetched):
+                    yield path, kind, doc
             except DataError:
                 if on_error != "skip":  # the file could not even be opened as its format
                     raise
@@ -458,7 +461,7 @@ def read_documents(files: Iterable[str], stats: Optional[ReadStats] = None, on_e
     seen: set[str] = set()
     files = list(files)
     stats.files += len(files)
-    for _, doc in read_unit(files, stats, on_error, fmt, licenses):
+    for _, _, doc in read_unit(files, stats, on_error, fmt, licenses):
         if doc.text is None:
             continue
         if doc.drop:
