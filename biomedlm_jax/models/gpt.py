@@ -226,9 +226,20 @@ class Attention(nn.Module):
             # token (0.5 of 1.7 ms per token for bench-cpu).
             B, T = q.shape[0], q.shape[1]
             qh, kh, vh = (t.transpose(0, 2, 1, 3).reshape(B * H, T, hd) for t in (q, k, v))  # (B*H, T, hd)
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], kh.astype(cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], vh.astype(cache["v"].dtype), cache_index, axis=1)
-            new_cache = {"k": k, "v": v}
+            kh, vh = kh.astype(cache["k"].dtype), vh.astype(cache["v"].dtype)
+            if cache["k"].ndim == 4:
+                # the whole stacked cache (n_layer, B*H, S, hd), broadcast into a scanned layer: read this
+                # layer's rows and return only the new columns; `GPT.decode` writes all layers' columns
+                # into the stacked buffer after the scan, in place. (Carrying the cache as the scan's
+                # per-layer input/output built a second full cache: scan outputs are fresh buffers.)
+                layer = lambda c: jax.lax.dynamic_index_in_dim(c, layer_idx, 0, keepdims=False)  # noqa: E731
+                k = jax.lax.dynamic_update_slice_in_dim(layer(cache["k"]), kh, cache_index, axis=1)
+                v = jax.lax.dynamic_update_slice_in_dim(layer(cache["v"]), vh, cache_index, axis=1)
+                new_cache = {"k": kh, "v": vh}
+            else:
+                k = jax.lax.dynamic_update_slice_in_dim(cache["k"], kh, cache_index, axis=1)
+                v = jax.lax.dynamic_update_slice_in_dim(cache["v"], vh, cache_index, axis=1)
+                new_cache = {"k": k, "v": v}
             S = k.shape[1]
             if attention_mask.ndim == 3:  # (B, T, S) per query: the caller's whole mask, causality included
                 mask = attention_mask[:, None].astype(bool)  # (B, 1, T, S)
@@ -311,7 +322,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block. Returns `(x, new_cache)` (None without a cache), so it can be
-    the body of `nn.scan` with the KV cache as the scanned per-layer input/output."""
+    the body of `nn.scan` (then given the whole stacked cache, it returns its layer's new columns)."""
 
     config: GPTConfig
 
@@ -374,7 +385,8 @@ class GPT(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, 0, nn.broadcast, 0, nn.broadcast),  # mask, layer, det., cache, index
+                # mask, layer, det., cache (the whole stack: see Attention), index
+                in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.n_layer,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
@@ -423,8 +435,10 @@ class GPT(nn.Module):
         cfg = self.config
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        if cfg.scan_layers:
-            x, new_cache = self.h(x, kv_mask, jnp.arange(cfg.n_layer), True, cache, cache_index)
+        if cfg.scan_layers:  # each layer returns its new columns (n_layer, B*H, T, hd): one in-place write
+            x, cols = self.h(x, kv_mask, jnp.arange(cfg.n_layer), True, cache, cache_index)
+            new_cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], cols[n], cache_index, axis=2)
+                         for n in ("k", "v")}
         else:  # one buffer per layer, each updated in place (no re-stacking per token)
             new_cache = []
             for i, block in enumerate(self.h):
@@ -489,7 +503,7 @@ def transposed_head(params, cfg: GPTConfig):
 
 def init_cache(cfg: GPTConfig, batch: int, max_len: int, dtype=None):
     """Zero KV cache in the compute dtype: {"k", "v"} of (n_layer, batch * n_head, max_len, head_dim) for a
-    scanned model (the scan's per-layer input), else a list of per-layer {"k", "v"} of (batch * n_head,
+    scanned model (one stacked buffer each, updated in place after the layer scan), else a list of per-layer {"k", "v"} of (batch * n_head,
     max_len, head_dim), so each layer's buffer is updated in place."""
     dtype = dtype or cfg.dtype
     if cfg.scan_layers:
