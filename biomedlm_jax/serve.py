@@ -56,6 +56,16 @@ def main(argv=None) -> int:
     p.add_argument("--cors_origins", default="", help="comma list of origins browsers may call from (default none)")
     p.add_argument("--shutdown_timeout", type=float, default=30.0,
                    help="on SIGTERM / SIGINT, seconds requests in flight may take to finish (default 30)")
+    p.add_argument("--request_timeout", type=float, default=None,
+                   help="seconds a completion may take from arrival, queueing included; then it is cancelled "
+                        "and its unfinished choices end with finish_reason 'timeout' (default: no limit)")
+    p.add_argument("--stall_timeout", type=float, default=60.0,
+                   help="/health answers 503 when work waits and the engine has not finished a sync for this "
+                        "many seconds (default 60)")
+    p.add_argument("--prompt_template", default=None,
+                   help="what /v1/chat/completions makes of a user turn, with {question}, e.g. "
+                        "'Question: {question}\nAnswer:' (default: the seq2seq run's own; none: the route "
+                        "says to use /v1/completions)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     errors.add_verbose_flag(p)
@@ -69,6 +79,19 @@ def main(argv=None) -> int:
         p.error("--shutdown_timeout must be >= 0")
     if args.max_body_bytes is not None and args.max_body_bytes < 1:
         p.error("--max_body_bytes must be >= 1")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        p.error("--request_timeout must be > 0")
+    if args.stall_timeout <= 0:
+        p.error("--stall_timeout must be > 0")
+    template = None
+    if args.prompt_template is not None:
+        from biomedlm_jax.serving.chat import PromptTemplate
+
+        try:
+            args.prompt_template.format(question="")
+        except (KeyError, IndexError, ValueError) as e:
+            p.error(f"--prompt_template: {e!r}: use {{question}} where the question goes (and {{{{ }}}} for braces)")
+        template = PromptTemplate("template", args.prompt_template)
 
     from biomedlm_jax.models import quantize
 
@@ -86,6 +109,8 @@ def main(argv=None) -> int:
                            max_logprobs=args.max_logprobs, no_repeat_ngram_size=args.no_repeat_ngram_size,
                            max_body_bytes=args.max_body_bytes,
                            api_key=args.api_key or None, shutdown_timeout=args.shutdown_timeout,
+                           request_timeout=args.request_timeout, stall_timeout=args.stall_timeout,
+                           prompt_template=template,
                            cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
                            mesh_shape=args.mesh_shape,
                            model_name=args.model_name or os.path.basename(args.init_from.split(":", 1)[-1].rstrip("/")))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from biomedlm_jax.inference import engine as E
+from biomedlm_jax.inference import scheduler as S
 from biomedlm_jax.inference import generate as G
 from biomedlm_jax.inference import sampling
 from biomedlm_jax.models import gpt as M
@@ -143,7 +144,7 @@ def test_requests_arriving_at_random_compile_a_bounded_set_of_programs():
     eng = E.Engine(model, params, cfg, slots=slots, max_len=max_len, bucket=bucket, steps_per_sync=4)
     rng = np.random.default_rng(7)
     before = E.compiled_programs()
-    sched, pending, done = E.Scheduler(eng), list(range(200)), {}
+    sched, pending, done = S.Scheduler(eng), list(range(200)), {}
     reqs = {}
     for n in pending:
         budget = int(rng.integers(0, 13))
@@ -176,7 +177,7 @@ def test_the_ring_wraps_many_times_and_outputs_stay_greedy():
     eng = E.Engine(model, params, cfg, slots=1, max_prompt_len=8, bucket=8, steps_per_sync=3)
     assert eng.cache_len == 16
     prompts = [p[:8] for p in prompts_of(8, seed=4)]
-    sched, outs = E.Scheduler(eng), {}
+    sched, outs = S.Scheduler(eng), {}
     for n, p in enumerate(prompts):
         sched.admit([(n, E.Request(p))])
         while sched.busy():
@@ -214,7 +215,7 @@ def test_logprobs_are_the_models_log_softmax_of_each_chosen_token():
     prompt = prompts_of(1, seed=6)[0]
     cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=0.0)
     eng = E.Engine(model, params, cfg, slots=2, max_prompt_len=40, logprobs=3)
-    sched = E.Scheduler(eng)
+    sched = S.Scheduler(eng)
     sched.admit([(0, E.Request(prompt, logprobs=True))])
     toks, lps = [], []
     while sched.busy():
@@ -253,7 +254,7 @@ def test_on_a_mesh_the_state_stays_pinned_and_donation_holds():
         specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, sharding.DEFAULT_RULES)
     placed = jax.device_put(params, sharding.fit_shardings(sharding.values(boxed), specs))
     eng = E.Engine(model, placed, cfg, slots=4, max_prompt_len=40, steps_per_sync=3, mesh=mesh)
-    sched = E.Scheduler(eng)
+    sched = S.Scheduler(eng)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outs = {}

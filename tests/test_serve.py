@@ -19,6 +19,7 @@ from conftest import REPO
 
 from biomedlm_jax.data import tokenizer as T
 from biomedlm_jax.inference import engine as E
+from biomedlm_jax.inference import scheduler as S
 from biomedlm_jax.inference import generate as G
 from biomedlm_jax.inference import sampling
 from biomedlm_jax.models import gpt as M
@@ -48,7 +49,7 @@ def tiny_lm():
 def served(tiny_lm, tok):
     model, params = tiny_lm
     srv = server.Server(model, params, tok, model_name="tiny", eos_id=EOS, slots=4, bucket=16, steps_per_sync=2,
-                        max_queue=64, max_tokens_limit=480)
+                        max_queue=64, max_tokens_limit=480, warmup=False)  # warm-up: test_serve_ops
     with srv.serving() as url:
         yield srv, url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     srv.close()
@@ -471,7 +472,7 @@ def test_text_offsets_are_exact_when_a_character_spans_tokens(tok):
     choice = api.Choice(0, tok, EOS, (), logprobs=1)
     for k in range(0, len(ids), 3):  # updates of three tokens, as the engine hands them over
         part = ids[k: k + 3]
-        choice.add(E.Update(0, part, [(-0.1, [(t, -0.1)]) for t in part]))
+        choice.add(S.Update(0, part, [(-0.1, [(t, -0.1)]) for t in part]))
     got = choice.logprobs_json()
     assert choice.text == text and any("\ufffd" in t for t in got["tokens"])  # some tokens are partial characters
     assert got["text_offset"] == want

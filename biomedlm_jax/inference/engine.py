@@ -6,10 +6,9 @@ The API follows JetStream's engine (prefill -> insert -> generate, repeated):
     eng = Engine(model, params, SamplingConfig(max_new_tokens=256, temperature=0.0, eos_id=eos), slots=16)
     outs = eng.run([Request(ids) for ids in prompts])           # token ids per request, in order
 
-    # requests that arrive over time (the HTTP server): one sync at a time
-    sched = Scheduler(eng)
-    updates = sched.admit([(handle, Request(ids, max_new_tokens=64, temperature=0.7))])
-    updates = sched.step()                                      # new tokens per request, and who finished
+    # requests that arrive over time (the HTTP server): scheduler.Scheduler(eng), one sync at a time
+
+    eng.warm_up()                                               # compile every program a request may need
 
     # or driving it by hand:
     state = eng.init_state()
@@ -48,10 +47,10 @@ nothing after it.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-from typing import Callable, Hashable, Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -127,8 +126,9 @@ class Prefix:
     masks and the first token's logits. `insert` takes one row of it."""
 
     rows: list  # per row: a cache as init_cache(cfg, 1, P)
-    mask: jax.Array  # (n, P) True for real tokens (left padding False)
+    mask: np.ndarray  # (n, P) True for real tokens (left padding False), on the host
     logits: jax.Array  # (n, V) fp32
+    row_logits: list  # per row: its (V,) first-token logits (no gather to compile per batch shape)
     lengths: tuple  # real prompt tokens per row
 
 
@@ -241,7 +241,8 @@ _head = jax.jit(transposed_head, static_argnums=1)
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _prefill(model: GPT, params, ids, mask):
-    """Left-padded prompts (n, P) through the model: (last logits (n, V), one (H, P, hd) cache per row)."""
+    """Left-padded prompts (n, P) through the model: (last logits (n, V), the same per row, one (H, P, hd)
+    cache per row)."""
     n, H = ids.shape[0], model.config.n_head
     cache = init_cache(model.config, n, ids.shape[1])
     logits, cache = model.apply({"params": params}, ids, mask, positions_from_mask(mask), cache, 0, method="decode")
@@ -249,7 +250,7 @@ def _prefill(model: GPT, params, ids, mask):
     # that `_insert` takes one row and compiles once per bucket, not once per (batch, bucket)
     rows = [jax.tree.map(lambda c, i=i: jax.lax.slice_in_dim(c, i * H, (i + 1) * H, axis=c.ndim - 3), cache)
             for i in range(n)]
-    return logits[:, -1], rows
+    return logits[:, -1], [logits[i, -1] for i in range(n)], rows
 
 
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("placement",))
@@ -413,8 +414,8 @@ class Engine:
             self.check(len(p), 0)
         n = 1 << (len(prompts) - 1).bit_length()
         ids, mask = left_pad(prompts + [prompts[-1]] * (n - len(prompts)), self.bucket, self.cfg.pad_id)
-        logits, rows = _prefill(self.model, self.params, jnp.asarray(ids), jnp.asarray(mask))
-        return Prefix(rows, jnp.asarray(mask), logits, tuple(len(p) for p in prompts))
+        logits, row_logits, rows = _prefill(self.model, self.params, jnp.asarray(ids), jnp.asarray(mask))
+        return Prefix(rows, mask, logits, row_logits, tuple(len(p) for p in prompts))
 
     def key(self, key: Optional[jax.Array]) -> jax.Array:
         """A request's PRNG key as the slots hold it (typed, the engine's implementation)."""
@@ -437,7 +438,7 @@ class Engine:
         hist = np.zeros((self.cache_len,), np.int32)
         hist[: len(prompt)] = prompt
         cfg = self.cfg
-        return _insert(state, prefix.rows[row], prefix.mask[row], prefix.logits[row], jnp.asarray(hist),
+        return _insert(state, prefix.rows[row], prefix.mask[row], prefix.row_logits[row], jnp.asarray(hist),
                        jnp.int32(prefix.lengths[row]), jnp.int32(budget), self.key(key),
                        jnp.float32(cfg.temperature if temperature is None else temperature),
                        jnp.int32(cfg.top_k if top_k is None else top_k),
@@ -449,6 +450,41 @@ class Engine:
         return generate_steps(self.model, self.params, self.head, state, cfg=self.cfg, n_steps=self.steps_per_sync,
                               logprobs=self.logprobs if logprobs else None, placement=self.placement)
 
+    def warm_up(self, threads: int = 8) -> dict:
+        """Compile every program a request may need, so no request waits for a compile: a prefill for
+        each prompt bucket x prefill batch (powers of two up to `slots`), an insert per bucket, the
+        decode step without and with log-probabilities, and free. The prefills (most of them) compile
+        in `threads` parallel threads; then every program runs once on dummy inputs, in an engine
+        state of its own that is dropped afterwards. Returns {"programs", "seconds"}."""
+        import concurrent.futures
+
+        t0 = time.perf_counter()
+        pad = self.cfg.pad_id
+        buckets = range(self.bucket, -(-self.max_prompt_len // self.bucket) * self.bucket + 1, self.bucket)
+        batches = [1 << i for i in range((self.slots - 1).bit_length() + 1)]
+        shapes = [(n, P) for P in buckets for n in batches]
+
+        def compile_prefill(shape):
+            ids, mask = np.full(shape, pad, np.int32), np.ones(shape, bool)
+            _prefill.lower(self.model, self.params, jnp.asarray(ids), jnp.asarray(mask)).compile()
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            list(pool.map(compile_prefill, shapes))  # fills the compilation cache; raises the first error
+        state = self.init_state()
+        for n, P in shapes:  # each shape once for real (compiled above: traced and looked up only)
+            prompt = [pad] * min(P, self.max_prompt_len)  # left-padded to P
+            prefix = self.prefill([prompt] * n)
+            if n == 1:
+                state = self.insert(prefix, state, 0, prompt, max_new_tokens=0)
+        variants = [False] + ([True] if self.logprobs is not None else [])
+        for logprobs in variants:
+            state, *_ = self.generate(state, logprobs=logprobs)
+        state = self.free(state, 0)
+        jax.block_until_ready(state)
+        del state
+        return {"programs": len(shapes) + len(buckets) + len(variants) + 1,
+                "seconds": time.perf_counter() - t0}
+
     def free(self, state: dict, slot: int) -> dict:
         """End the request in `slot` now (a stop string, a cancelled request)."""
         return _free_slot(state, jnp.int32(slot), placement=self.placement)
@@ -459,128 +495,10 @@ class Engine:
             on_done: Optional[Callable[[int, list], None]] = None) -> list[list[int]]:
         """Generate for every request, `slots` at a time, refilling a slot as soon as it finishes.
         Returns token ids per request (in the order given); `on_done(index, ids)` is called as each
-        finishes. Requests are admitted in the order given."""
-        rng = jax.random.PRNGKey(0) if rng is None else rng
-        for n, r in enumerate(requests):
-            if len(r.prompt) == 0:
-                raise ValueError(f"request {n}: empty prompt: give at least one token (e.g. <|endoftext|>)")
-            if r.stop and self.detokenize is None:
-                raise ValueError(f"request {n} has stop strings but the engine has no detokenize function")
-        results: list = [None] * len(requests)
-        pending = collections.deque(range(len(requests)))
-        sched = Scheduler(self)
-        while pending or sched.busy():
-            batch = []
-            while pending and len(batch) < sched.free_slots():
-                n = pending.popleft()
-                r = requests[n]
-                batch.append((n, r if r.key is not None else dataclasses.replace(r, key=jax.random.fold_in(rng, n))))
-            updates = sched.admit(batch)
-            if sched.busy():
-                updates += sched.step()
-            for u in updates:
-                if u.done:
-                    results[u.handle] = u.output
-                    if on_done is not None:
-                        on_done(u.handle, u.output)
-        return results
+        finishes. Requests are admitted in the order given (`scheduler.run`)."""
+        from biomedlm_jax.inference import scheduler  # the Scheduler drives an Engine: imported when used
 
-
-@dataclasses.dataclass
-class Update:
-    """What one sync did for one request: its new tokens (and their log-probabilities, with the engine's
-    `logprobs`); when done, why ("stop": EOS or a stop string; "length": its budget) and its output."""
-
-    handle: Hashable
-    tokens: list
-    logprobs: list  # per new token: (logprob, [(token id, logprob), ...]) or empty
-    done: bool = False
-    finish_reason: Optional[str] = None
-    output: Optional[list] = None
-
-
-class Scheduler:
-    """An Engine driven one sync at a time, for requests that arrive over time (`Engine.run`, the HTTP
-    server). Requests are identified by a caller's handle; the caller admits at most `free_slots()` at
-    a time, calls `step` while `busy()`, and may `cancel` a request at any sync."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.state = engine.init_state()
-        self.owner: list = [None] * engine.slots  # (handle, request) per slot
-        self.outs: list = [[] for _ in range(engine.slots)]
-
-    def free_slots(self) -> int:
-        return sum(o is None for o in self.owner)
-
-    def busy(self) -> bool:
-        return any(o is not None for o in self.owner)
-
-    def admit(self, items: Sequence[tuple[Hashable, Request]]) -> list[Update]:
-        """Prefill the requests together and put each into a free slot. A request with a budget of 0
-        finishes at once (an Update with done). Raises ValueError (nothing admitted) for a request the
-        engine cannot take, or when there are more than free slots."""
-        eng = self.engine
-        for handle, r in items:
-            eng.check(len(r.prompt), r.max_new_tokens)
-            if r.stop and eng.detokenize is None:
-                raise ValueError(f"request {handle!r} has stop strings but the engine has no detokenize function")
-        updates = [Update(h, [], [], True, "length", []) for h, r in items if eng.budget(r.max_new_tokens) <= 0]
-        live = [(h, r) for h, r in items if eng.budget(r.max_new_tokens) > 0]
-        free = [s for s, o in enumerate(self.owner) if o is None]
-        if len(live) > len(free):
-            raise ValueError(f"{len(live)} requests for {len(free)} free slots")
-        if live:
-            prefix = eng.prefill([r.prompt for _, r in live])
-            for row, ((handle, r), slot) in enumerate(zip(live, free)):
-                self.state = eng.insert(prefix, self.state, slot, r.prompt, r.max_new_tokens, r.key, row,
-                                        r.temperature, r.top_k, r.top_p)
-                self.owner[slot], self.outs[slot] = (handle, r), []
-        return updates
-
-    def step(self) -> list[Update]:
-        """One `generate` call: an Update for every request that produced tokens or finished."""
-        eng = self.engine
-        want = any(o is not None and o[1].logprobs for o in self.owner)
-        self.state, toks, emitted, lp = eng.generate(self.state, logprobs=want)
-        toks, emitted, active = np.asarray(toks), np.asarray(emitted), np.asarray(self.state["active"])
-        lp = {k: np.asarray(v) for k, v in lp.items()}
-        updates = []
-        for slot, owner in enumerate(self.owner):
-            if owner is None:
-                continue
-            handle, r = owner
-            rows = emitted[:, slot]
-            new = toks[rows, slot].tolist()
-            new_lp = []
-            if lp:
-                token_lp = lp["token"][rows, slot].tolist()
-                tops = ([list(zip(i.tolist(), v.tolist())) for i, v in zip(lp["top_ids"][rows, slot], lp["top"][rows, slot])]
-                        if "top" in lp else [[] for _ in new])
-                new_lp = list(zip(token_lp, tops))
-            self.outs[slot].extend(new)
-            u = Update(handle, new, new_lp)
-            if not active[slot]:
-                eos = eng.cfg.eos_id
-                u.finish_reason = "stop" if eos is not None and self.outs[slot][-1:] == [eos] else "length"
-            elif r.stop and any(s in eng.detokenize(self.outs[slot]) for s in r.stop):
-                self.state = eng.free(self.state, slot)
-                u.finish_reason = "stop"
-            if u.finish_reason is not None:
-                u.done, u.output = True, self.outs[slot]
-                self.owner[slot] = None
-            if new or u.done:
-                updates.append(u)
-        return updates
-
-    def cancel(self, handle: Hashable) -> bool:
-        """Free the slot of the request with this handle (a client went away). False if it holds none."""
-        for slot, owner in enumerate(self.owner):
-            if owner is not None and owner[0] == handle:
-                self.state = self.engine.free(self.state, slot)
-                self.owner[slot] = None
-                return True
-        return False
+        return scheduler.run(self, requests, rng, on_done)
 
 
 def generate_all(model: GPT, params, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, slots: int = 16,

@@ -4,9 +4,16 @@
                            temperature, top_p, top_k (an extension, as vLLM has it), stop, seed, stream
                            (server-sent events), logprobs (0..--max_logprobs), n=1, echo=false
     GET  /v1/models        the one model served
+    POST /v1/chat/completions  one user turn through the run's prompt template (seq2seq fine-tunes; see
+                           serving.chat), answered in the chat shape; 404 naming /v1/completions without one
     POST /tokenize         {"prompt"} -> {"tokens", "count", "max_model_len"}  (vLLM's shape)
     POST /detokenize       {"tokens"} -> {"prompt"}
-    GET  /health           ok, slots, active, queued and counters (503 when the engine thread has died)
+    GET  /health           ok, slots, active, queued and counters; 503 while the engine is down, being
+                           rebuilt, or stalled with work waiting (Batcher.health)
+    GET  /metrics          Prometheus (serving.metrics)
+
+With --request_timeout a completion is cancelled once that many seconds have passed since it arrived;
+its unfinished choices end with finish_reason "timeout" and the server logs it.
 
 With --api_key every route but /health needs `Authorization: Bearer KEY` (401 otherwise); with
 --cors_origins browsers on those origins may call it. Every response, whatever its status, carries an
@@ -16,7 +23,7 @@ Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, on 
 JSON, unknown fields, out-of-range values (top_k above the vocabulary, a seed outside int64), prompts
 that do not fit the context (naming the field; a text too long to fit is refused before it is
 tokenized), more prompts than the queue can ever hold, and a body over --max_body_bytes (default: what the largest acceptable request needs); 404 for
-another model's name and unknown routes (/v1/chat/completions says to use /v1/completions), 405 for
+another model's name and unknown routes, 405 for
 a wrong method, 429 with Retry-After when the queue is full now, 503 when the engine thread has died
 (/health then answers 503 too). A client that disconnects, streamed
 or not, frees its slot at the engine's next sync. Each request logs one line: prompts, tokens, time to
@@ -39,12 +46,16 @@ from typing import Literal, Optional, Sequence, Union
 import jax
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from biomedlm_jax.inference import engine as engine_lib
+from biomedlm_jax.inference import scheduler as scheduler_lib
+from biomedlm_jax.serving import chat as chat_lib
+from biomedlm_jax.serving import metrics as metrics_lib
 from biomedlm_jax.serving.batcher import Batcher, Job, Overloaded
+from biomedlm_jax.serving.http import AccessLog, ApiError, ApiKey, BodyLimit
 
 log = logging.getLogger("biomedlm_jax.serve")
 
@@ -78,17 +89,6 @@ class CompletionRequest(BaseModel):
     frequency_penalty: Optional[float] = Field(0.0, ge=0.0, le=0.0)
     logit_bias: Optional[dict[str, float]] = Field(None, max_length=0)
     user: Optional[str] = None
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
-                 code: Optional[str] = None, headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code, self.headers = status, message, param, kind, code, headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
 def _validation_error(exc: ValidationError) -> ApiError:
@@ -164,7 +164,8 @@ class Completions:
             raise ApiError(400, f"'logprobs' must be at most {self.max_logprobs} (the server's --max_logprobs)",
                            "logprobs")
         limit = self.engine.cfg.max_new_tokens
-        max_tokens = limit if req.max_tokens is None else req.max_tokens
+        room = self.engine.max_len - max(map(len, prompts))  # max_tokens null: what the context leaves
+        max_tokens = max(0, min(limit, room)) if req.max_tokens is None else req.max_tokens
         if max_tokens > limit:
             raise ApiError(400, f"'max_tokens' is {max_tokens}; this server allows at most {limit}", "max_tokens")
         for i, ids in enumerate(prompts):
@@ -198,7 +199,7 @@ class Choice:
         self.finish_reason: Optional[str] = None
         self.text, self.cut = "", False
 
-    def add(self, update: engine_lib.Update) -> None:
+    def add(self, update: scheduler_lib.Update) -> None:
         if self.cut:
             return
         for t, lp in zip(update.tokens, update.logprobs or [None] * len(update.tokens)):
@@ -250,99 +251,6 @@ class Choice:
                 "text_offset": offsets}
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets a 400 (OpenAI's error shape) before it is
-    read (by its Content-Length) or as soon as the bytes received pass the limit (a chunked body)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    def _refuse(self) -> JSONResponse:
-        return ApiError(400, f"the request body is larger than this server's limit of {self.limit} bytes "
-                        "(its --max_body_bytes)", code="request_too_large").response()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse()(scope, receive, send)
-        seen, too_large = 0, False
-
-        async def limited_receive():
-            nonlocal seen, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:  # the app gets an unparseable end of body, and its answer is replaced
-                    too_large = True
-                    return {"type": "http.request", "body": b"\x00", "more_body": False}
-            return message
-
-        async def guarded_send(message):
-            if not too_large:
-                await send(message)
-
-        await self.app(scope, limited_receive, guarded_send)
-        if too_large:
-            await self._refuse()(scope, receive, send)
-
-
-_REQUEST_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-:")
-
-
-class AccessLog:
-    """ASGI middleware: every response, whatever its status (refusals included), gets one log line
-    (method, path, status, milliseconds, request id, client) and an `X-Request-Id` header: the client's
-    own (up to 128 of [A-Za-z0-9._-:]) or a new one. The id is in scope["state"]["request_id"]."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if 0 < len(given) <= 128 and set(given) <= _REQUEST_ID_CHARS else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        status = ["-"]
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message = dict(message, headers=list(message.get("headers") or ()) + [(b"x-request-id", rid.encode())])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            client = scope.get("client") or ("-", 0)
-            log.info("access %s %s %s %.0fms request_id=%s client=%s", scope["method"], scope["path"], status[0],
-                     1e3 * (time.perf_counter() - t0), rid, client[0])
-
-
-class ApiKey:
-    """ASGI middleware: with a key set, every route but /health needs `Authorization: Bearer KEY`
-    (compared in constant time); otherwise 401 in OpenAI's shape."""
-
-    OPEN = ("/health",)
-
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.OPEN or scope["method"] == "OPTIONS":
-            return await self.app(scope, receive, send)
-        auth = dict(scope.get("headers") or ()).get(b"authorization", b"")
-        scheme, _, given = auth.partition(b" ")
-        if scheme.lower() == b"bearer" and secrets.compare_digest(given.strip(), self.key):
-            return await self.app(scope, receive, send)
-        error = ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY' (the server's --api_key)",
-                         code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        await error.response()(scope, receive, send)
-
-
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
@@ -355,7 +263,8 @@ class DetokenizeRequest(BaseModel):
     tokens: list[StrictInt]
 
 
-ROUTES = "POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health"
+ROUTES = ("POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize, POST /detokenize, "
+          "GET /health, GET /metrics")
 
 
 def default_body_limit(max_queue: int, max_len: int) -> int:
@@ -367,8 +276,14 @@ def default_body_limit(max_queue: int, max_len: int) -> int:
 
 def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_logprobs: int = 5,
                max_body_bytes: Optional[int] = None, api_key: Optional[str] = None,
-               cors_origins: Sequence[str] = ()) -> FastAPI:
+               cors_origins: Sequence[str] = (), request_timeout: Optional[float] = None,
+               prompt_template: Optional[chat_lib.PromptTemplate] = None) -> FastAPI:
+    """The app. request_timeout: seconds a completion may take from arrival (queueing included); then
+    it is cancelled and its unfinished choices end with finish_reason "timeout". prompt_template: what
+    /v1/chat/completions applies to a user turn (None: that route says to use /v1/completions)."""
     app = FastAPI(title="biomedlm-jax", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = metrics_lib.Metrics(batcher)
+    batcher.on_admit = metrics.on_admit
     # middleware, innermost first: body limit, API key, CORS (preflights answered before the key check),
     # access log and request id (outermost: every response is logged, refusals included)
     app.add_middleware(BodyLimit, limit=max_body_bytes or default_body_limit(batcher.max_queue, batcher.engine.max_len))
@@ -379,7 +294,7 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])
-    app.add_middleware(AccessLog)
+    app.add_middleware(AccessLog, on_response=lambda status: metrics.responses.labels(str(status)).inc())
     comp = Completions(batcher, tokenizer, model_name, eos_id, max_logprobs)
     created = int(time.time())
 
@@ -390,10 +305,7 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):  # unknown routes (404) and methods (405), in OpenAI's shape
         where = f"{request.method} {request.url.path}"
-        if exc.status_code == 404 and request.url.path.rstrip("/") == "/v1/chat/completions":
-            message = (f"{where}: this server has no chat endpoint (a BioMedLM model has no chat template); "
-                       "send the text as 'prompt' to POST /v1/completions")
-        elif exc.status_code in (404, 405):
+        if exc.status_code in (404, 405):
             message = f"{where}: no such route; this server has {ROUTES}"
         else:
             message = f"{where}: {exc.detail}"
@@ -402,10 +314,15 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
 
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if batcher.alive else "engine_down", "model": model_name,
-                "slots": batcher.engine.slots, "active": batcher.active, "queued": batcher.queued,
-                "max_len": batcher.engine.max_len, **batcher.stats}
-        return JSONResponse(body, status_code=200 if batcher.alive else 503)
+        problem = batcher.health()
+        body = {"status": problem or "ok", "model": model_name, "slots": batcher.engine.slots,
+                "active": batcher.active, "queued": batcher.queued, "max_len": batcher.engine.max_len,
+                **batcher.stats}
+        return JSONResponse(body, status_code=503 if problem else 200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.exposition(), media_type=metrics_lib.CONTENT_TYPE_LATEST)
 
     async def parse(request: Request, kind):
         try:  # parsed and validated in a worker thread: a large body does not hold up the event loop
@@ -435,13 +352,35 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "biomedlm-jax", "max_model_len": batcher.engine.max_len}]}
 
+    def refuse_if_down():
+        if not batcher.alive:
+            raise ApiError(503, "the engine is not running; see the server's log", kind="server_error",
+                           code="engine_down")
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         t0 = time.perf_counter()
         body = await parse(request, CompletionRequest)
-        if not batcher.alive:
-            raise ApiError(503, "the engine is not running; see the server's log", kind="server_error",
-                           code="engine_down")
+        refuse_if_down()
+        return await complete(request, body, t0, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        t0 = time.perf_counter()
+        if prompt_template is None:
+            raise ApiError(404, "POST /v1/chat/completions: this model carries no prompt template (a seq2seq "
+                           "fine-tune's run does; `serve --prompt_template` gives one): send the text as "
+                           "'prompt' to POST /v1/completions", code="not_found")
+        body = await parse(request, chat_lib.ChatRequest)
+        fields = chat_lib.completion_fields(body, prompt_template)
+        try:
+            req = CompletionRequest.model_validate(fields)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        refuse_if_down()
+        return await complete(request, req, t0, chat=True)
+
+    async def complete(request: Request, body: CompletionRequest, t0: float, chat: bool):
         # tokenizing (and checking ids) runs off the event loop, which keeps answering other clients
         prompts = await asyncio.to_thread(comp.prompts, body)
         loop = asyncio.get_running_loop()
@@ -455,8 +394,9 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                            code="queue_full", headers={"Retry-After": "1"})
         stop = jobs[0].request.stop
         choices = [Choice(i, tokenizer, eos_id, stop, body.logprobs) for i in range(len(prompts))]
-        rid, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, stamp = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         first = [None]
+        deadline = None if request_timeout is None else t0 + request_timeout
 
         def usage():
             n_out = sum(len(c.tokens) for c in choices)
@@ -465,26 +405,46 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
 
         def logline(status: str):
             u = usage()
+            latency = time.perf_counter() - t0
             ttft = "-" if first[0] is None else f"{1e3 * (first[0] - t0):.0f}"
+            metrics.latency.observe(latency)
+            metrics.generated.inc(u["completion_tokens"])
+            for c in choices:
+                metrics.finished.labels(c.finish_reason or ("error" if status == "failed" else "cancelled")).inc()
             log.info("completion %s %s prompts=%d prompt_tokens=%d completion_tokens=%d ttft_ms=%s latency_ms=%.0f "
                      "finish=%s stream=%s request_id=%s", rid, status, len(prompts), u["prompt_tokens"],
-                     u["completion_tokens"], ttft, 1e3 * (time.perf_counter() - t0),
+                     u["completion_tokens"], ttft, 1e3 * latency,
                      ",".join(str(c.finish_reason) for c in choices), bool(body.stream),
                      request.scope.get("state", {}).get("request_id", "-"))
 
         checked = [time.perf_counter()]
 
         async def next_item():
-            """The next update, or None when the client has gone away (checked every 0.25 s)."""
+            """The next update; None when the client has gone away (checked every 0.25 s); "timeout"
+            when the request's deadline (--request_timeout) has passed."""
             while True:
-                if time.perf_counter() - checked[0] > 0.25:
-                    checked[0] = time.perf_counter()
+                now = time.perf_counter()
+                if deadline is not None and now >= deadline:
+                    return "timeout"
+                if now - checked[0] > 0.25:
+                    checked[0] = now
                     if await request.is_disconnected():
                         return None
+                wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - now))
                 try:
-                    return await asyncio.wait_for(inbox.get(), timeout=0.25)
+                    return await asyncio.wait_for(inbox.get(), timeout=wait)
                 except asyncio.TimeoutError:
                     pass
+
+        def expire() -> None:
+            """The deadline passed: every unfinished choice ends with finish_reason "timeout"."""
+            for job in jobs:
+                batcher.cancel(job)
+            for c in choices:
+                if not c.done:
+                    c.finish_reason = "timeout"
+            log.warning("request %s passed its deadline of %.1f s (--request_timeout): cancelled", rid,
+                        request_timeout)
 
         def on(item) -> Choice:
             i, u = item
@@ -496,46 +456,73 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                 raise ApiError(500, f"the engine failed: {u}", kind="server_error")
             if first[0] is None and u.tokens:
                 first[0] = time.perf_counter()
+                metrics.ttft.observe(first[0] - t0)
             choices[i].add(u)
             if choices[i].done and not u.done:  # a stop string: the engine may still be generating
                 batcher.cancel(jobs[i])
             return choices[i]
 
         def response(choice_list: list, **extra) -> dict:
-            return {"id": rid, "object": "text_completion", "created": stamp, "model": model_name,
-                    "choices": choice_list, **extra}
+            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": stamp,
+                    "model": model_name, "choices": choice_list, **extra}
 
         def choice_json(c: Choice, text: str, start: int = 0) -> dict:
+            if chat:
+                return {"index": c.index, "message": chat_lib.message(text), "logprobs": None,
+                        "finish_reason": c.finish_reason}
             return {"text": text, "index": c.index, "logprobs": c.logprobs_json(start), "finish_reason": c.finish_reason}
 
         with_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(c: Choice, text: str, start: int) -> str:
-            data = response([choice_json(c, text, start)], **({"usage": None} if with_usage else {}))
+        def chunk(c: Choice, text: str, start: int, first_chunk: bool) -> str:
+            if chat:
+                delta = dict(({"role": "assistant"} if first_chunk else {}), **({"content": text} if text else {}))
+                data = {"id": rid, "object": "chat.completion.chunk", "created": stamp, "model": model_name,
+                        "choices": [{"index": c.index, "delta": delta, "logprobs": None,
+                                     "finish_reason": c.finish_reason}]}
+                if with_usage:
+                    data["usage"] = None
+            else:
+                data = response([choice_json(c, text, start)], **({"usage": None} if with_usage else {}))
             return f"data: {json.dumps(data)}\n\n"
 
         if not body.stream:
+            status, item = "disconnected", None
             try:
                 while not all(c.done for c in choices):
                     item = await next_item()
                     if item is None:
-                        logline("disconnected")
                         return JSONResponse({}, status_code=499)
-                    on(item)
+                    if item == "timeout":
+                        expire()
+                        break
+                    try:
+                        on(item)
+                    except ApiError:
+                        status = "failed"
+                        raise
+                status = "timeout" if item == "timeout" else "ok"
             finally:
                 for job in jobs:
                     batcher.cancel(job)
-            logline("ok")
+                logline(status)
             return response([choice_json(c, c.text) for c in choices], usage=usage())
 
         async def events():
             sent_tokens = [0] * len(choices)
+            started = [False] * len(choices)
             status = "disconnected"
             try:
                 while not all(c.done for c in choices):
                     item = await next_item()
                     if item is None:
                         return
+                    if item == "timeout":
+                        expire()
+                        for c in choices:
+                            yield chunk(c, c.delta(), sent_tokens[c.index], not started[c.index])
+                        status = "timeout"
+                        break
                     try:
                         c = on(item)
                     except ApiError as e:
@@ -546,11 +533,12 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                     if text or c.done:
                         start = sent_tokens[c.index]
                         sent_tokens[c.index] = len(c.tokens)
-                        yield chunk(c, text, start)
+                        yield chunk(c, text, start, not started[c.index])
+                        started[c.index] = True
                 if with_usage:
                     yield f"data: {json.dumps(response([], usage=usage()))}\n\n"
                 yield "data: [DONE]\n\n"
-                status = "ok"
+                status = "ok" if status != "timeout" else status
             finally:
                 for job in jobs:
                     batcher.cancel(job)

@@ -11,10 +11,14 @@ them), run one engine sync (`steps_per_sync` decode steps), hand each job its ne
 to do it sleeps on the queue. A job the engine refuses, or an engine failure, reaches the job's sink as
 an exception. A job whose admission fails (prefill or insert) fails alone: the batch it came with is
 admitted one job at a time, and the jobs decoding go on. After a failure of the decode step itself
-the engine state is rebuilt and the jobs it held fail, so later requests are served. The whole
-loop body is inside that handling, and a sink that fails costs only its job; should the thread still
-die, `alive` turns False (the API's /health answers 503). A queued job that is cancelled frees its
-queue place at once.
+the engine state is rebuilt and the jobs it held fail, so later requests are served; the old state
+is deleted before the new one is made, so a rebuild never holds two KV caches. The whole loop body is
+inside that handling, and a sink that fails costs only its job. Should the loop still die (a bug, an
+injected SystemExit), a supervisor fails the jobs in slots, waits `restart_delay` seconds (doubling
+up to 30 while it keeps dying) and starts the loop again with a rebuilt state; jobs still queued
+stay queued. `healthy` is False while the loop is down, when the thread is gone, and when work is
+waiting but the loop has not finished a sync for `stall_timeout` seconds (a hung device): the API's
+/health answers 503 then. A queued job that is cancelled frees its queue place at once.
 """
 from __future__ import annotations
 
@@ -23,9 +27,13 @@ import itertools
 import logging
 import queue
 import threading
-from typing import Callable, Sequence
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
 
 from biomedlm_jax.inference import engine as engine_lib
+from biomedlm_jax.inference import scheduler as scheduler_lib
 
 log = logging.getLogger("biomedlm_jax.serve")
 
@@ -36,7 +44,7 @@ class Overloaded(Exception):
 
 class Job:
     """One engine request and where its updates go. `sink` is called from the engine thread with each
-    `engine.Update` for this job, or with an exception that ended it."""
+    `scheduler.Update` for this job, or with an exception that ended it."""
 
     _ids = itertools.count()
 
@@ -46,6 +54,7 @@ class Job:
         self.cancelled = False
         self.taken = False  # set (under the batcher's lock) when the engine thread takes it from the queue
         self.finished = False  # set by the engine thread when its last update is handed over
+        self.submitted = self.admitted = None  # time.monotonic() of submit and of entering a slot
 
 
 def _hand(job: Job, item) -> None:
@@ -58,17 +67,25 @@ def _hand(job: Job, item) -> None:
 
 
 class Batcher:
-    def __init__(self, engine: engine_lib.Engine, max_queue: int):
+    def __init__(self, engine: engine_lib.Engine, max_queue: int, *, stall_timeout: float = 60.0,
+                 restart_delay: float = 1.0, on_admit: Optional[Callable[[Job], None]] = None):
         if max_queue < 1:
             raise ValueError(f"max_queue={max_queue} must be >= 1")
         self.engine, self.max_queue = engine, max_queue
+        self.stall_timeout, self.restart_delay, self.on_admit = stall_timeout, restart_delay, on_admit
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0  # submitted, not yet admitted
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="biomedlm-engine", daemon=True)
-        self.stats = collections.Counter()  # admitted, finished, cancelled, refused (overload), failed
+        self._thread = threading.Thread(target=self._run, name="biomedlm-engine", daemon=True)
+        # admitted, finished, cancelled, refused (overload), failed, engine_restarts
+        self.stats = collections.Counter()
         self.active = 0
+        self._pending: collections.deque = collections.deque()  # taken from the inbox, not yet in a slot
+        self._jobs: dict = {}  # id -> Job, for jobs in a slot
+        self._sched = None
+        self._down = False  # the loop is being rebuilt or restarted
+        self.last_sync = time.monotonic()  # when the loop last went round (idle rounds included)
 
     def start(self) -> "Batcher":
         self._thread.start()
@@ -88,6 +105,15 @@ class Batcher:
         """False once the engine thread has died (a batcher not started yet only queues, and is alive)."""
         return self._thread.ident is None or self._thread.is_alive()
 
+    def health(self) -> Optional[str]:
+        """None when healthy, else why not: "engine_down" (the thread is gone, or the loop is being
+        rebuilt or restarted) or "engine_stalled" (work waits, no sync for stall_timeout seconds)."""
+        if not self.alive or self._down:
+            return "engine_down"
+        if (self._waiting or self.active) and time.monotonic() - self.last_sync > self.stall_timeout:
+            return "engine_stalled"
+        return None
+
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue jobs (all of them or, when the queue cannot hold them, none: Overloaded)."""
         with self._lock:
@@ -95,7 +121,9 @@ class Batcher:
                 self.stats["refused"] += 1
                 raise Overloaded(f"{self._waiting} requests are waiting (at most {self.max_queue})")
             self._waiting += len(jobs)
+        now = time.monotonic()
         for job in jobs:
+            job.submitted = now
             self._inbox.put(job)
 
     def cancel(self, job: Job) -> None:
@@ -113,11 +141,50 @@ class Batcher:
 
     # --- the engine thread ---------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        sched = engine_lib.Scheduler(self.engine)
-        pending: collections.deque = collections.deque()
-        jobs: dict = {}  # id -> Job, for jobs in a slot
+    def _run(self) -> None:
+        """The thread: the loop, restarted (state rebuilt, jobs in slots failed) should it ever die."""
+        delay = self.restart_delay
         while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._loop()
+                return
+            except BaseException as e:  # noqa: BLE001 - a bug in the loop itself, or an injected exit
+                self._down = True
+                self.stats["engine_restarts"] += 1
+                log.critical("the engine loop died (%r); restarting it in %.1f s", e, delay, exc_info=True)
+                self._fail_slots(RuntimeError(f"the engine failed: {e!r}"))
+                if time.monotonic() - started > 60:  # it had been running: not a crash loop
+                    delay = self.restart_delay
+                if self._stop.wait(delay):
+                    return
+                delay = min(2 * delay, 30.0)
+
+    def _rebuild(self):
+        """A new Scheduler with a fresh state; the old state is deleted first (never two KV caches)."""
+        if self._sched is not None:
+            for leaf in jax.tree.leaves(self._sched.state):
+                if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+                    leaf.delete()
+            self._sched = None
+        self._sched = scheduler_lib.Scheduler(self.engine)
+        return self._sched
+
+    def _fail_slots(self, error: Exception, batch: Sequence[Job] = ()) -> None:
+        jobs = list(self._jobs.values()) + list(batch)
+        self.stats["failed"] += len(jobs)
+        for job in jobs:
+            _hand(job, error)
+        self._jobs.clear()
+        self.active = 0
+
+    def _loop(self) -> None:
+        self._down = True
+        sched = self._rebuild()
+        self._down = False
+        pending, jobs = self._pending, self._jobs
+        while not self._stop.is_set():
+            self.last_sync = time.monotonic()
             batch = []
             try:
                 self._drain(pending, sched, jobs, block=not sched.busy() and not pending)
@@ -135,18 +202,22 @@ class Batcher:
                         continue
                     batch.append(job)
                 updates, batch = self._admit(sched, batch)
-                jobs.update((j.id, j) for j in batch)
+                now = time.monotonic()
+                for job in batch:
+                    jobs[job.id], job.admitted = job, now
+                    if self.on_admit is not None:
+                        self.on_admit(job)
                 self.stats["admitted"] += len(batch)
+                self.active = len(jobs)
                 if sched.busy():
                     updates += sched.step()
             except Exception as e:  # noqa: BLE001 - the engine failed: fail its jobs, keep serving
-                log.exception("engine failure; %d requests in flight fail", len(jobs) + len(batch))
-                self.stats["failed"] += len(jobs) + len(batch)
-                for job in list(jobs.values()) + batch:
-                    _hand(job, e)
-                jobs.clear()
-                self.active = 0
-                sched = engine_lib.Scheduler(self.engine)
+                log.exception("engine failure; %d requests in flight fail; rebuilding the engine state",
+                              len(jobs) + len(batch))
+                self._down = True
+                self._fail_slots(e, batch)
+                sched = self._rebuild()
+                self._down = False
                 continue
             for u in updates:
                 job = jobs.get(u.handle)

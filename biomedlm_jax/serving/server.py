@@ -13,10 +13,13 @@ import threading
 import time
 from typing import Optional, Sequence
 
+import jax
+
 from biomedlm_jax.inference import engine as engine_lib
 from biomedlm_jax.inference.sampling import SamplingConfig
 from biomedlm_jax.serving import api
 from biomedlm_jax.serving.batcher import Batcher
+from biomedlm_jax.serving.chat import PromptTemplate
 
 log = logging.getLogger("biomedlm_jax.serve")
 
@@ -26,7 +29,9 @@ class Server:
                  max_len: Optional[int] = None, max_tokens_limit: Optional[int] = None, bucket: int = 64,
                  steps_per_sync: int = 8, max_queue: Optional[int] = None, max_logprobs: int = 5,
                  no_repeat_ngram_size: int = 0, warmup: bool = True, mesh=None, max_body_bytes: Optional[int] = None,
-                 api_key: Optional[str] = None, cors_origins: Sequence[str] = (), shutdown_timeout: float = 30.0):
+                 api_key: Optional[str] = None, cors_origins: Sequence[str] = (), shutdown_timeout: float = 30.0,
+                 request_timeout: Optional[float] = None, stall_timeout: float = 60.0,
+                 prompt_template: Optional[PromptTemplate] = None):
         max_len = max_len or model.config.n_positions
         limit = max_len - 1 if max_tokens_limit is None else max_tokens_limit
         if not 0 <= limit < max_len:
@@ -36,13 +41,21 @@ class Server:
         self.engine = engine_lib.Engine(model, params, cfg, slots=slots, max_len=max_len, bucket=bucket,
                                         steps_per_sync=steps_per_sync, detokenize=tokenizer.decode,
                                         logprobs=max_logprobs, mesh=mesh)
-        if warmup:  # compile the decode step and a one-prompt prefill before the first client waits
+        self.warm_up = None
+        if warmup:  # every program a request may need, compiled before the port opens
             t0 = time.perf_counter()
-            self.engine.run([engine_lib.Request([eos_id], 1)])
-            log.info("warm-up compile: %.1f s", time.perf_counter() - t0)
-        self.batcher = Batcher(self.engine, max_queue or 4 * slots).start()
+            self.warm_up = self.engine.warm_up()
+            # and one request end to end (the small per-request ops: keys, host transfers)
+            key = jax.random.fold_in(jax.random.key(0), 0)
+            self.engine.run([engine_lib.Request([eos_id], 2, key=key, temperature=1.0, top_k=2, top_p=0.9,
+                                                logprobs=True)])
+            self.warm_up["seconds"] = time.perf_counter() - t0
+            log.info("warm-up: %d programs compiled in %.1f s (prompt buckets x prefill batches, inserts, "
+                     "decode with and without logprobs)", self.warm_up["programs"], self.warm_up["seconds"])
+        self.batcher = Batcher(self.engine, max_queue or 4 * slots, stall_timeout=stall_timeout).start()
         self.app = api.create_app(self.batcher, tokenizer, model_name, eos_id, max_logprobs, max_body_bytes,
-                                  api_key=api_key, cors_origins=cors_origins)
+                                  api_key=api_key, cors_origins=cors_origins, request_timeout=request_timeout,
+                                  prompt_template=prompt_template)
         self.shutdown_timeout = shutdown_timeout
         self.model_name = model_name
 
@@ -104,6 +117,8 @@ def build(init_from: str, *, quantize: str = "none", dtype: Optional[str] = None
     from biomedlm_jax.models import sharding
 
     model, params, tok = loading.load_for_inference(init_from, dtype)
+    if kw.get("prompt_template") is None:  # a seq2seq fine-tune's run carries the template it trained on
+        kw["prompt_template"] = run_prompt_template(init_from)
     mesh = None
     if mesh_shape:
         mesh = sharding.make_mesh(sharding.parse_mesh_shape(mesh_shape), devices=jax.local_devices())
@@ -119,3 +134,13 @@ def build(init_from: str, *, quantize: str = "none", dtype: Optional[str] = None
     if eos is None:
         raise ValueError(f"{init_from}: the tokenizer has no {tokenizer_lib.EOS_TOKEN} token")
     return Server(model, params, tok, model_name=model_name, eos_id=eos, **kw)
+
+
+def run_prompt_template(init_from: str) -> Optional[PromptTemplate]:
+    """The prompt template an orbax run was fine-tuned with (its checkpoint meta), else None."""
+    from biomedlm_jax.formats import checkpoint, sources
+
+    src = sources.parse(init_from, "--init_from", sources.KINDS)
+    if src.kind != "orbax":
+        return None
+    return PromptTemplate.from_meta(checkpoint.read_meta(src.path)[1])

@@ -341,6 +341,12 @@ class Seq2SeqTask(LMTask):
             cfg = cfg.replace(vocab_size=max(cfg.vocab_size, tok.get_vocab_size()))
         return tok, cfg
 
+    def meta(self) -> dict:
+        """The prompt framing, so a server can apply it to a chat turn (serving.chat.PromptTemplate)."""
+        d = self.config.data
+        return {"prompt_template": {"layout": layout(d), "template": d.get("prompt_template", "") or "{question}",
+                                    "answer_prefix": d.get("answer_prefix", "") or ""}}
+
     def batch_fields(self) -> dict:
         T = self.config.seq_len
         fields = dict(super().batch_fields(), weights=((T,), np.float32))  # the answer tokens' loss weights
