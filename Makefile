@@ -13,7 +13,7 @@ $(PY):
 # Stamps re-run the install when setup.py changes; a failed install fails the target.
 $(VENV)/.installed: setup.py | $(PY)
 	$(PIP) -e .
-	$(PY) -c "import jax, flax, optax, orbax.checkpoint, chex, ml_collections, tokenizers, safetensors, tensorflow, tensorflow_datasets, tensorboardX, tqdm, qwix, gguf, fastapi, uvicorn"
+	$(PY) -c "import jax, flax, optax, orbax.checkpoint, chex, ml_collections, tokenizers, safetensors, tensorflow, tensorflow_datasets, tensorboardX, tqdm, qwix, gguf, fastapi, uvicorn, prometheus_client"
 	touch $@
 
 $(VENV)/.installed-test: setup.py $(VENV)/.installed

@@ -42,6 +42,7 @@ INSTALL_REQUIRES = [
     # python -m biomedlm_jax.serve: the OpenAI-compatible HTTP server
     "fastapi==0.165.0",
     "uvicorn==0.55.0",
+    "prometheus-client==0.26.0",  # the server's /metrics
     # gs:// through fsspec: listings with generations, concurrent byte-range reads (core/paths.py), and
     # etils.epath's backend where TensorFlow is absent or EPATH_USE_TF=false. In the default install so
     # that Beam workers given --setup_file=./setup.py (which installs no extras) can read gs:// paths.

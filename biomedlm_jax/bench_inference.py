@@ -30,6 +30,7 @@ the same weights as GGUF) under `--clients` concurrent streaming clients sending
 (benchmarks/serving.py): requests/s, tokens/s, p50 / p99 latency and time to first token.
 
     python -m biomedlm_jax.bench_inference serve --model=bench-cpu --questions=64 --clients=1,8,32 [--llama_cpp]
+    python -m biomedlm_jax.bench_inference serve-load --clients=64 --seconds=60 [--llama_cpp]  (benchmarks/serve_load.py)
 
 `gguf-memory` exports a random-init `--model` (fp32) to GGUF while sampling the process's resident set:
 the peak beyond the weights, against the largest tensor (the export streams one tensor at a time).
@@ -93,6 +94,21 @@ def main(argv=None) -> int:
                     help="llama.cpp's extra buffer types for --llama_cpp's server (auto: off where AMX is reported)")
     se.add_argument("--llama_cpp", action="store_true", help="also llama-cpp-python's server on the GGUF export "
                     "(needs pip install -e .[serve-bench])")
+    sl = sub.add_parser("serve-load", help="the server for SECONDS under CLIENTS streams, some disconnecting or "
+                        "sending bad requests: correctness, metrics, leaks, memory, latency (and llama.cpp's)")
+    sl.add_argument("--model", default="bench-cpu")
+    sl.add_argument("--clients", type=int, default=64)
+    sl.add_argument("--seconds", type=float, default=60.0)
+    sl.add_argument("--slots", type=int, default=16)
+    sl.add_argument("--max_new", type=int, default=64)
+    sl.add_argument("--questions", type=int, default=64)
+    sl.add_argument("--disconnect", type=float, default=0.10, help="share of clients hanging up mid-stream")
+    sl.add_argument("--bad", type=float, default=0.05, help="share of invalid requests")
+    sl.add_argument("--steps_per_sync", type=int, default=8)
+    sl.add_argument("--medquad", default=os.path.join("data", "medquad"), help="MedQuAD XML folder")
+    sl.add_argument("--tokenizer", default=os.path.join("data", "gpt2_tokenizer"))
+    sl.add_argument("--llama_extra_bufts", default="auto", choices=gguf.EXTRA_BUFTS_CHOICES)
+    sl.add_argument("--llama_cpp", action="store_true", help="also llama-cpp-python's server, good requests only")
     gm = sub.add_parser("gguf-memory", help="peak host memory of a GGUF export beyond the weights")
     gm.add_argument("--model", default="gpt2-medium")
     gm.add_argument("--gguf_type", default="F16")
@@ -121,6 +137,12 @@ def main(argv=None) -> int:
         rows = bench_serve(args.model, args.questions, [int(c) for c in args.clients.split(",")], args.slots,
                            args.max_new, args.medquad, args.tokenizer, args.steps_per_sync, args.llama_cpp,
                            args.llama_extra_bufts)
+    elif args.cmd == "serve-load":
+        from biomedlm_jax.benchmarks.serve_load import bench_serve_load
+
+        rows = bench_serve_load(args.model, args.clients, args.seconds, args.slots, args.max_new, args.medquad,
+                                args.tokenizer, args.questions, args.disconnect, args.bad, args.steps_per_sync,
+                                args.llama_cpp, args.llama_extra_bufts)
     elif args.cmd == "engine":
         rows = bench_engine(args.model, args.questions, args.slots, args.max_new, args.medquad, args.tokenizer,
                             args.steps_per_sync, args.peer, args.vocab)

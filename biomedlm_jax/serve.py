@@ -26,7 +26,7 @@ import signal
 import sys
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     from biomedlm_jax.core import errors
 
     p = argparse.ArgumentParser(prog="python -m biomedlm_jax.serve", description="OpenAI-compatible completions server")
@@ -69,6 +69,11 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     errors.add_verbose_flag(p)
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     for flag in ("slots", "bucket", "steps_per_sync"):
         if getattr(args, flag) < 1:

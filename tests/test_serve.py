@@ -363,8 +363,8 @@ def test_queued_clients_that_leave_free_their_places(tiny_lm, tok):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread it kills
 def test_engine_faults_fail_their_jobs_and_a_dead_engine_is_reported(tiny_lm, tok, monkeypatch):
     """A fault injected in engine.free (reached when a client leaves) killed the engine thread, /health
-    kept saying ok and the next request hung (issue 42). Now the fault fails the jobs in flight, the
-    next request is served; and a thread that dies all the same turns /health and requests into 503s."""
+    kept saying ok and the next request hung (issue 42). Now the fault fails the jobs in flight and the
+    next request is served."""
     model, params = tiny_lm
     eng = E.Engine(model, params, sampling.SamplingConfig(max_new_tokens=200, temperature=0.0, eos_id=EOS), slots=2,
                    max_len=256, bucket=16, steps_per_sync=2, detokenize=tok.decode)
@@ -393,17 +393,8 @@ def test_engine_faults_fail_their_jobs_and_a_dead_engine_is_reported(tiny_lm, to
         r = httpx.post(url + "/v1/completions", json=dict(body, max_tokens=8), timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
         assert httpx.get(url + "/health").status_code == 200
-
-        def die(*a, **k):
-            raise SystemExit("the engine thread dies")
-
-        monkeypatch.setattr(batcher, "_drain", die)
-        batcher._inbox.put(None)  # wake the thread
-        batcher._thread.join(10)
-        h = httpx.get(url + "/health", timeout=10)
-        assert h.status_code == 503 and h.json()["status"] == "engine_down", h.text
-        r = httpx.post(url + "/v1/completions", json=body, timeout=10)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down", r.text
+    batcher.close()
+    # a loop that dies outright is restarted (test_serve_ops: 503 while down, ok after, served again)
 
 
 def test_api_key_request_ids_access_log_cors_and_tokenize(tiny_lm, tok, caplog):

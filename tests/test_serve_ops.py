@@ -193,7 +193,8 @@ def test_health_says_stalled_when_work_waits_and_no_sync_finishes(tiny_lm, tok, 
     monkeypatch.setattr(eng, "generate", generate)
     batcher = Batcher(eng, max_queue=4, stall_timeout=0.5).start()
     with server.in_thread(api.create_app(batcher, tok, "tiny", EOS)) as url:
-        assert httpx.get(url + "/health").status_code == 200
+        h = httpx.get(url + "/health")
+        assert h.status_code == 200, h.text
         hang.set()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             f = pool.submit(httpx.post, url + "/v1/completions", json={"prompt": "x", "max_tokens": 8}, timeout=60)
@@ -267,3 +268,36 @@ def test_chat_completions_apply_the_runs_prompt_template(tiny_lm, tok):
                 {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                 {"role": "user", "content": "c"}])
     batcher.close()
+
+
+def test_the_container_recipe_runs_the_server_with_flags_it_takes():
+    """launch/serve/Dockerfile (no Docker engine here to build it): it installs the repository's own
+    pins, and its entry point + default command are flags `serve` accepts."""
+    from biomedlm_jax import serve
+
+    text = (REPO / "launch" / "serve" / "Dockerfile").read_text()
+    lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in text.splitlines() if ln[:1].isupper()}
+    entry, cmd = json.loads(lines["ENTRYPOINT"]), json.loads(lines["CMD"])
+    assert entry[:3] == ["python", "-m", "biomedlm_jax.serve"]
+    args = serve.parser().parse_args(entry[3:] + cmd)
+    assert (args.host, args.port, args.init_from) == ("0.0.0.0", 8000, "hf:/model")
+    assert "EXPOSE 8000" in text and "pip install .;" in text and 'pip install ".[$EXTRAS]"' in text
+    install = text.split("RUN ", 1)[1].split("USER", 1)[0]
+    assert "torch" not in install and "==" not in install  # nothing but setup.py's pins
+
+
+@pytest.mark.slow
+def test_load_with_disconnects_and_bad_requests_keeps_answers_metrics_slots_and_memory(monkeypatch):
+    """A bounded load (the benchmark's, smaller): `serve` in its own process, 12 clients for 12 s, 10%
+    hanging up mid-stream and 5% sending bad requests. Every good answer equals offline greedy
+    generation, bad ones get 4xx, /metrics adds up, nothing leaks, memory stays within 10%."""
+    from biomedlm_jax.benchmarks.serve_load import bench_serve_load
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("XLA_FLAGS", "")  # the server runs as a user runs it: one device
+    [row] = bench_serve_load("tiny", clients=12, seconds=12, slots=4, max_new=16, questions=16,
+                             medquad="data/medquad", tokenizer="data/gpt2_tokenizer")
+    assert row["good_answered"] == row["good"] > 20 and row["disconnects"] and row["bad"], row
+    assert row["wrong_text"] == 0 and row["bad_not_refused"] == 0 and row["metrics_add_up"], row
+    assert row["leaked"] == {"active": 0, "queued": 0}, row
+    assert abs(row["rss_growth"]) < 0.10, row

@@ -24,13 +24,13 @@ from typing import Sequence
 import numpy as np
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_ready(proc, url: str, logf, timeout: float = 600) -> None:
+def wait_ready(proc, url: str, logf, timeout: float = 600) -> None:
     import httpx2 as httpx
 
     deadline = time.time() + timeout
@@ -123,7 +123,7 @@ def bench_serve(variant: str, questions: int, clients: Sequence[int], slots: int
                                           "--interrupt_requests", "False"]))  # queue, do not cut, requests
         texts = {}
         for name, cmd in servers:
-            port = _free_port()
+            port = free_port()
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
             logf = open(os.path.join(tmp, f"{name}.log"), "w+")  # a file, not a pipe nobody drains
             proc = subprocess.Popen(cmd + ["--host", "127.0.0.1", "--port", str(port)] if name == "llama.cpp"
@@ -131,7 +131,7 @@ def bench_serve(variant: str, questions: int, clients: Sequence[int], slots: int
                                     stdout=logf, stderr=subprocess.STDOUT, text=True)
             url = f"http://127.0.0.1:{port}"
             try:
-                _wait_ready(proc, url, logf)
+                wait_ready(proc, url, logf)
                 load(url, "bench", prompts[: 2 * slots], budgets[: 2 * slots], max(clients), tok)  # warm up
                 for c in clients:
                     row = load(url, "bench", prompts, budgets, c, tok)

@@ -23,6 +23,7 @@ from tokenizers import (
 from biomedlm_jax.core import paths
 
 EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|startoftext|>"  # BioMedLM's separator between a seq2seq source and its target
 
 _PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 

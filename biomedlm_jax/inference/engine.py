@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from biomedlm_jax.inference import scheduler as scheduler_lib
 from biomedlm_jax.inference.sampling import (
     NEG_INF,
     SamplingConfig,
@@ -496,9 +497,7 @@ class Engine:
         """Generate for every request, `slots` at a time, refilling a slot as soon as it finishes.
         Returns token ids per request (in the order given); `on_done(index, ids)` is called as each
         finishes. Requests are admitted in the order given (`scheduler.run`)."""
-        from biomedlm_jax.inference import scheduler  # the Scheduler drives an Engine: imported when used
-
-        return scheduler.run(self, requests, rng, on_done)
+        return scheduler_lib.run(self, requests, rng, on_done)
 
 
 def generate_all(model: GPT, params, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, slots: int = 16,

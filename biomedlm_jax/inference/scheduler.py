@@ -1,5 +1,6 @@
-"""Requests that arrive over time, driven through an `Engine` one sync at a time (the HTTP server's
-batcher, `Engine.run`):
+"""Requests that arrive over time, driven through an `engine.Engine` one sync at a time (the HTTP
+server's batcher, `Engine.run`). This module does not import the engine (the engine imports it): an
+engine and its `Request`s are passed in.
 
     sched = Scheduler(eng)
     updates = sched.admit([(handle, Request(ids, max_new_tokens=64, temperature=0.7))])
@@ -15,7 +16,6 @@ from typing import Callable, Hashable, Optional, Sequence
 import jax
 import numpy as np
 
-from biomedlm_jax.inference.engine import Engine, Request
 
 
 @dataclasses.dataclass
@@ -36,7 +36,7 @@ class Scheduler:
     server). Requests are identified by a caller's handle; the caller admits at most `free_slots()` at
     a time, calls `step` while `busy()`, and may `cancel` a request at any sync."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine):
         self.engine = engine
         self.state = engine.init_state()
         self.owner: list = [None] * engine.slots  # (handle, request) per slot
@@ -48,7 +48,7 @@ class Scheduler:
     def busy(self) -> bool:
         return any(o is not None for o in self.owner)
 
-    def admit(self, items: Sequence[tuple[Hashable, Request]]) -> list[Update]:
+    def admit(self, items: Sequence[tuple]) -> list[Update]:
         """Prefill the requests together and put each into a free slot. A request with a budget of 0
         finishes at once (an Update with done). Raises ValueError (nothing admitted) for a request the
         engine cannot take, or when there are more than free slots."""
@@ -115,7 +115,7 @@ class Scheduler:
         return False
 
 
-def run(engine: Engine, requests: Sequence[Request], rng: Optional[jax.Array] = None,
+def run(engine, requests: Sequence, rng: Optional[jax.Array] = None,
         on_done: Optional[Callable[[int, list], None]] = None) -> list[list[int]]:
     """`Engine.run`: every request, `slots` at a time, a slot refilled as soon as it finishes; token
     ids per request in the order given; `on_done(index, ids)` as each finishes."""

@@ -88,6 +88,7 @@ class Batcher:
         self.last_sync = time.monotonic()  # when the loop last went round (idle rounds included)
 
     def start(self) -> "Batcher":
+        self._sched = scheduler_lib.Scheduler(self.engine)  # the state, made before the thread serves
         self._thread.start()
         return self
 
@@ -154,19 +155,24 @@ class Batcher:
                 self.stats["engine_restarts"] += 1
                 log.critical("the engine loop died (%r); restarting it in %.1f s", e, delay, exc_info=True)
                 self._fail_slots(RuntimeError(f"the engine failed: {e!r}"))
+                self._discard()
                 if time.monotonic() - started > 60:  # it had been running: not a crash loop
                     delay = self.restart_delay
                 if self._stop.wait(delay):
                     return
                 delay = min(2 * delay, 30.0)
 
-    def _rebuild(self):
-        """A new Scheduler with a fresh state; the old state is deleted first (never two KV caches)."""
+    def _discard(self) -> None:
+        """Delete the engine state now (a failed one may hold a KV cache) and forget the Scheduler."""
         if self._sched is not None:
             for leaf in jax.tree.leaves(self._sched.state):
                 if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                     leaf.delete()
             self._sched = None
+
+    def _rebuild(self):
+        """A new Scheduler with a fresh state; the old state is deleted first (never two KV caches)."""
+        self._discard()
         self._sched = scheduler_lib.Scheduler(self.engine)
         return self._sched
 
@@ -179,8 +185,10 @@ class Batcher:
         self.active = 0
 
     def _loop(self) -> None:
-        self._down = True
-        sched = self._rebuild()
+        sched = self._sched
+        if sched is None:  # after a restart
+            self._down = True
+            sched = self._rebuild()
         self._down = False
         pending, jobs = self._pending, self._jobs
         while not self._stop.is_set():
@@ -211,6 +219,7 @@ class Batcher:
                 self.active = len(jobs)
                 if sched.busy():
                     updates += sched.step()
+                    self.last_sync = time.monotonic()
             except Exception as e:  # noqa: BLE001 - the engine failed: fail its jobs, keep serving
                 log.exception("engine failure; %d requests in flight fail; rebuilding the engine state",
                               len(jobs) + len(batch))

@@ -14,6 +14,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from biomedlm_jax.data import tokenizer as tokenizer_lib
 from biomedlm_jax.serving.http import ApiError
 
 
@@ -27,9 +28,7 @@ class PromptTemplate:
 
     def apply(self, question: str) -> str:
         if self.layout == "biomedlm":
-            from biomedlm_jax.tasks.seq2seq import BOS_TOKEN
-
-            return question + BOS_TOKEN
+            return question + tokenizer_lib.BOS_TOKEN
         return self.template.format(question=question) + self.answer_prefix
 
     @classmethod

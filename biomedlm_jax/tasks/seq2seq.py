@@ -182,7 +182,7 @@ def load_splits(data_cfg, stats: Optional[LoadStats] = None) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-BOS_TOKEN = "<|startoftext|>"  # BioMedLM's separator between source and target
+BOS_TOKEN = tokenizer_lib.BOS_TOKEN  # BioMedLM's separator between source and target
 PAD_TOKEN = "[PAD]"
 LAYOUTS = ("biomedlm", "template")
 
