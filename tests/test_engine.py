@@ -35,9 +35,11 @@ def alone(model, params, prompt, cfg, budget=None):
     return G.generate(model, params, [prompt], jax.random.PRNGKey(0), cfg)[0]
 
 
-@pytest.mark.parametrize("scan,ngram", [(False, 0), (True, 3)])
-def test_greedy_outputs_equal_generate_alone_with_refills_budgets_and_eos(scan, ngram):
-    model, params = tiny(scan)
+@pytest.mark.parametrize("scan,ngram,layout", [(False, 0, "heads_major"), (True, 3, "heads_major"),
+                                               (False, 3, "seq_major"), (True, 0, "seq_major")])
+def test_greedy_outputs_equal_generate_alone_with_refills_budgets_and_eos(scan, ngram, layout):
+    """Both KV cache layouts (seq_major is TPU's), plain and scanned layers."""
+    model, params = tiny(scan, kv_cache_layout=layout)
     prompts = prompts_of(11)
     probe = sampling.SamplingConfig(max_new_tokens=20, temperature=0.0, no_repeat_ngram_size=ngram)
     eos = alone(model, params, prompts[0], probe)[5]  # a token greedy decoding does produce
@@ -231,7 +233,8 @@ def test_logprobs_are_the_models_log_softmax_of_each_chosen_token():
         assert [v for _, v in top] == pytest.approx(np.sort(row)[::-1][:3].tolist(), abs=1e-4)
 
 
-def test_on_a_mesh_the_state_stays_pinned_and_donation_holds():
+@pytest.mark.parametrize("layout", ["heads_major", "seq_major"])
+def test_on_a_mesh_the_state_stays_pinned_and_donation_holds(layout):
     """With a mesh, the decode state's slots live on the data axes through prefill, insert, generate and
     free (each program returns it with the shardings it was donated with, so XLA reuses its buffers:
     no 'donated buffers were not usable' warning), and greedy outputs do not change."""
@@ -242,7 +245,7 @@ def test_on_a_mesh_the_state_stays_pinned_and_donation_holds():
 
     from biomedlm_jax.models import sharding
 
-    model, params = tiny()
+    model, params = tiny(kv_cache_layout=layout)
     cfg = sampling.SamplingConfig(max_new_tokens=10, temperature=0.0)
     prompts = prompts_of(5, seed=8)
     mesh = sharding.make_mesh((2, 2, 2), devices=jax.devices()[:8])
@@ -266,7 +269,8 @@ def test_on_a_mesh_the_state_stays_pinned_and_donation_holds():
             for name in ("kv_mask", "active", "logits", "history", "keys", "temperature"):
                 assert sched.state[name].sharding.spec == P(("data", "fsdp")), (name, sched.state[name].sharding)
             assert sched.state["t"].sharding.spec == P()
-            assert sched.state["cache"][0]["k"].sharding.spec == P(("data", "fsdp"))  # slot-major rows
+            rows = P(None, ("data", "fsdp")) if layout == "seq_major" else P(("data", "fsdp"))  # slot-major rows
+            assert sched.state["cache"][0]["k"].sharding.spec == rows
         sched.admit([(99, E.Request(prompts[0]))])
         assert sched.cancel(99)  # free keeps it pinned too
         assert sched.state["active"].sharding.spec == P(("data", "fsdp"))
@@ -274,8 +278,8 @@ def test_on_a_mesh_the_state_stays_pinned_and_donation_holds():
     assert [outs[n] for n in range(5)] == [alone(model, params, p, cfg) for p in prompts]
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_the_decode_loop_updates_the_donated_kv_cache_in_place(scan):
+@pytest.mark.parametrize("scan,layout", [(False, "heads_major"), (True, "heads_major"), (True, "seq_major")])
+def test_the_decode_loop_updates_the_donated_kv_cache_in_place(scan, layout):
     """The decode loop writes each step's keys/values into the donated cache: its temporaries stay a
     small fraction of the cache. With scan_layers the cache was the layer scan's per-layer input and
     output, and scan outputs are new buffers: the loop's temporaries were one more whole KV cache (1.2x
@@ -284,7 +288,7 @@ def test_the_decode_loop_updates_the_donated_kv_cache_in_place(scan):
     from biomedlm_jax.planning import programs, report
 
     cfg = gpt_config.get_config("tiny", vocab_size=V, n_positions=512, n_layer=32, d_model=64, n_head=4,
-                                scan_layers=scan, dtype="float32")
+                                scan_layers=scan, dtype="float32", kv_cache_layout=layout)
     prog = programs.decode_program(cfg, jax.devices()[0], slots=8, max_prompt_len=448, max_new_tokens=64)
     mem = report.memory(prog.lowered.compile())
     kv = report.weight_bytes(prog.kv_cache)

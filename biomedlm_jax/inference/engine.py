@@ -78,6 +78,7 @@ class Placement:
 
     mesh: jax.sharding.Mesh
     data_axes: tuple = ("data", "fsdp")
+    seq_major: bool = False  # the model's cache layout (GPTConfig.kv_seq_major)
 
     @property
     def ways(self) -> int:
@@ -88,8 +89,9 @@ class Placement:
         from jax.sharding import PartitionSpec as P
 
         def spec(name, x):
-            if name == "cache":  # (B*H, S, hd), or (L, B*H, S, hd) with scan_layers
-                return P(*([None] * (x.ndim - 3)), self.data_axes, None, None)
+            if name == "cache":  # (B*H, S, hd) or (S, B*H, hd); a leading L with scan_layers
+                rows = x.ndim - (2 if self.seq_major else 3)  # the slots x heads axis
+                return P(*([None] * rows), self.data_axes, *([None] * (x.ndim - rows - 1)))
             return P(self.data_axes, *([None] * (x.ndim - 1))) if x.ndim else P()
 
         return {k: jax.tree.map(lambda x, k=k: NamedSharding(self.mesh, spec(k, x)), v) for k, v in state.items()}
@@ -243,31 +245,35 @@ _head = jax.jit(transposed_head, static_argnums=1)
 @functools.partial(jax.jit, static_argnames=("model",))
 def _prefill(model: GPT, params, ids, mask):
     """Left-padded prompts (n, P) through the model: (last logits (n, V), the same per row, one (H, P, hd)
-    cache per row)."""
+    cache per row, (P, H, hd) with the model's kv_seq_major)."""
     n, H = ids.shape[0], model.config.n_head
     cache = init_cache(model.config, n, ids.shape[1])
     logits, cache = model.apply({"params": params}, ids, mask, positions_from_mask(mask), cache, 0, method="decode")
     # cache leaves are (n * H, P, hd), or (L, n * H, P, hd) with scan_layers: split them by row here, so
     # that `_insert` takes one row and compiles once per bucket, not once per (batch, bucket)
-    rows = [jax.tree.map(lambda c, i=i: jax.lax.slice_in_dim(c, i * H, (i + 1) * H, axis=c.ndim - 3), cache)
+    axis = -2 if model.config.kv_seq_major else -3  # the rows x heads axis
+    rows = [jax.tree.map(lambda c, i=i: jax.lax.slice_in_dim(c, i * H, (i + 1) * H, axis=c.ndim + axis), cache)
             for i in range(n)]
     return logits[:, -1], [logits[i, -1] for i in range(n)], rows
 
 
-@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("placement",))
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("placement", "seq_major"))
 def _insert(state, row_cache, row_mask, row_logits, prompt_row, length, budget, key, temperature, top_k, top_p, slot,
-            placement: Optional[Placement] = None):
+            placement: Optional[Placement] = None, seq_major: bool = False):
     """Write one prefilled row into `slot`: its P cache columns end just before column t (mod S)."""
     B, S = state["kv_mask"].shape
     P = row_mask.shape[0]
     shift = (state["t"] - P) % S
 
-    def place(buf, block):  # buf (B*H, S, hd), block (H, P, hd)
-        H = block.shape[0]
-        full = jnp.zeros((H, S, block.shape[2]), buf.dtype).at[:, :P].set(block.astype(buf.dtype))
-        return jax.lax.dynamic_update_slice_in_dim(buf, jnp.roll(full, shift, axis=1), slot * H, axis=0)
+    seq = 0 if seq_major else 1  # the sequence axis of one layer's cache
 
-    if isinstance(state["cache"], dict):  # scan_layers: (L, B*H, S, hd)
+    def place(buf, block):  # buf (B*H, S, hd), block (H, P, hd); or (S, B*H, hd) and (P, H, hd) seq-major
+        H = block.shape[1 - seq]
+        full = jnp.zeros((S, H, buf.shape[2]) if seq == 0 else (H, S, buf.shape[2]), buf.dtype)
+        full = jax.lax.dynamic_update_slice_in_dim(full, block.astype(buf.dtype), 0, axis=seq)
+        return jax.lax.dynamic_update_slice_in_dim(buf, jnp.roll(full, shift, axis=seq), slot * H, axis=1 - seq)
+
+    if isinstance(state["cache"], dict):  # scan_layers: (L, ...) stacked
         cache = {n: jax.vmap(place)(state["cache"][n], row_cache[n]) for n in ("k", "v")}
     else:
         cache = [{n: place(c[n], p[n]) for n in ("k", "v")} for c, p in zip(state["cache"], row_cache)]
@@ -382,7 +388,8 @@ class Engine:
         self.head = _head(params, model.config)
         self.placement = None
         if mesh is not None:
-            self.placement = Placement(mesh, tuple(a for a in ("data", "fsdp") if a in mesh.shape))
+            self.placement = Placement(mesh, tuple(a for a in ("data", "fsdp") if a in mesh.shape),
+                                       model.config.kv_seq_major)
             if slots % self.placement.ways:
                 raise ValueError(f"slots={slots} must be a multiple of the mesh's data ways ({self.placement.ways})")
 
@@ -443,7 +450,8 @@ class Engine:
                        jnp.int32(prefix.lengths[row]), jnp.int32(budget), self.key(key),
                        jnp.float32(cfg.temperature if temperature is None else temperature),
                        jnp.int32(cfg.top_k if top_k is None else top_k),
-                       jnp.float32(cfg.top_p if top_p is None else top_p), jnp.int32(slot), placement=self.placement)
+                       jnp.float32(cfg.top_p if top_p is None else top_p), jnp.int32(slot), placement=self.placement,
+                       seq_major=self.model.config.kv_seq_major)
 
     def generate(self, state: dict, logprobs: bool = True):
         """Up to `steps_per_sync` steps for all slots: (state, tokens (n, B), emitted (n, B), logprobs).

@@ -218,39 +218,47 @@ class Attention(nn.Module):
                 q = q * (1.0 / (layer_idx.astype(jnp.float32) + 1.0)).astype(q.dtype)
 
         if cache is not None:  # decoding: attend over the preallocated cache, causality by absolute position
-            # The cache is laid out (B * H, S, hd): batch and head lead, so both einsums contract without
-            # transposing the whole cache every step (only the new token's q/k/v are transposed), and
-            # merged, so the update and its reader see one shape. With (B, H, S, hd) at batch 1,
-            # XLA:CPU dropped the unit batch axis for the dot, fused the in-place update into both
-            # the dot's operand and the loop output, and copied every cache buffer three times per
-            # token (0.5 of 1.7 ms per token for bench-cpu).
+            # The cache is laid out (B * H, S, hd) ("heads_major"): batch and head lead, so both einsums
+            # contract without transposing the whole cache every step (only the new token's q/k/v are
+            # transposed), and merged, so the update and its reader see one shape. With (B, H, S, hd) at
+            # batch 1, XLA:CPU dropped the unit batch axis for the dot, fused the in-place update into
+            # both the dot's operand and the loop output, and copied every cache buffer three times per
+            # token (0.5 of 1.7 ms per token for bench-cpu). On TPU the compiler wants the sequence axis
+            # major (a step's column is then whole tiles) and copied a heads-major cache in and out of
+            # the decode loop, one more KV cache of HBM: there it is (S, B * H, hd) ("seq_major";
+            # GPTConfig.kv_cache_layout).
             B, T = q.shape[0], q.shape[1]
             qh, kh, vh = (t.transpose(0, 2, 1, 3).reshape(B * H, T, hd) for t in (q, k, v))  # (B*H, T, hd)
             kh, vh = kh.astype(cache["k"].dtype), vh.astype(cache["v"].dtype)
+            seq_major = cfg.kv_seq_major
+            if seq_major:
+                kh, vh = kh.transpose(1, 0, 2), vh.transpose(1, 0, 2)  # (T, B*H, hd)
+            axis = 0 if seq_major else 1  # the sequence axis of one layer's cache
             if cache["k"].ndim == 4:
-                # the whole stacked cache (n_layer, B*H, S, hd), broadcast into a scanned layer: read this
-                # layer's rows and return only the new columns; `GPT.decode` writes all layers' columns
-                # into the stacked buffer after the scan, in place. (Carrying the cache as the scan's
-                # per-layer input/output built a second full cache: scan outputs are fresh buffers.)
+                # the whole stacked cache (n_layer, ...), broadcast into a scanned layer: read this layer's
+                # rows and return only the new columns; `GPT.decode` writes all layers' columns into the
+                # stacked buffer after the scan, in place. (Carrying the cache as the scan's per-layer
+                # input/output built a second full cache: scan outputs are fresh buffers.)
                 layer = lambda c: jax.lax.dynamic_index_in_dim(c, layer_idx, 0, keepdims=False)  # noqa: E731
-                k = jax.lax.dynamic_update_slice_in_dim(layer(cache["k"]), kh, cache_index, axis=1)
-                v = jax.lax.dynamic_update_slice_in_dim(layer(cache["v"]), vh, cache_index, axis=1)
+                k = jax.lax.dynamic_update_slice_in_dim(layer(cache["k"]), kh, cache_index, axis=axis)
+                v = jax.lax.dynamic_update_slice_in_dim(layer(cache["v"]), vh, cache_index, axis=axis)
                 new_cache = {"k": kh, "v": vh}
             else:
-                k = jax.lax.dynamic_update_slice_in_dim(cache["k"], kh, cache_index, axis=1)
-                v = jax.lax.dynamic_update_slice_in_dim(cache["v"], vh, cache_index, axis=1)
+                k = jax.lax.dynamic_update_slice_in_dim(cache["k"], kh, cache_index, axis=axis)
+                v = jax.lax.dynamic_update_slice_in_dim(cache["v"], vh, cache_index, axis=axis)
                 new_cache = {"k": k, "v": v}
-            S = k.shape[1]
+            S = k.shape[axis]
+            kv = "snd" if seq_major else "nsd"
             if attention_mask.ndim == 3:  # (B, T, S) per query: the caller's whole mask, causality included
                 mask = attention_mask[:, None].astype(bool)  # (B, 1, T, S)
             else:  # (B, S): causal by absolute cache slot
                 q_pos = cache_index + jnp.arange(T)  # (T,)
                 causal = jnp.arange(S)[None, :] <= q_pos[:, None]  # (T, S)
                 mask = causal[None, None] & attention_mask[:, None, None, :].astype(bool)  # (B, 1, T, S)
-            scores = jnp.einsum("ntd,nsd->nts", qh, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+            scores = jnp.einsum(f"ntd,{kv}->nts", qh, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
             scores = scores.reshape(B, H, T, S)
             probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)  # fp32
-            y = jnp.einsum("nts,nsd->ntd", probs.reshape(B * H, T, S).astype(v.dtype), v)
+            y = jnp.einsum(f"nts,{kv}->ntd", probs.reshape(B * H, T, S).astype(v.dtype), v)
             y = y.reshape(B, H, T, hd).transpose(0, 2, 1, 3).astype(cfg.dtype)
             y = nn.with_logical_constraint(y, act_spec)
             y = Projection(
@@ -429,7 +437,8 @@ class GPT(nn.Module):
         kv_mask: (B, S_max) True for cache slots holding real tokens (left padding is False), causal by
         slot; or (B, T, S_max), each query's visible slots (no causality implied; see `Attention`).
         cache: from `init_cache`: {"k", "v"} of (n_layer, B * H, S_max, hd) with scan_layers, else a list
-        of per-layer {"k", "v"} of (B * H, S_max, hd). Deterministic (no dropout).
+        of per-layer {"k", "v"} of (B * H, S_max, hd); S_max first with `config.kv_seq_major`.
+        Deterministic (no dropout).
         head: optional `transposed_head(params)`, computed once per generation (see `logits`).
         """
         cfg = self.config
@@ -437,7 +446,8 @@ class GPT(nn.Module):
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         if cfg.scan_layers:  # each layer returns its new columns (n_layer, B*H, T, hd): one in-place write
             x, cols = self.h(x, kv_mask, jnp.arange(cfg.n_layer), True, cache, cache_index)
-            new_cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], cols[n], cache_index, axis=2)
+            new_cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], cols[n], cache_index,
+                                                                axis=1 if cfg.kv_seq_major else 2)
                          for n in ("k", "v")}
         else:  # one buffer per layer, each updated in place (no re-stacking per token)
             new_cache = []
@@ -502,14 +512,16 @@ def transposed_head(params, cfg: GPTConfig):
 
 
 def init_cache(cfg: GPTConfig, batch: int, max_len: int, dtype=None):
-    """Zero KV cache in the compute dtype: {"k", "v"} of (n_layer, batch * n_head, max_len, head_dim) for a
-    scanned model (one stacked buffer each, updated in place after the layer scan), else a list of per-layer {"k", "v"} of (batch * n_head,
-    max_len, head_dim), so each layer's buffer is updated in place."""
+    """Zero KV cache in the compute dtype, per layer (batch * n_head, max_len, head_dim), or (max_len,
+    batch * n_head, head_dim) with `cfg.kv_seq_major`. A scanned model gets {"k", "v"} of those stacked on
+    a leading n_layer axis (one buffer each, updated in place after the layer scan), else a list of
+    per-layer {"k", "v"}, so each layer's buffer is updated in place."""
     dtype = dtype or cfg.dtype
+    rows = (max_len, batch * cfg.n_head) if cfg.kv_seq_major else (batch * cfg.n_head, max_len)
     if cfg.scan_layers:
-        shape = (cfg.n_layer, batch * cfg.n_head, max_len, cfg.head_dim)
+        shape = (cfg.n_layer, *rows, cfg.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    shape = (batch * cfg.n_head, max_len, cfg.head_dim)
+    shape = (*rows, cfg.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
 
 

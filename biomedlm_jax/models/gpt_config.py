@@ -37,6 +37,7 @@ LORA_TARGETS = ("qkv", "attn_out", "mlp_in", "mlp_out")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+KV_CACHE_LAYOUTS = ("auto", "heads_major", "seq_major")
 
 
 
@@ -79,6 +80,10 @@ class GPTConfig:
     attention_impl: str = "auto"  # auto | xla | cudnn  (jax.nn.dot_product_attention implementation)
     remat_policy: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     scan_layers: bool = False  # nn.scan over blocks: params stacked on a leading "layers" axis
+    # Generation's KV cache axes: heads_major (B*H, S, hd) | seq_major (S, B*H, hd) | auto (seq_major on
+    # TPU, where the compiler lays the cache out sequence-major and copied a heads-major cache in and out
+    # of the decode loop; heads_major elsewhere). Per layer, with a leading n_layer axis under scan_layers.
+    kv_cache_layout: str = "auto"
     # LoRA adapters (Hu et al. 2021) on the projections named in lora_targets: y = x W + b + (alpha/r) x A B,
     # A (in, r) random, B (r, out) zero, so step 0 equals the base model. rank 0 = no adapters.
     lora_rank: int = 0
@@ -95,6 +100,8 @@ class GPTConfig:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose from {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose from {ATTENTION_IMPLS}")
+        if self.kv_cache_layout not in KV_CACHE_LAYOUTS:
+            raise ValueError(f"kv_cache_layout={self.kv_cache_layout!r}; choose from {KV_CACHE_LAYOUTS}")
         for name in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype name
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # lists from JSON meta / configs
@@ -124,6 +131,13 @@ class GPTConfig:
         d = dataclasses.asdict(self)
         d["lora_targets"] = list(self.lora_targets)
         return d
+
+    @property
+    def kv_seq_major(self) -> bool:
+        """Whether generation's KV cache is (S, B*H, hd) per layer (else (B*H, S, hd)); see kv_cache_layout."""
+        if self.kv_cache_layout == "auto":
+            return jax.default_backend() == "tpu"
+        return self.kv_cache_layout == "seq_major"
 
     def lora_on(self, target: str) -> bool:
         return self.lora_rank > 0 and target in self.lora_targets

@@ -122,6 +122,8 @@ def decode_program(cfg: gpt_config.GPTConfig, device, slots: int, max_prompt_len
     from biomedlm_jax.models import gpt
     from biomedlm_jax.models import quantize as quantize_lib
 
+    if cfg.kv_cache_layout == "auto":  # the layout the engine picks on the target (not this host's) platform
+        cfg = cfg.replace(kv_cache_layout="seq_major" if device.platform == "tpu" else "heads_major")
     model = gpt.GPT(cfg)
     abstract = jax.eval_shape(lambda: gpt.init_params(model, jax.random.PRNGKey(0)))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.dtype(cfg.dtype)), abstract)

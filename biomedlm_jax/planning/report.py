@@ -98,6 +98,8 @@ def decode_report(program, compiled, s: Slice, compile_s: float) -> dict:
     row = {
         "kind": "decode", "topology": s.name, "chip": s.chip.generation, "slots": program.slots,
         "cache_len": program.cache_len, "steps_per_sync": program.steps_per_sync,
+        "kv_cache_layout": program.cfg.kv_cache_layout,
+        "temp_of_kv_cache": round(mem["temp_bytes"] / max(1, weight_bytes(program.kv_cache)), 3),
         "weights_bytes": weight_bytes(program.weights), "kv_cache_bytes": weight_bytes(program.kv_cache), **mem,
         "hbm_capacity_bytes": s.chip.hbm_bytes, "fits": mem["peak_bytes"] <= s.chip.hbm_bytes, **xla,
         "loop_int8_bytes": loop.get("s8", 0), "loop_float_bytes": sum(v for k, v in loop.items() if k in ("bf16", "f32", "f16")),
@@ -142,7 +144,8 @@ def table(row: dict) -> str:
         ]
     else:
         lines.append(f"TPU compile check: decode step, {row['slots']} slots x {row['cache_len']} cache columns, "
-                     f"{row['steps_per_sync']} steps per sync, one {row['chip']} chip")
+                     f"{row['steps_per_sync']} steps per sync, one {row['chip']} chip, {row['kv_cache_layout']} KV cache "
+                     f"(loop temporaries {100 * row['temp_of_kv_cache']:.1f}% of it)")
         lines.append(f"  weights      {_gb(row['weights_bytes'])}, KV cache {_gb(row['kv_cache_bytes'])}; "
                      f"the loop carries {_gb(row['loop_int8_bytes'])} int8, {_gb(row['loop_float_bytes'])} float")
     fits = "fits" if row["fits"] else "DOES NOT FIT"

@@ -78,6 +78,7 @@ FIELDS = {
     "model.attention_impl": "auto | xla | cudnn (cuDNN flash attention on GPU, bf16/fp16 only).",
     "model.remat_policy": "none | full | dots_saveable | dots_with_no_batch_dims_saveable.",
     "model.scan_layers": "nn.scan over blocks (compile time independent of depth).",
+    "model.kv_cache_layout": "auto | heads_major | seq_major: generation's KV cache axes (auto: seq_major on TPU, where the compiler copied a heads-major cache in and out of the decode loop; heads_major elsewhere, faster on CPU).",
     # data: shared
     "data.task": "lm (next-token on documents) | seq2seq (answer-only loss) | mcqa (classifier head).",
     "data.tokenizer": "Tokenizer directory; empty = the one stored with init_from (or the workdir's).",
