@@ -26,6 +26,7 @@ from biomedlm_jax.models import gpt as M
 from biomedlm_jax.models import gpt_config
 from biomedlm_jax.serving import api, server
 from biomedlm_jax.serving.batcher import Batcher, Job
+from biomedlm_jax.serving.choice import Choice
 
 EOS = 50256
 TEXTS = ["Metformin is", "The patient presented with a three-day history of fever, cough and", "BRCA1",
@@ -460,7 +461,7 @@ def test_text_offsets_are_exact_when_a_character_spans_tokens(tok):
         want.append(len(data[:n_bytes].decode("utf-8", errors="ignore")))
         n_bytes += len(tok.id_to_token(t))
     assert n_bytes == len(data)
-    choice = api.Choice(0, tok, EOS, (), logprobs=1)
+    choice = Choice(0, tok, EOS, (), logprobs=1)
     for k in range(0, len(ids), 3):  # updates of three tokens, as the engine hands them over
         part = ids[k: k + 3]
         choice.add(S.Update(0, part, [(-0.1, [(t, -0.1)]) for t in part]))

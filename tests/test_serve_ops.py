@@ -95,6 +95,7 @@ def test_warm_up_compiles_every_program_before_the_port_opens(tiny_lm, tok, capl
 
 def test_a_request_past_its_deadline_is_cancelled_with_finish_reason_timeout(tiny_lm, tok, caplog):
     eng = engine(tiny_lm, tok)
+    eng.warm_up()  # no compile inside the deadline
     fast = eng.generate
     eng.generate = lambda state, **kw: (time.sleep(0.05), fast(state, **kw))[1]
     batcher = Batcher(eng, max_queue=4).start()

@@ -51,10 +51,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from biomedlm_jax.inference import engine as engine_lib
-from biomedlm_jax.inference import scheduler as scheduler_lib
 from biomedlm_jax.serving import chat as chat_lib
 from biomedlm_jax.serving import metrics as metrics_lib
 from biomedlm_jax.serving.batcher import Batcher, Job, Overloaded
+from biomedlm_jax.serving.choice import Choice
 from biomedlm_jax.serving.http import AccessLog, ApiError, ApiKey, BodyLimit
 
 log = logging.getLogger("biomedlm_jax.serve")
@@ -186,71 +186,6 @@ class Completions:
                 for i, (ids, sink) in enumerate(zip(prompts, sinks))]
 
 
-class Choice:
-    """One prompt's answer as it grows: text decoded from all tokens so far, cut at a stop string;
-    `delta` gives what can be streamed (held back: a partial UTF-8 character, and any tail that may be
-    the start of a stop string)."""
-
-    def __init__(self, index: int, tok, eos_id: int, stop, logprobs: Optional[int]):
-        self.index, self.tok, self.eos_id, self.stop = index, tok, eos_id, tuple(stop)
-        self.tokens, self.logprobs, self.n_top = [], [], logprobs
-        self.offsets: list[int] = []  # with logprobs: each token's text_offset (see add)
-        self.sent = 0  # characters streamed
-        self.finish_reason: Optional[str] = None
-        self.text, self.cut = "", False
-
-    def add(self, update: scheduler_lib.Update) -> None:
-        if self.cut:
-            return
-        for t, lp in zip(update.tokens, update.logprobs or [None] * len(update.tokens)):
-            if t == self.eos_id:
-                break
-            if self.n_top is not None:
-                # where this token's text starts: the complete characters before it. A character split
-                # over several tokens (UTF-8 bytes) decodes to U+FFFD until its last byte arrives, so
-                # a trailing U+FFFD is not yet text (a genuine trailing U+FFFD would be miscounted).
-                self.offsets.append(len(self.tok.decode(self.tokens).rstrip("\ufffd")))
-            self.tokens.append(t)
-            self.logprobs.append(lp)
-        self.text = self.tok.decode(self.tokens)
-        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.cut, self.finish_reason = self.text[: min(hits)], True, "stop"
-            self._trim_tokens()
-        elif update.done:
-            self.finish_reason = update.finish_reason
-
-    def _trim_tokens(self) -> None:
-        """Keep the tokens whose text starts before the cut (the stop string and after are not output)."""
-        keep = 0
-        while keep < len(self.tokens) and len(self.tok.decode(self.tokens[:keep])) < len(self.text):
-            keep += 1
-        del self.tokens[keep:], self.logprobs[keep:], self.offsets[keep:]
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def delta(self) -> str:
-        end = len(self.text)
-        if not self.done:
-            end -= max((len(s) for s in self.stop), default=1) - 1
-            while end > self.sent and self.text[end - 1] == "\ufffd":
-                end -= 1
-        out = self.text[self.sent: max(end, self.sent)]
-        self.sent += len(out)
-        return out
-
-    def logprobs_json(self, start: int = 0) -> Optional[dict]:
-        if self.n_top is None:
-            return None
-        toks = [self.tok.decode([t]) for t in self.tokens[start:]]
-        offsets = self.offsets[start:]
-        return {"tokens": toks, "token_logprobs": [lp[0] for lp in self.logprobs[start:]],
-                "top_logprobs": [{self.tok.decode([t]): v for t, v in lp[1][: self.n_top]} for lp in self.logprobs[start:]],
-                "text_offset": offsets}
-
-
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
@@ -322,7 +257,7 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return Response(metrics.exposition(), media_type=metrics_lib.CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=metrics_lib.CONTENT_TYPE)
 
     async def parse(request: Request, kind):
         try:  # parsed and validated in a worker thread: a large body does not hold up the event loop
@@ -446,7 +381,9 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
             log.warning("request %s passed its deadline of %.1f s (--request_timeout): cancelled", rid,
                         request_timeout)
 
-        def on(item) -> Choice:
+        async def on(item) -> Choice:
+            """Apply one update; its text work (decoding every token so far, stop strings, offsets) runs
+            in a worker thread, off the event loop."""
             i, u = item
             if isinstance(u, Exception):
                 for job in jobs:
@@ -457,7 +394,7 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
             if first[0] is None and u.tokens:
                 first[0] = time.perf_counter()
                 metrics.ttft.observe(first[0] - t0)
-            choices[i].add(u)
+            await asyncio.to_thread(choices[i].add, u)
             if choices[i].done and not u.done:  # a stop string: the engine may still be generating
                 batcher.cancel(jobs[i])
             return choices[i]
@@ -497,7 +434,7 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                         expire()
                         break
                     try:
-                        on(item)
+                        await on(item)
                     except ApiError:
                         status = "failed"
                         raise
@@ -506,7 +443,7 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                 for job in jobs:
                     batcher.cancel(job)
                 logline(status)
-            return response([choice_json(c, c.text) for c in choices], usage=usage())
+            return await asyncio.to_thread(lambda: response([choice_json(c, c.text) for c in choices], usage=usage()))
 
         async def events():
             sent_tokens = [0] * len(choices)
@@ -524,7 +461,7 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, eos_id: int, max_lo
                         status = "timeout"
                         break
                     try:
-                        c = on(item)
+                        c = await on(item)
                     except ApiError as e:
                         yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
                         status = "failed"
