@@ -31,6 +31,7 @@ the same weights as GGUF) under `--clients` concurrent streaming clients sending
 
     python -m biomedlm_jax.bench_inference serve --model=bench-cpu --questions=64 --clients=1,8,32 [--llama_cpp]
     python -m biomedlm_jax.bench_inference serve-load --clients=64 --seconds=60 [--llama_cpp]  (benchmarks/serve_load.py)
+    python -m biomedlm_jax.bench_inference health-probe       (/health while huge requests are refused)
 
 `gguf-memory` exports a random-init `--model` (fp32) to GGUF while sampling the process's resident set:
 the peak beyond the weights, against the largest tensor (the export streams one tensor at a time).
@@ -109,6 +110,11 @@ def main(argv=None) -> int:
     sl.add_argument("--tokenizer", default=os.path.join("data", "gpt2_tokenizer"))
     sl.add_argument("--llama_extra_bufts", default="auto", choices=gguf.EXTRA_BUFTS_CHOICES)
     sl.add_argument("--llama_cpp", action="store_true", help="also llama-cpp-python's server, good requests only")
+    hp = sub.add_parser("health-probe", help="/health's latency while the server refuses huge requests")
+    hp.add_argument("--model", default="tiny")
+    hp.add_argument("--max_len", type=int, default=512)
+    hp.add_argument("--slots", type=int, default=4)
+    hp.add_argument("--tokenizer", default=os.path.join("data", "gpt2_tokenizer"))
     gm = sub.add_parser("gguf-memory", help="peak host memory of a GGUF export beyond the weights")
     gm.add_argument("--model", default="gpt2-medium")
     gm.add_argument("--gguf_type", default="F16")
@@ -137,6 +143,10 @@ def main(argv=None) -> int:
         rows = bench_serve(args.model, args.questions, [int(c) for c in args.clients.split(",")], args.slots,
                            args.max_new, args.medquad, args.tokenizer, args.steps_per_sync, args.llama_cpp,
                            args.llama_extra_bufts)
+    elif args.cmd == "health-probe":
+        from biomedlm_jax.benchmarks.health_probe import bench_health_probe
+
+        rows = bench_health_probe(args.model, args.max_len, args.slots, args.tokenizer)
     elif args.cmd == "serve-load":
         from biomedlm_jax.benchmarks.serve_load import bench_serve_load
 
