@@ -85,6 +85,124 @@ def test_collectives_in_a_loop_count_once_per_iteration_and_async_pairs_once():
     assert hlo.loop_carried_bytes(HLO) == {"s32": 4, "bf16": 256}
 
 
+@pytest.mark.parametrize("name,wrap", [
+    ("v4-8", (False,) * 3), ("v4-64", (False,) * 3), ("v4-128", (True,) * 3), ("v4-384", (True,) * 3),
+    ("v5p-128", (True,) * 3), ("v5e-64", (False,) * 3), ("v5e-128", (False, True, False)),
+    ("v5e-256", (True, True, False)), ("v6e-256", (True, True, False)), ("v6e-8", (False,) * 3),
+])
+def test_slices_wrap_around_as_cloud_tpu_builds_them(name, wrap):
+    """MaxText's accelerator_to_spec_map: v4/v5p tori from 4x4x4 up; v5e/v6e wrap a 16-chip edge.
+    Without wrap libtpu planned FSDP all-gathers as all-reduces of padded buffers (issue 43)."""
+    assert topology.parse(name).wrap == wrap
+
+
+# The TPU compiler's async all-gather: start, continuation and done fusions each hold the same
+# collective (same channel_id); its reduce-scatter inside loops is named all-reduce-scatter.N.clone.M;
+# windowed-einsum loops are unrolled by two (counter += 2, limit 4: 2 trips, not 4).
+HLO_CHAINS = """HloModule m, entry_computation_layout={()->f32[]}
+
+%ag_start (p0: bf16[16,64]) -> (bf16[16,64], bf16[64,64]) {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %all-gather.1 = bf16[64,64]{1,0} all-gather(%p0), channel_id=5, dimensions={0}
+  ROOT %cc = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) custom-call(%all-gather.1), custom_call_target="AsyncCollectiveStart"
+}
+
+%ag_cont (p0: bf16[16,64]) -> (bf16[16,64], bf16[64,64]) {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %all-gather.2 = bf16[64,64]{1,0} all-gather(%p0), channel_id=5, dimensions={0}
+  ROOT %cc = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) custom-call(%all-gather.2), custom_call_target="AsyncCollectiveContinuation"
+}
+
+%ag_done (p0: bf16[16,64], p1: bf16[64,64]) -> bf16[64,64] {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %all-gather.3 = bf16[64,64]{1,0} all-gather(%p0), channel_id=5, dimensions={0}
+  ROOT %cc = bf16[64,64]{1,0} custom-call(%p0, %p1, %all-gather.3), custom_call_target="AsyncCollectiveDone"
+}
+
+%all-reduce-scatter.4.clone.1 (input.1: f32[64,16]) -> f32[16,16] {
+  %input.1 = f32[64,16]{1,0} parameter(0)
+  %all-reduce.9 = f32[64,16]{1,0} all-reduce(%input.1), channel_id=7, to_apply=%add
+  ROOT %ds = f32[16,16]{1,0} dynamic-slice(%all-reduce.9, %c, %p), dynamic_slice_sizes={16,16}
+}
+
+%body (p: (s32[], bf16[16,64], f32[64,16])) -> (s32[], bf16[16,64], f32[64,16]) {
+  %p = (s32[], bf16[16,64]{1,0}, f32[64,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[16,64]{1,0} get-tuple-element(%p), index=1
+  %g = f32[64,16]{1,0} get-tuple-element(%p), index=2
+  %s = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) fusion(%x), kind=kCustom, calls=%ag_start
+  %c = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) fusion(%s), kind=kCustom, calls=%ag_cont
+  %d = bf16[64,64]{1,0} fusion(%c), kind=kCustom, calls=%ag_done
+  %rs = f32[16,16]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.4.clone.1
+  %two = s32[] constant(2)
+  %next = s32[] add(s32[] %i, s32[] %two)
+  ROOT %t = (s32[], bf16[16,64]{1,0}, f32[64,16]{1,0}) tuple(%next, %x, %g)
+}
+
+%cond (p: (s32[], bf16[16,64], f32[64,16])) -> pred[] {
+  %p = (s32[], bf16[16,64]{1,0}, f32[64,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %limit = s32[] constant(4)
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %limit), direction=LT
+}
+
+ENTRY %main (x: bf16[16,64], g: f32[64,16]) -> f32[] {
+  %x = bf16[16,64]{1,0} parameter(0)
+  %g = f32[64,16]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[16,64]{1,0}, f32[64,16]{1,0}) tuple(%zero, %x, %g)
+  %w = (s32[], bf16[16,64]{1,0}, f32[64,16]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_each_collective_counts_once_and_each_loop_by_its_trips():
+    """One all-gather in start/continuation/done fusions (same channel) counts once per iteration, the
+    `.clone` reduce-scatter counts, and the loop runs 2 times (init 0, step 2, limit 4). The parser
+    before issue 43 counted the all-gather twice per trip, the reduce-scatter never, and 4 trips."""
+    got = hlo.collective_bytes(HLO_CHAINS)
+    assert got["count"]["all-gather"] == 2 and got["bytes"]["all-gather"] == 2 * 64 * 64 * 2
+    assert got["count"]["reduce-scatter"] == 2 and got["bytes"]["reduce-scatter"] == 2 * 64 * 16 * 4
+    assert got["count"]["all-reduce"] == 0 and got["unknown_trip_counts"] == 0
+
+
+@pytest.mark.parametrize("init,step,limit,direction,trips", [
+    (0, 1, 32, "LT", 32), (0, 2, 4, "LT", 2), (1, 2, 8, "LT", 4), (0, 3, 10, "LT", 4), (0, 1, 7, "LE", 8),
+    (5, -1, 0, "GT", 5), (0, 2, 8, "NE", 4), (8, 1, 4, "LT", 0),
+])
+def test_trip_counts_come_from_the_induction_variable(init, step, limit, direction, trips):
+    text = f"""HloModule m
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {{
+  %p = (s32[], f32[4]{{0}}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[4]{{0}} get-tuple-element(%p), index=1
+  %ar = f32[4]{{0}} all-reduce(%x), channel_id=1, to_apply=%add
+  %k = s32[] constant({abs(step)})
+  %next = s32[] {"add" if step > 0 else "subtract"}(%i, %k)
+  ROOT %t = (s32[], f32[4]{{0}}) tuple(%next, %ar)
+}}
+
+%cond (p: (s32[], f32[4])) -> pred[] {{
+  %p = (s32[], f32[4]{{0}}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %limit = s32[] constant({limit})
+  ROOT %c = pred[] compare(%i, %limit), direction={direction}
+}}
+
+ENTRY %main (x: f32[4]) -> f32[4] {{
+  %x = f32[4]{{0}} parameter(0)
+  %start = s32[] constant({init})
+  %init = (s32[], f32[4]{{0}}) tuple(%start, %x)
+  %w = (s32[], f32[4]{{0}}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[4]{{0}} get-tuple-element(%w), index=1
+}}
+"""
+    got = hlo.collective_bytes(text)
+    assert got["count"]["all-reduce"] == trips and got["unknown_trip_counts"] == 0
+
+
 def test_fit_takes_the_largest_micro_batch_that_fits_and_stops_at_one_micro_batch():
     # memory grows with the micro-batch; `none` fits 16 of 64 sequences, `dots_saveable` all 64
     limit = {"none": 16, "dots_saveable": 64, "dots_with_no_batch_dims_saveable": 64, "full": 64}

@@ -1,15 +1,18 @@
 """What a compiled program does per step, read from its optimized HLO text: bytes moved by collectives,
 dot and convolution FLOPs, and the bytes a loop carries. One traversal (`_walk`) serves them all: it
 counts every instruction once per execution, multiplying a `while` body by its trip count (XLA's
-`known_trip_count`, else read from the loop's `counter < constant` condition), so a scanned model's
-per-layer work counts n_layer times. XLA's own cost analysis counts a loop body once.
+`known_trip_count`, else read from the loop's induction variable: its start in the initial tuple, its
+step in the body, its limit in the condition; the TPU compiler unrolls windowed-einsum loops by two),
+so a scanned model's per-layer work counts n_layer times. XLA's own cost analysis counts a loop body
+once. A collective with a `channel_id` counts once however many instructions carry it (the TPU
+compiler copies one collective into the start, continuation and done fusions of its async chain).
 
 Each collective counts the bytes one device holds of the data it exchanges, the larger of its input and
 its output: an all-gather its gathered output, a reduce-scatter its unreduced input, an all-reduce,
 all-to-all or collective-permute its buffer. An asynchronous pair (`all-gather-start` /
 `all-gather-done`) counts once, at its `-done`; a collective wrapped in an `async-start` counts inside
 the computation it calls. The TPU compiler writes a reduce-scatter as a fusion that calls a computation
-named `all-reduce-scatter.N` (an all-reduce and the device's slice of it), with operands printed without
+named `all-reduce-scatter.N` (`.clone.M` inside loops; an all-reduce and the device's slice of it), with operands printed without
 shapes: such a fusion counts as one reduce-scatter of its computation's input. Its asynchronous
 collectives are a fusion ending in an `AsyncCollectiveStart` custom call and one ending in
 `AsyncCollectiveDone`, each holding the collective: the "done" half is not walked. Loops whose trip
@@ -32,7 +35,8 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"\b(?:calls|body|condition|to_apply)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _ASYNC_DONE = 'custom_call_target="AsyncCollectiveDone"'
-_TPU_REDUCE_SCATTER = re.compile(r"all-reduce-scatter(\.\d+)?$")
+_TPU_REDUCE_SCATTER = re.compile(r"all-reduce-scatter(\.\d+)?(\.clone(\.\d+)?)*$")  # .clone.N inside loops
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 _NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
 _REF = re.compile(r"%([\w.\-]+)")
@@ -93,27 +97,102 @@ def parse(text: str) -> dict:
         if m:
             n = _NAME.match(line)
             comps[current].append({"op": m.group("op"), "shape": m.group("shape"), "rest": m.group("rest"),
-                                   "name": n.group(1) if n else ""})
+                                   "name": n.group(1) if n else "", "root": line.lstrip().startswith("ROOT ")})
     return {"computations": comps, "headers": headers, "entry": entry}
 
 
-def trip_count(rest: str, comps: dict):
-    """A while loop's iterations: XLA's `known_trip_count` when recorded, else read from its condition
-    when that is `counter < constant` (how a jax scan or fori_loop lowers; the counter starts at 0).
-    None when neither says."""
+def _constant(instrs: dict, name: str):
+    """The integer value of the scalar constant `name` in a computation ({name: instruction}), through
+    copies and converts; None if it is not one."""
+    for _ in range(8):
+        ins = instrs.get(name)
+        if ins is None:
+            return None
+        if ins["op"] == "constant":
+            m = re.match(r"\s*(-?\d+)\)", ins["rest"])
+            return int(m.group(1)) if m else None
+        if ins["op"] not in ("copy", "convert", "bitcast"):
+            return None
+        refs = _REF.findall(_operands(ins["rest"]))
+        if len(refs) != 1:
+            return None
+        name = refs[0]
+    return None
+
+
+def _tuple_index(instrs: dict, name: str):
+    """K when `name` is get-tuple-element(parameter, index=K) in a computation, else None."""
+    ins = instrs.get(name)
+    if ins is None or ins["op"] != "get-tuple-element":
+        return None
+    m = re.search(r"\bindex=(\d+)", ins["rest"])
+    return int(m.group(1)) if m else None
+
+
+def trip_count(rest: str, comps: dict, caller: str = ""):
+    """A while loop's iterations: XLA's `known_trip_count` when recorded, else from its induction
+    variable: the condition compares tuple element K with a constant limit (LT, LE, GT, GE or NE), the
+    body's root sets element K to itself plus a constant step, and the loop's initial tuple (in the
+    `caller` computation) gives its start (0 when it cannot be read). The TPU compiler unrolls some
+    loops (windowed einsums: step 2, limit 4), so the step matters. None when neither says."""
     t = _TRIP.search(rest)
     if t:
         return int(t.group(1))
-    cond = re.search(r"\bcondition=%?([\w.\-]+)", rest)
-    instrs = comps.get(cond.group(1), []) if cond else []
-    consts = {i["name"]: i["rest"] for i in instrs if i["op"] == "constant"}
-    for ins in instrs:
-        if ins["op"] == "compare" and "direction=LT" in ins["rest"]:
-            refs = _REF.findall(_operands(ins["rest"]))
-            if len(refs) == 2 and refs[1] in consts:
-                m = re.match(r"\s*(-?\d+)\)", consts[refs[1]])
-                if m:
-                    return int(m.group(1))
+    cond, body = (re.search(rf"\b{k}=%?([\w.\-]+)", rest) for k in ("condition", "body"))
+    cond_ins = {i["name"]: i for i in comps.get(cond.group(1), [])} if cond else {}
+    for ins in cond_ins.values():
+        m = re.search(r"direction=(LT|LE|GT|GE|NE)", ins["rest"])
+        if ins["op"] != "compare" or not m:
+            continue
+        refs = _REF.findall(_operands(ins["rest"]))
+        if len(refs) != 2:
+            continue
+        direction = m.group(1)
+        k, limit = _tuple_index(cond_ins, refs[0]), _constant(cond_ins, refs[1])
+        if k is None or limit is None:  # constant on the left: flip the comparison
+            k, limit = _tuple_index(cond_ins, refs[1]), _constant(cond_ins, refs[0])
+            direction = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "NE": "NE"}[direction]
+        if k is None or limit is None:
+            continue
+        start, step = _start(rest, comps, caller, k), _step(comps, body.group(1) if body else "", k)
+        if step is None or step == 0:
+            return None
+        if direction in ("GT", "GE"):  # counting down
+            start, limit, step, direction = -start, -limit, -step, {"GT": "LT", "GE": "LE"}[direction]
+        span = limit - start + (1 if direction == "LE" else 0)
+        if step < 0 or (direction == "NE" and span % step):
+            return None
+        return max(0, -(-span // step))
+    return None
+
+
+def _start(rest: str, comps: dict, caller: str, k: int) -> int:
+    """Element k of a while loop's initial tuple when it is a constant, else 0."""
+    instrs = {i["name"]: i for i in comps.get(caller, [])}
+    refs = _REF.findall(_operands(rest))
+    init = instrs.get(refs[0]) if refs else None
+    if init is None or init["op"] != "tuple":
+        return 0
+    elems = _REF.findall(_operands(init["rest"]))
+    value = _constant(instrs, elems[k]) if k < len(elems) else None
+    return 0 if value is None else value
+
+
+def _step(comps: dict, body: str, k: int):
+    """What the loop body adds to tuple element k each iteration (None if not `element + constant`)."""
+    instrs = {i["name"]: i for i in comps.get(body, [])}
+    root = next((i for i in comps.get(body, []) if i.get("root")), None)
+    if root is None or root["op"] != "tuple":
+        return None
+    elems = _REF.findall(_operands(root["rest"]))
+    nxt = instrs.get(elems[k]) if k < len(elems) else None
+    if nxt is None or nxt["op"] not in ("add", "subtract"):
+        return None
+    a, b = (_REF.findall(_operands(nxt["rest"])) + [None, None])[:2]
+    for counter, const in ((a, b), (b, a)):
+        if _tuple_index(instrs, counter) == k and _constant(instrs, const) is not None:
+            value = _constant(instrs, const)
+            return -value if nxt["op"] == "subtract" else value
     return None
 
 
@@ -138,7 +217,7 @@ def _walk(parsed: dict, visit: Callable[[str, dict, int], bool]) -> int:
                 continue  # a -done's computation was walked at the matching -start
             k = 1
             if op == "while":
-                k = trip_count(rest, comps)
+                k = trip_count(rest, comps, name)
                 if k is None:
                     unknown += 1
                     k = 1
@@ -157,13 +236,23 @@ def collective_bytes(text: str) -> dict:
     """{"bytes": {kind: bytes per device per step}, "count": {kind: executions per step},
     "unknown_trip_counts": loops whose body was counted once for want of a trip count}."""
     parsed = parse(text)
-    headers = parsed["headers"]
+    headers, comps = parsed["headers"], parsed["computations"]
     moved, count = collections.Counter(), collections.Counter()
+    seen: set = set()  # channel ids counted: one collective, however many fusions hold a copy of it
+
+    def first(rest: str) -> bool:
+        m = _CHANNEL.search(rest)
+        if m is None:
+            return True
+        if m.group(1) in seen:
+            return False
+        seen.add(m.group(1))
+        return True
 
     def visit(_, ins: dict, mult: int) -> bool:
         op = ins["op"]
         kind, counts = _kind(op)
-        if kind and counts:
+        if kind and counts and first(ins["rest"]):
             size = array_bytes(ins["shape"])
             if not op.endswith("-done"):
                 size = max(size, array_bytes(_operands(ins["rest"])))
@@ -171,9 +260,13 @@ def collective_bytes(text: str) -> dict:
             count[kind] += mult
         callees = _CALLS.findall(ins["rest"])
         if op == "fusion" and callees and _TPU_REDUCE_SCATTER.match(callees[0]):
-            # the TPU compiler's reduce-scatter: a fusion of an all-reduce and this device's slice
-            moved["reduce-scatter"] += max(array_bytes(headers.get(callees[0], "")), array_bytes(ins["shape"])) * mult
-            count["reduce-scatter"] += mult
+            # the TPU compiler's reduce-scatter: a fusion of an all-reduce and this device's slice (the
+            # all-reduce's channel id names it, so an async chain's copies count once)
+            inner = next((i["rest"] for i in comps.get(callees[0], []) if _CHANNEL.search(i["rest"])), "")
+            if first(inner):
+                moved["reduce-scatter"] += max(array_bytes(headers.get(callees[0], "")),
+                                               array_bytes(ins["shape"])) * mult
+                count["reduce-scatter"] += mult
             return True
         return False
 

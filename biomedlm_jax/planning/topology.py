@@ -5,6 +5,14 @@ Names: `v4-N` and `v5p-N` count TensorCores (two per chip, one "megacore" JAX de
 v4-128 is 64 chips; `v5e-N` (also `v5litepod-N`) and `v6e-N` count chips, so v5e-256 is 256 chips.
 The physical layouts follow Cloud TPU's tables (the same as MaxText's accelerator_to_spec_map and
 xpk): v4/v5p slices are 3-D tori of 2x2x1 ... 16x16x16 chips, v5e/v6e slices 2-D grids up to 16x16.
+
+Wrap-around links (`Slice.wrap`) as Cloud TPU builds the slices, following MaxText's
+accelerator_to_spec_map (github.com/AI-Hypercomputer/maxtext, MaxText/accelerator_to_spec_map.py): a
+v4/v5p slice whose every dimension is 4 or more (64 chips and up: 4x4x4, 4x4x8, ...) is a torus in all
+three dimensions, smaller ones wrap nowhere; a v5e/v6e slice wraps each dimension that spans a whole
+pod edge of 16 chips (8x16: the 16 only; 16x16: both). libtpu compiles what it is told: without wrap
+it plans each FSDP all-gather as an all-reduce of a zero-padded buffer over open lines, about twice
+the link traffic (issue 43).
 """
 from __future__ import annotations
 
@@ -61,6 +69,14 @@ class Slice:
         return self.chips * self.slices
 
     @property
+    def wrap(self) -> tuple:
+        """Which of the (up to three) physical dimensions have wrap-around links (see the module doc)."""
+        dims = tuple(self.shape) + (1,) * (3 - len(self.shape))
+        if self.chip.generation in ("v4", "v5p"):
+            return (all(d >= 4 for d in dims),) * 3
+        return tuple(d == 16 for d in dims[:2]) + (False,)
+
+    @property
     def accelerator_type(self) -> str:
         """Cloud TPU's name for one slice (v5e is v5litepod there)."""
         return self.name.replace("v5e-", "v5litepod-")
@@ -70,7 +86,8 @@ class Slice:
         return f"{_LIBTPU_NAME[self.chip.generation]}:{'x'.join(map(str, self.shape))}"
 
     def describe(self) -> str:
-        s = f"{self.name} ({self.chips} {self.chip.generation} chips, {'x'.join(map(str, self.shape))})"
+        links = "torus" if all(self.wrap[: len(self.shape)]) else "partly wrapped" if any(self.wrap) else "no wrap"
+        s = f"{self.name} ({self.chips} {self.chip.generation} chips, {'x'.join(map(str, self.shape))}, {links})"
         return s if self.slices == 1 else f"{self.slices} x {s}"
 
 
@@ -119,7 +136,7 @@ def compile_devices(s: Slice) -> list:
     host_bounds = (1, 1, 1) if s.chips == 1 else (2, 2, 1)
     desc = topologies.get_topology_desc(topology_name=s.libtpu_topology, platform="tpu",
                                         chip_config_name="megacore" if s.chip.generation in ("v4", "v5p") else "default",
-                                        chips_per_host_bounds=host_bounds, num_slices=s.slices)
+                                        chips_per_host_bounds=host_bounds, num_slices=s.slices, wrap=s.wrap)
     devices = list(desc.devices)
     if len(devices) != s.devices:
         raise RuntimeError(f"libtpu gave {len(devices)} devices for {s.describe()}, expected {s.devices}")
