@@ -121,7 +121,15 @@ def _constant(instrs: dict, name: str):
 
 
 def _tuple_index(instrs: dict, name: str):
-    """K when `name` is get-tuple-element(parameter, index=K) in a computation, else None."""
+    """K when `name` is get-tuple-element(parameter, index=K) in a computation (through copies), else None."""
+    for _ in range(8):
+        ins = instrs.get(name)
+        if ins is None or ins["op"] not in ("copy", "convert", "bitcast"):
+            break
+        refs = _REF.findall(_operands(ins["rest"]))
+        if len(refs) != 1:
+            return None
+        name = refs[0]
     ins = instrs.get(name)
     if ins is None or ins["op"] != "get-tuple-element":
         return None
