@@ -9,7 +9,8 @@ xpk): v4/v5p slices are 3-D tori of 2x2x1 ... 16x16x16 chips, v5e/v6e slices 2-D
 Wrap-around links (`Slice.wrap`) as Cloud TPU builds the slices, following MaxText's
 accelerator_to_spec_map (github.com/AI-Hypercomputer/maxtext, MaxText/accelerator_to_spec_map.py): a
 v4/v5p slice whose every dimension is 4 or more (64 chips and up: 4x4x4, 4x4x8, ...) is a torus in all
-three dimensions, smaller ones wrap nowhere; a v5e/v6e slice wraps each dimension that spans a whole
+three dimensions (Cloud TPU's v5p page: "All 4x4x4 and larger slices (one cube) have full 3D torus"
+connectivity), smaller ones wrap nowhere; a v5e/v6e slice wraps each dimension that spans a whole
 pod edge of 16 chips (8x16: the 16 only; 16x16: both). libtpu compiles what it is told: without wrap
 it plans each FSDP all-gather as an all-reduce of a zero-padded buffer over open lines, about twice
 the link traffic (issue 43).
