@@ -222,6 +222,18 @@ def test_fit_takes_the_largest_micro_batch_that_fits_and_stops_at_one_micro_batc
     assert fit.overrides(out["best"]) == "--config.grad_accum_steps=1 --config.model.remat_policy=dots_saveable"
 
 
+def test_fit_treats_bounds_within_two_percent_as_a_tie_and_takes_less_accumulation():
+    """A compute-bound bound 0.1% lower at 8x the accumulation no longer wins (v4-128 got 2 x 8 that way,
+    issue 43); a bound lower by more than the tolerance still does."""
+    def row(remat, accum, bound):
+        return {"remat": remat, "grad_accum": accum, "step_s_lower_bound": bound}
+
+    assert fit.better(row("dots_saveable", 1, 0.987), row("none", 8, 0.986))
+    assert not fit.better(row("none", 8, 0.986), row("dots_saveable", 1, 0.987))
+    assert fit.better(row("none", 2, 0.90), row("dots_saveable", 1, 1.00))  # 10% faster: worth accumulating
+    assert fit.better(row("none", 1, 1.0), row("dots_saveable", 1, 1.0))  # a full tie: less recomputation
+
+
 # --- real TPU programs, compiled with libtpu's compile-only devices (no TPU here) ---------------------
 
 

@@ -4,14 +4,18 @@ asks for, chosen by the compiler-based step-time bound.
 For each remat policy, from the least recomputation (none) to the most (full), a binary search over the
 micro-batches that divide the global batch finds the largest that fits HBM; its gradient accumulation
 keeps the global batch. Among those, the lowest step-time bound wins (more accumulation repeats
-FSDP's weight all-gathers, more remat repeats FLOPs), and on a tie the one with less accumulation. A policy that fits the whole batch in one
-micro-batch ends the search: nothing after it recomputes less or gathers fewer times.
+FSDP's weight all-gathers, more remat repeats FLOPs). Bounds within `TIE` (2%) of each other are a
+tie, since the bound is an estimate: then less accumulation wins, then less recomputation. (Rounded
+to 1 us, as before issue 43, compute-bound rows 0.1% apart were not ties, and v4-128 got 2 x 8.) A
+policy that fits the whole batch in one micro-batch ends the search: nothing after it recomputes less
+or gathers fewer times.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 REMAT_ORDER = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
+TIE = 0.02  # bounds closer than this (relative) are a tie
 
 
 def micro_batches(global_batch: int, batch_ways: int) -> list[int]:
@@ -41,16 +45,20 @@ def search(global_batch: int, batch_ways: int, compile_row: Callable[[str, int],
                 fit_row, lo = row, mid + 1
             else:
                 hi = mid - 1
-        if fit_row and (best is None or _rank(fit_row) < _rank(best)):
+        if fit_row and (best is None or better(fit_row, best)):
             best = fit_row
         if fit_row and fit_row["grad_accum"] == 1:
             break
     return {"best": best, "tried": tried}
 
 
-def _rank(row: dict) -> tuple:
-    """Lower is better: the bound, then (on a tie, e.g. both compute-bound) less accumulation."""
-    return round(row["step_s_lower_bound"], 6), row["grad_accum"]
+def better(a: dict, b: dict, tie: float = TIE) -> bool:
+    """Whether row a beats row b: a bound lower by more than `tie` (relative); within it, less
+    accumulation; then less recomputation (the policies in REMAT_ORDER)."""
+    ta, tb = a["step_s_lower_bound"], b["step_s_lower_bound"]
+    if abs(ta - tb) > tie * max(ta, tb):
+        return ta < tb
+    return (a["grad_accum"], REMAT_ORDER.index(a["remat"])) < (b["grad_accum"], REMAT_ORDER.index(b["remat"]))
 
 
 def overrides(row: dict) -> str:
