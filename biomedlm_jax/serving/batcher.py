@@ -16,7 +16,7 @@ is deleted before the new one is made, so a rebuild never holds two KV caches. T
 inside that handling, and a sink that fails costs only its job. Should the loop still die (a bug, an
 injected SystemExit), a supervisor fails the jobs in slots, waits `restart_delay` seconds (doubling
 up to 30 while it keeps dying) and starts the loop again with a rebuilt state; jobs still queued
-stay queued. `healthy` is False while the loop is down, when the thread is gone, and when work is
+stay queued. `health()` names a problem while the loop is down, when the thread is gone, and when work is
 waiting but the loop has not finished a sync for `stall_timeout` seconds (a hung device): the API's
 /health answers 503 then. A queued job that is cancelled frees its queue place at once.
 """
