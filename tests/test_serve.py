@@ -4,7 +4,6 @@ frees its slot; a full queue answers 429; each class of bad input gets its 400 n
 import concurrent.futures
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import openai
 import pytest
 from conftest import REPO
 
+from biomedlm_jax.benchmarks.serving import free_port
 from biomedlm_jax.data import tokenizer as T
 from biomedlm_jax.inference import engine as E
 from biomedlm_jax.inference import scheduler as S
@@ -205,12 +205,6 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_lm, tok):
     batcher.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_serve_command_answers_the_openai_client_and_exits_0_on_sigterm(tmp_path, tiny_lm, tok):
     """`python -m biomedlm_jax.serve --init_from=hf:DIR` as a user starts it."""
@@ -218,7 +212,7 @@ def test_serve_command_answers_the_openai_client_and_exits_0_on_sigterm(tmp_path
 
     model, params = tiny_lm
     hf.save_pretrained(model, params, str(tmp_path / "ckpt"), tokenizer=tok)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS="")
     proc = subprocess.Popen([sys.executable, "-m", "biomedlm_jax.serve", f"--init_from=hf:{tmp_path / 'ckpt'}",
                              f"--port={port}", "--slots=2", "--max_len=256", "--bucket=16"], env=env,

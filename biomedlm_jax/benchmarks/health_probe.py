@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -21,7 +20,7 @@ import time
 
 import numpy as np
 
-from biomedlm_jax.benchmarks.serving import free_port, wait_ready
+from biomedlm_jax.benchmarks.serving import running, serve_argv
 
 
 def _cases(vocab: int):
@@ -52,14 +51,7 @@ def bench_health_probe(variant: str = "tiny", max_len: int = 512, slots: int = 4
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "bench")
         hf.save_pretrained(model, params, ckpt, tokenizer=tok)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        logf = open(os.path.join(tmp, "serve.log"), "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "biomedlm_jax.serve", f"--init_from=hf:{ckpt}",
-                                 f"--slots={slots}", f"--max_len={max_len}", "--host=127.0.0.1", f"--port={port}"],
-                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=logf, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(proc, url, logf)
+        with running(serve_argv(ckpt, f"--slots={slots}", f"--max_len={max_len}"), tmp, "serve") as (url, _):
             for name, kw in _cases(model.config.vocab_size):
                 latencies, done = [], threading.Event()
 
@@ -92,8 +84,4 @@ def bench_health_probe(variant: str = "tiny", max_len: int = 512, slots: int = 4
                              "health_max_ms": round(float(lat.max()), 1), "probes": len(lat), "model": variant,
                              "max_len": max_len, "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count()})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(60)
-            logf.close()
     return rows

@@ -28,7 +28,6 @@ import concurrent.futures
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ import time
 
 import numpy as np
 
-from biomedlm_jax.benchmarks.serving import free_port, wait_ready
+from biomedlm_jax.benchmarks.serving import llama_argv, running, serve_argv
 
 BAD_BODIES = ({"top_k": -1}, {"unknown_field": 1}, {"model": "another-model"}, {"max_tokens": -3})
 
@@ -158,17 +157,10 @@ def bench_serve_load(variant: str, clients: int, seconds: float, slots: int, max
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "bench")
         hf.save_pretrained(model, params, ckpt, tokenizer=tok)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        logf = open(os.path.join(tmp, "serve.log"), "w+")
-        cmd = [sys.executable, "-m", "biomedlm_jax.serve", f"--init_from=hf:{ckpt}", "--model_name=bench",
-               f"--slots={slots}", f"--max_len={model.config.n_positions}", f"--steps_per_sync={steps_per_sync}",
-               f"--max_queue={max(64, 2 * clients)}", "--host=127.0.0.1", f"--port={port}"]
+        argv = serve_argv(ckpt, "--model_name=bench", f"--slots={slots}", f"--max_len={model.config.n_positions}",
+                          f"--steps_per_sync={steps_per_sync}", f"--max_queue={max(64, 2 * clients)}")
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=logf,
-                                stderr=subprocess.STDOUT, text=True)
-        try:
-            wait_ready(proc, url, logf)
+        with running(argv, tmp, "serve") as (url, proc):
             ready_s = time.perf_counter() - t0
             rss_warm = _rss_mb(proc.pid)
             results = drive(url, prompts, budgets, clients, seconds, disconnect, bad, "bench")
@@ -180,12 +172,8 @@ def bench_serve_load(variant: str, clients: int, seconds: float, slots: int, max
             own_gets = 1 + n_health  # the benchmark's own 200s: the readiness probe's and the health reads
             m = _metrics(url)
             rss_end = _rss_mb(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(60)
-            logf.seek(0)
-            log_text = logf.read()
-            logf.close()
+        with open(os.path.join(tmp, "serve.log")) as f:
+            log_text = f.read()
         warm_line = next((ln for ln in log_text.splitlines() if "warm-up:" in ln), "")
         statuses = {}
         for r in results:
@@ -216,21 +204,8 @@ def bench_serve_load(variant: str, clients: int, seconds: float, slots: int, max
         print(json.dumps(row), file=sys.stderr, flush=True)
         if llama_cpp:
             path = gguf.write_gguf(model.config, params, tok, os.path.join(tmp, "bench.gguf"), "F32")
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            logf = open(os.path.join(tmp, "llama.log"), "w+")
-            server = "from biomedlm_jax.formats import gguf; gguf.llama_cpp_server_main()"
-            proc = subprocess.Popen([sys.executable, "-c", server, f"--extra_bufts={llama_extra_bufts}", "--model",
-                                     path, "--model_alias", "bench", "--n_ctx", str(model.config.n_positions),
-                                     "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)],
-                                    stdout=logf, stderr=subprocess.STDOUT, text=True)
-            try:
-                wait_ready(proc, url, logf)
+            with running(llama_argv(path, model.config.n_positions, llama_extra_bufts), tmp, "llama.cpp") as (url, _):
                 results = drive(url, prompts, budgets, clients, seconds, 0.0, 0.0, "bench")
-            finally:
-                proc.terminate()
-                proc.wait(60)
-                logf.close()
             rows.append(dict(base, kind="serve-load", impl="llama.cpp", disconnect_share=0.0, bad_share=0.0,
                              **summarize(results, seconds, tok)))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

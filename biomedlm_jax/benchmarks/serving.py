@@ -12,6 +12,7 @@ the same requests sent one at a time.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import socket
@@ -45,6 +46,41 @@ def wait_ready(proc, url: str, logf, timeout: float = 600) -> None:
             pass
         time.sleep(0.2)
     raise SystemExit(f"the server at {url} did not answer in {timeout:.0f} s")
+
+
+# llama_cpp.server with extra buffer types as gguf.load_llama sets them (off where AMX is reported)
+LLAMA_SERVER = "from biomedlm_jax.formats import gguf; gguf.llama_cpp_server_main()"
+
+
+def serve_argv(ckpt: str, *flags: str) -> list:
+    """`python -m biomedlm_jax.serve` on an HF checkpoint folder, with more flags."""
+    return [sys.executable, "-m", "biomedlm_jax.serve", f"--init_from=hf:{ckpt}", *flags]
+
+
+def llama_argv(gguf_path: str, n_ctx: int, extra_bufts: str) -> list:
+    """llama-cpp-python's OpenAI server on a GGUF file, model alias "bench", queueing requests (its
+    default of interrupting the running request when another arrives returns cut answers)."""
+    return [sys.executable, "-c", LLAMA_SERVER, f"--extra_bufts={extra_bufts}", "--model", gguf_path,
+            "--model_alias", "bench", "--n_ctx", str(n_ctx), "--interrupt_requests", "False"]
+
+
+@contextlib.contextmanager
+def running(argv: list, folder: str, name: str):
+    """Start a server (argv, then --host/--port, which both servers take), wait until it answers, yield
+    (url, process); stop it afterwards. Its output goes to FOLDER/NAME.log (a file, not a pipe nobody
+    drains)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(os.path.join(folder, f"{name}.log"), "w+") as logf:
+        proc = subprocess.Popen(argv + ["--host", "127.0.0.1", "--port", str(port)],
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=logf,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_ready(proc, url, logf)
+            yield url, proc
+        finally:
+            proc.terminate()
+            proc.wait(60)
 
 
 def _one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
@@ -111,37 +147,20 @@ def bench_serve(variant: str, questions: int, clients: Sequence[int], slots: int
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "bench")
         hf.save_pretrained(model, params, ckpt, tokenizer=tok)
-        servers = [("biomedlm-jax", [sys.executable, "-m", "biomedlm_jax.serve", f"--init_from=hf:{ckpt}",
-                                     f"--slots={slots}", f"--max_len={max_len}", f"--steps_per_sync={steps_per_sync}",
-                                     f"--max_queue={4 * max(clients)}"])]
+        servers = [("biomedlm-jax", serve_argv(ckpt, f"--slots={slots}", f"--max_len={max_len}",
+                                               f"--steps_per_sync={steps_per_sync}", f"--max_queue={4 * max(clients)}"))]
         if llama_cpp:
             path = gguf.write_gguf(model.config, params, tok, os.path.join(tmp, "bench.gguf"), "F32")
-            # llama_cpp.server with extra buffer types as gguf.load_llama sets them (off where AMX is reported)
-            server = "from biomedlm_jax.formats import gguf; gguf.llama_cpp_server_main()"
-            servers.append(("llama.cpp", [sys.executable, "-c", server, f"--extra_bufts={llama_extra_bufts}", "--model", path,
-                                          "--model_alias", "bench", "--n_ctx", str(max_len),
-                                          "--interrupt_requests", "False"]))  # queue, do not cut, requests
+            servers.append(("llama.cpp", llama_argv(path, max_len, llama_extra_bufts)))
         texts = {}
-        for name, cmd in servers:
-            port = free_port()
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-            logf = open(os.path.join(tmp, f"{name}.log"), "w+")  # a file, not a pipe nobody drains
-            proc = subprocess.Popen(cmd + ["--host", "127.0.0.1", "--port", str(port)] if name == "llama.cpp"
-                                    else cmd + ["--host=127.0.0.1", f"--port={port}"], env=env,
-                                    stdout=logf, stderr=subprocess.STDOUT, text=True)
-            url = f"http://127.0.0.1:{port}"
-            try:
-                wait_ready(proc, url, logf)
+        for name, argv in servers:
+            with running(argv, tmp, name) as (url, _):
                 load(url, "bench", prompts[: 2 * slots], budgets[: 2 * slots], max(clients), tok)  # warm up
                 for c in clients:
                     row = load(url, "bench", prompts, budgets, c, tok)
                     texts[(name, c)] = row.pop("texts")
                     rows.append(dict(base, kind="serve", impl=name, **row))
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
-            finally:
-                proc.terminate()
-                proc.wait(60)
-                logf.close()
         ours = [k for k in texts if k[0] == "biomedlm-jax"]
         for row in rows:  # greedy answers must not depend on how many clients shared the engine
             if row["impl"] == "biomedlm-jax":
