@@ -101,18 +101,13 @@ def parse(text: str) -> dict:
     return {"computations": comps, "headers": headers, "entry": entry}
 
 
-def _constant(instrs: dict, name: str):
-    """The integer value of the scalar constant `name` in a computation ({name: instruction}), through
-    copies and converts; None if it is not one."""
+def _source(instrs: dict, name: str):
+    """The instruction `name` stands for in a computation ({name: instruction}), through copies,
+    converts and bitcasts; None when it is not there."""
     for _ in range(8):
         ins = instrs.get(name)
-        if ins is None:
-            return None
-        if ins["op"] == "constant":
-            m = re.match(r"\s*(-?\d+)\)", ins["rest"])
-            return int(m.group(1)) if m else None
-        if ins["op"] not in ("copy", "convert", "bitcast"):
-            return None
+        if ins is None or ins["op"] not in ("copy", "convert", "bitcast"):
+            return ins
         refs = _REF.findall(_operands(ins["rest"]))
         if len(refs) != 1:
             return None
@@ -120,20 +115,17 @@ def _constant(instrs: dict, name: str):
     return None
 
 
+def _constant(instrs: dict, name: str):
+    """The integer value of the scalar constant `name` (through copies); None if it is not one."""
+    ins = _source(instrs, name)
+    m = re.match(r"\s*(-?\d+)\)", ins["rest"]) if ins is not None and ins["op"] == "constant" else None
+    return int(m.group(1)) if m else None
+
+
 def _tuple_index(instrs: dict, name: str):
-    """K when `name` is get-tuple-element(parameter, index=K) in a computation (through copies), else None."""
-    for _ in range(8):
-        ins = instrs.get(name)
-        if ins is None or ins["op"] not in ("copy", "convert", "bitcast"):
-            break
-        refs = _REF.findall(_operands(ins["rest"]))
-        if len(refs) != 1:
-            return None
-        name = refs[0]
-    ins = instrs.get(name)
-    if ins is None or ins["op"] != "get-tuple-element":
-        return None
-    m = re.search(r"\bindex=(\d+)", ins["rest"])
+    """K when `name` is get-tuple-element(parameter, index=K) (through copies), else None."""
+    ins = _source(instrs, name)
+    m = re.search(r"\bindex=(\d+)", ins["rest"]) if ins is not None and ins["op"] == "get-tuple-element" else None
     return int(m.group(1)) if m else None
 
 
