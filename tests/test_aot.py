@@ -19,6 +19,24 @@ def test_cloud_tpu_names_count_cores_or_chips_as_cloud_tpu_does(name, chips, sha
     s = topology.parse(name)
     assert (s.chips, s.shape, s.chip.generation, s.devices) == (chips, shape, gen, chips)
     assert topology.parse(name, slices=2).devices == 2 * chips
+    assert s.device == s.chip  # one JAX device per chip
+
+
+@pytest.mark.parametrize("name,chips,shape,wrap", [
+    ("tpu7x-2", 1, (1, 1, 1), (False,) * 3), ("tpu7x-8", 4, (2, 2, 1), (False,) * 3),
+    ("tpu7x-128", 64, (4, 4, 4), (True,) * 3), ("tpu7x-512", 256, (4, 8, 8), (True,) * 3),
+])
+def test_tpu7x_counts_tensorcores_and_each_is_a_device_with_half_a_chip(name, chips, shape, wrap):
+    """Ironwood (TPU7x): tpu7x-N counts TensorCores like v5p-N, but JAX sees each TensorCore as a device
+    (libtpu's tpu7x:2x2x1 is 8 devices), so a device has half the chip's HBM and FLOP/s (Google's
+    TPU7x page: 192 GiB, 2,307 TFLOP/s bf16 per chip)."""
+    s = topology.parse(name)
+    assert (s.chips, s.shape, s.devices, s.wrap, s.libtpu_topology) == (
+        chips, shape, 2 * chips, wrap, "tpu7x:" + "x".join(map(str, shape)))
+    assert s.chip.peak_bf16_flops == 2307e12 and s.chip.hbm_bytes == 192 * 2**30
+    assert s.device.hbm_bytes == 96 * 2**30 and s.device.peak_bf16_flops == 2307e12 / 2
+    with pytest.raises(ValueError, match="TensorCores"):
+        topology.parse("tpu7x-3")
 
 
 @pytest.mark.parametrize("bad", ["v5e-3", "v4-9", "v4-4096000", "tpu-8", "v5p"])
@@ -234,6 +252,112 @@ def test_fit_treats_bounds_within_two_percent_as_a_tie_and_takes_less_accumulati
     assert fit.better(row("none", 1, 1.0), row("dots_saveable", 1, 1.0))  # a full tie: less recomputation
 
 
+# Distinct collectives share channel ids outside async chains (the TPU compiler numbers a windowed
+# einsum's collective-permutes all channel 1); only an async chain's copies of one collective (start,
+# `async_collective_fusion.N` continuations) are the same collective. Groups in three notations.
+HLO_CHANNELS = """HloModule m, entry_computation_layout={()->f32[]}
+
+%ag_start (p0: bf16[16,64]) -> (bf16[16,64], bf16[64,64]) {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %all-gather.1 = bf16[64,64]{1,0} all-gather(%p0), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %cc = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) custom-call(%all-gather.1), custom_call_target="AsyncCollectiveStart"
+}
+
+%async_collective_fusion.7 (p0: bf16[16,64]) -> (bf16[16,64], bf16[64,64]) {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %all-gather.2 = bf16[64,64]{1,0} all-gather(%p0), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  %dot.1 = f32[64,64]{1,0} dot(%p0, %p0), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  ROOT %t = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) tuple(%p0, %all-gather.2)
+}
+
+%body (p: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {
+  %p = (s32[], f32[8,128]{1,0}) parameter(0)
+  %x = f32[8,128]{1,0} get-tuple-element(%p), index=1
+  %cp.1 = f32[8,128]{1,0} collective-permute(%x), channel_id=1, source_target_pairs={{0,1},{1,0}}
+  %cp.2 = f32[8,128]{1,0} collective-permute(%cp.1), channel_id=1, source_target_pairs={{0,1},{1,0}}
+  %cp.3 = f32[8,128]{1,0} collective-permute(%cp.2), channel_id=1, source_target_pairs={{0,1},{1,0}}
+  %ar = f32[8,128]{1,0} all-reduce(%cp.3), channel_id=2, replica_groups=mesh['axis_0'=4,'axis_1'=16] {'axis_1'}, to_apply=%add
+  %f = f32[8,128]{1,0} fusion(%ar), kind=kLoop, calls=%fused, backend_config={"estimated_cycles":"1000"}
+  ROOT %t = (s32[], f32[8,128]{1,0}) tuple(%i, %f)
+}
+
+%fused (q: f32[8,128]) -> f32[8,128] {
+  %q = f32[8,128]{1,0} parameter(0)
+  ROOT %n = f32[8,128]{1,0} negate(%q), backend_config={"estimated_cycles":"999999"}
+}
+
+%cond (p: (s32[], f32[8,128])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (x: bf16[16,64], y: f32[8,128]) -> f32[] {
+  %x = bf16[16,64]{1,0} parameter(0)
+  %s = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) fusion(%x), kind=kCustom, calls=%ag_start
+  %c = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) fusion(%s), kind=kCustom, calls=%async_collective_fusion.7
+  %w = (s32[], f32[8,128]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %a2a = bf16[8,64]{1,0} all-to-all(%x), channel_id=9, replica_groups=[2,4]<=[8], dimensions={0}
+  %e = f32[8,128]{1,0} add(%y, %y), backend_config={"estimated_cycles":"20"}
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_collectives_sharing_a_channel_count_apart_unless_one_async_chain_holds_them():
+    """The three permutes (channel 1, 3 trips) count 9 times; the all-gather in its start and
+    continuation fusions (also channel 1) once. The parser of the first issue-43 fix counted one
+    collective per channel id over the whole program: no permute here (the all-gather had taken
+    channel 1), 12 of 176 in a v5e-128 step."""
+    got = hlo.collective_bytes(HLO_CHANNELS, devices=8)
+    assert got["count"]["collective-permute"] == 9 and got["count"]["all-gather"] == 1
+    assert got["bytes"]["collective-permute"] == 9 * 8 * 128 * 4
+    assert got["count"]["all-reduce"] == 3 and got["count"]["all-to-all"] == 1
+
+
+def test_link_bytes_follow_each_collectives_group():
+    """Bytes sent per device: an all-gather of 4 sends 3/4 of its output; an all-reduce over a mesh
+    axis of 16 (the TPU compiler's notation) twice 15/16 of its buffer; an all-to-all in groups of 4
+    (iota notation) 3/4; a collective-permute its whole buffer."""
+    got = hlo.collective_bytes(HLO_CHANNELS, devices=8)["link_bytes"]
+    assert got["all-gather"] == 64 * 64 * 2 * 3 // 4
+    assert got["all-reduce"] == int(3 * 8 * 128 * 4 * 2 * 15 / 16)
+    assert got["all-to-all"] == 8 * 64 * 2 * 3 // 4
+    assert got["collective-permute"] == 9 * 8 * 128 * 4
+    assert hlo.group_size("replica_groups={}, to_apply=%add", 256) == 256
+    assert hlo.link_factor("all-reduce", 1) == 0.0
+
+
+def test_estimated_cycles_sum_the_compilers_per_op_estimates_loops_by_their_trips():
+    """A fusion's estimate stands for what it calls (the op inside is not counted again); loop bodies
+    count per trip."""
+    got = hlo.estimated_cycles(HLO_CHANNELS)
+    assert got["cycles"] == 3 * 1000 + 20 and got["ops"] == 2
+
+
+def test_the_fsdp_minimum_is_two_weight_gathers_and_one_gradient_scatter_per_micro_batch():
+    from types import SimpleNamespace
+
+    from biomedlm_jax.planning import report
+
+    def program(data, fsdp, params=1000, trainable=1000):
+        return SimpleNamespace(mesh=SimpleNamespace(shape={"data": data, "fsdp": fsdp, "tensor": 1}), params=params,
+                               trainable=trainable)
+
+    assert report.fsdp_min_link_bytes(program(1, 4), 2) == 2 * (3 * 2 * 1000) * 3 / 4
+    assert report.fsdp_min_link_bytes(program(1, 1), 2) == 0  # no FSDP: no floor of this form
+    # LoRA: the frozen weights are gathered too, only the adapters' gradients reduced
+    assert report.fsdp_min_link_bytes(program(1, 4, trainable=10), 1) == (4 * 1000 + 2 * 10) * 3 / 4
+    # data parallel beside FSDP: each gradient shard is all-reduced over the data axis once per step
+    assert report.fsdp_min_link_bytes(program(2, 4), 1) == 3 * 2 * 1000 * 3 / 4 + 2 * (2 * 1000 / 4) / 2
+
+
+def test_fit_ranks_by_the_compiler_estimate_when_rows_have_one():
+    """Two rows with the same floor: the estimate (compiler cycles and link time) decides."""
+    a = {"remat": "none", "grad_accum": 2, "step_s_lower_bound": 1.0, "step_s_estimate": 1.5}
+    b = {"remat": "full", "grad_accum": 1, "step_s_lower_bound": 1.0, "step_s_estimate": 2.0}
+    assert fit.better(a, b) and not fit.better(b, a)
+    assert fit.step_time({"step_s_lower_bound": 1.0}) == 1.0
+
+
 # --- real TPU programs, compiled with libtpu's compile-only devices (no TPU here) ---------------------
 
 
@@ -304,6 +428,37 @@ def test_on_a_v4_torus_fsdp_weights_move_by_all_gather(monkeypatch):
     open_lines = check.train(c, s)
     assert open_lines["collective_bytes"]["all-gather"] == 0
     assert open_lines["collective_bytes"]["all-reduce"] > torus["collective_bytes"]["all-reduce"] + 0.9 * torus["collective_bytes"]["all-gather"]
+
+
+@pytest.mark.slow
+def test_a_tpu7x_slice_compiles_with_a_device_per_tensorcore():
+    """tpu7x-8 (Ironwood, 4 chips) compiles as 8 devices of 96 GiB each, with the compiler-cycle
+    estimate beside the floor."""
+    from biomedlm_jax.planning import check
+
+    s = topology.parse("tpu7x-8")
+    row = check.train(tiny(mesh_shape=(1, -1, 1), global_batch_size=16), s)
+    assert (row["chips"], row["devices"], row["mesh"]["fsdp"], row["chip"]) == (4, 8, 8, "tpu7x")
+    assert row["hbm_capacity_bytes"] == 96 * 2**30 and row["fits"]
+    assert row["step_s_estimate"] >= row["compute_s"] > 0 and 0 < row["mfu_estimate"] <= row["mfu_ceiling"]
+    assert topology.compile_devices(s)[0].device_kind == "TPU7x"
+
+
+@pytest.mark.slow
+def test_the_reduce_scatter_probe_says_what_the_compiler_made_of_one():
+    """`aot --probe=reduce_scatter`: a shard_map gradient asks for a reduce-scatter by name. libtpu
+    0.0.42.1 keeps it on v5e-4 and compiles it as an all-reduce of the whole gradient (and a slice) on
+    v5e-16, as on v4-128, v5p-128, v5e-256 and v6e-256 (docs/tpu.md). Should a libtpu upgrade change
+    that, this fails and the docs' account of the gradients needs redoing."""
+    from biomedlm_jax.planning import check
+
+    kept = check.reduce_scatter_probe(topology.parse("v5e-4"), rows=256, cols=1024)
+    refused = check.reduce_scatter_probe(topology.parse("v5e-16"), rows=256, cols=1024)
+    assert kept["asked_for_reduce_scatter"] and refused["asked_for_reduce_scatter"]
+    assert kept["compiled_as"] == {"reduce-scatter": 1} and "reduce-scatter(" in kept["hlo"]
+    assert refused["compiled_as"] == {"all-reduce": 1} and "all-reduce(" in refused["hlo"]
+    # the all-reduce sends 2 (n-1)/n of the gradient, twice what the reduce-scatter would
+    assert refused["link_bytes"]["all-reduce"] == int(2 * 256 * 1024 * 2 * 2 * 15 / 16)
 
 
 @pytest.mark.slow

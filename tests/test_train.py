@@ -162,10 +162,17 @@ def test_sharded_equals_single_device(tmp_path, small_corpus):
 
 
 @pytest.mark.slow
-def test_chunked_loss_trains_like_full_logits_on_a_mesh(tmp_path, small_corpus):
-    """loss_chunk_size changes memory, not the math: same train/eval losses and params on a 2x2x2 mesh."""
+def test_chunked_loss_trains_like_full_logits_on_a_mesh(tmp_path, small_corpus, monkeypatch, capsys):
+    """loss_chunk_size changes memory, not the math: same train/eval losses and params on a 2x2x2 mesh.
+    A device whose HBM the logits would crowd (logits_hbm_fraction) gets chunks without asking."""
     common = dict(num_train_steps=3, checkpoint_every_steps=3, eval_every_steps=3, mesh_shape=(2, 2, 2))
     full = trainer.train_and_evaluate(make_config(small_corpus, **common), str(tmp_path / "full"))
+    assert "logits in chunks" not in capsys.readouterr().out  # CPU devices report no HBM: never chunked
+    monkeypatch.setattr(trainer, "device_hbm_bytes", lambda device: 2 << 20)  # a 2 MiB device
+    auto = trainer.train_and_evaluate(make_config(small_corpus, **common), str(tmp_path / "auto"))
+    assert "logits in chunks of" in capsys.readouterr().out
+    np.testing.assert_allclose(auto["eval_loss"], full["eval_loss"], rtol=1e-5)
+    monkeypatch.undo()
     # 12 does not divide seq_len 32: two scanned pieces and a shorter last one
     chunked = trainer.train_and_evaluate(make_config(small_corpus, loss_chunk_size=12, **common), str(tmp_path / "chunk"))
     np.testing.assert_allclose(chunked["eval_loss"], full["eval_loss"], rtol=1e-5)
@@ -175,6 +182,30 @@ def test_chunked_loss_trains_like_full_logits_on_a_mesh(tmp_path, small_corpus):
     chex.assert_trees_all_close(final_params(tmp_path / "chunk"), final_params(tmp_path / "full"), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="loss_chunk_size must be 0 .off. or positive, got -1"):
         trainer.train_and_evaluate(make_config(small_corpus, loss_chunk_size=-1), str(tmp_path / "bad"))
+
+
+def test_logits_chunk_when_they_would_crowd_the_devices_hbm():
+    """2.7B's vocabulary at 16 sequences of 1024 per device: fp32 logits and their gradient are 3.8 GB,
+    over 5% of a v4 chip's 34 GB, so 256 positions at a time (0.95 GB); on v5p's 95 GB they stay whole.
+    An explicit loss_chunk_size wins; no HBM figure (CPU) or a zero fraction means whole logits."""
+    from ml_collections import ConfigDict
+
+    from biomedlm_jax.models.gpt_config import GPTConfig
+
+    mesh = sharding.make_mesh((1, -1, 1))  # 8 devices: 16 sequences each
+    cfg = GPTConfig(vocab_size=28896)
+    c = make_config("unused", seq_len=1024, global_batch_size=8 * 32, grad_accum_steps=2)
+    assert isinstance(c, ConfigDict) and c.logits_hbm_fraction == 0.05
+    assert trainer.auto_loss_chunk(c, cfg, mesh, 32 * 2**30) == 256
+    assert trainer.auto_loss_chunk(c, cfg, mesh, 95 * 10**9) == 0
+    assert trainer.auto_loss_chunk(c, cfg, mesh, None) == 0
+    assert trainer.auto_loss_chunk(c, cfg, mesh, 1) == 1  # a chunk of one position at the least
+    with c.unlocked():
+        c.loss_chunk_size = 100
+    assert trainer.auto_loss_chunk(c, cfg, mesh, 32 * 2**30) == 100
+    with c.unlocked():
+        c.loss_chunk_size, c.logits_hbm_fraction = 0, 0.0
+    assert trainer.auto_loss_chunk(c, cfg, mesh, 32 * 2**30) == 0
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """`aot --fit`: the per-chip micro-batch and remat policy that fit a slice, at the global batch the config
-asks for, chosen by the compiler-based step-time bound.
+asks for, chosen by the compiler-based step-time estimate (the TPU compiler's own per-op cycle
+estimates and the link time: report.estimate), or the floor where there is no estimate.
 
 For each remat policy, from the least recomputation (none) to the most (full), a binary search over the
 micro-batches that divide the global batch finds the largest that fits HBM; its gradient accumulation
-keeps the global batch. Among those, the lowest step-time bound wins (more accumulation repeats
-FSDP's weight all-gathers, more remat repeats FLOPs). Bounds within `TIE` (2%) of each other are a
-tie, since the bound is an estimate: then less accumulation wins, then less recomputation. (Rounded
+keeps the global batch. Among those, the lowest step time wins (more accumulation repeats
+FSDP's weight all-gathers, more remat repeats FLOPs). Step times within `TIE` (2%) of each other are a
+tie, since they are estimates: then less accumulation wins, then less recomputation. (Rounded
 to 1 us, as before issue 43, compute-bound rows 0.1% apart were not ties, and v4-128 got 2 x 8.) A
 policy that fits the whole batch in one micro-batch ends the search: nothing after it recomputes less
 or gathers fewer times.
@@ -39,6 +40,7 @@ def search(global_batch: int, batch_ways: int, compile_row: Callable[[str, int],
             tried.append(row)
             need = f"{row['peak_bytes'] / 1e9:.2f} GB" if row.get("peak_bytes") else "more"
             step = f"; step >= {row['step_s_lower_bound'] * 1e3:,.1f} ms" if row.get("step_s_lower_bound") else ""
+            step += f", ~{row['step_s_estimate'] * 1e3:,.1f} ms estimated" if row.get("step_s_estimate") else ""
             log(f"[fit] remat={remat} micro-batch {sizes[mid]} (grad_accum {global_batch // sizes[mid]}): {need} of "
                 f"{row['hbm_capacity_bytes'] / 1e9:.2f} GB, {'fits' if row['fits'] else 'does not fit'}{step}")
             if row["fits"]:
@@ -52,10 +54,16 @@ def search(global_batch: int, batch_ways: int, compile_row: Callable[[str, int],
     return {"best": best, "tried": tried}
 
 
+def step_time(row: dict) -> float:
+    """What --fit ranks by: the compiler-cycle estimate (report.estimate) when the row has one, else the
+    floor."""
+    return row.get("step_s_estimate") or row["step_s_lower_bound"]
+
+
 def better(a: dict, b: dict, tie: float = TIE) -> bool:
-    """Whether row a beats row b: a bound lower by more than `tie` (relative); within it, less
-    accumulation; then less recomputation (the policies in REMAT_ORDER)."""
-    ta, tb = a["step_s_lower_bound"], b["step_s_lower_bound"]
+    """Whether row a beats row b: a step time (`step_time`) lower by more than `tie` (relative); within
+    it, less accumulation; then less recomputation (the policies in REMAT_ORDER)."""
+    ta, tb = step_time(a), step_time(b)
     if abs(ta - tb) > tie * max(ta, tb):
         return ta < tb
     return (a["grad_accum"], REMAT_ORDER.index(a["remat"])) < (b["grad_accum"], REMAT_ORDER.index(b["remat"]))

@@ -4,8 +4,10 @@ counts every instruction once per execution, multiplying a `while` body by its t
 `known_trip_count`, else read from the loop's induction variable: its start in the initial tuple, its
 step in the body, its limit in the condition; the TPU compiler unrolls windowed-einsum loops by two),
 so a scanned model's per-layer work counts n_layer times. XLA's own cost analysis counts a loop body
-once. A collective with a `channel_id` counts once however many instructions carry it (the TPU
-compiler copies one collective into the start, continuation and done fusions of its async chain).
+once. Inside an async chain's fusions (the TPU compiler copies one collective into the start, every
+continuation -- computations named `async_collective_fusion.N` -- and the done fusion) a `channel_id`
+counts once however many copies carry it; elsewhere every instruction counts, since distinct
+collectives share channel ids there (a windowed einsum's collective-permutes all carry channel 1).
 
 Each collective counts the bytes one device holds of the data it exchanges, the larger of its input and
 its output: an all-gather its gathered output, a reduce-scatter its unreduced input, an all-reduce,
@@ -37,9 +39,13 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _ASYNC_DONE = 'custom_call_target="AsyncCollectiveDone"'
 _TPU_REDUCE_SCATTER = re.compile(r"all-reduce-scatter(\.\d+)?(\.clone(\.\d+)?)*$")  # .clone.N inside loops
 _CHANNEL = re.compile(r"\bchannel_id=(\d+)")
+_ASYNC_PIECE = re.compile(r'custom_call_target="AsyncCollective(Start|Continuation)"')
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 _NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
 _REF = re.compile(r"%([\w.\-]+)")
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,\s]*)\}")  # {{0,1,2,3},{4,5,6,7}}
+_GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=")  # [2,4]<=[8]: 2 groups of 4
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")  # mesh['axis_0'=16,...] {'axis_0'}
 _PARAM = re.compile(r"([\w.\-]+):\s*((?:\([^)]*\))|(?:[\w]+\[[\d,]*\]))")
 
 
@@ -232,46 +238,85 @@ def _walk(parsed: dict, visit: Callable[[str, dict, int], bool]) -> int:
     return unknown
 
 
-def collective_bytes(text: str) -> dict:
-    """{"bytes": {kind: bytes per device per step}, "count": {kind: executions per step},
-    "unknown_trip_counts": loops whose body was counted once for want of a trip count}."""
+def group_size(rest: str, devices: int) -> int:
+    """How many devices take part in one group of a collective: its `replica_groups` as an explicit
+    list, an iota form (`[groups,size]<=[...]`) or the TPU compiler's mesh form (`mesh['axis_0'=16,
+    'axis_1'=16] {'axis_0'}`: the named axes' product); all `devices` when it has none (or `{}`)."""
+    m = _GROUPS_LIST.search(rest)
+    if m:
+        return len([d for d in m.group(1).split(",") if d.strip()])
+    m = _GROUPS_IOTA.search(rest)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = _GROUPS_MESH.search(rest)
+    if m:
+        sizes = dict(re.findall(r"'([\w]+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'([\w]+)'", m.group(2)))
+    return devices
+
+
+def link_factor(kind: str, n: int) -> float:
+    """Bytes one device sends over its links per byte of `collective_bytes`'s count, in a group of n
+    (bandwidth-optimal ring or torus algorithms): an all-gather or reduce-scatter sends (n-1)/n of the
+    full buffer, an all-reduce (a reduce-scatter then an all-gather) twice that, an all-to-all the
+    (n-1)/n that leaves the device, a collective-permute its whole buffer."""
+    if kind == "collective-permute":
+        return 1.0
+    if n <= 1:
+        return 0.0
+    return (2.0 if kind == "all-reduce" else 1.0) * (n - 1) / n
+
+
+def collective_bytes(text: str, devices: int = 1) -> dict:
+    """{"bytes": {kind: bytes per device per step}, "link_bytes": {kind: bytes each device sends over
+    its links per step (link_factor, with each collective's group size; `devices`: the group of a
+    collective that names none)}, "count": {kind: executions per step}, "unknown_trip_counts": loops
+    whose body was counted once for want of a trip count}."""
     parsed = parse(text)
     headers, comps = parsed["headers"], parsed["computations"]
-    moved, count = collections.Counter(), collections.Counter()
-    seen: set = set()  # channel ids counted: one collective, however many fusions hold a copy of it
+    moved, link, count = collections.Counter(), collections.Counter(), collections.Counter()
+    seen: set = set()  # channel ids counted in async chains: one collective, however many fusions copy it
+    chained = {name for name, instrs in comps.items() if name.startswith("async_collective_fusion")
+               or any(_ASYNC_PIECE.search(i["rest"]) for i in instrs)}
 
-    def first(rest: str) -> bool:
+    def first(comp: str, rest: str) -> bool:
+        """Whether this copy of a collective counts: always, outside an async chain's fusions (distinct
+        collectives share channel ids there: a windowed einsum's permutes all carry channel 1); inside
+        them, the first copy of each channel."""
         m = _CHANNEL.search(rest)
-        if m is None:
+        if m is None or comp not in chained:
             return True
         if m.group(1) in seen:
             return False
         seen.add(m.group(1))
         return True
 
-    def visit(_, ins: dict, mult: int) -> bool:
+    def visit(comp: str, ins: dict, mult: int) -> bool:
         op = ins["op"]
         kind, counts = _kind(op)
-        if kind and counts and first(ins["rest"]):
+        if kind and counts and first(comp, ins["rest"]):
             size = array_bytes(ins["shape"])
             if not op.endswith("-done"):
                 size = max(size, array_bytes(_operands(ins["rest"])))
             moved[kind] += size * mult
+            link[kind] += size * mult * link_factor(kind, group_size(ins["rest"], devices))
             count[kind] += mult
         callees = _CALLS.findall(ins["rest"])
         if op == "fusion" and callees and _TPU_REDUCE_SCATTER.match(callees[0]):
             # the TPU compiler's reduce-scatter: a fusion of an all-reduce and this device's slice (the
             # all-reduce's channel id names it, so an async chain's copies count once)
             inner = next((i["rest"] for i in comps.get(callees[0], []) if _CHANNEL.search(i["rest"])), "")
-            if first(inner):
-                moved["reduce-scatter"] += max(array_bytes(headers.get(callees[0], "")),
-                                               array_bytes(ins["shape"])) * mult
+            if first(comp, inner):
+                size = max(array_bytes(headers.get(callees[0], "")), array_bytes(ins["shape"])) * mult
+                moved["reduce-scatter"] += size
+                link["reduce-scatter"] += size * link_factor("reduce-scatter", group_size(inner, devices))
                 count["reduce-scatter"] += mult
             return True
         return False
 
     unknown = _walk(parsed, visit)
-    return {"bytes": {k: int(moved.get(k, 0)) for k in KINDS}, "count": {k: int(count.get(k, 0)) for k in KINDS},
+    return {"bytes": {k: int(moved.get(k, 0)) for k in KINDS}, "link_bytes": {k: int(link.get(k, 0)) for k in KINDS},
+            "count": {k: int(count.get(k, 0)) for k in KINDS},
             "unknown_trip_counts": unknown}
 
 
@@ -287,6 +332,30 @@ def loop_carried_bytes(text: str) -> dict:
                 if sum(by.values()) > sum(best.values()):
                     best = {k: int(v) for k, v in by.items()}
     return best
+
+
+_CYCLES = re.compile(r'"estimated_cycles"\s*:\s*"(\d+)"')
+
+
+def estimated_cycles(text: str) -> dict:
+    """{"cycles": the TPU compiler's own per-op estimate (`estimated_cycles` in each op's backend config)
+    summed over one execution, loops by their trips, "ops": how many ops carried one}. An op that
+    carries an estimate (a fusion) is not looked into. Collectives carry none: this is the compute and
+    memory-bound work, not the communication."""
+    parsed = parse(text)
+    total, ops = 0, 0
+
+    def visit(_, ins: dict, mult: int) -> bool:
+        nonlocal total, ops
+        m = _CYCLES.search(ins["rest"])
+        if m is None:
+            return False
+        total += int(m.group(1)) * mult
+        ops += 1
+        return True
+
+    _walk(parsed, visit)
+    return {"cycles": total, "ops": ops}
 
 
 # --- FLOPs per step -------------------------------------------------------------------------------------

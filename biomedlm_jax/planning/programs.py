@@ -88,6 +88,7 @@ def train_program(config, s: topology.Slice, devices: list, options: int = 4) ->
     mesh = topology.mesh_for(s, tuple(config.mesh_shape), devices)
     trainer.check_config(config, base_cfg, mesh)
     model = task.model(cfg)
+    task.loss_chunk = trainer.auto_loss_chunk(config, cfg, mesh, s.device.hbm_bytes)  # as a run on the slice
     tx, _ = trainer.make_optimizer(config)
     rules = tuple(tuple(r) for r in config.logical_axis_rules)
     plan = state.LoraPlan.for_run(config, cfg, base_cfg, task)

@@ -3,6 +3,8 @@ devices for them from libtpu (no TPU needed).
 
 Names: `v4-N` and `v5p-N` count TensorCores (two per chip, one "megacore" JAX device per chip), so
 v4-128 is 64 chips; `v5e-N` (also `v5litepod-N`) and `v6e-N` count chips, so v5e-256 is 256 chips.
+`tpu7x-N` (Ironwood) counts TensorCores too, and each is a JAX device: tpu7x-128 is 64 chips, 128
+devices, and every per-device figure (HBM, FLOP/s) is half the chip's.
 The physical layouts follow Cloud TPU's tables (the same as MaxText's accelerator_to_spec_map and
 xpk): v4/v5p slices are 3-D tori of 2x2x1 ... 16x16x16 chips, v5e/v6e slices 2-D grids up to 16x16.
 
@@ -33,6 +35,16 @@ class Chip:
     hbm_bandwidth: float  # bytes/s
     ici_bandwidth: float  # bytes/s per chip, all links together, one direction
     source: str
+    devices_per_chip: int = 1  # JAX devices per chip: 2 on TPU7x (a device per TensorCore), else 1
+
+    def per_device(self) -> "Chip":
+        """The figures of one JAX device: the chip's divided among its devices (TPU7x: halves)."""
+        n = self.devices_per_chip
+        if n == 1:
+            return self
+        return dataclasses.replace(self, peak_bf16_flops=self.peak_bf16_flops / n, hbm_bytes=self.hbm_bytes // n,
+                                   hbm_bandwidth=self.hbm_bandwidth / n, ici_bandwidth=self.ici_bandwidth / n,
+                                   devices_per_chip=1)
 
 
 GiB = 1 << 30
@@ -45,6 +57,13 @@ CHIPS = {
     "v5p": Chip("v5p", 459e12, 95 * 10**9, 2765e9, 4800e9 / 8, "https://cloud.google.com/tpu/docs/v5p"),
     # https://cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM at 1,640 GB/s, ICI 3,584 Gbps
     "v6e": Chip("v6e", 918e12, 32 * 10**9, 1640e9, 3584e9 / 8, "https://cloud.google.com/tpu/docs/v6e"),
+    # TPU7x (Ironwood). https://docs.cloud.google.com/tpu/docs/tpu7x: two TensorCores per chip, 2,307
+    # TFLOP/s bf16, 192 GiB HBM per chip. Bandwidths from Google's announcement ("Ironwood: the first
+    # Google TPU for the age of inference", blog.google, April 2025): HBM 7.37 TB/s, ICI 1.2 TB/s
+    # bidirectional (600 GB/s each way). JAX sees each TensorCore as a device (libtpu's "tpu7x:2x2x1"
+    # is 8 devices of kind TPU7x; there is no megacore config), so each device has half of each.
+    "tpu7x": Chip("tpu7x", 2307e12, 192 * GiB, 7.37e12, 1.2e12 / 2, "https://docs.cloud.google.com/tpu/docs/tpu7x",
+                  devices_per_chip=2),
 }
 
 # chips -> the slice's physical shape, as Cloud TPU lays it out
@@ -53,7 +72,9 @@ _TORUS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4
              192: (4, 4, 12), 256: (4, 8, 8), 512: (8, 8, 8), 768: (8, 8, 12), 1024: (8, 8, 16),
              2048: (8, 16, 16), 4096: (16, 16, 16)}
 # libtpu's names for the generations in topology strings
-_LIBTPU_NAME = {"v4": "v4", "v5p": "v5", "v5e": "v5e", "v6e": "v6e"}
+_LIBTPU_NAME = {"v4": "v4", "v5p": "v5", "v5e": "v5e", "v6e": "v6e", "tpu7x": "tpu7x"}
+# TPU7x slices: v5p's 3-D shapes, and one chip (tpu7x-2, 1x1x1, the tpu7x-standard-1t machine type)
+_TPU7X = {1: (1, 1, 1), **_TORUS_3D}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +86,25 @@ class Slice:
     slices: int = 1
 
     @property
+    def devices_per_slice(self) -> int:
+        """JAX devices in one slice: one per chip (v4 and v5p run as megacore), two on TPU7x."""
+        return self.chips * self.chip.devices_per_chip
+
+    @property
     def devices(self) -> int:
-        """JAX devices in all slices (one per chip: v4 and v5p run as megacore)."""
-        return self.chips * self.slices
+        """JAX devices in all slices."""
+        return self.devices_per_slice * self.slices
+
+    @property
+    def device(self) -> Chip:
+        """One JAX device's figures (a chip's, or half a TPU7x chip's): what each program runs on."""
+        return self.chip.per_device()
 
     @property
     def wrap(self) -> tuple:
         """Which of the (up to three) physical dimensions have wrap-around links (see the module doc)."""
         dims = tuple(self.shape) + (1,) * (3 - len(self.shape))
-        if self.chip.generation in ("v4", "v5p"):
+        if self.chip.generation in ("v4", "v5p", "tpu7x"):  # TPU7x: v5p's cubes (its page likens the two)
             return (all(d >= 4 for d in dims),) * 3
         return tuple(d == 16 for d in dims[:2]) + (False,)
 
@@ -93,19 +124,20 @@ class Slice:
 
 
 def parse(name: str, slices: int = 1) -> Slice:
-    """A Cloud TPU accelerator type such as v5e-256, v5litepod-16, v4-128, v5p-128 or v6e-256."""
-    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.strip().lower())
+    """A Cloud TPU accelerator type such as v5e-256, v5litepod-16, v4-128, v5p-128, v6e-256 or tpu7x-128."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e|tpu7x)-(\d+)", name.strip().lower())
     if not m:
         raise ValueError(f"--topology={name!r}: expected a Cloud TPU type such as v5e-256, v5litepod-16, v4-128, "
-                         "v5p-128 or v6e-256")
+                         "v5p-128, v6e-256 or tpu7x-128")
     gen, n = ("v5e" if m.group(1) == "v5litepod" else m.group(1)), int(m.group(2))
     if slices < 1:
         raise ValueError(f"--slices={slices} must be >= 1")
-    if gen in ("v4", "v5p"):
-        if n % 2 or n // 2 not in _TORUS_3D:
+    if gen in ("v4", "v5p", "tpu7x"):
+        shapes = _TPU7X if gen == "tpu7x" else _TORUS_3D
+        if n % 2 or n // 2 not in shapes:
             raise ValueError(f"--topology={name}: {gen}-N counts TensorCores (2 per chip); N is one of "
-                             f"{', '.join(str(2 * c) for c in _TORUS_3D)}")
-        chips, shape = n // 2, _TORUS_3D[n // 2]
+                             f"{', '.join(str(2 * c) for c in shapes)}")
+        chips, shape = n // 2, shapes[n // 2]
     else:
         if n not in _GRID_2D:
             raise ValueError(f"--topology={name}: {gen}-N counts chips; N is one of {', '.join(map(str, _GRID_2D))}")
@@ -153,7 +185,7 @@ def mesh_for(s: Slice, mesh_shape, devices: list):
 
     from biomedlm_jax.models import sharding
 
-    per_slice = sharding.resolve_mesh_shape(tuple(mesh_shape), s.chips)
+    per_slice = sharding.resolve_mesh_shape(tuple(mesh_shape), s.devices_per_slice)
     if s.slices == 1:
         grid = mesh_utils.create_device_mesh(per_slice, devices)
     else:

@@ -21,6 +21,10 @@ FIELDS = {
     "loss_chunk_size": "LM and seq2seq loss: compute the tied head's logits this many positions at a time "
                        "(rematerialised in the backward pass) instead of holding (batch, seq_len, vocab); "
                        "0 = off.",
+    "logits_hbm_fraction": "With loss_chunk_size 0: when a micro-batch's fp32 logits and their gradient "
+                           "(2 x batch per device x seq_len x vocab x 4 bytes) would exceed this share of the "
+                           "device's HBM, compute them in the largest power-of-two chunk of positions that fits it; "
+                           "0 = never. Devices that report no HBM size (CPU) never chunk.",
     "grad_accum_steps": "Micro-batches per step; global_batch_size must divide by it.",
     "num_train_steps": "Optimizer steps; also the length of the LR schedule.",
     "warmup_steps": "Linear warmup from 0 to learning_rate.",

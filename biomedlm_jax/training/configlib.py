@@ -108,6 +108,9 @@ def train_config(train_files: str = "", tokenizer: str = "") -> ml_collections.C
 
     c.seq_len = 128
     c.loss_chunk_size = 0  # LM loss: positions per logits chunk (0 = whole sequence at once)
+    # loss_chunk_size 0: chunk anyway when the fp32 logits and their gradient would take more than this
+    # share of a device's HBM (trainer.auto_loss_chunk; 0 = never; CPU reports no HBM: never there)
+    c.logits_hbm_fraction = 0.05
     c.global_batch_size = 8  # sequences per optimizer step, across all devices and micro-batches
     c.grad_accum_steps = 1  # micro-batches per step (global_batch_size must divide by it)
     c.num_train_steps = 150

@@ -28,6 +28,9 @@ class Task:
 
     backbone: Optional[str] = None  # where the GPT params sit inside the model's params (None: they are them)
     best_metric: Optional[str] = None  # eval metric to keep a best checkpoint by (None: no best checkpoint)
+    # positions per logits chunk in the LM loss when the trainer chose one (trainer.auto_loss_chunk: the
+    # logits would take too much of the device's HBM); None: the config's loss_chunk_size
+    loss_chunk: Optional[int] = None
 
     def __init__(self, config):
         self.config = config
@@ -113,10 +116,12 @@ class LMTask(Task):
 
     def loss(self, model, params, mb, rng, deterministic: bool):
         """(weighted NLL sum, weight sum) of one micro-batch; fields (b, T): inputs, targets, optional
-        weights/positions/segment_ids. With `loss_chunk_size`, logits are built a chunk at a time."""
+        weights/positions/segment_ids. With a chunk (`loss_chunk`, else `loss_chunk_size`), logits are built a
+        chunk at a time."""
         kw = dict(position_ids=mb.get("positions"), segment_ids=mb.get("segment_ids"), deterministic=deterministic,
                   rngs={"dropout": rng})
-        chunk = self.config.loss_chunk_size if self.config is not None else 0
+        chunk = self.loss_chunk if self.loss_chunk is not None else (
+            self.config.loss_chunk_size if self.config is not None else 0)
         if not chunk:
             logits = model.apply({"params": params}, mb["inputs"], **kw)
             return losses.token_nll_sum(logits, mb["targets"], mb.get("weights"))

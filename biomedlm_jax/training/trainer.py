@@ -262,6 +262,42 @@ def log_row(window: list[dict], last_m: dict, schedule, step: int, tokens_per_s:
     }
 
 
+def device_hbm_bytes(device) -> Optional[int]:
+    """The memory a device offers (`bytes_limit` of its memory stats: GPU, TPU), None where it reports
+    none (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # compile-only and CPU devices may not implement it
+        return None
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def auto_loss_chunk(config, cfg: GPTConfig, mesh, hbm_bytes: Optional[int]) -> int:
+    """Positions per logits chunk for the LM loss: `loss_chunk_size` when set; else 0 (whole sequence)
+    unless the micro-batch's fp32 logits and their gradient, 2 x (sequences per device) x seq_len x
+    vocab x 4 bytes, would exceed `logits_hbm_fraction` of `hbm_bytes`: then the largest power-of-two
+    share of seq_len whose logits fit that budget (at least 1). BioMedLM's vocabulary makes them large:
+    16 sequences of 1024 per device are 3.8 GB (issue 43)."""
+    fraction = config.get("logits_hbm_fraction", 0.0)
+    if config.loss_chunk_size or not fraction or not hbm_bytes:
+        return config.loss_chunk_size
+    (batch_axes,) = nn.logical_to_mesh_axes(("activation_batch",), config.logical_axis_rules)
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    per_device = max(1, config.global_batch_size // config.grad_accum_steps // ways)
+    T = config.seq_len
+
+    def need(chunk):
+        return 2 * per_device * chunk * cfg.vocab_size * 4
+
+    if need(T) <= fraction * hbm_bytes:
+        return 0
+    chunk = T
+    while chunk > 1 and need(chunk) > fraction * hbm_bytes:
+        chunk = (chunk + 1) // 2
+    return chunk
+
+
 def check_config(config, cfg: GPTConfig, mesh) -> None:
     """What a run's config must satisfy on `mesh` before anything compiles (ValueError naming the key)."""
     if config.seq_len > cfg.n_positions:
@@ -281,6 +317,8 @@ def check_config(config, cfg: GPTConfig, mesh) -> None:
         )
     if config.loss_chunk_size < 0:
         raise ValueError(f"loss_chunk_size must be 0 (off) or positive, got {config.loss_chunk_size}")
+    if not 0 <= config.get("logits_hbm_fraction", 0.0) <= 1:
+        raise ValueError(f"logits_hbm_fraction must be in [0, 1], got {config.logits_hbm_fraction}")
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "num_train_steps"):
         if config[key] <= 0:
             raise ValueError(f"{key} must be positive, got {config[key]}")
@@ -317,6 +355,10 @@ def train_and_evaluate(config, workdir: str, *, devices: Optional[Sequence] = No
     if tok.get_vocab_size() > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is {cfg.vocab_size}")
     model = task.model(cfg)
+    task.loss_chunk = auto_loss_chunk(config, cfg, mesh, device_hbm_bytes(mesh.devices.flat[0]))
+    if is_main and task.loss_chunk != config.loss_chunk_size:
+        print(f"[train] loss: logits in chunks of {task.loss_chunk} positions (logits_hbm_fraction="
+              f"{config.logits_hbm_fraction} of the device's HBM)", flush=True)
     seq_len, global_batch, accum = config.seq_len, config.global_batch_size, config.grad_accum_steps
     micro = global_batch // accum
 
