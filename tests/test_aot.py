@@ -458,7 +458,8 @@ def test_the_reduce_scatter_probe_says_what_the_compiler_made_of_one():
     assert kept["compiled_as"] == {"reduce-scatter": 1} and "reduce-scatter(" in kept["hlo"]
     assert refused["compiled_as"] == {"all-reduce": 1} and "all-reduce(" in refused["hlo"]
     # the all-reduce sends 2 (n-1)/n of the gradient, twice what the reduce-scatter would
-    assert refused["link_bytes"]["all-reduce"] == int(2 * 256 * 1024 * 2 * 2 * 15 / 16)
+    assert refused["link_bytes"]["all-reduce"] == int(2 * refused["gradient_bytes_bf16"] * 15 / 16)
+    assert refused["gradient_bytes_bf16"] == 256 * 1024 * 2
 
 
 @pytest.mark.slow
