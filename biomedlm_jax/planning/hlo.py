@@ -348,7 +348,7 @@ def estimated_cycles(text: str) -> dict:
     def visit(_, ins: dict, mult: int) -> bool:
         nonlocal total, ops
         m = _CYCLES.search(ins["rest"])
-        if m is None:
+        if m is None or ins["op"] in ("while", "call", "conditional"):  # their bodies carry the estimates
             return False
         total += int(m.group(1)) * mult
         ops += 1
