@@ -335,27 +335,32 @@ def loop_carried_bytes(text: str) -> dict:
 
 
 _CYCLES = re.compile(r'"estimated_cycles"\s*:\s*"(\d+)"')
+_NO_ESTIMATE = 1 << 62  # the compiler writes 2^63 - 1 where it has no estimate
 
 
 def estimated_cycles(text: str) -> dict:
     """{"cycles": the TPU compiler's own per-op estimate (`estimated_cycles` in each op's backend config)
-    summed over one execution, loops by their trips, "ops": how many ops carried one}. An op that
-    carries an estimate (a fusion) is not looked into. Collectives carry none: this is the compute and
-    memory-bound work, not the communication."""
+    summed over one execution, loops by their trips, "ops": how many ops carried one, "unknown_ops": how
+    many carried the compiler's "no estimate" (2^63 - 1: on TPU7x, the gathers and copies it offloads
+    to the SparseCores), left out}. An op that carries an estimate (a fusion) is not looked into.
+    Collectives carry none: this is the compute and memory-bound work, not the communication."""
     parsed = parse(text)
-    total, ops = 0, 0
+    total, ops, unknown = 0, 0, 0
 
     def visit(_, ins: dict, mult: int) -> bool:
-        nonlocal total, ops
+        nonlocal total, ops, unknown
         m = _CYCLES.search(ins["rest"])
         if m is None or ins["op"] in ("while", "call", "conditional"):  # their bodies carry the estimates
             return False
-        total += int(m.group(1)) * mult
-        ops += 1
+        if int(m.group(1)) >= _NO_ESTIMATE:
+            unknown += 1
+        else:
+            total += int(m.group(1)) * mult
+            ops += 1
         return True
 
     _walk(parsed, visit)
-    return {"cycles": total, "ops": ops}
+    return {"cycles": total, "ops": ops, "unknown_ops": unknown}
 
 
 # --- FLOPs per step -------------------------------------------------------------------------------------

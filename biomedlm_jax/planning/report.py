@@ -130,7 +130,9 @@ def train_report(program, compiled, s: Slice, compile_s: float, cycle_rate: floa
     b = bound(s, xla["xla_flops_per_chip"], hbm, link_total)
     mfu = model_flops / (s.device.peak_bf16_flops * b["step_s_lower_bound"]) if b["step_s_lower_bound"] else None
     row.update(b, mfu_ceiling=mfu, estimate=ESTIMATE, compile_s=round(compile_s, 1))
-    row.update(estimate(s, hlo.estimated_cycles(text)["cycles"], cycle_rate, link_total, model_flops))
+    cycles = hlo.estimated_cycles(text)
+    row.update(estimate(s, cycles["cycles"], cycle_rate, link_total, model_flops),
+               ops_without_cycle_estimate=cycles["unknown_ops"])
     if b["step_s_lower_bound"]:
         row["chip_hours_per_1b_tokens"] = 1e9 / tokens * b["step_s_lower_bound"] * s.chips * s.slices / 3600
     return row
