@@ -254,7 +254,8 @@ def test_fit_treats_bounds_within_two_percent_as_a_tie_and_takes_less_accumulati
 
 # Distinct collectives share channel ids outside async chains (the TPU compiler numbers a windowed
 # einsum's collective-permutes all channel 1); only an async chain's copies of one collective (start,
-# `async_collective_fusion.N` continuations) are the same collective. Groups in three notations.
+# `async_collective_fusion.N` continuations) are the same collective. Groups in three notations. TPU7x
+# offloads collectives to SparseCore computations, called by call-start.
 HLO_CHANNELS = """HloModule m, entry_computation_layout={()->f32[]}
 
 %ag_start (p0: bf16[16,64]) -> (bf16[16,64], bf16[64,64]) {
@@ -290,12 +291,19 @@ HLO_CHANNELS = """HloModule m, entry_computation_layout={()->f32[]}
   ROOT %c = pred[] constant(true)
 }
 
+%sc_rs (p0: bf16[64,64], t: token[]) -> bf16[16,64] {
+  %p0 = bf16[64,64]{1,0} parameter(0)
+  ROOT %reduce-scatter.4 = bf16[16,64]{1,0} reduce-scatter(%p0), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+}, execution_thread="sparsecore"
+
 ENTRY %main (x: bf16[16,64], y: f32[8,128]) -> f32[] {
   %x = bf16[16,64]{1,0} parameter(0)
   %s = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) fusion(%x), kind=kCustom, calls=%ag_start
+  %rs-start = ((bf16[64,64]{1,0}, token[]), bf16[16,64]{1,0}) call-start(%x, %tok), async_execution_thread="sparsecore", to_apply=%sc_rs
+  %rs-done = bf16[16,64]{1,0} call-done(%rs-start)
   %c = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) fusion(%s), kind=kCustom, calls=%async_collective_fusion.7
   %w = (s32[], f32[8,128]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
-  %a2a = bf16[8,64]{1,0} all-to-all(%x), channel_id=9, replica_groups=[2,4]<=[8], dimensions={0}
+  %a2a = bf16[16,64]{1,0} all-to-all(%x), channel_id=9, replica_groups=[2,4]<=[8], dimensions={0}
   %e = f32[8,128]{1,0} add(%y, %y), backend_config={"estimated_cycles":"20"}
   %sc = f32[8,128]{1,0} copy(%y), backend_config={"estimated_cycles":"9223372036854775807"}
   ROOT %r = f32[] constant(0)
@@ -310,6 +318,10 @@ def test_collectives_sharing_a_channel_count_apart_unless_one_async_chain_holds_
     channel 1), 12 of 176 in a v5e-128 step."""
     got = hlo.collective_bytes(HLO_CHANNELS, devices=8)
     assert got["count"]["collective-permute"] == 9 and got["count"]["all-gather"] == 1
+    # TPU7x runs collectives on its SparseCores: a call-start of a computation that ends
+    # `}, execution_thread="sparsecore"` (the parser took everything after it for one computation);
+    # the reduce-scatter's operand has no printed shape (it was counted at its 1/4-size output)
+    assert got["count"]["reduce-scatter"] == 1 and got["bytes"]["reduce-scatter"] == 64 * 64 * 2  # its input, by name
     assert got["bytes"]["collective-permute"] == 9 * 8 * 128 * 4
     assert got["count"]["all-reduce"] == 3 and got["count"]["all-to-all"] == 1
 
@@ -321,7 +333,7 @@ def test_link_bytes_follow_each_collectives_group():
     got = hlo.collective_bytes(HLO_CHANNELS, devices=8)["link_bytes"]
     assert got["all-gather"] == 64 * 64 * 2 * 3 // 4
     assert got["all-reduce"] == int(3 * 8 * 128 * 4 * 2 * 15 / 16)
-    assert got["all-to-all"] == 8 * 64 * 2 * 3 // 4
+    assert got["all-to-all"] == 16 * 64 * 2 * 3 // 4
     assert got["collective-permute"] == 9 * 8 * 128 * 4
     assert hlo.group_size("replica_groups={}, to_apply=%add", 256) == 256
     assert hlo.link_factor("all-reduce", 1) == 0.0

@@ -15,7 +15,9 @@ all-to-all or collective-permute its buffer. An asynchronous pair (`all-gather-s
 `all-gather-done`) counts once, at its `-done`; a collective wrapped in an `async-start` counts inside
 the computation it calls. The TPU compiler writes a reduce-scatter as a fusion that calls a computation
 named `all-reduce-scatter.N` (`.clone.M` inside loops; an all-reduce and the device's slice of it), with operands printed without
-shapes: such a fusion counts as one reduce-scatter of its computation's input. Its asynchronous
+shapes: such a fusion counts as one reduce-scatter of its computation's input (any operand printed
+without a shape is looked up where its computation declares it). TPU7x runs collectives on its
+SparseCores: a `call-start` of a computation that ends `}, execution_thread="sparsecore"`. Its asynchronous
 collectives are a fusion ending in an `AsyncCollectiveStart` custom call and one ending in
 `AsyncCollectiveDone`, each holding the collective: the "done" half is not walked. Loops whose trip
 count neither source gives are counted once and reported in `unknown_trip_counts`.
@@ -96,7 +98,7 @@ def parse(text: str) -> dict:
                 if line.lstrip().startswith("ENTRY"):
                     entry = current
             continue
-        if line.strip() == "}":
+        if line.strip().startswith("}"):  # `}`, or `}, execution_thread="sparsecore"` (TPU7x offloads)
             current = None
             continue
         m = _INSTR.match(line)
@@ -238,6 +240,27 @@ def _walk(parsed: dict, visit: Callable[[str, dict, int], bool]) -> int:
     return unknown
 
 
+def _shape_tables(parsed: dict) -> dict:
+    """Per computation: {instruction or parameter name: its shape text}."""
+    shapes = {}
+    for name, instrs in parsed["computations"].items():
+        header = parsed["headers"][name]
+        table = dict(_PARAM.findall(header.split("(", 1)[1] if "(" in header else ""))
+        table.update((ins["name"], ins["shape"]) for ins in instrs)
+        shapes[name] = table
+    return shapes
+
+
+def _operand_bytes(rest: str, table: dict) -> int:
+    """Bytes of an instruction's operands: their shapes as printed, else (the TPU compiler prints
+    `reduce-scatter(%param_0.39)`, no shape) as the computation declares them."""
+    ops = _operands(rest)
+    inline = array_bytes(ops)
+    if inline:
+        return inline
+    return sum(array_bytes(table.get(r, "")) for r in _REF.findall(ops))
+
+
 def group_size(rest: str, devices: int) -> int:
     """How many devices take part in one group of a collective: its `replica_groups` as an explicit
     list, an iota form (`[groups,size]<=[...]`) or the TPU compiler's mesh form (`mesh['axis_0'=16,
@@ -274,6 +297,7 @@ def collective_bytes(text: str, devices: int = 1) -> dict:
     whose body was counted once for want of a trip count}."""
     parsed = parse(text)
     headers, comps = parsed["headers"], parsed["computations"]
+    shapes = _shape_tables(parsed)
     moved, link, count = collections.Counter(), collections.Counter(), collections.Counter()
     seen: set = set()  # channel ids counted in async chains: one collective, however many fusions copy it
     chained = {name for name, instrs in comps.items() if name.startswith("async_collective_fusion")
@@ -297,7 +321,7 @@ def collective_bytes(text: str, devices: int = 1) -> dict:
         if kind and counts and first(comp, ins["rest"]):
             size = array_bytes(ins["shape"])
             if not op.endswith("-done"):
-                size = max(size, array_bytes(_operands(ins["rest"])))
+                size = max(size, _operand_bytes(ins["rest"], shapes[comp]))
             moved[kind] += size * mult
             link[kind] += size * mult * link_factor(kind, group_size(ins["rest"], devices))
             count[kind] += mult
@@ -426,12 +450,7 @@ def step_flops(text: str) -> float:
     multiply-adds (valid window positions only, as XLA's own cost analysis counts them), loops counted
     per iteration."""
     parsed = parse(text)
-    shapes = {}  # per computation: {instruction or parameter name: shape text}
-    for name, instrs in parsed["computations"].items():
-        header = parsed["headers"][name]
-        table = dict(_PARAM.findall(header.split("(", 1)[1] if "(" in header else ""))
-        table.update((ins["name"], ins["shape"]) for ins in instrs)
-        shapes[name] = table
+    shapes = _shape_tables(parsed)
     total = 0.0
 
     def visit(comp: str, ins: dict, mult: int) -> bool:
