@@ -154,7 +154,8 @@ HLO_CHAINS = """HloModule m, entry_computation_layout={()->f32[]}
   %rs = f32[16,16]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.4.clone.1
   %two = s32[] constant(2)
   %ic = s32[] copy(s32[] %i)
-  %next = s32[] add(s32[] %ic, s32[] %two)
+  %sum = s32[] add(s32[] %ic, s32[] %two)
+  %next = s32[] copy(s32[] %sum)
   ROOT %t = (s32[], bf16[16,64]{1,0}, f32[64,16]{1,0}) tuple(%next, %x, %g)
 }
 
@@ -178,7 +179,8 @@ ENTRY %main (x: bf16[16,64], g: f32[64,16]) -> f32[] {
 
 def test_each_collective_counts_once_and_each_loop_by_its_trips():
     """One all-gather in start/continuation/done fusions (same channel) counts once per iteration, the
-    `.clone` reduce-scatter counts, and the loop runs 2 times (init 0, step 2, limit 4). The parser
+    `.clone` reduce-scatter counts, and the loop runs 2 times (init 0, step 2, limit 4; the body's
+    root holds a copy of the sum, as the chunked loss's scan does: counted once before). The parser
     before issue 43 counted the all-gather twice per trip, the reduce-scatter never, and 4 trips."""
     got = hlo.collective_bytes(HLO_CHAINS)
     assert got["count"]["all-gather"] == 2 and got["bytes"]["all-gather"] == 2 * 64 * 64 * 2
@@ -405,8 +407,14 @@ def test_fsdp_gathers_and_scatters_one_chip_moves_nothing_and_memory_grows_with_
     assert fsdp["collective_bytes"]["all-gather"] > 0 and fsdp["collective_bytes"]["reduce-scatter"] > 0
     params_bytes = 4 * fsdp["params"]
     assert fsdp["argument_bytes"] < params_bytes  # params and moments are split over the 4 chips
-    big = check.train(tiny(mesh_shape=(1, -1, 1), global_batch_size=64), s, devices=devices)
+    big = check.train(tiny(mesh_shape=(1, -1, 1), global_batch_size=64, logits_hbm_fraction=0.0), s, devices=devices)
     assert big["temp_bytes"] > 2 * fsdp["temp_bytes"] and big["peak_bytes"] > fsdp["peak_bytes"]
+    # by default its logits (0.8 GB, over 5% of the chip) go 64 positions at a time: less memory, the
+    # head recomputed in the backward pass, the chunk loop counted by its 2 trips (its counter passes
+    # through a copy: once read as unknown, the FLOPs ratio read 0.84)
+    chunked = check.train(tiny(mesh_shape=(1, -1, 1), global_batch_size=64), s, devices=devices)
+    assert chunked["loss_chunk"] == 64 and chunked["unknown_trip_counts"] == 0
+    assert chunked["temp_bytes"] < big["temp_bytes"] and big["flops_ratio"] < chunked["flops_ratio"] < 1.5
     one = topology.parse("v5e-1")
     single = check.train(tiny(global_batch_size=8), one)
     assert single["chips"] == 1 and single["collective_bytes_total"] == 0
@@ -418,7 +426,8 @@ def test_fsdp_gathers_and_scatters_one_chip_moves_nothing_and_memory_grows_with_
         assert row["step_s_lower_bound"] > 0 and 0 < row["mfu_ceiling"] <= 1
     for key in ("peak_bytes", "argument_bytes", "temp_bytes", "hbm_capacity_bytes", "xla_flops_per_chip",
                 "model_flops_per_chip", "flops_ratio", "collective_bytes", "hbm_bytes_min_per_chip", "compute_s",
-                "ici_s", "step_s_lower_bound", "mfu_ceiling", "chip_hours_per_1b_tokens", "compile_s", "estimate"):
+                "ici_s", "step_s_lower_bound", "mfu_ceiling", "chip_hours_per_1b_tokens", "compile_s", "estimate",
+                "link_bytes", "link_ratio", "step_s_estimate", "mfu_estimate", "loss_chunk", "devices"):
         assert key in fsdp, key  # the CLI's JSON line is this row
     json.dumps(fsdp)
     assert big["tokens_per_step"] == 64 * 128 and single["micro_batch_per_chip"] == 8
@@ -535,7 +544,8 @@ def test_the_decode_loop_reads_int8_weights_on_tpu():
 @pytest.mark.slow
 def test_cli_prints_json_and_a_table_and_exits_1_when_the_run_does_not_fit():
     r = subprocess.run([sys.executable, "-m", "biomedlm_jax.aot", f"--config={REPO}/configs/pretrain.py:tiny",
-                        "--topology=v5litepod-1", "--config.global_batch_size=4096"],
+                        "--topology=v5litepod-1", "--config.global_batch_size=4096",
+                        "--config.logits_hbm_fraction=0"],  # whole logits: 210 GB, refused (chunked it fits)
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 1, r.stderr[-3000:]
     row = json.loads(r.stdout.splitlines()[0])  # the TPU compiler refuses it and says how much it needs

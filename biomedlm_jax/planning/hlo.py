@@ -9,9 +9,10 @@ continuation -- computations named `async_collective_fusion.N` -- and the done f
 counts once however many copies carry it; elsewhere every instruction counts, since distinct
 collectives share channel ids there (a windowed einsum's collective-permutes all carry channel 1).
 
-Each collective counts the bytes one device holds of the data it exchanges, the larger of its input and
-its output: an all-gather its gathered output, a reduce-scatter its unreduced input, an all-reduce,
-all-to-all or collective-permute its buffer. An asynchronous pair (`all-gather-start` /
+Each collective counts the bytes one device holds of the data it exchanges (`_moved_bytes`): an
+all-gather its gathered output, a reduce-scatter its unreduced input, an all-reduce, all-to-all or
+collective-permute its buffer, in the dtype it moves (the output's: the TPU compiler fuses converts
+into collectives). An asynchronous pair (`all-gather-start` /
 `all-gather-done`) counts once, at its `-done`; a collective wrapped in an `async-start` counts inside
 the computation it calls. The TPU compiler writes a reduce-scatter as a fusion that calls a computation
 named `all-reduce-scatter.N` (`.clone.M` inside loops; an all-reduce and the device's slice of it), with operands printed without
@@ -193,7 +194,7 @@ def _step(comps: dict, body: str, k: int):
     if root is None or root["op"] != "tuple":
         return None
     elems = _REF.findall(_operands(root["rest"]))
-    nxt = instrs.get(elems[k]) if k < len(elems) else None
+    nxt = _source(instrs, elems[k]) if k < len(elems) else None  # through a copy of the sum
     if nxt is None or nxt["op"] not in ("add", "subtract"):
         return None
     a, b = (_REF.findall(_operands(nxt["rest"])) + [None, None])[:2]
@@ -251,14 +252,24 @@ def _shape_tables(parsed: dict) -> dict:
     return shapes
 
 
-def _operand_bytes(rest: str, table: dict) -> int:
-    """Bytes of an instruction's operands: their shapes as printed, else (the TPU compiler prints
-    `reduce-scatter(%param_0.39)`, no shape) as the computation declares them."""
-    ops = _operands(rest)
-    inline = array_bytes(ops)
-    if inline:
-        return inline
-    return sum(array_bytes(table.get(r, "")) for r in _REF.findall(ops))
+def _elements(text: str) -> int:
+    return sum(math.prod(int(d) for d in filter(None, dims.split(","))) for _, dims in _ARRAY.findall(text))
+
+
+def _moved_bytes(kind: str, ins: dict, table: dict) -> int:
+    """The bytes of one device's data a collective exchanges: its output (an all-gather's gathered
+    buffer, an all-reduce's, all-to-all's or permute's buffer), but a reduce-scatter's input, in its
+    output's dtype (the TPU compiler fuses a convert into some collectives: an f32 operand, a bf16
+    all-reduce). An operand printed without its shape (`reduce-scatter(%param_0.39)`) is sized where its
+    computation declares it."""
+    out = array_bytes(ins["shape"])
+    if kind != "reduce-scatter" or ins["op"].endswith("-done"):
+        return out
+    ops = _operands(ins["rest"])
+    shapes = ops if _ARRAY.search(ops) else " ".join(table.get(r, "") for r in _REF.findall(ops))
+    m = _ARRAY.search(ins["shape"])
+    itemsize = _BYTES[m.group(1)] if m else 1
+    return max(out, int(_elements(shapes) * itemsize))
 
 
 def group_size(rest: str, devices: int) -> int:
@@ -319,9 +330,7 @@ def collective_bytes(text: str, devices: int = 1) -> dict:
         op = ins["op"]
         kind, counts = _kind(op)
         if kind and counts and first(comp, ins["rest"]):
-            size = array_bytes(ins["shape"])
-            if not op.endswith("-done"):
-                size = max(size, _operand_bytes(ins["rest"], shapes[comp]))
+            size = _moved_bytes(kind, ins, shapes[comp])
             moved[kind] += size * mult
             link[kind] += size * mult * link_factor(kind, group_size(ins["rest"], devices))
             count[kind] += mult
