@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 # --durations: CI's log names the slowest tests, the ones to look at when the suite grows.
 # TEST_WORKERS=N runs the suite on N pytest-xdist processes, a test file per worker at a time
 # (--dist=loadfile keeps a module's fixtures in one process). The default is 2, one per core of the CI
-# box: 406 tests in 2,159 s on a clean clone (2026-12-06 evening; 371 in 1,392 s that morning) against about
+# box: 418 tests in 2,635 s on a clean clone (2026-12-07; 406 in 2,159 s the evening before) against about
 # 1,400-1,600 s for 329 tests in one process. TEST_WORKERS=0 runs
 # one process. An early 2-worker run once aborted at XLA:CPU's 40 s collective timeout in the demo's
 # 8-device subprocess; the tests now give collectives 600 s and that subprocess one device (README, Tests).
