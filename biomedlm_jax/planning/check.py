@@ -125,7 +125,7 @@ def reduce_scatter_probe(s: topology.Slice, rows: int = 2560, cols: int = 10240)
     got = hlo.collective_bytes(text, len(devices))
     kinds = ("reduce-scatter", "all-reduce")
     line = next((ln.strip() for ln in text.splitlines()
-                 if any(f" {k}(" in ln or f"={k}" in ln or "calls=%all-reduce-scatter" in ln for k in kinds)), "")
+                 if any(f" {k}(" in ln for k in kinds) or "calls=%all-reduce-scatter" in ln), "")
     return {"kind": "probe", "probe": "reduce_scatter", "topology": s.name, "devices": len(devices),
             "asked_for_reduce_scatter": "reduce_scatter" in lowered.as_text(),
             "gradient_bytes_bf16": 2 * rows * cols,

@@ -52,11 +52,16 @@ _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")  # m
 _PARAM = re.compile(r"([\w.\-]+):\s*((?:\([^)]*\))|(?:[\w]+\[[\d,]*\]))")
 
 
+def _count(dims: str) -> int:
+    """Elements of an array whose dimensions are written `dims` ("8,128"; "" for a scalar)."""
+    return math.prod(int(d) for d in filter(None, dims.split(",")))
+
+
 def bytes_by_dtype(text: str) -> collections.Counter:
     """{dtype: bytes} of every array shape written in `text` (an HLO shape, or a tuple of them)."""
     by = collections.Counter()
     for dtype, dims in _ARRAY.findall(text):
-        by[dtype] += math.prod(int(d) for d in filter(None, dims.split(","))) * _BYTES[dtype]
+        by[dtype] += _count(dims) * _BYTES[dtype]
     return by
 
 
@@ -253,7 +258,7 @@ def _shape_tables(parsed: dict) -> dict:
 
 
 def _elements(text: str) -> int:
-    return sum(math.prod(int(d) for d in filter(None, dims.split(","))) for _, dims in _ARRAY.findall(text))
+    return sum(_count(dims) for _, dims in _ARRAY.findall(text))
 
 
 def _moved_bytes(kind: str, ins: dict, table: dict) -> int:

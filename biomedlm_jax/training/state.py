@@ -175,6 +175,13 @@ def batch_sharding(mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, P(None, batch_axes))
 
 
+def batch_shards(mesh, rules) -> int:
+    """How many ways the micro-batch axis splits: the product of the mesh axes the batch maps to."""
+    (batch_axes,) = nn.logical_to_mesh_axes(("activation_batch",), rules)
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
 def abstract_batch(task, grad_accum: int, micro: int, sharding: NamedSharding) -> dict:
     """A train batch as shapes only: the task's fields (`Task.batch_fields`), each (grad_accum, micro,
     *per-example shape), in `sharding`."""

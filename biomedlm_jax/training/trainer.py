@@ -41,7 +41,8 @@ from biomedlm_jax.models import sharding
 from biomedlm_jax.models.gpt_config import GPTConfig
 from biomedlm_jax.training import configlib, losses, metrics, optim
 from biomedlm_jax.training.checkpoints import Saver, read_best, restore_or_init, save_best
-from biomedlm_jax.training.state import LoraPlan, batch_sharding, process_batch_rows, state_shardings, to_global
+from biomedlm_jax.training.state import (LoraPlan, batch_shards, batch_sharding, process_batch_rows, state_shardings,
+                                         to_global)
 from biomedlm_jax.training.task import LMTask, for_config
 
 # Incremented each time the train step's Python body is traced; the summary reports it so tests can
@@ -281,9 +282,7 @@ def auto_loss_chunk(config, cfg: GPTConfig, mesh, hbm_bytes: Optional[int]) -> i
     fraction = config.get("logits_hbm_fraction", 0.0)
     if config.loss_chunk_size or not fraction or not hbm_bytes:
         return config.loss_chunk_size
-    (batch_axes,) = nn.logical_to_mesh_axes(("activation_batch",), config.logical_axis_rules)
-    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    ways = batch_shards(mesh, config.logical_axis_rules)
     per_device = max(1, config.global_batch_size // config.grad_accum_steps // ways)
     T = config.seq_len
 
@@ -307,9 +306,7 @@ def check_config(config, cfg: GPTConfig, mesh) -> None:
             f"global_batch_size={config.global_batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}"
         )
     micro = config.global_batch_size // config.grad_accum_steps
-    (batch_axes,) = nn.logical_to_mesh_axes(("activation_batch",), config.logical_axis_rules)
-    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    ways = batch_shards(mesh, config.logical_axis_rules)
     if micro % ways:
         raise ValueError(
             f"micro-batch of {micro} sequences (global_batch_size / grad_accum_steps) does not split over "
